@@ -1,0 +1,298 @@
+"""ComfyUI glue: our registries driving a ComfyUI model patcher through ComfyUI's own guidance path.
+
+Imported only when ComfyUI is running (``comfy.samplers`` is loaded); the core
+never imports this module.  What it relies on from the host is its documented
+sampling protocol:
+
+* ``comfy.samplers.Sampler``: ``sample(model_wrap, sigmas, extra_args, callback,
+  noise, latent_image, denoise_mask, disable_pbar)``, the object that
+  ``comfy.samplers.sample`` / ``CFGGuider`` / ``SamplerCustom`` accept as SAMPLER;
+* ``comfy.samplers.KSamplerX0Inpaint``: the host's inpainting denoiser wrapper;
+* ``comfy.sample.fix_empty_latent_channels`` and ``comfy.samplers.sample``: the
+  host's latent fix, latent-format scaling, conditioning, ControlNets, hooks
+  and model patches;
+* ``latent_preview.prepare_callback``: progress bar and previews;
+* ``comfy.model_management.throw_exception_if_processing_interrupted``: stop requests;
+* ``model_options['sampler_post_cfg_function']`` (with
+  ``disable_cfg1_optimization``) to read the unconditional estimate for CFG++.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+from .models.sampling import Flow, ModelSampling
+from .pipeline import NoiseOptions, _noise_sampler, _accepts
+from .samplers import SAMPLERS, final_sigma, get_sampler, sampler_traits
+from .samplers.frames import VEGeometryView
+from .samplers.noise import prepare_noise
+from .schedulers import SCHEDULERS, sampling_sigmas
+from .validation import MAX_STEPS, KSamplerInputError, check_latent
+
+__all__ = ["RegistrySampler", "host_model_sampling", "common_ksampler", "INTEROP_NODES", "core_callback"]
+
+
+class _HostDelegate:
+    """Schedule and prediction maths come from the host's model-sampling object."""
+
+    def __init__(self, host):
+        self.host = host
+        self.sigma_data = getattr(host, "sigma_data", 1.0)
+
+    @property
+    def sigmas(self):
+        return self.host.sigmas
+
+    @property
+    def sigma_min(self):
+        return self.host.sigma_min
+
+    @property
+    def sigma_max(self):
+        return self.host.sigma_max
+
+    def timestep(self, sigma):
+        return self.host.timestep(sigma)
+
+    def sigma(self, timestep):
+        return self.host.sigma(timestep)
+
+    def percent_to_sigma(self, percent):
+        return self.host.percent_to_sigma(percent)
+
+    def calculate_input(self, sigma, x):
+        return self.host.calculate_input(torch.as_tensor(sigma, device=x.device), x)
+
+    def calculate_denoised(self, sigma, model_output, model_input):
+        return self.host.calculate_denoised(torch.as_tensor(sigma, device=model_input.device), model_output, model_input)
+
+    def noise_scaling(self, sigma, noise, latent, max_denoise=False):
+        return self.host.noise_scaling(torch.as_tensor(sigma, device=noise.device), noise, latent, max_denoise)
+
+    def inverse_noise_scaling(self, sigma, latent):
+        return self.host.inverse_noise_scaling(torch.as_tensor(sigma, device=latent.device), latent)
+
+
+class HostVE(_HostDelegate, ModelSampling):
+    """A host model with VE noise geometry (eps, v, x0, EDM ...)."""
+
+
+class HostFlow(_HostDelegate, Flow):
+    """A host flow model (ComfyUI's CONST): flow noise geometry."""
+
+
+def host_model_sampling(host) -> ModelSampling:
+    """Our model-sampling interface over a ComfyUI model-sampling object."""
+    if isinstance(host, comfy.model_sampling.CONST):
+        return HostFlow(host)
+    return HostVE(host)
+
+
+class HostDenoiser:
+    """The host's denoiser (KSamplerX0Inpaint) seen through our protocol: ``.model_sampling`` and CFG++ access."""
+
+    def __init__(self, model_k, model_sampling, extra_args: dict):
+        self.model_k = model_k
+        self.model_sampling = model_sampling
+        self._uncond = None
+        options = extra_args.get("model_options", {}).copy()
+        self._cfg_pp_options = comfy.model_patcher.set_model_options_post_cfg_function(
+            options, self._capture_uncond, disable_cfg1_optimization=True)
+
+    def _capture_uncond(self, args):
+        self._uncond = args["uncond_denoised"]
+        return args["denoised"]
+
+    def __call__(self, x, sigma, **extra_args):
+        return self.model_k(x, sigma, **extra_args)
+
+    def denoise_with_uncond(self, x, sigma, **extra_args):
+        extra = dict(extra_args)
+        extra["model_options"] = self._cfg_pp_options
+        self._uncond = None
+        denoised = self.model_k(x, sigma, **extra)
+        uncond = self._uncond if self._uncond is not None else denoised
+        return denoised, uncond
+
+
+class RegistrySampler(comfy.samplers.Sampler):
+    """A ComfyUI SAMPLER that runs an entry of our sampler registry (usable by SamplerCustom too)."""
+
+    def __init__(self, name: str, noise_options: NoiseOptions | None = None, compat: bool = False,
+                 options: dict | None = None):
+        self.name = name
+        self.fn = get_sampler(name)
+        self.traits = sampler_traits(name)
+        self.noise_options = noise_options or NoiseOptions()
+        self.compat = compat
+        self.options = dict(options or {})
+        self.batch_index = None  # per-item noise streams follow these indices (batch-invariant noise)
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        extra_args["denoise_mask"] = denoise_mask
+        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        model_k.latent_image = latent_image
+        seed = extra_args.get("seed")
+        seed = 0 if seed is None else int(seed)
+        if self.traits.random_inpaint_noise:
+            gen = torch.Generator("cpu").manual_seed((seed + 1) % (1 << 64))
+            model_k.noise = torch.randn(noise.shape, generator=gen, device="cpu").to(noise.dtype).to(noise.device)
+        else:
+            model_k.noise = noise
+        host_ms = model_wrap.inner_model.model_sampling
+        ms = host_model_sampling(host_ms)
+
+        x = host_ms.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
+
+        fn = self.fn
+        denoiser = HostDenoiser(model_k, ms, extra_args)
+        if self.compat and self.traits.comfy_compat:
+            denoiser = VEGeometryView(denoiser)
+            fn = getattr(fn, "comfy_variant", fn)
+        options = dict(self.options)
+        if self.traits.noise != "none" and "noise_sampler" not in options and _accepts(fn, "noise_sampler"):
+            options["noise_sampler"] = _noise_sampler(self.traits.noise, x, sigmas.detach().cpu(), seed,
+                                                      self.noise_options, self.batch_index)
+
+        total_steps = len(sigmas) - 1
+
+        def k_callback(info):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if callback is not None:
+                callback(info["i"], info["denoised"], info["x"], total_steps)
+
+        samples = fn(denoiser, x, sigmas, extra_args=extra_args, callback=k_callback, disable=disable_pbar, **options)
+        last = sigmas[-1]
+        if float(last) == 0 and final_sigma(self.name) is not None:
+            last = torch.tensor(final_sigma(self.name), device=sigmas.device, dtype=sigmas.dtype)
+        return host_ms.inverse_noise_scaling(last, samples)
+
+
+def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0,
+                    add_noise=True, start_step=None, last_step=None, force_full_denoise=False,
+                    noise_options: NoiseOptions | None = None, compat: bool = False):
+    """The built-in KSampler's flow with our schedules, samplers and noise; returns a new latent dict."""
+    import latent_preview
+
+    noise_options = noise_options or NoiseOptions()
+    samples, batch_index, noise_mask = check_latent(latent)
+    latent_image = comfy.sample.fix_empty_latent_channels(model, samples)
+    if add_noise:
+        noise = prepare_noise(latent_image, seed, batch_index, per_item=noise_options.batch_invariant)
+    else:
+        noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
+
+    tr = sampler_traits(sampler_name)
+    ms = model.get_model_object("model_sampling")
+    sigmas = sampling_sigmas(ms, scheduler, steps, denoise, tr.discard_penultimate_sigma)
+    if last_step is not None and last_step < len(sigmas) - 1:
+        sigmas = sigmas[:last_step + 1].clone()
+        if force_full_denoise:
+            sigmas[-1] = 0
+    if start_step is not None:
+        if start_step < len(sigmas) - 1:
+            sigmas = sigmas[start_step:]
+        else:
+            out = latent.copy()
+            out["samples"] = latent_image
+            return out
+    out = latent.copy()
+    if len(sigmas) <= 1:
+        out["samples"] = latent_image
+        return out
+
+    callback = latent_preview.prepare_callback(model, steps)
+    disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
+    sampler = RegistrySampler(sampler_name, noise_options, compat)
+    sampler.batch_index = batch_index
+    result = comfy.samplers.sample(model, noise, positive, negative, cfg, model.load_device, sampler,
+                                   sigmas.to(model.load_device), model_options=model.model_options,
+                                   latent_image=latent_image, denoise_mask=noise_mask, callback=callback,
+                                   disable_pbar=disable_pbar, seed=seed)
+    out["samples"] = result.to(comfy.model_management.intermediate_device())
+    return out
+
+
+def core_callback(steps: int):
+    """Progress bar and interrupt checks for runs of our own models inside ComfyUI."""
+    pbar = comfy.utils.ProgressBar(steps)
+
+    def callback(step, denoised, x, total_steps):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(step + 1, total_steps)
+    return callback
+
+
+# ------------------------------------------------------------------------------------------------
+# interop nodes: our registries as ComfyUI SAMPLER and SIGMAS
+# ------------------------------------------------------------------------------------------------
+class SamplerSelect:
+    """A ComfyUI SAMPLER from any entry of our sampler registry (for SamplerCustom / SamplerCustomAdvanced)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"sampler_name": (list(SAMPLERS), {"tooltip": "A sampler from the ksampler registry."})},
+            "optional": {
+                "batch_invariant_noise": ("BOOLEAN", {"default": False, "tooltip": "Noise of each image depends "
+                                                      "only on the seed and its index."}),
+                "cpu_noise": ("BOOLEAN", {"default": False, "tooltip": "Draw extra noise on the CPU."}),
+                "brownian_noise": (["tree", "fast"], {"tooltip": "SDE noise: 'tree' matches ComfyUI, 'fast' is "
+                                                                 "cheaper with the same statistics."}),
+                "flow_geometry": (["exact", "comfyui"], {"tooltip": "Flow-model geometry for ddpm, "
+                                                                     "res_multistep_ancestral and cfg_pp samplers."}),
+            },
+        }
+
+    RETURN_TYPES = ("SAMPLER",)
+    FUNCTION = "get_sampler"
+    CATEGORY = "sampling/custom_sampling/samplers"
+    DESCRIPTION = "A sampler from the ksampler registry, for SamplerCustom and SamplerCustomAdvanced."
+
+    def get_sampler(self, sampler_name, batch_invariant_noise=False, cpu_noise=False, brownian_noise="tree",
+                    flow_geometry="exact"):
+        if sampler_name not in SAMPLERS:
+            raise KSamplerInputError(f"sampler_name: unknown sampler {sampler_name!r}; choose one of: "
+                                     f"{', '.join(SAMPLERS)}")
+        options = NoiseOptions(bool(batch_invariant_noise), bool(cpu_noise), brownian_noise)
+        return (RegistrySampler(sampler_name, options, flow_geometry == "comfyui"),)
+
+
+class Scheduler:
+    """ComfyUI SIGMAS from any entry of our scheduler registry, over the model's own model sampling."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model whose noise schedule the sigmas follow."}),
+            "scheduler": (list(SCHEDULERS), {"tooltip": "A scheduler from the ksampler registry."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS, "tooltip": "Number of steps."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "Fraction of the schedule to run (img2img below 1)."}),
+        }}
+
+    RETURN_TYPES = ("SIGMAS",)
+    FUNCTION = "get_sigmas"
+    CATEGORY = "sampling/custom_sampling/schedulers"
+    DESCRIPTION = "Sigmas from the ksampler scheduler registry."
+
+    def get_sigmas(self, model, scheduler, steps, denoise):
+        from .validation import check_sampler_args
+        check_sampler_args(steps=steps, scheduler=scheduler, denoise=denoise)
+        ms = model.get_model_object("model_sampling")
+        return (sampling_sigmas(ms, scheduler, steps, denoise),)
+
+
+INTEROP_NODES = {
+    "ksampler_SamplerSelect": (SamplerSelect, "Sampler (ksampler)"),
+    "ksampler_Scheduler": (Scheduler, "Scheduler (ksampler)"),
+}

@@ -1,0 +1,66 @@
+"""Input checks for conditioning: every error names the input and says how to fix it."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_conditioning", "KSamplerInputError"]
+
+
+class KSamplerInputError(ValueError):
+    """A node or API input is invalid; the message names the input and the fix."""
+
+
+def check_conditioning(cond, name: str, allow_empty: bool = False) -> list:
+    """Validate ComfyUI conditioning (a list of (tensor, dict) pairs) and return it as a new list; never mutates it."""
+    if not isinstance(cond, (list, tuple)):
+        raise KSamplerInputError(f"{name}: expected CONDITIONING (a list of [tensor, dict] pairs), got "
+                                 f"{type(cond).__name__}; connect a text-encode node's output")
+    if not cond and not allow_empty:
+        raise KSamplerInputError(f"{name}: the conditioning list is empty; connect a text-encode node (an empty "
+                                 "prompt still gives a valid entry)")
+    out = []
+    width = None
+    for k, entry in enumerate(cond):
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise KSamplerInputError(f"{name}[{k}]: expected a [tensor, dict] pair, got {type(entry).__name__}")
+        tensor, opts = entry
+        if not isinstance(tensor, torch.Tensor):
+            raise KSamplerInputError(f"{name}[{k}]: the first element must be a tensor [batch, tokens, dim], got "
+                                     f"{type(tensor).__name__}")
+        if not isinstance(opts, dict):
+            raise KSamplerInputError(f"{name}[{k}]: the second element must be a dict of options, got "
+                                     f"{type(opts).__name__}")
+        if tensor.ndim != 3:
+            raise KSamplerInputError(f"{name}[{k}]: context must have 3 dims [batch, tokens, dim], got shape "
+                                     f"{tuple(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise KSamplerInputError(f"{name}[{k}]: context dtype {tensor.dtype} is not floating point; "
+                                     "pass the text encoder's float output")
+        if tensor.device.type == "meta":
+            raise KSamplerInputError(f"{name}[{k}]: context is on the 'meta' device and holds no data; "
+                                     "move it to the model's device with .to(device)")
+        if tensor.numel() == 0:
+            raise KSamplerInputError(f"{name}[{k}]: context is empty (shape {tuple(tensor.shape)})")
+        if width is not None and tensor.shape[-1] != width:
+            raise KSamplerInputError(f"{name}[{k}]: context width {tensor.shape[-1]} differs from {name}[0]'s "
+                                     f"{width}; all entries must come from the same text encoder")
+        width = tensor.shape[-1]
+        for key in ("strength", "mask_strength", "start_percent", "end_percent"):
+            if key in opts:
+                value = opts[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise KSamplerInputError(f"{name}[{k}]['{key}']: expected a number, got {type(value).__name__}")
+                if value != value or value in (float("inf"), float("-inf")):
+                    raise KSamplerInputError(f"{name}[{k}]['{key}']: must be finite, got {value}")
+        if "mask" in opts and opts["mask"] is not None:
+            mask = opts["mask"]
+            if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
+                raise KSamplerInputError(f"{name}[{k}]['mask']: expected a [batch, height, width] tensor, got "
+                                         f"{getattr(mask, 'shape', type(mask).__name__)}")
+        if "area" in opts and opts["area"] is not None:
+            area = opts["area"]
+            if not isinstance(area, (list, tuple)) or len(area) not in (4, 5):
+                raise KSamplerInputError(f"{name}[{k}]['area']: expected (height, width, y, x) in latent pixels "
+                                         f"or ('percentage', h, w, y, x), got {area!r}")
+        out.append((tensor, opts))
+    return out

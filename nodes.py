@@ -1,0 +1,230 @@
+"""ComfyUI node classes: thin shells that validate inputs, call the core and shape outputs.
+
+``NODES`` is the one source of truth for node ids and display names; ids are
+namespaced (``ksampler_...``) so they never collide with ComfyUI built-ins.
+Input order is public API: saved workflows store widget values by position,
+so new inputs only ever go at the end, as optional inputs.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from .samplers import SAMPLERS
+from .schedulers import SCHEDULERS
+from .validation import MAX_SEED, MAX_STEPS, KSamplerInputError, check_sampler_args
+
+__all__ = ["KSampler", "KSamplerAdvanced", "NODES", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS",
+           "is_comfy_model"]
+
+CATEGORY = "sampling"
+
+TOOLTIPS = {
+    "model": "The model used for denoising the input latent.",
+    "seed": "The random seed used for creating the noise.",
+    "steps": "The number of steps used in the denoising process.",
+    "cfg": "The Classifier-Free Guidance scale balances creativity and adherence to the prompt. Higher values "
+           "result in images more closely matching the prompt however too high values will negatively impact "
+           "quality.",
+    "sampler_name": "The algorithm used when sampling, this can affect the quality, speed, and style of the "
+                    "generated output.",
+    "scheduler": "The scheduler controls how noise is gradually removed to form the image.",
+    "positive": "The conditioning describing the attributes you want to include in the image.",
+    "negative": "The conditioning describing the attributes you want to exclude from the image.",
+    "latent_image": "The latent image to denoise.",
+    "denoise": "The amount of denoising applied, lower values will maintain the structure of the initial image "
+               "allowing for image to image sampling.",
+    "add_noise": "Add the seeded noise before sampling (disable to continue from a latent that still holds noise).",
+    "noise_seed": "The random seed used for creating the noise.",
+    "start_at_step": "The step of the schedule to start at.",
+    "end_at_step": "The step of the schedule to stop at.",
+    "return_with_leftover_noise": "Return the latent at the stop step with its remaining noise (for a refiner).",
+    "batch_invariant_noise": "Each image's noise depends only on the seed and its index, never on the batch size.",
+    "cpu_noise": "Draw all extra (ancestral/SDE) noise on the CPU, so CPU and GPU give the same image.",
+    "brownian_noise": "SDE samplers' Brownian noise: 'tree' matches ComfyUI; 'fast' has the same statistics at a "
+                      "fraction of the cost.",
+    "flow_geometry": "For flow models (SD3, Flux): 'exact' gives ddpm, res_multistep_ancestral and the cfg_pp "
+                     "samplers the flow noise geometry; 'comfyui' reproduces ComfyUI, which runs them with VE "
+                     "geometry; 'default' follows KSAMPLER_FLOW_GEOMETRY (exact unless set).",
+}
+
+
+def _sampler_names() -> list[str]:
+    return list(SAMPLERS)
+
+
+def _scheduler_names() -> list[str]:
+    return list(SCHEDULERS)
+
+
+def is_comfy_model(model) -> bool:
+    """True for a ComfyUI ModelPatcher (duck-typed: the core never imports comfy)."""
+    return "comfy.samplers" in sys.modules and hasattr(model, "get_model_object") and hasattr(model, "model_options")
+
+
+def _common_inputs():
+    return {
+        "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS, "tooltip": TOOLTIPS["steps"]}),
+        "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                          "tooltip": TOOLTIPS["cfg"]}),
+        "sampler_name": (_sampler_names(), {"tooltip": TOOLTIPS["sampler_name"]}),
+        "scheduler": (_scheduler_names(), {"tooltip": TOOLTIPS["scheduler"]}),
+        "positive": ("CONDITIONING", {"tooltip": TOOLTIPS["positive"]}),
+        "negative": ("CONDITIONING", {"tooltip": TOOLTIPS["negative"]}),
+        "latent_image": ("LATENT", {"tooltip": TOOLTIPS["latent_image"]}),
+    }
+
+
+FLOW_GEOMETRY_ENV = "KSAMPLER_FLOW_GEOMETRY"
+
+
+def default_compat() -> bool:
+    """The node default for flow geometry: 'exact' unless KSAMPLER_FLOW_GEOMETRY=comfyui (parity runs)."""
+    value = os.environ.get(FLOW_GEOMETRY_ENV, "exact").strip().lower()
+    if value not in ("exact", "comfyui"):
+        raise KSamplerInputError(f"{FLOW_GEOMETRY_ENV}: must be 'exact' or 'comfyui', got {value!r}")
+    return value == "comfyui"
+
+
+def _run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0, **kw):
+    """Dispatch to ComfyUI's host path for a ComfyUI model, else to our core."""
+    check_sampler_args(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                       denoise=denoise)
+    if kw.get("compat") is None:
+        kw["compat"] = default_compat()
+    if is_comfy_model(model):
+        from . import comfy_adapter
+        return comfy_adapter.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                             latent_image, denoise=denoise, **kw)
+    from .pipeline import ksample
+    callback = kw.pop("callback", None)
+    if callback is None and "comfy.utils" in sys.modules:
+        from .comfy_adapter import core_callback
+        callback = core_callback(steps)
+    return ksample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+                   callback=callback, **kw)
+
+
+class KSampler:
+    """ComfyUI's KSampler surface, sampled by our registries."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        common = _common_inputs()
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": TOOLTIPS["model"]}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                 "tooltip": TOOLTIPS["seed"]}),
+                "steps": common["steps"],
+                "cfg": common["cfg"],
+                "sampler_name": common["sampler_name"],
+                "scheduler": common["scheduler"],
+                "positive": common["positive"],
+                "negative": common["negative"],
+                "latent_image": common["latent_image"],
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": TOOLTIPS["denoise"]}),
+            }
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent.",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Uses the provided model, positive and negative conditioning to denoise the latent image, with "
+                   "the ksampler pack's sampler and scheduler registries.")
+
+    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+               denoise=1.0):
+        return (_run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise),)
+
+
+class KSamplerAdvanced:
+    """ComfyUI's KSamplerAdvanced surface, plus the noise options no peer has together (optional, at the end)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        common = _common_inputs()
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": TOOLTIPS["model"]}),
+                "add_noise": (["enable", "disable"], {"tooltip": TOOLTIPS["add_noise"]}),
+                "noise_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                       "tooltip": TOOLTIPS["noise_seed"]}),
+                "steps": common["steps"],
+                "cfg": common["cfg"],
+                "sampler_name": common["sampler_name"],
+                "scheduler": common["scheduler"],
+                "positive": common["positive"],
+                "negative": common["negative"],
+                "latent_image": common["latent_image"],
+                "start_at_step": ("INT", {"default": 0, "min": 0, "max": MAX_STEPS,
+                                          "tooltip": TOOLTIPS["start_at_step"]}),
+                "end_at_step": ("INT", {"default": 10000, "min": 0, "max": MAX_STEPS,
+                                        "tooltip": TOOLTIPS["end_at_step"]}),
+                "return_with_leftover_noise": (["disable", "enable"],
+                                               {"tooltip": TOOLTIPS["return_with_leftover_noise"]}),
+            },
+            "optional": {
+                "batch_invariant_noise": ("BOOLEAN", {"default": False,
+                                                      "tooltip": TOOLTIPS["batch_invariant_noise"]}),
+                "cpu_noise": ("BOOLEAN", {"default": False, "tooltip": TOOLTIPS["cpu_noise"]}),
+                "brownian_noise": (["tree", "fast"], {"tooltip": TOOLTIPS["brownian_noise"]}),
+                "flow_geometry": (["default", "exact", "comfyui"], {"tooltip": TOOLTIPS["flow_geometry"]}),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent.",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "KSampler with start/end steps for base-refiner chains, and noise options."
+
+    def sample(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+               latent_image, start_at_step, end_at_step, return_with_leftover_noise, batch_invariant_noise=False,
+               cpu_noise=False, brownian_noise="tree", flow_geometry="default"):
+        from .pipeline import NoiseOptions
+        for name, value, choices in (("add_noise", add_noise, ("enable", "disable")),
+                                     ("return_with_leftover_noise", return_with_leftover_noise, ("enable", "disable")),
+                                     ("brownian_noise", brownian_noise, ("tree", "fast")),
+                                     ("flow_geometry", flow_geometry, ("default", "exact", "comfyui"))):
+            if value not in choices:
+                raise KSamplerInputError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
+        for name, value in (("start_at_step", start_at_step), ("end_at_step", end_at_step)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STEPS:
+                raise KSamplerInputError(f"{name}: must be an integer between 0 and {MAX_STEPS}, got {value!r}")
+        options = NoiseOptions(batch_invariant=bool(batch_invariant_noise), device_invariant=bool(cpu_noise),
+                               brownian=brownian_noise)
+        out = _run(model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, 1.0,
+                   add_noise=add_noise == "enable", start_step=start_at_step, last_step=end_at_step,
+                   force_full_denoise=return_with_leftover_noise != "enable", noise_options=options,
+                   compat=None if flow_geometry == "default" else flow_geometry == "comfyui")
+        return (out,)
+
+
+# id -> (class, display name): the one place node ids and names are defined
+NODES = {
+    "ksampler_KSampler": (KSampler, "KSampler (ksampler)"),
+    "ksampler_KSamplerAdvanced": (KSamplerAdvanced, "KSampler Advanced (ksampler)"),
+}
+
+
+def _comfy_nodes() -> dict:
+    """Interop nodes that produce ComfyUI SAMPLER / SIGMAS objects; only inside ComfyUI."""
+    if "comfy.samplers" not in sys.modules:
+        return {}
+    from .comfy_adapter import INTEROP_NODES
+    return INTEROP_NODES
+
+
+def _bundled_nodes() -> dict:
+    from .models.nodes import BUNDLED_NODES
+    return BUNDLED_NODES
+
+
+NODES.update(_bundled_nodes())
+NODES.update(_comfy_nodes())
+
+NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}

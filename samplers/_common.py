@@ -1,0 +1,70 @@
+"""Shared pieces of the samplers: the k-diffusion protocol helpers."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from ..models.sampling import get_model_sampling
+from .noise import default_noise_sampler
+
+__all__ = ["to_d", "step_range", "sigma_batch", "denoise_with_uncond", "resolve_noise_sampler",
+           "get_model_sampling", "as_float_list", "emit", "renoise"]
+
+
+def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
+    """ODE derivative dx/dsigma = (x - D(x)) / sigma (Karras et al. 2022, eq. 3)."""
+    return (x - denoised) / sigma
+
+
+def as_float_list(sigmas: Tensor) -> list[float]:
+    """Sigmas as Python floats: cheap scalar maths for the step coefficients (no tiny tensor ops)."""
+    return [float(s) for s in sigmas.detach().cpu().tolist()]
+
+
+def step_range(n: int, disable: Optional[bool]) -> Iterable[int]:
+    """range(n), or a tqdm progress bar over it unless ``disable`` is True."""
+    if disable is True or n <= 0:
+        return range(n)
+    from tqdm.auto import trange
+    return trange(n, disable=disable)
+
+
+def sigma_batch(x: Tensor, sigma: float) -> Tensor:
+    """A per-item sigma tensor for the model call."""
+    return x.new_full((x.shape[0],), sigma)
+
+
+def emit(callback: Optional[Callable], x: Tensor, i: int, sigma: float, denoised: Tensor, sigma_hat: float | None = None) -> None:
+    """Call a k-diffusion-style step callback."""
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma if sigma_hat is None else sigma_hat,
+                  "denoised": denoised})
+
+
+def denoise_with_uncond(model, x: Tensor, sigma: float, extra_args: dict) -> tuple[Tensor, Tensor]:
+    """Guided and unconditional denoised estimates, for the CFG++ samplers (Chung et al. 2024).
+
+    A guided denoiser exposes ``denoise_with_uncond``; a bare denoiser has no
+    guidance, so its unconditional estimate is the estimate itself.
+    """
+    fn = getattr(model, "denoise_with_uncond", None)
+    if fn is not None:
+        return fn(x, sigma_batch(x, sigma), **extra_args)
+    denoised = model(x, sigma_batch(x, sigma), **extra_args)
+    return denoised, denoised
+
+
+def renoise(x: Tensor, scale: float, noise: Tensor, amount: float) -> Tensor:
+    """The ancestral update x * scale + amount * noise (scale is 1 for VE models)."""
+    if scale != 1.0:
+        x = x * scale
+    return torch.add(x, noise, alpha=amount) if amount != 0 else x
+
+
+def resolve_noise_sampler(noise_sampler, x: Tensor, extra_args: dict):
+    """The caller's noise sampler, or a seeded default (never the global RNG)."""
+    if noise_sampler is not None:
+        return noise_sampler
+    return default_noise_sampler(x, seed=extra_args.get("seed"))

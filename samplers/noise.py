@@ -1,0 +1,204 @@
+"""Noise for sampling: the initial latent noise and the extra noise of ancestral and SDE samplers.
+
+Every draw comes from an explicitly seeded ``torch.Generator``; the global RNG
+is never touched.  A noise sampler is ``fn(sigma, sigma_next) -> Tensor``
+shaped like the state, with unit variance.
+
+* ``prepare_noise``: ComfyUI's initial noise (CPU, seeded with ``seed``, one
+  draw of the batch or one draw per ``batch_index`` entry).
+* ``default_noise_sampler``: ComfyUI's ancestral noise (a generator on the
+  sampling device, seeded ``seed`` there and ``seed + 1`` on the CPU).
+* ``BrownianTreeNoiseSampler``: ComfyUI's SDE noise, the increments of a
+  ``torchsde`` Brownian tree (Kidger et al. 2021) seeded with ``seed``.
+* ``BrownianPathNoiseSampler``: a fast Brownian motion with the same law,
+  sampled lazily point by point with Brownian bridges (one Gaussian draw per
+  new time point).
+
+Options beyond ComfyUI: ``batch_invariant`` gives item *k* a stream that
+depends only on the seed and *k*; ``device_invariant`` draws on the CPU.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+NoiseSampler = Callable[[object, object], Tensor]
+
+_U64 = 1 << 64
+# Odd constant (2^64 / golden ratio) spacing the per-item streams far apart in seed space.
+_ITEM_STRIDE = 0x9E3779B97F4A7C15
+
+__all__ = ["prepare_noise", "default_noise_sampler", "BrownianTreeNoiseSampler", "BrownianPathNoiseSampler",
+           "item_seed", "NoiseSampler"]
+
+
+def item_seed(seed: int, index: int) -> int:
+    """Seed of batch item ``index``'s own stream (item 0 keeps ``seed``)."""
+    return (int(seed) + int(index) * _ITEM_STRIDE) % _U64
+
+
+def _generator(device, seed: int) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed) % _U64)
+    return gen
+
+
+def prepare_noise(latent: Tensor, seed: int, batch_index: Optional[Sequence[int]] = None,
+                  per_item: bool = False) -> Tensor:
+    """Initial noise on the CPU in the latent's shape and dtype, from a generator seeded with ``seed``.
+
+    With ``batch_index``, draws are made one item at a time ([1, ...] each) for
+    draw numbers 0..max, and item *k* gets draw ``batch_index[k]``.  ``per_item``
+    makes item-by-item draws the rule (batch-invariant noise).
+    """
+    gen = _generator("cpu", seed)
+    shape = list(latent.shape)
+    if batch_index is None and not per_item:
+        return torch.randn(shape, dtype=latent.dtype, generator=gen, device="cpu")
+    indices = list(range(shape[0])) if batch_index is None else [int(i) for i in batch_index]
+    draws = {}
+    for i in range(max(indices) + 1):
+        draw = torch.randn([1] + shape[1:], dtype=latent.dtype, generator=gen, device="cpu")
+        if i in indices:
+            draws[i] = draw
+    return torch.cat([draws[i] for i in indices], dim=0)
+
+
+def default_noise_sampler(x: Tensor, seed: Optional[int] = None, *, cpu: bool = False,
+                          batch_invariant: bool = False, item_indices: Optional[Sequence[int]] = None) -> NoiseSampler:
+    """Gaussian noise from a seeded generator, one draw per call (ComfyUI's ancestral noise).
+
+    The generator lives on the sampling device and is seeded with ``seed``, or
+    ``seed + 1`` on the CPU so that it does not replay the initial noise.
+    ``cpu`` draws on the CPU whatever the device (device-invariant noise);
+    ``batch_invariant`` gives each item its own generator.
+    """
+    seed = 0 if seed is None else int(seed)
+    device = torch.device("cpu") if cpu else x.device
+    if device.type == "cpu":
+        seed += 1
+    shape, dtype, target = list(x.shape), x.dtype, x.device
+
+    if not batch_invariant:
+        gen = _generator(device, seed)
+
+        def sample(sigma=None, sigma_next=None) -> Tensor:
+            return torch.randn(shape, dtype=dtype, device=device, generator=gen).to(target)
+        return sample
+
+    indices = list(range(shape[0])) if item_indices is None else [int(i) for i in item_indices]
+    gens = [_generator(device, item_seed(seed, k)) for k in indices]
+    item_shape = [1] + shape[1:]
+
+    def sample_items(sigma=None, sigma_next=None) -> Tensor:
+        return torch.cat([torch.randn(item_shape, dtype=dtype, device=device, generator=g) for g in gens]).to(target)
+    return sample_items
+
+
+def _sorted_pair(a: Tensor, b: Tensor):
+    return (a, b, 1) if a < b else (b, a, -1)
+
+
+class BrownianTreeNoiseSampler:
+    """Normalised increments of ``torchsde.BrownianTree`` (Kidger et al. 2021), exactly as ComfyUI seeds and queries it.
+
+    One tree per seed; ``seed`` may be a list with one seed per batch item.  The
+    tree spans ``transform(sigma_min) .. transform(sigma_max)`` and a query
+    returns ``(W(t1) - W(t0)) / sqrt(|t1 - t0|)``.  ``cpu`` builds it on the CPU.
+    """
+
+    def __init__(self, x: Tensor, sigma_min, sigma_max, seed=None, transform=lambda s: s, cpu: bool = True):
+        import torchsde  # lazily: only SDE samplers need it
+
+        self.transform = transform
+        self.cpu = cpu
+        t0, t1 = transform(torch.as_tensor(sigma_min)), transform(torch.as_tensor(sigma_max))
+        t0, t1, self.sign = _sorted_pair(t0, t1)
+        w0 = torch.zeros_like(x)
+        self.batched = isinstance(seed, (list, tuple))
+        if self.batched:
+            if len(seed) != x.shape[0]:
+                raise ValueError(f"seed: a list of seeds needs one per batch item ({x.shape[0]}), got {len(seed)}")
+            seeds = [int(s) for s in seed]
+            w0 = w0[0]
+        else:
+            seeds = [0 if seed is None else int(seed)]
+        if cpu:
+            t0, w0, t1 = t0.detach().cpu(), w0.detach().cpu(), t1.detach().cpu()
+        self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=s % _U64) for s in seeds]
+
+    def __call__(self, sigma, sigma_next) -> Tensor:
+        t0, t1 = self.transform(torch.as_tensor(sigma)), self.transform(torch.as_tensor(sigma_next))
+        a, b, sign = _sorted_pair(t0, t1)
+        device, dtype = a.device, a.dtype
+        if self.cpu:
+            a, b = a.detach().cpu().float(), b.detach().cpu().float()
+        w = torch.stack([tree(a, b) for tree in self.trees]).to(device=device, dtype=dtype) * (self.sign * sign)
+        w = w if self.batched else w[0]
+        return w / (t1 - t0).abs().sqrt()
+
+
+class BrownianPathNoiseSampler:
+    """A Brownian motion sampled lazily at the queried times (fast mode; same law as the tree).
+
+    W is pinned to 0 at the first queried time.  A new time beyond the known
+    ones extends the path with an independent Gaussian increment; a new time
+    between two known ones is drawn from the Brownian bridge between them
+    (Glasserman 2004, Sec. 3.1).  Either costs one Gaussian draw, so samplers
+    that walk down a schedule pay one draw per step.  Queries return the same
+    normalised increment ``(W(t1) - W(t0)) / sqrt(|t1 - t0|)`` as the tree.
+    """
+
+    def __init__(self, x: Tensor, seed: Optional[int] = None, transform=lambda s: s, cpu: bool = True,
+                 batch_invariant: bool = False, item_indices: Optional[Sequence[int]] = None):
+        self.transform = transform
+        self.shape, self.dtype, self.target = list(x.shape), x.dtype, x.device
+        self.device = torch.device("cpu") if cpu else x.device
+        seed = 0 if seed is None else int(seed)
+        if batch_invariant:
+            indices = list(range(self.shape[0])) if item_indices is None else [int(i) for i in item_indices]
+            self.gens = [_generator(self.device, item_seed(seed, k)) for k in indices]
+        else:
+            self.gens = [_generator(self.device, seed)]
+        self.times: list[float] = []
+        self.values: list[Tensor] = []
+
+    def _randn(self) -> Tensor:
+        if len(self.gens) == 1:
+            return torch.randn(self.shape, dtype=self.dtype, device=self.device, generator=self.gens[0])
+        item = [1] + self.shape[1:]
+        return torch.cat([torch.randn(item, dtype=self.dtype, device=self.device, generator=g) for g in self.gens])
+
+    def _value(self, t: float) -> Tensor:
+        times = self.times
+        if not times:
+            times.append(t)
+            self.values.append(torch.zeros(self.shape, dtype=self.dtype, device=self.device))
+            return self.values[0]
+        k = bisect.bisect_left(times, t)
+        if k < len(times) and times[k] == t:
+            return self.values[k]
+        if k == 0:  # before the first known time
+            w = self.values[0] + math.sqrt(times[0] - t) * self._randn()
+        elif k == len(times):  # after the last known time
+            w = self.values[-1] + math.sqrt(t - times[-1]) * self._randn()
+        else:  # Brownian bridge between the neighbours
+            t_lo, t_hi = times[k - 1], times[k]
+            w_lo, w_hi = self.values[k - 1], self.values[k]
+            frac = (t - t_lo) / (t_hi - t_lo)
+            std = math.sqrt((t - t_lo) * (t_hi - t) / (t_hi - t_lo))
+            w = torch.lerp(w_lo, w_hi, frac).add_(self._randn(), alpha=std)
+        times.insert(k, t)
+        self.values.insert(k, w)
+        return w
+
+    def __call__(self, sigma, sigma_next) -> Tensor:
+        t0, t1 = float(self.transform(torch.as_tensor(sigma))), float(self.transform(torch.as_tensor(sigma_next)))
+        if t0 == t1:
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.target)
+        w0, w1 = self._value(t0), self._value(t1)
+        return ((w1 - w0) / math.sqrt(abs(t1 - t0))).to(self.target)

@@ -1,0 +1,132 @@
+"""UniPC (Zhao et al. 2023, arXiv:2302.04867): unified predictor-corrector, multistep, data prediction.
+
+The sampler works on the variance-preserving form of the VE state
+(``x / sqrt(1 + sigma^2)``), in half-log-SNR ``lambda = -log sigma``, with the
+B(h) = h ("bh1") or B(h) = e^h - 1 ("bh2") variants.  Like ComfyUI it stops at
+sigma = 0.001 instead of 0 (``traits.final_sigma``), where the remaining noise
+is negligible, and never writes into the caller's ``sigmas``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._common import as_float_list, emit, sigma_batch, step_range
+from .traits import traits
+
+FINAL_SIGMA = 0.001
+
+
+def _alpha(sigma: float) -> float:
+    return 1.0 / math.sqrt(1.0 + sigma * sigma)
+
+
+def _marginals(sigma: float, dtype=torch.float32) -> tuple[float, float, float]:
+    """(alpha, sigma_vp, lambda) of the VP process for a VE sigma, evaluated at the sigmas' precision.
+
+    The reference implementation derives lambda as log(alpha) - log(sqrt(1 -
+    alpha^2)) at the precision of the sigmas (float32 in ComfyUI), which loses
+    digits at small sigma; doing the same keeps our steps identical to ComfyUI's.
+    Float64 sigmas give full precision.
+    """
+    s = torch.tensor(sigma, dtype=dtype)
+    log_alpha = 0.5 * torch.log(1 / (s * s + 1))
+    one_minus = 1.0 - torch.exp(2.0 * log_alpha)
+    lam = log_alpha - 0.5 * torch.log(one_minus)
+    return float(torch.exp(log_alpha)), float(torch.sqrt(one_minus)), float(lam)
+
+
+def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
+    return torch.linalg.solve(torch.tensor(matrix, dtype=torch.float64),
+                              torch.tensor(rhs, dtype=torch.float64)).tolist()
+
+
+def _unipc_update(model_fn, x, model_prev, t_prev, t, order, use_corrector, variant, dtype):
+    """One UniPC step from t_prev[-1] to t of the given order (Zhao et al. 2023, Alg. 2/3, B(h) form)."""
+    t0, m0 = t_prev[-1], model_prev[-1]
+    _, sigma_vp0, lam0 = _marginals(t0, dtype)
+    alpha_t, sigma_vp_t, lam_t = _marginals(t, dtype)
+    h = lam_t - lam0
+    rks, d1s = [], []
+    for i in range(1, order):
+        rk = (_marginals(t_prev[-(i + 1)], dtype)[2] - lam0) / h
+        rks.append(rk)
+        d1s.append((model_prev[-(i + 1)] - m0) / rk)
+    rks.append(1.0)
+
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    factorial = 1
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    rows, b = [], []
+    for i in range(1, order + 1):
+        rows.append([rk ** (i - 1) for rk in rks])
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+
+    x_base = x * (sigma_vp_t / sigma_vp0) - m0 * (alpha_t * h_phi_1)
+
+    x_t = x_base
+    if d1s:
+        rhos_p = [0.5] if order == 2 else _solve([r[:-1] for r in rows[:-1]], b[:-1])
+        pred = d1s[0] * rhos_p[0]
+        for rho, d1 in zip(rhos_p[1:], d1s[1:]):
+            pred = pred + d1 * rho
+        x_t = x_base - pred * (alpha_t * b_h)
+
+    model_t = None
+    if use_corrector:
+        model_t = model_fn(x_t, t)
+        rhos_c = [0.5] if order == 1 else _solve(rows, b)
+        corr = (model_t - m0) * rhos_c[-1]
+        for rho, d1 in zip(rhos_c[:-1], d1s):
+            corr = corr + d1 * rho
+        x_t = x_base - corr * (alpha_t * b_h)
+    return x_t, model_t
+
+
+def _sample_unipc(model, x, sigmas, extra_args, callback, disable, variant):
+    extra_args = {} if extra_args is None else extra_args
+    ts = as_float_list(sigmas)
+    if ts[-1] == 0:
+        ts[-1] = FINAL_SIGMA
+    steps = len(ts) - 1
+    if steps < 1:
+        return x
+
+    def model_fn(x_vp, t):
+        return model(x_vp / _alpha(t), sigma_batch(x_vp, t), **extra_args)
+
+    order = max(1, min(3, steps - 1))
+    x = x * _alpha(ts[0])
+    model_prev, t_prev = [model_fn(x, ts[0])], [ts[0]]
+    emit(callback, x / _alpha(ts[0]), 0, ts[0], model_prev[-1])
+    for k in step_range(steps, disable):
+        target = k + 1
+        step_order = min(order, target, steps + 1 - target)
+        use_corrector = target < steps
+        x, model_x = _unipc_update(model_fn, x, model_prev, t_prev, ts[target], step_order, use_corrector, variant,
+                                   sigmas.dtype)
+        if use_corrector:
+            model_prev.append(model_x)
+            t_prev.append(ts[target])
+            del model_prev[:-order], t_prev[:-order]
+            emit(callback, x / _alpha(ts[target]), target, ts[target], model_x)
+    return x / _alpha(ts[-1])
+
+
+@torch.no_grad()
+@traits(discard_penultimate_sigma=True)
+def sample_uni_pc(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """UniPC with B(h) = h (bh1), order up to 3 (Zhao et al. 2023)."""
+    return _sample_unipc(model, x, sigmas, extra_args, callback, disable, "bh1")
+
+
+@torch.no_grad()
+@traits(discard_penultimate_sigma=True)
+def sample_uni_pc_bh2(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """UniPC with B(h) = e^h - 1 (bh2), order up to 3 (Zhao et al. 2023)."""
+    return _sample_unipc(model, x, sigmas, extra_args, callback, disable, "bh2")

@@ -1,0 +1,221 @@
+"""Scheduler registry: name -> ``fn(model_sampling, steps, **options) -> sigmas``.
+
+Every scheduler returns a float32 tensor of descending sigmas ending in 0; the
+nine ComfyUI schedulers come first, in ComfyUI's order, with ComfyUI's exact
+definitions.  To add one, write the function and add a line to ``SCHEDULERS``
+(or call ``register_scheduler``).
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._special import beta_ppf
+from . import extra as _extra
+
+__all__ = [
+    "SCHEDULERS", "COMFY_SCHEDULER_NAMES", "calculate_sigmas", "sampling_sigmas", "register_scheduler",
+    "karras_sigmas", "exponential_sigmas", "DISCARD_PENULTIMATE_SIGMA_SAMPLERS",
+]
+
+SchedulerFn = Callable[..., Tensor]
+
+
+def _append_zero(sigmas: Tensor) -> Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros([1])])
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """Karras et al. (2022), eq. 5: sigmas evenly spaced in sigma^(1/rho)."""
+    ramp = torch.linspace(0, 1, n)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
+
+
+def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """Sigmas evenly spaced in log sigma."""
+    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n).exp())
+
+
+def _range(model_sampling) -> tuple[float, float]:
+    return float(model_sampling.sigma_min), float(model_sampling.sigma_max)
+
+
+def simple(model_sampling, steps: int) -> Tensor:
+    """Evenly strided training sigmas, counted down from the noisiest."""
+    table = model_sampling.sigmas
+    stride = len(table) / steps
+    sigs = [float(table[-(1 + int(i * stride))]) for i in range(steps)]
+    return torch.FloatTensor(sigs + [0.0])
+
+
+def normal(model_sampling, steps: int, sgm: bool = False) -> Tensor:
+    """Timesteps evenly spaced between those of sigma_max and sigma_min, mapped back to sigmas."""
+    start = float(model_sampling.timestep(model_sampling.sigma_max))
+    end = float(model_sampling.timestep(model_sampling.sigma_min))
+    append_zero = True
+    if sgm:
+        timesteps = torch.linspace(start, end, steps + 1)[:-1]
+    else:
+        if math.isclose(float(model_sampling.sigma(torch.tensor(end))), 0, abs_tol=0.00001):
+            steps += 1
+            append_zero = False
+        timesteps = torch.linspace(start, end, steps)
+    sigs = [float(model_sampling.sigma(t)) for t in timesteps]
+    if append_zero:
+        sigs.append(0.0)
+    return torch.FloatTensor(sigs)
+
+
+def sgm_uniform(model_sampling, steps: int) -> Tensor:
+    """``normal`` without the final timestep, as SGM/SDXL-Turbo sample."""
+    return normal(model_sampling, steps, sgm=True)
+
+
+def karras(model_sampling, steps: int, rho: float = 7.0) -> Tensor:
+    """Karras et al. (2022) over the model's sigma range."""
+    sigma_min, sigma_max = _range(model_sampling)
+    return karras_sigmas(steps, sigma_min, sigma_max, rho)
+
+
+def exponential(model_sampling, steps: int) -> Tensor:
+    """Log-linear sigmas over the model's range."""
+    sigma_min, sigma_max = _range(model_sampling)
+    return exponential_sigmas(steps, sigma_min, sigma_max)
+
+
+def ddim_uniform(model_sampling, steps: int) -> Tensor:
+    """DDIM's uniform timestep skipping (Song et al. 2021): every (T // steps)-th training sigma from index 1."""
+    table = model_sampling.sigmas
+    if math.isclose(float(table[1]), 0, abs_tol=0.00001):
+        steps += 1
+        sigs = []
+    else:
+        sigs = [0.0]
+    stride = max(len(table) // steps, 1)
+    sigs += [float(table[i]) for i in range(1, len(table), stride)]
+    return torch.FloatTensor(sigs[::-1])
+
+
+def beta(model_sampling, steps: int, alpha: float = 0.6, beta: float = 0.6) -> Tensor:
+    """Timesteps at Beta(alpha, beta) quantiles (Lee et al. 2024, arXiv:2407.12173); repeated timesteps are merged."""
+    last_index = len(model_sampling.sigmas) - 1
+    sigs, last_t = [], -1
+    for i in range(steps):
+        t = round(beta_ppf(1.0 - i / steps, alpha, beta) * last_index)
+        if t != last_t:
+            sigs.append(float(model_sampling.sigmas[int(t)]))
+        last_t = t
+    return torch.FloatTensor(sigs + [0.0])
+
+
+def linear_quadratic(model_sampling, steps: int, threshold_noise: float = 0.025, linear_steps: int | None = None) -> Tensor:
+    """Mochi's schedule (Genmo 2024): linear in the first half of the steps, then quadratic, scaled by sigma_max."""
+    if steps == 1:
+        shape = [1.0, 0.0]
+    else:
+        if linear_steps is None:
+            linear_steps = steps // 2
+        linear_part = [i * threshold_noise / linear_steps for i in range(linear_steps)]
+        step_diff = linear_steps - threshold_noise * steps
+        quadratic_steps = steps - linear_steps
+        quad_coef = step_diff / (linear_steps * quadratic_steps ** 2)
+        lin_coef = threshold_noise / linear_steps - 2 * step_diff / (quadratic_steps ** 2)
+        const = quad_coef * (linear_steps ** 2)
+        quadratic_part = [quad_coef * i ** 2 + lin_coef * i + const for i in range(linear_steps, steps)]
+        shape = [1.0 - v for v in linear_part + quadratic_part + [1.0]]
+    return torch.FloatTensor(shape) * torch.as_tensor(model_sampling.sigma_max).float().cpu()
+
+
+def kl_optimal(model_sampling, steps: int) -> Tensor:
+    """KL-optimal schedule (Sabour et al. 2024, AYS appendix): linear in arctan(sigma)."""
+    sigma_min, sigma_max = _range(model_sampling)
+    if steps == 1:  # ComfyUI divides by zero here; one step goes straight from sigma_max to 0
+        return torch.FloatTensor([sigma_max, 0.0])
+    frac = torch.arange(steps, dtype=torch.float).div_(steps - 1)
+    sigmas = frac.new_zeros(steps + 1)
+    sigmas[:-1] = (frac * math.atan(sigma_min) + (1 - frac) * math.atan(sigma_max)).tan_()
+    return sigmas
+
+
+SCHEDULERS: "OrderedDict[str, SchedulerFn]" = OrderedDict([
+    # ComfyUI's nine, in ComfyUI's order
+    ("simple", simple),
+    ("sgm_uniform", sgm_uniform),
+    ("karras", karras),
+    ("exponential", exponential),
+    ("ddim_uniform", ddim_uniform),
+    ("beta", beta),
+    ("normal", normal),
+    ("linear_quadratic", linear_quadratic),
+    ("kl_optimal", kl_optimal),
+    # beyond ComfyUI's list
+    *_extra.EXTRA_SCHEDULERS.items(),
+])
+
+COMFY_SCHEDULER_NAMES = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                         "linear_quadratic", "kl_optimal")
+
+# Samplers that compute steps + 1 sigmas and drop the next-to-last one (ComfyUI's rule).
+DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
+
+
+def register_scheduler(name: str, fn: SchedulerFn, *, replace: bool = False) -> SchedulerFn:
+    """Add ``fn(model_sampling, steps, **options) -> sigmas`` to the registry under ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("register_scheduler: name must be a non-empty string")
+    if not callable(fn):
+        raise TypeError(f"register_scheduler: fn for {name!r} must be callable")
+    if name in SCHEDULERS and not replace:
+        raise ValueError(f"register_scheduler: {name!r} is already registered; pass replace=True to override it")
+    SCHEDULERS[name] = fn
+    return fn
+
+
+def _check_name(name: str) -> SchedulerFn:
+    if not isinstance(name, str):
+        raise TypeError(f"scheduler: expected a name (str), got {type(name).__name__}")
+    fn = SCHEDULERS.get(name)
+    if fn is None:
+        raise ValueError(f"scheduler: unknown name {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    return fn
+
+
+def calculate_sigmas(model_sampling, name: str, steps: int, **options) -> Tensor:
+    """``steps + 1`` descending float32 sigmas ending in 0 from scheduler ``name``.
+
+    (``ddim_uniform`` and ``beta`` follow ComfyUI and can return a few more or
+    fewer, for step counts that do not divide the training schedule evenly.)
+    """
+    fn = _check_name(name)
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps: expected an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps: must be >= 1, got {steps}")
+    sigmas = fn(model_sampling, steps, **options)
+    return torch.as_tensor(sigmas, dtype=torch.float32).cpu()
+
+
+def sampling_sigmas(model_sampling, scheduler: str, steps: int, denoise: float = 1.0,
+                    discard_penultimate_sigma: bool = False, **options) -> Tensor:
+    """The sigmas a KSampler run uses: ComfyUI's denoise rule and penultimate-sigma rule applied.
+
+    denoise >= 0.9999 uses the full schedule; denoise <= 0 gives an empty tensor
+    (nothing to do); otherwise the schedule for ``int(steps / denoise)`` steps is
+    computed and its last ``steps + 1`` sigmas kept, so exactly ``steps`` steps run.
+    """
+    def compute(n: int) -> Tensor:
+        if discard_penultimate_sigma:
+            sigmas = calculate_sigmas(model_sampling, scheduler, n + 1, **options)
+            return torch.cat([sigmas[:-2], sigmas[-1:]])
+        return calculate_sigmas(model_sampling, scheduler, n, **options)
+
+    if denoise is None or denoise > 0.9999:
+        return compute(steps)
+    if denoise <= 0.0:
+        return torch.zeros([0])
+    return compute(int(steps / denoise))[-(steps + 1):]

@@ -1,0 +1,20 @@
+"""Shared fixtures.  Tests import the installed ``ksampler`` package (pip install ".[test]")."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # the analytic helpers
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def kdiff():
+    """Stock k-diffusion's sampling module (slow to import, so once per session)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import k_diffusion.sampling as K
+    return K

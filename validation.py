@@ -1,0 +1,128 @@
+"""Input checks shared by the nodes and the Python API: one clear error per bad input, naming it and the fix."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .conditioning.validate import KSamplerInputError
+
+__all__ = ["KSamplerInputError", "check_latent", "check_model", "check_sampler_args", "MAX_SEED", "MAX_STEPS"]
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+MAX_STEPS = 10000
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_int(name: str, value, lo: int, hi: int) -> int:
+    if not _is_int(value):
+        raise KSamplerInputError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+    if not lo <= value <= hi:
+        raise KSamplerInputError(f"{name}: must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def check_float(name: str, value, lo: float, hi: float) -> float:
+    if not _is_number(value):
+        raise KSamplerInputError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise KSamplerInputError(f"{name}: must be finite, got {value}")
+    if not lo <= value <= hi:
+        raise KSamplerInputError(f"{name}: must be between {lo} and {hi}, got {value}")
+    return float(value)
+
+
+def check_sampler_args(*, seed=None, steps=None, cfg=None, sampler_name=None, scheduler=None, denoise=None) -> None:
+    from .samplers import SAMPLERS
+    from .schedulers import SCHEDULERS
+    if seed is not None:
+        check_int("seed", seed, 0, MAX_SEED)
+    if steps is not None:
+        check_int("steps", steps, 1, MAX_STEPS)
+    if cfg is not None:
+        check_float("cfg", cfg, 0.0, 100.0)
+    if denoise is not None:
+        check_float("denoise", denoise, 0.0, 1.0)
+    if sampler_name is not None:
+        if not isinstance(sampler_name, str):
+            raise KSamplerInputError(f"sampler_name: expected a name (str), got {type(sampler_name).__name__}")
+        if sampler_name not in SAMPLERS:
+            raise KSamplerInputError(f"sampler_name: unknown sampler {sampler_name!r}; choose one of: "
+                                     f"{', '.join(SAMPLERS)}")
+    if scheduler is not None:
+        if not isinstance(scheduler, str):
+            raise KSamplerInputError(f"scheduler: expected a name (str), got {type(scheduler).__name__}")
+        if scheduler not in SCHEDULERS:
+            raise KSamplerInputError(f"scheduler: unknown scheduler {scheduler!r}; choose one of: "
+                                     f"{', '.join(SCHEDULERS)}")
+
+
+def check_model(model) -> None:
+    missing = [a for a in ("model_sampling", "latent_format", "apply_model") if not hasattr(model, a)]
+    if missing:
+        raise KSamplerInputError(f"model: expected a MODEL (from a checkpoint loader), got {type(model).__name__} "
+                                 f"without {', '.join(missing)}")
+
+
+def check_latent(latent, channels: Optional[int] = None, name: str = "latent_image"):
+    """Validate a LATENT dict; returns (samples, batch_index or None, noise_mask or None). Never mutates it."""
+    if not isinstance(latent, dict):
+        raise KSamplerInputError(f"{name}: expected a LATENT dict with a 'samples' tensor, got {type(latent).__name__}")
+    if "samples" not in latent:
+        raise KSamplerInputError(f"{name}: the LATENT dict has no 'samples' entry; connect an Empty Latent Image "
+                                 "or VAE Encode node")
+    samples = latent["samples"]
+    if not isinstance(samples, torch.Tensor):
+        raise KSamplerInputError(f"{name}['samples']: expected a tensor, got {type(samples).__name__}")
+    if samples.device.type == "meta":
+        raise KSamplerInputError(f"{name}['samples']: the tensor is on the 'meta' device and holds no data; "
+                                 "move it to the CPU or the model's device")
+    if samples.ndim != 4:
+        raise KSamplerInputError(f"{name}['samples']: expected 4 dims [batch, channels, height, width], got shape "
+                                 f"{tuple(samples.shape)}")
+    if samples.numel() == 0:
+        raise KSamplerInputError(f"{name}['samples']: is empty (shape {tuple(samples.shape)})")
+    if not samples.is_floating_point():
+        raise KSamplerInputError(f"{name}['samples']: dtype {samples.dtype} is not floating point; use float32")
+    if not bool(torch.isfinite(samples).all()):
+        raise KSamplerInputError(f"{name}['samples']: contains NaN or Inf; re-encode the image or create a new "
+                                 "empty latent")
+    if channels is not None and samples.shape[1] != channels and bool(torch.count_nonzero(samples)):
+        raise KSamplerInputError(f"{name}['samples']: has {samples.shape[1]} channels but the model expects "
+                                 f"{channels}; encode the image with this model's VAE")
+
+    batch_index = latent.get("batch_index")
+    if batch_index is not None:
+        if not isinstance(batch_index, (list, tuple)) or not all(_is_int(i) for i in batch_index):
+            raise KSamplerInputError(f"{name}['batch_index']: expected a list of ints, got {batch_index!r}")
+        if len(batch_index) != samples.shape[0]:
+            raise KSamplerInputError(f"{name}['batch_index']: has {len(batch_index)} entries for a batch of "
+                                     f"{samples.shape[0]}; give one index per latent")
+        if any(i < 0 for i in batch_index):
+            raise KSamplerInputError(f"{name}['batch_index']: indices must be >= 0, got {list(batch_index)}")
+        batch_index = [int(i) for i in batch_index]
+
+    mask = latent.get("noise_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise KSamplerInputError(f"{name}['noise_mask']: expected a tensor, got {type(mask).__name__}")
+        if mask.ndim not in (2, 3, 4) or (mask.ndim == 4 and mask.shape[1] != 1):
+            raise KSamplerInputError(f"{name}['noise_mask']: expected [height, width], [batch, height, width] or "
+                                     f"[batch, 1, height, width], got shape {tuple(mask.shape)}")
+        if mask.numel() == 0 or mask.shape[-1] == 0 or mask.shape[-2] == 0:
+            raise KSamplerInputError(f"{name}['noise_mask']: is empty (shape {tuple(mask.shape)})")
+        mask_batch = 1 if mask.ndim == 2 else mask.shape[0]
+        if mask_batch not in (1, samples.shape[0]):
+            raise KSamplerInputError(f"{name}['noise_mask']: batch {mask_batch} does not match the latent batch "
+                                     f"{samples.shape[0]}; give one mask or one per latent")
+        if not bool(torch.isfinite(mask.float()).all()):
+            raise KSamplerInputError(f"{name}['noise_mask']: contains NaN or Inf")
+    return samples, batch_index, mask
