@@ -179,7 +179,8 @@ class RegistrySampler(comfy.samplers.Sampler):
 
 def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0,
                     add_noise=True, start_step=None, last_step=None, force_full_denoise=False,
-                    noise_options: NoiseOptions | None = None, compat: bool = False):
+                    noise_options: NoiseOptions | None = None, compat: bool = False,
+                    scheduler_options: dict | None = None):
     """The built-in KSampler's flow with our schedules, samplers and noise; returns a new latent dict."""
     import latent_preview
 
@@ -193,7 +194,7 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
 
     tr = sampler_traits(sampler_name)
     ms = model.get_model_object("model_sampling")
-    sigmas = sampling_sigmas(ms, scheduler, steps, denoise, tr.discard_penultimate_sigma)
+    sigmas = sampling_sigmas(ms, scheduler, steps, denoise, tr.discard_penultimate_sigma, **(scheduler_options or {}))
     if last_step is not None and last_step < len(sigmas) - 1:
         sigmas = sigmas[:last_step + 1].clone()
         if force_full_denoise:
@@ -278,6 +279,9 @@ class Scheduler:
             "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS, "tooltip": "Number of steps."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "Fraction of the schedule to run (img2img below 1)."}),
+        }, "optional": {
+            "karras_rho": ("FLOAT", {"default": 7.0, "min": 0.5, "max": 30.0, "step": 0.1,
+                                     "tooltip": "rho of the karras scheduler; other schedulers ignore it."}),
         }}
 
     RETURN_TYPES = ("SIGMAS",)
@@ -285,11 +289,13 @@ class Scheduler:
     CATEGORY = "sampling/custom_sampling/schedulers"
     DESCRIPTION = "Sigmas from the ksampler scheduler registry."
 
-    def get_sigmas(self, model, scheduler, steps, denoise):
-        from .validation import check_sampler_args
+    def get_sigmas(self, model, scheduler, steps, denoise, karras_rho=7.0):
+        from .validation import check_float, check_sampler_args
         check_sampler_args(steps=steps, scheduler=scheduler, denoise=denoise)
+        check_float("karras_rho", karras_rho, 0.5, 30.0)
         ms = model.get_model_object("model_sampling")
-        return (sampling_sigmas(ms, scheduler, steps, denoise),)
+        options = {"rho": float(karras_rho)} if scheduler == "karras" else {}
+        return (sampling_sigmas(ms, scheduler, steps, denoise, **options),)
 
 
 INTEROP_NODES = {

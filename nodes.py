@@ -43,6 +43,8 @@ TOOLTIPS = {
     "cpu_noise": "Draw all extra (ancestral/SDE) noise on the CPU, so CPU and GPU give the same image.",
     "brownian_noise": "SDE samplers' Brownian noise: 'tree' matches ComfyUI; 'fast' has the same statistics at a "
                       "fraction of the cost.",
+    "karras_rho": "The rho of the karras scheduler (Karras et al. 2022): higher spends more steps at low noise. "
+                  "7 is the paper's and ComfyUI's value; other schedulers ignore it.",
     "flow_geometry": "For flow models (SD3, Flux): 'exact' gives ddpm, res_multistep_ancestral and the cfg_pp "
                      "samplers the flow noise geometry; 'comfyui' reproduces ComfyUI, which runs them with VE "
                      "geometry; 'default' follows KSAMPLER_FLOW_GEOMETRY (exact unless set).",
@@ -172,6 +174,8 @@ class KSamplerAdvanced:
                 "cpu_noise": ("BOOLEAN", {"default": False, "tooltip": TOOLTIPS["cpu_noise"]}),
                 "brownian_noise": (["tree", "fast"], {"tooltip": TOOLTIPS["brownian_noise"]}),
                 "flow_geometry": (["default", "exact", "comfyui"], {"tooltip": TOOLTIPS["flow_geometry"]}),
+                "karras_rho": ("FLOAT", {"default": 7.0, "min": 0.5, "max": 30.0, "step": 0.1,
+                                         "tooltip": TOOLTIPS["karras_rho"]}),
             },
         }
 
@@ -183,7 +187,7 @@ class KSamplerAdvanced:
 
     def sample(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
                latent_image, start_at_step, end_at_step, return_with_leftover_noise, batch_invariant_noise=False,
-               cpu_noise=False, brownian_noise="tree", flow_geometry="default"):
+               cpu_noise=False, brownian_noise="tree", flow_geometry="default", karras_rho=7.0):
         from .pipeline import NoiseOptions
         for name, value, choices in (("add_noise", add_noise, ("enable", "disable")),
                                      ("return_with_leftover_noise", return_with_leftover_noise, ("enable", "disable")),
@@ -194,12 +198,16 @@ class KSamplerAdvanced:
         for name, value in (("start_at_step", start_at_step), ("end_at_step", end_at_step)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STEPS:
                 raise KSamplerInputError(f"{name}: must be an integer between 0 and {MAX_STEPS}, got {value!r}")
+        from .validation import check_float
+        check_float("karras_rho", karras_rho, 0.5, 30.0)
         options = NoiseOptions(batch_invariant=bool(batch_invariant_noise), device_invariant=bool(cpu_noise),
                                brownian=brownian_noise)
+        scheduler_options = {"rho": float(karras_rho)} if scheduler == "karras" and karras_rho != 7.0 else None
         out = _run(model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, 1.0,
                    add_noise=add_noise == "enable", start_step=start_at_step, last_step=end_at_step,
                    force_full_denoise=return_with_leftover_noise != "enable", noise_options=options,
-                   compat=None if flow_geometry == "default" else flow_geometry == "comfyui")
+                   compat=None if flow_geometry == "default" else flow_geometry == "comfyui",
+                   scheduler_options=scheduler_options)
         return (out,)
 
 

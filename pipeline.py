@@ -198,9 +198,24 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
         name, fn, tr = getattr(sampler, "__name__", "custom"), sampler, get_traits(sampler)
     else:
         raise KSamplerInputError(f"sampler: expected a registry name or a function, got {type(sampler).__name__}")
+    if noise_options is not None and not isinstance(noise_options, NoiseOptions):
+        raise KSamplerInputError(f"noise_options: expected a NoiseOptions, got {type(noise_options).__name__}")
+    if sampler_options is not None and not isinstance(sampler_options, dict):
+        raise KSamplerInputError(f"sampler_options: expected a dict, got {type(sampler_options).__name__}")
     noise_options = noise_options or NoiseOptions()
     options = dict(sampler_options or {})
     seed = 0 if seed is None else int(seed)
+    if noise_options.batch_invariant and tr.batch_coupled and latent.shape[0] > 1:
+        indices = list(batch_index) if batch_index is not None else list(range(latent.shape[0]))
+        masks = [None] * latent.shape[0]
+        if noise_mask is not None:
+            full = prepare_mask(noise_mask, latent.shape, "cpu")
+            masks = [full[k:k + 1] for k in range(latent.shape[0])]
+        items = [sample(model, model_sampling, noise[k:k + 1], latent[k:k + 1], sigmas, guidance, sampler, seed,
+                        noise_mask=masks[k], callback=callback, disable=disable, sampler_options=sampler_options,
+                        noise_options=noise_options, batch_index=[indices[k]], compat=compat,
+                        check_finite=check_finite) for k in range(latent.shape[0])]
+        return torch.cat(items)
 
     device = getattr(model, "device", None)
     if not isinstance(device, torch.device):

@@ -40,29 +40,26 @@ def check_float(name: str, value, lo: float, hi: float) -> float:
     return float(value)
 
 
-def check_sampler_args(*, seed=None, steps=None, cfg=None, sampler_name=None, scheduler=None, denoise=None) -> None:
+def check_sampler_args(**given) -> None:
+    """Check the sampler inputs that are given (seed, steps, cfg, sampler_name, scheduler, denoise)."""
     from .samplers import SAMPLERS
     from .schedulers import SCHEDULERS
-    if seed is not None:
-        check_int("seed", seed, 0, MAX_SEED)
-    if steps is not None:
-        check_int("steps", steps, 1, MAX_STEPS)
-    if cfg is not None:
-        check_float("cfg", cfg, 0.0, 100.0)
-    if denoise is not None:
-        check_float("denoise", denoise, 0.0, 1.0)
-    if sampler_name is not None:
-        if not isinstance(sampler_name, str):
-            raise KSamplerInputError(f"sampler_name: expected a name (str), got {type(sampler_name).__name__}")
-        if sampler_name not in SAMPLERS:
-            raise KSamplerInputError(f"sampler_name: unknown sampler {sampler_name!r}; choose one of: "
-                                     f"{', '.join(SAMPLERS)}")
-    if scheduler is not None:
-        if not isinstance(scheduler, str):
-            raise KSamplerInputError(f"scheduler: expected a name (str), got {type(scheduler).__name__}")
-        if scheduler not in SCHEDULERS:
-            raise KSamplerInputError(f"scheduler: unknown scheduler {scheduler!r}; choose one of: "
-                                     f"{', '.join(SCHEDULERS)}")
+    if "seed" in given:
+        check_int("seed", given["seed"], 0, MAX_SEED)
+    if "steps" in given:
+        check_int("steps", given["steps"], 1, MAX_STEPS)
+    if "cfg" in given:
+        check_float("cfg", given["cfg"], 0.0, 100.0)
+    if "denoise" in given:
+        check_float("denoise", given["denoise"], 0.0, 1.0)
+    for key, registry, kind in (("sampler_name", SAMPLERS, "sampler"), ("scheduler", SCHEDULERS, "scheduler")):
+        if key not in given:
+            continue
+        name = given[key]
+        if not isinstance(name, str):
+            raise KSamplerInputError(f"{key}: expected a name (str), got {type(name).__name__}")
+        if name not in registry:
+            raise KSamplerInputError(f"{key}: unknown {kind} {name!r}; choose one of: {', '.join(registry)}")
 
 
 def check_model(model) -> None:

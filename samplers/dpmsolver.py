@@ -176,6 +176,7 @@ class _PIDController:
 
 
 @torch.no_grad()
+@traits(batch_coupled=True)
 def sample_dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, disable=None, order=3, rtol=0.05,
                         atol=0.0078, h_init=0.05, pcoeff=0., icoeff=1., dcoeff=0., accept_safety=0.81, eta=0.,
                         s_noise=1., noise_sampler=None, return_info=False):

@@ -23,6 +23,9 @@ class SamplerTraits:
     running ``fn.comfy_variant`` (or the same function) with VE geometry
     (see README, "Parity").
     cfg_pp: the sampler uses the unconditional estimate (CFG++).
+    batch_coupled: the sampler's decisions depend on the whole batch (an
+    adaptive step size from a batch-wide error norm); batch-invariant noise then
+    runs it one item at a time.
     """
 
     noise: str = "none"
@@ -30,6 +33,7 @@ class SamplerTraits:
     random_inpaint_noise: bool = False
     comfy_compat: bool = False
     cfg_pp: bool = False
+    batch_coupled: bool = False
 
     @property
     def stochastic(self) -> bool:

@@ -47,10 +47,14 @@ def _unipc_update(model_fn, x, model_prev, t_prev, t, order, use_corrector, vari
     t0, m0 = t_prev[-1], model_prev[-1]
     _, sigma_vp0, lam0 = _marginals(t0, dtype)
     alpha_t, sigma_vp_t, lam_t = _marginals(t, dtype)
+    lams = [_marginals(t_prev[-(i + 1)], dtype)[2] for i in range(1, order)]
+    if dtype != torch.float64 and len({lam_t, lam0, *lams}) < len(lams) + 2:
+        # float32 cannot tell these (tiny) sigmas apart in lambda; redo this step in float64
+        return _unipc_update(model_fn, x, model_prev, t_prev, t, order, use_corrector, variant, torch.float64)
     h = lam_t - lam0
     rks, d1s = [], []
     for i in range(1, order):
-        rk = (_marginals(t_prev[-(i + 1)], dtype)[2] - lam0) / h
+        rk = (lams[i - 1] - lam0) / h
         rks.append(rk)
         d1s.append((model_prev[-(i + 1)] - m0) / rk)
     rks.append(1.0)

@@ -160,6 +160,8 @@ SCHEDULERS: "OrderedDict[str, SchedulerFn]" = OrderedDict([
 COMFY_SCHEDULER_NAMES = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
                          "linear_quadratic", "kl_optimal")
 
+MAX_SCHEDULE_STEPS = 20000
+
 # Samplers that compute steps + 1 sigmas and drop the next-to-last one (ComfyUI's rule).
 DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
 
@@ -207,6 +209,10 @@ def sampling_sigmas(model_sampling, scheduler: str, steps: int, denoise: float =
     denoise >= 0.9999 uses the full schedule; denoise <= 0 gives an empty tensor
     (nothing to do); otherwise the schedule for ``int(steps / denoise)`` steps is
     computed and its last ``steps + 1`` sigmas kept, so exactly ``steps`` steps run.
+    Repeated sigmas (a table scheduler asked for more steps than its 1000-entry
+    table holds) are merged, so no step has zero length.  A tiny denoise is
+    capped at a ``MAX_SCHEDULE_STEPS``-step schedule (its tail is already far
+    below any sigma that changes an image).
     """
     def compute(n: int) -> Tensor:
         if discard_penultimate_sigma:
@@ -215,7 +221,16 @@ def sampling_sigmas(model_sampling, scheduler: str, steps: int, denoise: float =
         return calculate_sigmas(model_sampling, scheduler, n, **options)
 
     if denoise is None or denoise > 0.9999:
-        return compute(steps)
+        return _drop_repeats(compute(steps))
     if denoise <= 0.0:
         return torch.zeros([0])
-    return compute(int(steps / denoise))[-(steps + 1):]
+    total = min(int(min(steps / denoise, 1e9)), max(steps, MAX_SCHEDULE_STEPS))
+    return _drop_repeats(compute(total)[-(steps + 1):])
+
+
+def _drop_repeats(sigmas: Tensor) -> Tensor:
+    """Remove zero-length steps: the table schedulers repeat sigmas when asked for more steps than the table has."""
+    if len(sigmas) > 1 and bool((sigmas[1:] == sigmas[:-1]).any()):
+        keep = torch.cat([torch.tensor([True]), sigmas[1:] != sigmas[:-1]])
+        return sigmas[keep]
+    return sigmas

@@ -62,15 +62,6 @@ def laplace(model_sampling, steps: int, mu: float = 0.0, beta: float = 0.5) -> T
     return _append_zero(_from_ve(model_sampling, torch.exp(log_sigma).clamp(lo, hi)))
 
 
-def karras_rho(model_sampling, steps: int, rho: float = 7.0) -> Tensor:
-    """Karras et al. (2022) with a chosen rho (rho = 7 is the ``karras`` entry)."""
-    from . import karras_sigmas
-    if not rho > 0:
-        raise ValueError(f"rho: must be > 0, got {rho}")
-    sigma_min, sigma_max = _range(model_sampling)
-    return karras_sigmas(steps, sigma_min, sigma_max, rho)
-
-
 # Align Your Steps (Sabour, Fidler & Kreis 2024, arXiv:2404.14507): the published 10-step schedules.
 AYS_TABLES = {
     "SD1": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],

@@ -60,7 +60,8 @@ def test_ksampler_advanced_input_contract():
     assert spec["required"]["noise_seed"][1]["control_after_generate"] is True
     assert spec["required"]["end_at_step"][1]["default"] == 10000
     # our additions are optional and come last, so saved workflows keep their widget positions
-    assert list(spec["optional"]) == ["batch_invariant_noise", "cpu_noise", "brownian_noise", "flow_geometry"]
+    assert list(spec["optional"]) == ["batch_invariant_noise", "cpu_noise", "brownian_noise", "flow_geometry",
+                                      "karras_rho"]
 
 
 def _latent(batch=2, channels=4, size=8, value=0.0):
@@ -197,3 +198,18 @@ def test_batch_invariant_noise_option():
                                 {"samples": torch.zeros(1, 4, 8, 8), "batch_index": [k]}, 0, 10000, "disable",
                                 True)[0]["samples"]
             assert torch.allclose(batch[k], single[0], atol=1e-5), f"{sampler}: item {k} depends on the batch"
+
+
+def test_karras_rho_option_changes_the_schedule():
+    from ksampler.schedulers import calculate_sigmas
+    model = analytic_model()
+    pos, neg = conditioning(1.0), conditioning(-1.0)
+    latent = _latent(batch=1)
+    adv = KSamplerAdvanced()
+    args = (model, "enable", 3, 6, 4.0, "euler", "karras", pos, neg, latent, 0, 10000, "disable")
+    default = adv.sample(*args)[0]["samples"]
+    same = adv.sample(*args, karras_rho=7.0)[0]["samples"]
+    other = adv.sample(*args, karras_rho=3.0)[0]["samples"]
+    assert torch.equal(default, same) and not torch.allclose(default, other)
+    s3, s7 = calculate_sigmas(model.model_sampling, "karras", 6, rho=3.0), calculate_sigmas(model.model_sampling, "karras", 6)
+    assert torch.allclose(s3[[0, -2]], s7[[0, -2]]) and not torch.allclose(s3, s7)
