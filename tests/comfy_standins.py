@@ -1,0 +1,217 @@
+"""Stand-in objects for the slice of ComfyUI's protocol that ksampler.comfy_adapter relies on.
+
+These are NOT ComfyUI: they are minimal fakes written for tests, implementing only
+what comfy_adapter documents it uses (see its module docstring):
+
+* comfy.samplers.Sampler (``max_denoise``), KSamplerX0Inpaint, sample()
+* comfy.model_sampling.CONST / EPS marker classes
+* comfy.model_patcher.set_model_options_post_cfg_function
+* comfy.sample.fix_empty_latent_channels
+* comfy.model_management (interrupt check, intermediate device)
+* comfy.utils (ProgressBar, PROGRESS_BAR_ENABLED)
+* latent_preview.prepare_callback
+"""
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import torch
+
+
+class StandInInterrupt(Exception):
+    pass
+
+
+def build_standin_modules():
+    """Return {module name: module} for the stand-in host."""
+    comfy = types.ModuleType("comfy")
+    samplers = types.ModuleType("comfy.samplers")
+    model_sampling = types.ModuleType("comfy.model_sampling")
+    model_patcher = types.ModuleType("comfy.model_patcher")
+    sample_mod = types.ModuleType("comfy.sample")
+    mm = types.ModuleType("comfy.model_management")
+    utils = types.ModuleType("comfy.utils")
+    preview = types.ModuleType("latent_preview")
+
+    class EPS:
+        """Marker: VE geometry."""
+
+    class CONST:
+        """Marker: flow geometry."""
+
+    model_sampling.EPS, model_sampling.CONST = EPS, CONST
+
+    def set_post_cfg(model_options, fn, disable_cfg1_optimization=False):
+        out = dict(model_options)
+        out["sampler_post_cfg_function"] = list(out.get("sampler_post_cfg_function", [])) + [fn]
+        if disable_cfg1_optimization:
+            out["disable_cfg1_optimization"] = True
+        return out
+
+    model_patcher.set_model_options_post_cfg_function = set_post_cfg
+
+    class Sampler:
+        def max_denoise(self, model_wrap, sigmas):
+            sigma_max = float(model_wrap.inner_model.model_sampling.sigma_max)
+            return math.isclose(sigma_max, float(sigmas[0]), rel_tol=1e-05) or float(sigmas[0]) > sigma_max
+
+    class KSamplerX0Inpaint:
+        def __init__(self, model, sigmas):
+            self.inner_model, self.sigmas = model, sigmas
+
+        def __call__(self, x, sigma, denoise_mask=None, model_options={}, seed=None):
+            if denoise_mask is not None:
+                x = x * denoise_mask + self.inner_model.inner_model.model_sampling.noise_scaling(
+                    sigma.reshape(-1, 1, 1, 1), self.noise, self.latent_image) * (1 - denoise_mask)
+            out = self.inner_model(x, sigma, model_options=model_options, seed=seed)
+            if denoise_mask is not None:
+                out = out * denoise_mask + self.latent_image * (1 - denoise_mask)
+            return out
+
+    calls = {"sample": 0, "model": 0, "post_cfg": 0, "interrupt_checks": 0}
+
+    class CFGWrap:
+        """Guided denoiser of the stand-in host: cond/uncond are analytic Gaussian denoisers."""
+
+        def __init__(self, inner_model, cfg, mu_c, mu_u):
+            self.inner_model, self.cfg, self.mu_c, self.mu_u = inner_model, cfg, mu_c, mu_u
+
+        def _d(self, x, sigma, mu):
+            s = sigma.reshape(-1, 1, 1, 1)
+            if isinstance(self.inner_model.model_sampling, CONST):
+                a = 1 - s
+                return (a * 0.64 * x + mu * s ** 2) / (a ** 2 * 0.64 + s ** 2)
+            return (x * 0.64 + mu * s ** 2) / (0.64 + s ** 2)
+
+        def __call__(self, x, sigma, model_options={}, seed=None):
+            calls["model"] += 1
+            cond = self._d(x, sigma, self.mu_c)
+            if self.cfg == 1.0 and not model_options.get("disable_cfg1_optimization"):
+                uncond = cond
+            else:
+                uncond = self._d(x, sigma, self.mu_u)
+            out = uncond + self.cfg * (cond - uncond)
+            for fn in model_options.get("sampler_post_cfg_function", []):
+                calls["post_cfg"] += 1
+                out = fn({"denoised": out, "uncond_denoised": uncond, "cond_denoised": cond})
+            return out
+
+    def sample(model, noise, positive, negative, cfg, device, sampler, sigmas, model_options={}, latent_image=None,
+               denoise_mask=None, callback=None, disable_pbar=False, seed=None):
+        calls["sample"] += 1
+        inner = types.SimpleNamespace(model_sampling=model.model_sampling_object)
+        wrap = CFGWrap(inner, cfg, positive[0][0].mean(), negative[0][0].mean())
+        wrap.inner_model = inner
+        if denoise_mask is not None:
+            denoise_mask = denoise_mask.reshape(-1, 1, *denoise_mask.shape[-2:]).expand_as(latent_image)
+        extra_args = {"model_options": dict(model_options), "seed": seed}
+        out = sampler.sample(wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+        return out.float()
+
+    samplers.Sampler, samplers.KSamplerX0Inpaint, samplers.sample = Sampler, KSamplerX0Inpaint, sample
+    samplers.STANDIN_CALLS = calls
+
+    def fix_empty_latent_channels(model, latent):
+        channels = model.latent_channels
+        if latent.shape[1] != channels and torch.count_nonzero(latent) == 0:
+            return latent.repeat(1, math.ceil(channels / latent.shape[1]), 1, 1)[:, :channels]
+        return latent
+
+    sample_mod.fix_empty_latent_channels = fix_empty_latent_channels
+
+    state = {"interrupt_at": None}
+
+    def throw_exception_if_processing_interrupted():
+        calls["interrupt_checks"] += 1
+        if state["interrupt_at"] is not None and calls["interrupt_checks"] >= state["interrupt_at"]:
+            raise StandInInterrupt()
+
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    mm.intermediate_device = lambda: torch.device("cpu")
+    mm.STANDIN_STATE = state
+
+    progress = []
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            progress.append((value, total or self.total))
+
+    utils.ProgressBar, utils.PROGRESS_BAR_ENABLED, utils.STANDIN_PROGRESS = ProgressBar, False, progress
+
+    def prepare_callback(model, steps, x0_output_dict=None):
+        bar = ProgressBar(steps)
+
+        def callback(step, x0, x, total_steps):
+            bar.update_absolute(step + 1, total_steps)
+        return callback
+
+    preview.prepare_callback = prepare_callback
+
+    for name, mod in (("samplers", samplers), ("model_sampling", model_sampling), ("model_patcher", model_patcher),
+                      ("sample", sample_mod), ("model_management", mm), ("utils", utils)):
+        setattr(comfy, name, mod)
+    return {"comfy": comfy, "comfy.samplers": samplers, "comfy.model_sampling": model_sampling,
+            "comfy.model_patcher": model_patcher, "comfy.sample": sample_mod, "comfy.model_management": mm,
+            "comfy.utils": utils, "latent_preview": preview}
+
+
+class StandInModelSampling:
+    """A host model-sampling object: SD's discrete eps schedule, or flow with shift 3 (see make_model_sampling)."""
+
+    def __init__(self, kind="eps"):
+        from ksampler.models import EPS, Flow
+        self.ours = EPS() if kind == "eps" else Flow(shift=3.0)
+        self.sigmas = self.ours.sigmas
+        self.sigma_min, self.sigma_max = self.ours.sigma_min, self.ours.sigma_max
+
+    def timestep(self, sigma):
+        return self.ours.timestep(sigma)
+
+    def sigma(self, timestep):
+        return self.ours.sigma(timestep)
+
+    def percent_to_sigma(self, percent):
+        return self.ours.percent_to_sigma(percent)
+
+    def noise_scaling(self, sigma, noise, latent, max_denoise=False):
+        return self.ours.noise_scaling(sigma, noise, latent, max_denoise)
+
+    def inverse_noise_scaling(self, sigma, latent):
+        return self.ours.inverse_noise_scaling(sigma, latent)
+
+
+def make_model_sampling(modules, kind="eps"):
+    """An instance of the host's marker class (EPS or CONST), as ComfyUI's model_sampling objects are."""
+    marker = modules["comfy.model_sampling"].CONST if kind == "flow" else modules["comfy.model_sampling"].EPS
+    cls = type(f"StandIn{kind.title()}Sampling", (StandInModelSampling, marker), {})
+    return cls(kind)
+
+
+class StandInModelPatcher:
+    """Just enough of a ModelPatcher: get_model_object, model_options, load_device, latent channels."""
+
+    def __init__(self, modules, kind="eps"):
+        self.model_sampling_object = make_model_sampling(modules, kind)
+        self.model_options = {"transformer_options": {}}
+        self.load_device = torch.device("cpu")
+        self.latent_channels = 4
+
+    def get_model_object(self, name):
+        assert name == "model_sampling"
+        return self.model_sampling_object
+
+
+def install(monkeypatch):
+    """Install the stand-in host into sys.modules (undone by monkeypatch) and import the adapter fresh."""
+    modules = build_standin_modules()
+    for name, mod in modules.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.delitem(sys.modules, "ksampler.comfy_adapter", raising=False)
+    import importlib
+    adapter = importlib.import_module("ksampler.comfy_adapter")
+    return modules, adapter
