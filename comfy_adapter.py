@@ -33,8 +33,8 @@ from .models.sampling import Flow, ModelSampling
 from .pipeline import NoiseOptions, _noise_sampler, _accepts
 from .samplers import SAMPLERS, final_sigma, get_sampler, sampler_traits
 from .samplers.frames import VEGeometryView
-from .samplers.noise import prepare_noise
-from .schedulers import SCHEDULERS, sampling_sigmas
+from .samplers.noise import initial_noise
+from .schedulers import SCHEDULERS, ksampler_sigmas, sampling_sigmas
 from .validation import MAX_STEPS, KSamplerInputError, check_latent
 
 __all__ = ["RegistrySampler", "host_model_sampling", "common_ksampler", "INTEROP_NODES", "core_callback"]
@@ -187,25 +187,11 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
     noise_options = noise_options or NoiseOptions()
     samples, batch_index, noise_mask = check_latent(latent)
     latent_image = comfy.sample.fix_empty_latent_channels(model, samples)
-    if add_noise:
-        noise = prepare_noise(latent_image, seed, batch_index, per_item=noise_options.batch_invariant)
-    else:
-        noise = torch.zeros(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout, device="cpu")
-
+    noise = initial_noise(latent_image, seed, batch_index, add_noise, noise_options.batch_invariant)
     tr = sampler_traits(sampler_name)
-    ms = model.get_model_object("model_sampling")
-    sigmas = sampling_sigmas(ms, scheduler, steps, denoise, tr.discard_penultimate_sigma, **(scheduler_options or {}))
-    if last_step is not None and last_step < len(sigmas) - 1:
-        sigmas = sigmas[:last_step + 1].clone()
-        if force_full_denoise:
-            sigmas[-1] = 0
-    if start_step is not None:
-        if start_step < len(sigmas) - 1:
-            sigmas = sigmas[start_step:]
-        else:
-            out = latent.copy()
-            out["samples"] = latent_image
-            return out
+    sigmas = ksampler_sigmas(model.get_model_object("model_sampling"), scheduler, steps, denoise,
+                             tr.discard_penultimate_sigma, start_step, last_step, force_full_denoise,
+                             **(scheduler_options or {}))
     out = latent.copy()
     if len(sigmas) <= 1:
         out["samples"] = latent_image

@@ -19,8 +19,9 @@ from .conditioning import Guidance, KSamplerInputError
 from .models.sampling import ModelSampling
 from .samplers import final_sigma, get_sampler, sampler_traits
 from .samplers.frames import VEGeometryView
-from .samplers.noise import BrownianPathNoiseSampler, BrownianTreeNoiseSampler, default_noise_sampler, prepare_noise
-from .schedulers import sampling_sigmas
+from .samplers.noise import (BrownianPathNoiseSampler, BrownianTreeNoiseSampler, default_noise_sampler, initial_noise,
+                             item_seed)
+from .schedulers import ksampler_sigmas
 
 __all__ = ["NoiseOptions", "sample", "ksample", "prepare_mask", "max_denoise", "StepCallback"]
 
@@ -134,7 +135,6 @@ def _noise_sampler(kind: str, x: Tensor, sigmas: Tensor, seed: int, options: Noi
                                         item_indices=batch_index)
     tree_seed = seed
     if options.batch_invariant:
-        from .samplers.noise import item_seed
         indices = list(range(x.shape[0])) if batch_index is None else list(batch_index)
         tree_seed = [item_seed(seed, k) for k in indices]
     return BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=tree_seed, cpu=on_cpu)
@@ -303,29 +303,13 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
     noise_options = noise_options or NoiseOptions()
     samples = fix_empty_latent_channels(samples, model.latent_format.latent_channels)
 
-    if not add_noise:
-        noise = torch.zeros(samples.shape, dtype=samples.dtype)
-    else:
-        noise = prepare_noise(samples, seed, batch_index, per_item=noise_options.batch_invariant)
-
+    noise = initial_noise(samples, seed, batch_index, add_noise, noise_options.batch_invariant)
     tr = sampler_traits(sampler_name)
     ms = model.model_sampling
-    sigmas = sampling_sigmas(ms, scheduler, steps, denoise, tr.discard_penultimate_sigma,
-                             **(scheduler_options or {}))
-    if last_step is not None and last_step < len(sigmas) - 1:
-        sigmas = sigmas[:last_step + 1].clone()
-        if force_full_denoise:
-            sigmas[-1] = 0
-    if start_step is not None:
-        if start_step < len(sigmas) - 1:
-            sigmas = sigmas[start_step:]
-        else:
-            out = dict(latent)
-            out["samples"] = samples.float().clone()
-            return out
-
+    sigmas = ksampler_sigmas(ms, scheduler, steps, denoise, tr.discard_penultimate_sigma, start_step, last_step,
+                             force_full_denoise, **(scheduler_options or {}))
     out = dict(latent)
-    if len(sigmas) <= 1:  # denoise 0: nothing to do
+    if len(sigmas) <= 1:  # denoise 0, or a start step past the end: nothing to do
         out["samples"] = samples.float().clone()
         return out
 

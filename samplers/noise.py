@@ -32,7 +32,7 @@ _U64 = 1 << 64
 # Odd constant (2^64 / golden ratio) spacing the per-item streams far apart in seed space.
 _ITEM_STRIDE = 0x9E3779B97F4A7C15
 
-__all__ = ["prepare_noise", "default_noise_sampler", "BrownianTreeNoiseSampler", "BrownianPathNoiseSampler",
+__all__ = ["prepare_noise", "initial_noise", "default_noise_sampler", "BrownianTreeNoiseSampler", "BrownianPathNoiseSampler",
            "item_seed", "NoiseSampler"]
 
 
@@ -66,6 +66,14 @@ def prepare_noise(latent: Tensor, seed: int, batch_index: Optional[Sequence[int]
         if i in indices:
             draws[i] = draw
     return torch.cat([draws[i] for i in indices], dim=0)
+
+
+def initial_noise(latent: Tensor, seed: int, batch_index: Optional[Sequence[int]] = None, add_noise: bool = True,
+                  per_item: bool = False) -> Tensor:
+    """The KSampler's starting noise: ``prepare_noise``, or zeros when noise is not added (KSampler Advanced)."""
+    if not add_noise:
+        return torch.zeros(latent.shape, dtype=latent.dtype, device="cpu")
+    return prepare_noise(latent, seed, batch_index, per_item)
 
 
 def default_noise_sampler(x: Tensor, seed: Optional[int] = None, *, cpu: bool = False,

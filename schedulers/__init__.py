@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -18,7 +18,8 @@ from ._special import beta_ppf
 from . import extra as _extra
 
 __all__ = [
-    "SCHEDULERS", "COMFY_SCHEDULER_NAMES", "calculate_sigmas", "sampling_sigmas", "register_scheduler",
+    "SCHEDULERS", "COMFY_SCHEDULER_NAMES", "calculate_sigmas", "sampling_sigmas", "ksampler_sigmas",
+    "register_scheduler",
     "karras_sigmas", "exponential_sigmas", "DISCARD_PENULTIMATE_SIGMA_SAMPLERS",
 ]
 
@@ -226,6 +227,25 @@ def sampling_sigmas(model_sampling, scheduler: str, steps: int, denoise: float =
         return torch.zeros([0])
     total = min(int(min(steps / denoise, 1e9)), max(steps, MAX_SCHEDULE_STEPS))
     return _drop_repeats(compute(total)[-(steps + 1):])
+
+
+def ksampler_sigmas(model_sampling, scheduler: str, steps: int, denoise: float = 1.0,
+                    discard_penultimate_sigma: bool = False, start_step: Optional[int] = None,
+                    last_step: Optional[int] = None, force_full_denoise: bool = False, **options) -> Tensor:
+    """The sigmas of a KSampler / KSampler Advanced run; fewer than 2 means there is nothing to sample.
+
+    ``last_step`` keeps ``sigmas[:last_step + 1]`` (ending at 0 with
+    ``force_full_denoise``, else with the leftover noise); ``start_step`` keeps
+    ``sigmas[start_step:]``.
+    """
+    sigmas = sampling_sigmas(model_sampling, scheduler, steps, denoise, discard_penultimate_sigma, **options)
+    if last_step is not None and last_step < len(sigmas) - 1:
+        sigmas = sigmas[:last_step + 1].clone()
+        if force_full_denoise:
+            sigmas[-1] = 0
+    if start_step is not None:
+        sigmas = sigmas[start_step:] if start_step < len(sigmas) - 1 else sigmas[:0]
+    return sigmas
 
 
 def _drop_repeats(sigmas: Tensor) -> Tensor:
