@@ -159,9 +159,10 @@ class RegistrySampler(comfy.samplers.Sampler):
             denoiser = VEGeometryView(denoiser)
             fn = getattr(fn, "comfy_variant", fn)
         options = dict(self.options)
-        if self.traits.noise != "none" and "noise_sampler" not in options and _accepts(fn, "noise_sampler"):
-            options["noise_sampler"] = _noise_sampler(self.traits.noise, x, sigmas.detach().cpu(), seed,
-                                                      self.noise_options, self.batch_index)
+        if "noise_sampler" not in options and _accepts(fn, "noise_sampler"):
+            kind = self.traits.noise if self.traits.noise != "none" else "ancestral"
+            options["noise_sampler"] = _noise_sampler(kind, x, sigmas.detach().cpu(), seed, self.noise_options,
+                                                      self.batch_index)
 
         total_steps = len(sigmas) - 1
 

@@ -248,8 +248,10 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
 
     x = model_sampling.noise_scaling(sigmas_dev[0], noise, latent, max_denoise(model_sampling, sigmas))
 
-    if tr.noise != "none" and "noise_sampler" not in options and _accepts(fn, "noise_sampler"):
-        options["noise_sampler"] = _noise_sampler(tr.noise, x, sigmas, seed, noise_options, batch_index)
+    if "noise_sampler" not in options and _accepts(fn, "noise_sampler"):
+        # deterministic samplers take one too, for optional noise (churn): seeded like ancestral noise
+        kind = tr.noise if tr.noise != "none" else "ancestral"
+        options["noise_sampler"] = _noise_sampler(kind, x, sigmas, seed, noise_options, batch_index)
 
     total = len(sigmas) - 1
     k_callback = None

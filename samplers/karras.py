@@ -26,14 +26,24 @@ def _log_midpoint(a: float, b: float, dtype) -> float:
     return float(a.log().lerp(b.log(), 0.5).exp())
 
 
-def _churn(x, sigma, n_steps, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, extra_args):
-    """Karras et al. (2022) Alg. 2 lines 5-6: raise the noise level to sigma_hat by adding fresh noise."""
+def _churn(model, x, sigma, n_steps, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, extra_args):
+    """Karras et al. (2022) Alg. 2 lines 5-6: raise the noise level to sigma_hat by adding fresh noise.
+
+    The raise happens in the VE-equivalent frame (x / alpha, sigma / alpha), so it
+    keeps flow models on their marginals; for VE models it is the paper's step.
+    """
     gamma = min(s_churn / n_steps, 2 ** 0.5 - 1) if s_churn > 0 and s_tmin <= sigma <= s_tmax else 0.0
-    sigma_hat = sigma * (gamma + 1)
-    if gamma > 0:
-        noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
-        x = x + noise_sampler(sigma, sigma_hat) * (s_noise * (sigma_hat ** 2 - sigma ** 2) ** 0.5)
-    return x, sigma_hat, noise_sampler
+    if gamma <= 0:
+        return x, sigma, noise_sampler
+    ms = get_model_sampling(model)
+    if ms.alpha(sigma) <= 0:  # already pure noise (flow at sigma = 1): nothing to raise
+        return x, sigma, noise_sampler
+    ve = math.exp(-ms.half_log_snr(sigma))
+    ve_hat = ve * (gamma + 1)
+    sigma_hat = ms.sigma_from_half_log_snr(-math.log(ve_hat))
+    noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
+    x_ve = x / ms.alpha(sigma) + noise_sampler(sigma, sigma_hat) * (s_noise * (ve_hat ** 2 - ve ** 2) ** 0.5)
+    return x_ve * ms.alpha(sigma_hat), sigma_hat, noise_sampler
 
 
 @torch.no_grad()
@@ -44,7 +54,7 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     sig = as_float_list(sigmas)
     n = len(sig) - 1
     for i in step_range(n, disable):
-        x, sigma_hat, noise_sampler = _churn(x, sig[i], n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, extra_args)
+        x, sigma_hat, noise_sampler = _churn(model, x, sig[i], n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, extra_args)
         denoised = model(x, sigma_batch(x, sigma_hat), **extra_args)
         emit(callback, x, i, sig[i], denoised, sigma_hat)
         x = _euler_to(x, denoised, sigma_hat, sig[i + 1])
@@ -82,7 +92,7 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     sig = as_float_list(sigmas)
     n = len(sig) - 1
     for i in step_range(n, disable):
-        x, sigma_hat, noise_sampler = _churn(x, sig[i], n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, extra_args)
+        x, sigma_hat, noise_sampler = _churn(model, x, sig[i], n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, extra_args)
         sigma_next = sig[i + 1]
         denoised = model(x, sigma_batch(x, sigma_hat), **extra_args)
         emit(callback, x, i, sig[i], denoised, sigma_hat)
@@ -107,7 +117,7 @@ def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=Non
     n = len(sig) - 1
     s_end = sig[-1]
     for i in step_range(n, disable):
-        x, sigma_hat, noise_sampler = _churn(x, sig[i], n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, extra_args)
+        x, sigma_hat, noise_sampler = _churn(model, x, sig[i], n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, extra_args)
         denoised = model(x, sigma_batch(x, sigma_hat), **extra_args)
         emit(callback, x, i, sig[i], denoised, sigma_hat)
         d = (x - denoised) / sigma_hat
@@ -137,7 +147,7 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
     sig = as_float_list(sigmas)
     n = len(sig) - 1
     for i in step_range(n, disable):
-        x, sigma_hat, noise_sampler = _churn(x, sig[i], n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, extra_args)
+        x, sigma_hat, noise_sampler = _churn(model, x, sig[i], n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, extra_args)
         sigma_next = sig[i + 1]
         denoised = model(x, sigma_batch(x, sigma_hat), **extra_args)
         emit(callback, x, i, sig[i], denoised, sigma_hat)

@@ -131,3 +131,24 @@ def test_fast_brownian_mode_is_a_different_but_valid_stream():
                     noise_options=NoiseOptions(brownian="fast"))["samples"]
     assert torch.equal(fast, again) and not torch.allclose(fast, tree, atol=1e-3)
     assert torch.isfinite(fast).all()
+
+
+@pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
+def test_churn_noise_is_seeded_by_the_run_and_keeps_the_marginal(flow):
+    """Karras churn (s_churn) draws its noise from the run's seeded generator, in the model's geometry."""
+    from analytic import GaussianDenoiser
+    from ksampler.models import EPS, Flow
+    from ksampler.pipeline import sample
+    from ksampler.schedulers import sampling_sigmas
+    model = GaussianDenoiser(0.5, 0.5, flow)
+    ms = Flow(shift=3.0) if flow else EPS()
+    model.model_sampling = ms
+    sigmas = sampling_sigmas(ms, "karras", 60)
+    noise = torch.randn(4096, 1, generator=torch.Generator().manual_seed(1))
+
+    def run(seed):
+        return sample(model, ms, noise, torch.zeros_like(noise), sigmas, None, "heun", seed,
+                      sampler_options={"s_churn": 40.0})
+    a, b, c = run(3), run(3), run(4)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert abs(float(a.mean()) - 0.5) < 0.05 and abs(float(a.std()) / 0.5 - 1) < 0.06
