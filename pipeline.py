@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .conditioning import Guidance, KSamplerInputError
+from .validation import MAX_SEED, check_int, check_latent, check_model, check_sampler_args
 from .models.sampling import ModelSampling
 from .samplers import final_sigma, get_sampler, sampler_traits
 from .samplers.frames import VEGeometryView
@@ -177,7 +178,8 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
     seed: seeds the ancestral / SDE noise (ComfyUI's seed semantics).
     noise_mask: 1 where the latent is re-generated, 0 where it is kept (inpainting).
     callback: ``callback(step, denoised, x, total_steps)`` after every step; raising aborts the run.
-    compat: run the samplers that ComfyUI runs with VE geometry on flow models the way it does.
+    compat: run the samplers that differ from ComfyUI by design (``traits.comfy_compat``: flow
+        geometry, dpmpp_2s_ancestral_cfg_pp's renoising) exactly as ComfyUI does.
     """
     if model_sampling is None:
         model_sampling = getattr(model, "model_sampling", None)
@@ -205,7 +207,7 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
         raise KSamplerInputError(f"sampler_options: expected a dict, got {type(sampler_options).__name__}")
     noise_options = noise_options or NoiseOptions()
     options = dict(sampler_options or {})
-    seed = 0 if seed is None else int(seed)
+    seed = 0 if seed is None else check_int("seed", seed, 0, MAX_SEED)
     if noise_options.batch_invariant and tr.batch_coupled and latent.shape[0] > 1:
         indices = list(batch_index) if batch_index is not None else list(range(latent.shape[0]))
         masks = [None] * latent.shape[0]
@@ -254,14 +256,11 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
         options["noise_sampler"] = _noise_sampler(kind, x, sigmas, seed, noise_options, batch_index)
 
     total = len(sigmas) - 1
-    k_callback = None
-    if callback is not None:
-        def k_callback(info):
-            denoiser.steps_done = info["i"] + 1
+
+    def k_callback(info):
+        denoiser.steps_done = info["i"] + 1  # names the step in NaN errors
+        if callback is not None:
             callback(info["i"], info["denoised"], info["x"], total)
-    else:
-        def k_callback(info):
-            denoiser.steps_done = info["i"] + 1
 
     extra_args = {}
     samples = fn(denoiser, x, sigmas_dev, extra_args=extra_args, callback=k_callback, disable=disable, **options)
@@ -298,7 +297,6 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
             noise_options: Optional[NoiseOptions] = None, compat: bool = False,
             sampler_options: Optional[dict] = None, scheduler_options: Optional[dict] = None) -> dict:
     """The KSampler node's behaviour on one of our models; returns a new latent dict."""
-    from .validation import check_latent, check_model, check_sampler_args
     check_model(model)
     samples, batch_index, noise_mask = check_latent(latent, model.latent_format.latent_channels)
     check_sampler_args(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
