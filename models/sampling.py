@@ -165,6 +165,14 @@ class ModelSampling:
         sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
         return sigma_down, sigma_up, 1.0
 
+    def ancestral_steps(self, sigmas: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        """``ancestral_step`` for every step of a schedule at once (elementwise, same values as per step)."""
+        sigma, sigma_next = sigmas[:-1], sigmas[1:]
+        if not eta:
+            return sigma_next.clone(), torch.zeros_like(sigma_next), torch.ones_like(sigma_next)
+        sigma_up = torch.minimum(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+        return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up, torch.ones_like(sigma_next)
+
     def describe(self) -> str:
         return f"{type(self).__name__}(sigma_min={float(self.sigma_min):.4g}, sigma_max={float(self.sigma_max):.4g})"
 
@@ -339,6 +347,14 @@ class Flow(ModelSampling):
         sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
         alpha_next, alpha_down = 1 - sigma_next, 1 - sigma_down
         sigma_up = max(sigma_next ** 2 - sigma_down ** 2 * alpha_next ** 2 / alpha_down ** 2, 0.0) ** 0.5
+        return sigma_down, sigma_up, alpha_next / alpha_down
+
+
+    def ancestral_steps(self, sigmas, eta=1.0):
+        sigma, sigma_next = sigmas[:-1], sigmas[1:]
+        sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+        alpha_next, alpha_down = 1 - sigma_next, 1 - sigma_down
+        sigma_up = (sigma_next ** 2 - sigma_down ** 2 * alpha_next ** 2 / alpha_down ** 2).clamp(min=0) ** 0.5
         return sigma_down, sigma_up, alpha_next / alpha_down
 
 

@@ -245,11 +245,13 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
     noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
     sig_t = sigmas.detach().cpu()
     sig = as_float_list(sigmas)
+    downs_t, ups, scales = ms.ancestral_steps(sig_t, eta)
+    ups, scales = as_float_list(ups), as_float_list(scales)
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_next = sig[i], sig[i + 1]
         denoised = model(x, sigma_batch(x, sigma), **extra_args)
-        sigma_down_t, sigma_up, scale = ms.ancestral_step(sig_t[i], sig_t[i + 1], eta)
-        sigma_down, sigma_up, scale = float(sigma_down_t), float(sigma_up), float(scale)
+        sigma_down_t, sigma_up, scale = downs_t[i], ups[i], scales[i]
+        sigma_down = float(sigma_down_t)
         emit(callback, x, i, sigma, denoised)
         if sigma_next == 0 or sigma_down == 0:
             x = torch.lerp(x, denoised, 1.0 - sigma_down / sigma)

@@ -172,10 +172,11 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
     sig_t = sigmas.detach().cpu()
     sig = as_float_list(sigmas)
+    downs, ups, scales = (as_float_list(v) for v in ms.ancestral_steps(sig_t, eta))
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_next = sig[i], sig[i + 1]
         denoised = model(x, sigma_batch(x, sigma), **extra_args)
-        sigma_down, sigma_up, scale = (float(v) for v in ms.ancestral_step(sig_t[i], sig_t[i + 1], eta))
+        sigma_down, sigma_up, scale = downs[i], ups[i], scales[i]
         emit(callback, x, i, sigma, denoised)
         d = (x - denoised) / sigma
         if sigma_down == 0:

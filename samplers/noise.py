@@ -124,6 +124,7 @@ class BrownianTreeNoiseSampler:
 
         self.transform = transform
         self.cpu = cpu
+        self.dtype = x.dtype
         t0, t1 = transform(torch.as_tensor(sigma_min)), transform(torch.as_tensor(sigma_max))
         t0, t1, self.sign = _sorted_pair(t0, t1)
         w0 = torch.zeros_like(x)
@@ -142,12 +143,16 @@ class BrownianTreeNoiseSampler:
     def __call__(self, sigma, sigma_next) -> Tensor:
         t0, t1 = self.transform(torch.as_tensor(sigma)), self.transform(torch.as_tensor(sigma_next))
         a, b, sign = _sorted_pair(t0, t1)
-        device, dtype = a.device, a.dtype
+        device = a.device
         if self.cpu:
             a, b = a.detach().cpu().float(), b.detach().cpu().float()
-        w = torch.stack([tree(a, b) for tree in self.trees]).to(device=device, dtype=dtype) * (self.sign * sign)
-        w = w if self.batched else w[0]
-        return w / (t1 - t0).abs().sqrt()
+        if self.batched:
+            w = torch.stack([tree(a, b) for tree in self.trees])
+        else:
+            w = self.trees[0](a, b)
+        # one pass: orientation and normalisation folded into a scalar (the tree may cache what it returns)
+        scale = float(self.sign * sign) / float((t1 - t0).abs().sqrt())
+        return w.to(device=device, dtype=self.dtype) * scale
 
 
 class BrownianPathNoiseSampler:
@@ -156,9 +161,12 @@ class BrownianPathNoiseSampler:
     W is pinned to 0 at the first queried time.  A new time beyond the known
     ones extends the path with an independent Gaussian increment; a new time
     between two known ones is drawn from the Brownian bridge between them
-    (Glasserman 2004, Sec. 3.1).  Either costs one Gaussian draw, so samplers
-    that walk down a schedule pay one draw per step.  Queries return the same
-    normalised increment ``(W(t1) - W(t0)) / sqrt(|t1 - t0|)`` as the tree.
+    (Glasserman 2004, Sec. 3.1).  Either costs one Gaussian draw.  Queries
+    return the same normalised increment ``(W(t1) - W(t0)) / sqrt(|t1 - t0|)``
+    as the tree; when a query extends the path from its end, that increment is
+    the fresh draw itself, and the new path value is only formed if a later
+    query lands between known times.  Samplers that walk down a schedule thus
+    pay one draw and no other full-tensor work per query.
     """
 
     def __init__(self, x: Tensor, seed: Optional[int] = None, transform=lambda s: s, cpu: bool = True,
@@ -173,7 +181,8 @@ class BrownianPathNoiseSampler:
         else:
             self.gens = [_generator(self.device, seed)]
         self.times: list[float] = []
-        self.values: list[Tensor] = []
+        # per known time: a tensor, None (the pinned zero), or (parent time, draw, scale): W = W(parent) + scale * draw
+        self.values: list = []
 
     def _randn(self) -> Tensor:
         if len(self.gens) == 1:
@@ -181,32 +190,50 @@ class BrownianPathNoiseSampler:
         item = [1] + self.shape[1:]
         return torch.cat([torch.randn(item, dtype=self.dtype, device=self.device, generator=g) for g in self.gens])
 
+    def _insert(self, t: float, value) -> None:
+        k = bisect.bisect_left(self.times, t)
+        self.times.insert(k, t)
+        self.values.insert(k, value)
+
+    def _materialize(self, k: int) -> Tensor:
+        value = self.values[k]
+        if isinstance(value, Tensor):
+            return value
+        if value is None:
+            value = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        else:
+            parent, draw, scale = value
+            value = self._materialize(self.times.index(parent)).add(draw, alpha=scale)
+        self.values[k] = value
+        return value
+
     def _value(self, t: float) -> Tensor:
         times = self.times
-        if not times:
-            times.append(t)
-            self.values.append(torch.zeros(self.shape, dtype=self.dtype, device=self.device))
-            return self.values[0]
         k = bisect.bisect_left(times, t)
         if k < len(times) and times[k] == t:
-            return self.values[k]
-        if k == 0:  # before the first known time
-            w = self.values[0] + math.sqrt(times[0] - t) * self._randn()
-        elif k == len(times):  # after the last known time
-            w = self.values[-1] + math.sqrt(t - times[-1]) * self._randn()
-        else:  # Brownian bridge between the neighbours
-            t_lo, t_hi = times[k - 1], times[k]
-            w_lo, w_hi = self.values[k - 1], self.values[k]
-            frac = (t - t_lo) / (t_hi - t_lo)
-            std = math.sqrt((t - t_lo) * (t_hi - t) / (t_hi - t_lo))
-            w = torch.lerp(w_lo, w_hi, frac).add_(self._randn(), alpha=std)
-        times.insert(k, t)
-        self.values.insert(k, w)
+            return self._materialize(k)
+        if k == 0 or k == len(times):  # outside the known times: extend from the nearest end
+            end = times[0] if k == 0 else times[-1]
+            self._insert(t, (end, self._randn(), math.sqrt(abs(t - end))))
+            return self._materialize(times.index(t))
+        t_lo, t_hi = times[k - 1], times[k]  # Brownian bridge between the neighbours
+        w_lo, w_hi = self._materialize(k - 1), self._materialize(k)
+        std = math.sqrt((t - t_lo) * (t_hi - t) / (t_hi - t_lo))
+        w = torch.lerp(w_lo, w_hi, (t - t_lo) / (t_hi - t_lo)).add_(self._randn(), alpha=std)
+        self._insert(t, w)
         return w
 
     def __call__(self, sigma, sigma_next) -> Tensor:
         t0, t1 = float(self.transform(torch.as_tensor(sigma))), float(self.transform(torch.as_tensor(sigma_next)))
         if t0 == t1:
             return torch.zeros(self.shape, dtype=self.dtype, device=self.target)
+        times = self.times
+        if not times:
+            self._insert(t0, None)
+        lo, hi = times[0], times[-1]
+        if (t0 == lo and t1 < lo) or (t0 == hi and t1 > hi):
+            draw = self._randn()  # extending from an end: the normalised increment is the draw itself
+            self._insert(t1, (t0, draw, math.sqrt(abs(t1 - t0))))
+            return draw.to(self.target)
         w0, w1 = self._value(t0), self._value(t1)
         return ((w1 - w0) / math.sqrt(abs(t1 - t0))).to(self.target)

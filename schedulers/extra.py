@@ -7,6 +7,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from .gits import gits
+
 
 def _append_zero(sigmas: Tensor) -> Tensor:
     return torch.cat([sigmas.float(), sigmas.new_zeros([1]).float()])
@@ -106,4 +108,5 @@ EXTRA_SCHEDULERS = OrderedDict([
     ("polyexponential", polyexponential),
     ("laplace", laplace),
     ("vp", vp),
+    ("gits", gits),
 ])

@@ -1,0 +1,34 @@
+"""Run every benchmark, one after another (never side by side: they would skew each other's timings).
+
+Usage: python bench/run_all.py [--quick]   (results: bench/results/*.json; tables on stdout)
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHES = ("model_calls.py", "import_time.py", "overhead.py", "accuracy.py")
+QUICK_FLAGS = {"overhead.py": ["--quick"], "accuracy.py": ["--quick"], "import_time.py": ["--runs", "3"]}
+
+
+def main() -> int:
+    quick = "--quick" in sys.argv[1:]
+    failed = []
+    for name in BENCHES:
+        cmd = [sys.executable, os.path.join(HERE, name)] + (QUICK_FLAGS.get(name, []) if quick else [])
+        print(f"\n# {' '.join(cmd[1:])}", flush=True)
+        t = time.perf_counter()
+        rc = subprocess.call(cmd)
+        print(f"# {name}: exit {rc}, {time.perf_counter() - t:.0f}s", flush=True)
+        if rc:
+            failed.append(name)
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
