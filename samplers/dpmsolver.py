@@ -375,25 +375,31 @@ def _dpmpp_multistep_sde(model, x, sigmas, extra_args, callback, disable, eta, s
             h_eta = h * (eta + 1)
             alpha_t = ms.alpha(sigma_next)
             phi_1 = _neg_expm1(h_eta)  # 1 - exp(-h_eta)
-            x = x * (sigma_next / sigma * math.exp(-h * eta)) + denoised * (alpha_t * phi_1)
+            # x_next = a x + sum_k c_k D_k (+ noise): the multistep terms are collected into one weight per
+            # denoised estimate, so the update is one pass per tensor
+            weights = [alpha_t * phi_1, 0.0, 0.0]  # on denoised, history[0], history[1]
             if order == 3 and len(history) >= 2:
                 r0, r1 = hs[0] / h, hs[1] / h
-                d1_0 = (denoised - history[0]) / r0
-                d1_1 = (history[0] - history[1]) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_2 = -phi_1 / h_eta + 1  # (expm1(-h_eta) / h_eta) + 1
+                phi_2 = -phi_1 / h_eta + 1  # expm1(-h_eta) / h_eta + 1
                 phi_3 = phi_2 / h_eta - 0.5
-                x = x + d1 * (alpha_t * phi_2) - d2 * (alpha_t * phi_3)
+                # d1 = d1_0 + (d1_0 - d1_1) r0 / (r0 + r1), d2 = (d1_0 - d1_1) / (r0 + r1),
+                # d1_0 = (D - D_1) / r0, d1_1 = (D_1 - D_2) / r1; x += alpha_t (phi_2 d1 - phi_3 d2)
+                u = alpha_t * (phi_2 * (1 + r0 / (r0 + r1)) - phi_3 / (r0 + r1))
+                v = alpha_t * (-phi_2 * r0 / (r0 + r1) + phi_3 / (r0 + r1))
+                weights = [weights[0] + u / r0, -u / r0 + v / r1, -v / r1]
             elif len(history) >= 1:
                 r = hs[0] / h
                 if order == 3 or solver_type == "heun":
                     coeff = alpha_t * (1 - phi_1 / h_eta)  # alpha_t * phi_2
                 else:  # midpoint
                     coeff = 0.5 * alpha_t * phi_1
-                x = x + (denoised - history[0]) * (coeff / r)
+                weights = [weights[0] + coeff / r, -coeff / r, 0.0]
+            x = torch.mul(x, sigma_next / sigma * math.exp(-h * eta)).add_(denoised, alpha=weights[0])
+            for weight, older in zip(weights[1:], history):
+                if weight:
+                    x.add_(older, alpha=weight)
             if inject:
-                x = x + noise_sampler(sigma, sigma_next) * (sigma_next * math.sqrt(_neg_expm1(2 * h * eta)) * s_noise)
+                x.add_(noise_sampler(sigma, sigma_next), alpha=sigma_next * math.sqrt(_neg_expm1(2 * h * eta)) * s_noise)
             hs.insert(0, h)
         history.insert(0, denoised)
         del history[2:], hs[2:]

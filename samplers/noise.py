@@ -195,33 +195,50 @@ class BrownianPathNoiseSampler:
         self.times.insert(k, t)
         self.values.insert(k, value)
 
-    def _materialize(self, k: int) -> Tensor:
-        value = self.values[k]
-        if isinstance(value, Tensor):
-            return value
-        if value is None:
-            value = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-        else:
-            parent, draw, scale = value
-            value = self._materialize(self.times.index(parent)).add(draw, alpha=scale)
-        self.values[k] = value
+    def _materialize(self, t: float) -> Tensor:
+        """W(t) as a tensor, forming any unformed extensions on the way (iteratively)."""
+        chain = []
+        while True:
+            k = self.times.index(t)
+            value = self.values[k]
+            if isinstance(value, Tensor):
+                break
+            if value is None:
+                value = self.values[k] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+                break
+            chain.append((k, value))
+            t = value[0]
+        for k, (_, draw, scale) in reversed(chain):
+            value = self.values[k] = value.add(draw, alpha=scale)
         return value
 
-    def _value(self, t: float) -> Tensor:
+    def _add_point(self, t: float) -> None:
+        """Make t a known time: an (unformed) extension beyond the ends, or a Brownian-bridge draw between them."""
         times = self.times
         k = bisect.bisect_left(times, t)
-        if k < len(times) and times[k] == t:
-            return self._materialize(k)
-        if k == 0 or k == len(times):  # outside the known times: extend from the nearest end
+        if k == 0 or k == len(times):
             end = times[0] if k == 0 else times[-1]
             self._insert(t, (end, self._randn(), math.sqrt(abs(t - end))))
-            return self._materialize(times.index(t))
-        t_lo, t_hi = times[k - 1], times[k]  # Brownian bridge between the neighbours
-        w_lo, w_hi = self._materialize(k - 1), self._materialize(k)
+            return
+        t_lo, t_hi = times[k - 1], times[k]
+        w_lo, w_hi = self._materialize(t_lo), self._materialize(t_hi)
         std = math.sqrt((t - t_lo) * (t_hi - t) / (t_hi - t_lo))
-        w = torch.lerp(w_lo, w_hi, (t - t_lo) / (t_hi - t_lo)).add_(self._randn(), alpha=std)
-        self._insert(t, w)
-        return w
+        self._insert(t, torch.lerp(w_lo, w_hi, (t - t_lo) / (t_hi - t_lo)).add_(self._randn(), alpha=std))
+
+    def _lazy_terms(self, t0: float, t1: float):
+        """[(draw, +-scale)] with W(t1) - W(t0) = sum(scale * draw) when one time extends the other, else None."""
+        for start, end, sign in ((t0, t1, 1.0), (t1, t0, -1.0)):
+            terms, t = [], end
+            while True:
+                value = self.values[self.times.index(t)]
+                if not isinstance(value, tuple):
+                    break
+                parent, draw, scale = value
+                terms.append((draw, sign * scale))
+                if parent == start:
+                    return terms
+                t = parent
+        return None
 
     def __call__(self, sigma, sigma_next) -> Tensor:
         t0, t1 = float(self.transform(torch.as_tensor(sigma))), float(self.transform(torch.as_tensor(sigma_next)))
@@ -230,10 +247,18 @@ class BrownianPathNoiseSampler:
         times = self.times
         if not times:
             self._insert(t0, None)
-        lo, hi = times[0], times[-1]
-        if (t0 == lo and t1 < lo) or (t0 == hi and t1 > hi):
-            draw = self._randn()  # extending from an end: the normalised increment is the draw itself
+        if (t0 == times[0] and t1 < t0) or (t0 == times[-1] and t1 > t0):
+            draw = self._randn()  # extending the path from an end: the normalised increment is the draw itself
             self._insert(t1, (t0, draw, math.sqrt(abs(t1 - t0))))
             return draw.to(self.target)
-        w0, w1 = self._value(t0), self._value(t1)
-        return ((w1 - w0) / math.sqrt(abs(t1 - t0))).to(self.target)
+        for t in (t0, t1):
+            if t not in times:
+                self._add_point(t)
+        norm = 1.0 / math.sqrt(abs(t1 - t0))
+        terms = self._lazy_terms(t0, t1)
+        if terms is not None:
+            out = terms[0][0] * (terms[0][1] * norm)
+            for draw, scale in terms[1:]:
+                out = out.add(draw, alpha=scale * norm)
+            return out.to(self.target)
+        return ((self._materialize(t1) - self._materialize(t0)) * norm).to(self.target)
