@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from ._common import as_float_list, emit, sigma_batch, step_range
 from .traits import traits
@@ -22,24 +23,21 @@ def _alpha(sigma: float) -> float:
     return 1.0 / math.sqrt(1.0 + sigma * sigma)
 
 
-def _marginals(sigma: float, dtype=torch.float32) -> tuple[float, float, float]:
-    """(alpha, sigma_vp, lambda) of the VP process for a VE sigma, evaluated at the sigmas' precision.
+def _marginals(sigma: float, dtype=torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+    """(alpha, sigma_vp, lambda) of the VP process for a VE sigma, as 0-d tensors at the sigmas' precision.
 
     The reference implementation derives lambda as log(alpha) - log(sqrt(1 -
-    alpha^2)) at the precision of the sigmas (float32 in ComfyUI), which loses
-    digits at small sigma; doing the same keeps our steps identical to ComfyUI's.
-    Float64 sigmas give full precision.
+    alpha^2)) and does the whole step's scalar algebra (including the small
+    linear solves) at the precision of the sigmas: float32 in ComfyUI, which
+    loses digits at small sigma and in the solves of closely spaced steps.
+    Doing the same keeps our steps identical to ComfyUI's; float64 sigmas give
+    full precision.
     """
     s = torch.tensor(sigma, dtype=dtype)
     log_alpha = 0.5 * torch.log(1 / (s * s + 1))
     one_minus = 1.0 - torch.exp(2.0 * log_alpha)
     lam = log_alpha - 0.5 * torch.log(one_minus)
-    return float(torch.exp(log_alpha)), float(torch.sqrt(one_minus)), float(lam)
-
-
-def _solve(matrix: list[list[float]], rhs: list[float]) -> list[float]:
-    return torch.linalg.solve(torch.tensor(matrix, dtype=torch.float64),
-                              torch.tensor(rhs, dtype=torch.float64)).tolist()
+    return torch.exp(log_alpha), torch.sqrt(one_minus), lam
 
 
 def _unipc_update(model_fn, x, model_prev, t_prev, t, order, use_corrector, variant, dtype):
@@ -48,7 +46,7 @@ def _unipc_update(model_fn, x, model_prev, t_prev, t, order, use_corrector, vari
     _, sigma_vp0, lam0 = _marginals(t0, dtype)
     alpha_t, sigma_vp_t, lam_t = _marginals(t, dtype)
     lams = [_marginals(t_prev[-(i + 1)], dtype)[2] for i in range(1, order)]
-    if dtype != torch.float64 and len({lam_t, lam0, *lams}) < len(lams) + 2:
+    if dtype != torch.float64 and len({float(v) for v in (lam_t, lam0, *lams)}) < len(lams) + 2:
         # float32 cannot tell these (tiny) sigmas apart in lambda; redo this step in float64
         return _unipc_update(model_fn, x, model_prev, t_prev, t, order, use_corrector, variant, torch.float64)
     h = lam_t - lam0
@@ -56,39 +54,41 @@ def _unipc_update(model_fn, x, model_prev, t_prev, t, order, use_corrector, vari
     for i in range(1, order):
         rk = (lams[i - 1] - lam0) / h
         rks.append(rk)
-        d1s.append((model_prev[-(i + 1)] - m0) / rk)
-    rks.append(1.0)
+        d1s.append((model_prev[-(i + 1)] - m0) / float(rk))
+    rks = torch.stack(rks + [torch.tensor(1.0, dtype=dtype)])
 
     hh = -h
-    h_phi_1 = math.expm1(hh)
+    h_phi_1 = torch.expm1(hh)
     h_phi_k = h_phi_1 / hh - 1
     factorial = 1
-    b_h = hh if variant == "bh1" else math.expm1(hh)
+    b_h = hh if variant == "bh1" else torch.expm1(hh)
     rows, b = [], []
     for i in range(1, order + 1):
-        rows.append([rk ** (i - 1) for rk in rks])
+        rows.append(torch.pow(rks, i - 1))
         b.append(h_phi_k * factorial / b_h)
         factorial *= i + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
+    rows, b = torch.stack(rows), torch.stack(b)
 
-    x_base = x * (sigma_vp_t / sigma_vp0) - m0 * (alpha_t * h_phi_1)
+    x_base = x * float(sigma_vp_t / sigma_vp0) - m0 * float(alpha_t * h_phi_1)
+    step = float(alpha_t * b_h)
 
     x_t = x_base
     if d1s:
-        rhos_p = [0.5] if order == 2 else _solve([r[:-1] for r in rows[:-1]], b[:-1])
+        rhos_p = [0.5] if order == 2 else torch.linalg.solve(rows[:-1, :-1], b[:-1]).tolist()
         pred = d1s[0] * rhos_p[0]
         for rho, d1 in zip(rhos_p[1:], d1s[1:]):
             pred = pred + d1 * rho
-        x_t = x_base - pred * (alpha_t * b_h)
+        x_t = x_base - pred * step
 
     model_t = None
     if use_corrector:
         model_t = model_fn(x_t, t)
-        rhos_c = [0.5] if order == 1 else _solve(rows, b)
+        rhos_c = [0.5] if order == 1 else torch.linalg.solve(rows, b).tolist()
         corr = (model_t - m0) * rhos_c[-1]
         for rho, d1 in zip(rhos_c[:-1], d1s):
             corr = corr + d1 * rho
-        x_t = x_base - corr * (alpha_t * b_h)
+        x_t = x_base - corr * step
     return x_t, model_t
 
 
