@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from ._common import as_float_list, emit, get_model_sampling, resolve_noise_sampler, sigma_batch, step_range
 from .traits import traits
@@ -87,10 +88,11 @@ def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None
         noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
     sigmas = ms.offset_first_sigma(sigmas.detach().cpu())
     sig = as_float_list(sigmas)
-    # lambda_er = sigma / alpha (the VE-equivalent noise level), in float32 as the quadrature below uses it
+    # lambda_er = sigma / alpha (the VE-equivalent noise level).  The step's scalars stay 0-d tensors at the
+    # schedule's precision: the divided differences below amplify their rounding on closely spaced steps.
     er_lambdas = ms.half_log_snr(sigmas).neg().exp()
     n_points = 200
-    point_index = torch.arange(0, n_points, dtype=torch.float32)
+    point_index = torch.arange(0, n_points, dtype=er_lambdas.dtype)
     old_denoised = old_denoised_d = None
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_next = sig[i], sig[i + 1]
@@ -101,26 +103,25 @@ def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None
             x = denoised
         else:
             lam_s, lam_t = er_lambdas[i], er_lambdas[i + 1]
-            alpha_s, alpha_t = sigma / float(lam_s), sigma_next / float(lam_t)
-            r = float(noise_scaler(lam_t) / noise_scaler(lam_s))
-            x = x * (alpha_t / alpha_s * r) + denoised * (alpha_t * (1 - r))
+            alpha_s, alpha_t = sigmas[i] / lam_s, sigmas[i + 1] / lam_t
+            r = noise_scaler(lam_t) / noise_scaler(lam_s)
+            x = x * float(alpha_t / alpha_s * r) + denoised * float(alpha_t * (1 - r))
             if stage >= 2:
                 dt = lam_t - lam_s
                 step = -dt / n_points
                 pos = lam_t + point_index * step
                 scaled = noise_scaler(pos)
-                s_1 = float(torch.sum(1 / scaled) * step)
+                s_1 = torch.sum(1 / scaled) * step
                 denoised_d = (denoised - old_denoised) / float(lam_s - er_lambdas[i - 1])
-                x = x + denoised_d * (alpha_t * (float(dt) + s_1 * float(noise_scaler(lam_t))))
+                x = x + denoised_d * float(alpha_t * (dt + s_1 * noise_scaler(lam_t)))
                 if stage >= 3:
-                    s_u = float(torch.sum((pos - lam_s) / scaled) * step)
-                    denoised_u = (denoised_d - old_denoised_d) / (float(lam_s - er_lambdas[i - 2]) / 2)
-                    x = x + denoised_u * (alpha_t * (float(dt) ** 2 / 2 + s_u * float(noise_scaler(lam_t))))
+                    s_u = torch.sum((pos - lam_s) / scaled) * step
+                    denoised_u = (denoised_d - old_denoised_d) / float((lam_s - er_lambdas[i - 2]) / 2)
+                    x = x + denoised_u * float(alpha_t * (dt ** 2 / 2 + s_u * noise_scaler(lam_t)))
                 old_denoised_d = denoised_d
             if s_noise > 0:
-                amount = float(lam_t) ** 2 - float(lam_s) ** 2 * r ** 2
-                amount = math.sqrt(amount) if amount > 0 else 0.0
-                x = x + noise_sampler(sigma, sigma_next) * (alpha_t * s_noise * amount)
+                amount = float((lam_t ** 2 - lam_s ** 2 * r ** 2).sqrt().nan_to_num(nan=0.0))
+                x = x + noise_sampler(sigma, sigma_next) * (float(alpha_t) * s_noise * amount)
         old_denoised = denoised
     return x
 
@@ -128,24 +129,28 @@ def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None
 # ----------------------------------------------------------------------------------------------
 # SA-Solver (Xue et al. 2023, arXiv:2309.05019)
 # ----------------------------------------------------------------------------------------------
-def _sa_exponential_moments(s: float, t: float, order: int, tau: float) -> list[float]:
+def _sa_exponential_moments(s: Tensor, t: Tensor, order: int, tau: float) -> Tensor:
     """(1 + tau^2) * integral_s^t exp((1 + tau^2)(u - t)) u^p du, p = 0..order-1, by integration by parts."""
     a = 1.0 + tau ** 2
-    decay = math.exp(-a * (t - s))
+    decay = torch.exp(-a * (t - s))
     moments = []
     for p in range(order):
         boundary = t ** p - s ** p * decay
         moments.append(boundary - (p / a) * moments[-1] if p else boundary)
-    return moments
+    return torch.stack(moments)
 
 
-def sa_solver_coefficients(sigma_next: float, lambdas: list[float], lambda_s: float, lambda_t: float,
-                           tau: float, alpha_t: float) -> torch.Tensor:
-    """SA-Solver b_i (Xue et al. 2023, eqs. 15 and 18): integrals of the Lagrange basis over [lambda_s, lambda_t]."""
-    order = len(lambdas)
-    moments = torch.tensor(_sa_exponential_moments(lambda_s, lambda_t, order, tau), dtype=torch.float64)
-    vander_t = torch.tensor([[lam ** p for lam in lambdas] for p in range(order)], dtype=torch.float64)
-    return alpha_t * torch.linalg.solve(vander_t, moments)
+def sa_solver_coefficients(sigma_next: Tensor, lambdas: Tensor, lambda_s: Tensor, lambda_t: Tensor,
+                           tau: float) -> Tensor:
+    """SA-Solver b_i (Xue et al. 2023, eqs. 15 and 18): integrals of the Lagrange basis over [lambda_s, lambda_t].
+
+    Computed at the precision of the schedule (float32 in ComfyUI): on closely spaced steps the Vandermonde
+    system is ill-conditioned, and the same arithmetic keeps the same answer.
+    """
+    order = lambdas.shape[0]
+    moments = _sa_exponential_moments(lambda_s, lambda_t, order, tau)
+    vander_t = torch.vander(lambdas, order, increasing=True).T
+    return sigma_next * lambda_t.exp() * torch.linalg.solve(vander_t, moments)
 
 
 def _sa_tau(start_sigma: float, end_sigma: float, eta: float = 1.0):
@@ -166,8 +171,9 @@ def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=F
         return x
     extra_args = {} if extra_args is None else extra_args
     ms = get_model_sampling(model)
-    sig = as_float_list(ms.offset_first_sigma(sigmas.detach().cpu()))
-    lambdas = [ms.half_log_snr(s) if s > 0 else math.inf for s in sig]
+    sig_t = ms.offset_first_sigma(sigmas.detach().cpu())
+    sig = as_float_list(sig_t)
+    lambdas = ms.half_log_snr(sig_t)  # +inf at sigma 0, never used in a solve
     if tau_func is None:
         tau_func = _sa_tau(ms.percent_to_sigma(0.2), ms.percent_to_sigma(0.8), eta=1.0)
     max_order = max(predictor_order, corrector_order)
@@ -191,8 +197,7 @@ def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=F
         if c_order == 0:
             x = x_pred
         else:
-            b = sa_solver_coefficients(sigma, lambdas[i - c_order + 1:i + 1], lambdas[i - 1], lambdas[i], tau,
-                                       ms.alpha(sigma))
+            b = sa_solver_coefficients(sig_t[i], lambdas[i - c_order + 1:i + 1], lambdas[i - 1], lambdas[i], tau)
             corr = history[-c_order] * float(b[0])
             for k in range(1, c_order):
                 corr = corr + history[-c_order + k] * float(b[k])
@@ -207,12 +212,11 @@ def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=F
             x_pred = denoised
             continue
         tau = tau_func(sigma_next)
-        b = sa_solver_coefficients(sigma_next, lambdas[i - p_order + 1:i + 1], lambdas[i], lambdas[i + 1], tau,
-                                   ms.alpha(sigma_next))
+        b = sa_solver_coefficients(sig_t[i + 1], lambdas[i - p_order + 1:i + 1], lambdas[i], lambdas[i + 1], tau)
         pred = history[-p_order] * float(b[0])
         for k in range(1, p_order):
             pred = pred + history[-p_order + k] * float(b[k])
-        h = lambdas[i + 1] - lambdas[i]
+        h = float(lambdas[i + 1] - lambdas[i])
         x_pred = x * (sigma_next / sigma * math.exp(-(tau ** 2) * h)) + pred
         if tau > 0 and s_noise > 0:
             noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
