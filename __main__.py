@@ -1,0 +1,203 @@
+"""Command line: ``python -m ksampler generate ...`` (txt2img / img2img with the bundled model) and ``run WORKFLOW``."""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from typing import Optional
+
+from .validation import MAX_SEED, KSamplerInputError
+from .workflow import SEED_CONTROLS, next_seed
+
+__all__ = ["main", "build_parser"]
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .samplers import SAMPLERS
+    from .schedulers import SCHEDULERS
+    parser = argparse.ArgumentParser(prog="python -m ksampler",
+                                     description="Sample the bundled text-to-image model with the ksampler KSampler, "
+                                                 "or run a ComfyUI API-format workflow of this pack's nodes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text-to-image (or image-to-image with --init-image)")
+    g.add_argument("--prompt", required=True, help='e.g. "a large red circle on the left"')
+    g.add_argument("--negative", default="", help="negative prompt (default: empty)")
+    g.add_argument("--sampler", default="dpmpp_2m", metavar="NAME",
+                   help="sampler name (default dpmpp_2m); one of: " + ", ".join(SAMPLERS))
+    g.add_argument("--scheduler", default="karras", metavar="NAME",
+                   help="scheduler name (default karras); one of: " + ", ".join(SCHEDULERS))
+    g.add_argument("--steps", type=_positive_int, default=20)
+    g.add_argument("--cfg", type=float, default=5.0)
+    g.add_argument("--seed", type=_seed, default=1, help="noise seed, 0..2^64-1 (default 1)")
+    g.add_argument("--batch-size", type=_positive_int, default=4)
+    g.add_argument("--width", type=_positive_int, default=None, help="multiple of 16 (default 32)")
+    g.add_argument("--height", type=_positive_int, default=None, help="multiple of 16 (default 32)")
+    g.add_argument("--model", choices=("eps", "flow"), default=None,
+                   help="bundled checkpoint (default: the better one on the adherence benchmark)")
+    g.add_argument("--init-image", default=None, help="image-to-image: start from this image")
+    g.add_argument("--denoise", type=float, default=None,
+                   help="fraction of the schedule to run (default 1.0, or 0.6 with --init-image)")
+    g.add_argument("--runs", type=_positive_int, default=1, help="number of runs (queue presses)")
+    g.add_argument("--control-after-generate", choices=SEED_CONTROLS, default="fixed",
+                   help="how the seed changes between runs, as the editor's seed widget (default fixed); "
+                        "randomize draws from a generator seeded with --seed, so it is reproducible")
+    g.add_argument("--out", default="out", help="output folder (default out/)")
+    g.add_argument("--prefix", default="ksampler", help="file name prefix (default ksampler)")
+    g.add_argument("--scale", type=_positive_int, default=1, help="save PNGs enlarged this many times (nearest)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    r = sub.add_parser("run", help="run a ComfyUI API-format workflow JSON made of this pack's nodes")
+    r.add_argument("workflow", help="e.g. workflows/text_to_image.json")
+    r.add_argument("--out", default="out", help="output folder for save nodes (default out/)")
+    r.add_argument("--runs", type=_positive_int, default=1)
+    r.add_argument("--control-after-generate", choices=SEED_CONTROLS, default="fixed")
+    return parser
+
+
+def _check_generate(args) -> None:
+    from .models.nodes import SIZE_MULTIPLE
+    from .validation import check_sampler_args
+    check_sampler_args(steps=args.steps, cfg=args.cfg, sampler_name=args.sampler, scheduler=args.scheduler)
+    if args.denoise is not None and not 0.0 <= args.denoise <= 1.0:
+        raise KSamplerInputError(f"--denoise: must be between 0 and 1, got {args.denoise}")
+    if args.denoise is not None and args.denoise < 1.0 and args.init_image is None:
+        raise KSamplerInputError("--denoise: below 1 needs --init-image (image-to-image); without an input image "
+                                 "there is nothing to keep")
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and value % SIZE_MULTIPLE:
+            raise KSamplerInputError(f"--{name}: must be a multiple of {SIZE_MULTIPLE}, got {value}")
+    if args.batch_size > 256:
+        raise KSamplerInputError(f"--batch-size: at most 256, got {args.batch_size}")
+
+
+class _Progress:
+    """A tqdm bar over the sampler's steps (the ComfyUI-style callback drives it)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit="step", leave=True, file=sys.stderr)
+
+    def __call__(self, step, denoised, x, total):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def generate(args) -> list:
+    """Run ``generate``; returns [(path, seed, batch_index)] of the written images."""
+    import torch
+
+    from .models.bundled import DEFAULT_KIND, load_bundled
+    from .models.images import load_image, next_free_path, resize_image, save_png
+    from .nodes import default_compat
+    from .pipeline import ksample
+
+    _check_generate(args)
+    kind = args.model or DEFAULT_KIND
+    model, clip, vae = load_bundled(kind)
+    unknown = clip.tokenizer.unknown_words(args.prompt + " " + args.negative)
+    if unknown:
+        print(f"warning: words outside the model's vocabulary are ignored: {', '.join(dict.fromkeys(unknown))}",
+              file=sys.stderr)
+    positive, negative = clip.encode(args.prompt), clip.encode(args.negative)
+    size = model.config.get("image_size", 32)
+    denoise = args.denoise if args.denoise is not None else (0.6 if args.init_image else 1.0)
+    if args.init_image:
+        image, _ = load_image(args.init_image)
+        width, height = args.width or size, args.height or size
+        image = resize_image(image, width, height)
+        samples = vae.encode(image).repeat(args.batch_size, 1, 1, 1)
+    else:
+        width, height = args.width or size, args.height or size
+        samples = torch.zeros(args.batch_size, 3, height, width)
+    latent = {"samples": samples}
+    rng = random.Random(args.seed)   # randomize: reproducible from the starting seed
+    seed, written = args.seed, []
+    for run in range(args.runs):
+        progress = _Progress(args.steps, f"run {run + 1}/{args.runs} seed {seed}", not args.no_progress)
+        try:
+            out = ksample(model, seed, args.steps, args.cfg, args.sampler, args.scheduler, positive, negative,
+                          latent, denoise, callback=progress, compat=default_compat())
+        finally:
+            progress.close()
+        images = vae.decode(out["samples"])
+        for k, image in enumerate(images):
+            path = next_free_path(args.out, args.prefix)
+            meta = {"prompt": args.prompt, "negative": args.negative, "seed": seed, "batch_index": k,
+                    "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "scheduler": args.scheduler,
+                    "denoise": denoise, "model": kind, "init_image": args.init_image}
+            save_png(image, path, {"parameters": json.dumps(meta)}, args.scale)
+            written.append((path, seed, k))
+            print(f"{path}  seed={seed}  batch_index={k}", flush=True)
+        seed = next_seed(seed, args.control_after_generate, rng)
+    return written
+
+
+def run(args) -> dict:
+    """Run ``run``: execute a workflow file ``--runs`` times, applying the seed control between runs."""
+    import os
+
+    from .workflow import Executor, apply_seed_control, load_workflow, seed_inputs
+    graph = load_workflow(args.workflow)
+    executor = Executor()
+    context = {"KSAMPLER_BASE_DIR": os.path.dirname(os.path.abspath(args.workflow)),
+               "KSAMPLER_OUTPUT_DIR": os.path.abspath(args.out)}
+    rng = random.Random(json.dumps(seed_inputs(graph)))
+    results = {}
+    for run_index in range(args.runs):
+        seeds = ", ".join(f"node {n} {name}={value}" for n, name, value in seed_inputs(graph))
+        print(f"run {run_index + 1}/{args.runs}" + (f": {seeds}" if seeds else ""), flush=True)
+        results = executor.run(graph, context=context)
+        for node_id in executor.output_nodes(graph):
+            for value in results.get(node_id, ()):
+                if isinstance(value, str):
+                    for line in value.splitlines():
+                        print(f"{line}  (node {node_id})", flush=True)
+        graph = apply_seed_control(graph, args.control_after_generate, rng)
+    return results
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .models.bundled import BundledModelError
+    try:
+        if args.command == "generate":
+            generate(args)
+        else:
+            run(args)
+    except (ValueError, FileNotFoundError, BundledModelError) as e:   # input errors: KSamplerInputError, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
