@@ -224,10 +224,11 @@ def main(argv=None) -> dict:
     p.add_argument("--models", default="eps,flow")
     p.add_argument("--prompts", type=int, default=None, help="prompts per configuration (default 64, quick 32)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=os.path.join(HERE, "results", "adherence.json"))
+    p.add_argument("--out", default=None, help="default results/adherence.json (--quick: adherence_quick.json)")
     p.add_argument("--scorer", default=os.path.join(HERE, "results", "shape_scorer.safetensors"))
     p.add_argument("--weights-dir", default=None, help="read tiny_<kind>.safetensors from here instead")
     args = p.parse_args(argv)
+    args.out = args.out or os.path.join(HERE, "results", "adherence_quick.json" if args.quick else "adherence.json")
     torch.set_num_threads(args.threads)
     n = args.prompts or (32 if args.quick else 64)
     samplers = ("euler", "dpmpp_2m") if args.quick else SAMPLERS

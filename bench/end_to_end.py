@@ -5,7 +5,7 @@
 Each measurement runs in a fresh subprocess, so the peak resident set (``ru_maxrss``) belongs to that run alone;
 the same subprocess also reports its resident set right after importing torch and loading the model, so the
 sampling's own peak is the difference.  With CUDA present, a row on the GPU is added (wall time and
-``torch.cuda.max_memory_allocated``), plus the SD1.5-sized random-weight UNet check described in bench/README.md.
+``torch.cuda.max_memory_allocated``).  The SD1.5-sized UNet its/s check is ``bench/unet_overhead.py``.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def main() -> int:
         print(f"{r['device']:<6} {r['model']:<5} {r['sampler'] + '+' + r['scheduler']:<20} {r['wall_s_median']:>16.2f} "
               f"{r['rss_loaded_mb']:>14.0f} {r['rss_peak_mb']:>12.0f} {r['rss_peak_mb'] - r['rss_loaded_mb']:>12.0f}")
     if "cuda" not in devices:
-        print("no CUDA device here: GPU rows (and the SD1.5-sized UNet its/s check) need a GPU machine")
+        print("no CUDA device here: the GPU rows need a GPU machine")
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "end_to_end.json"), "w") as f:
         json.dump({"rows": rows, "cuda": torch.cuda.is_available(), "torch": torch.__version__}, f, indent=1)

@@ -21,7 +21,7 @@ __all__ = ["BUNDLED_NODES", "CheckpointLoader", "TextEncode", "EmptyLatentImage"
            "VAEDecode", "SaveImage"]
 
 CATEGORY = "ksampler/bundled"
-MODEL_KINDS = ["flow", "eps"]   # the first is the default (the better model on the adherence benchmark)
+MODEL_KINDS = ["flow", "eps"]   # the first is the default (see DEFAULT_KIND in bundled.py)
 SIZE_MULTIPLE = 16              # the bundled UNet's patch (4) times its two downsamplings
 MAX_SIZE = 512
 

@@ -14,6 +14,9 @@ from ksampler.models.nodes import (BUNDLED_NODES, CheckpointLoader, EmptyLatentI
                                    TextEncode, VAEDecode, VAEEncode)
 from ksampler.models.tinynet import Tokenizer
 from ksampler.nodes import KSampler, NODES
+from ksampler.pipeline import ksample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -247,3 +250,24 @@ def test_vae_round_trip_and_input_checks():
         vae.decode(torch.rand(1, 4, 8, 8))
     with pytest.raises(ValueError, match="multiples of 16"):
         VAEEncode().encode(torch.rand(1, 30, 30, 3), vae)
+
+
+def test_training_script_is_reproducible_and_loads(tmp_path):
+    """tools/train.py with a fixed seed writes the same weights twice, and they load as a bundled model."""
+    import importlib.util
+
+    from safetensors.torch import load_file
+    spec = importlib.util.spec_from_file_location("ks_train", os.path.join(ROOT, "tools", "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    paths = [str(tmp_path / f"run{i}.safetensors") for i in range(2)]
+    for path in paths:
+        train.main(["--kind", "flow", "--out", path, "--steps", "3", "--batch", "4", "--warmup", "1",
+                    "--threads", "1", "--log-every", "1"])
+    first, second = load_file(paths[0]), load_file(paths[1])
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    model, clip, vae = load_bundled(path=paths[0])
+    out = ksample(model, 0, 2, 3.0, "euler", "simple", clip.encode("a red circle"), clip.encode(""),
+                  {"samples": torch.zeros(1, 3, 32, 32)})
+    assert out["samples"].shape == (1, 3, 32, 32) and torch.isfinite(out["samples"]).all()
