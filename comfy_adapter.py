@@ -158,6 +158,8 @@ class RegistrySampler(comfy.samplers.Sampler):
         if self.compat and self.traits.comfy_compat:
             denoiser = VEGeometryView(denoiser)
             fn = getattr(fn, "comfy_variant", fn)
+        elif self.compat and self.traits.comfy_rounding:
+            fn = fn.comfy_variant
         options = dict(self.options)
         if "noise_sampler" not in options and _accepts(fn, "noise_sampler"):
             kind = self.traits.noise if self.traits.noise != "none" else "ancestral"

@@ -179,7 +179,8 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
     noise_mask: 1 where the latent is re-generated, 0 where it is kept (inpainting).
     callback: ``callback(step, denoised, x, total_steps)`` after every step; raising aborts the run.
     compat: run the samplers that differ from ComfyUI by design (``traits.comfy_compat``: flow
-        geometry, dpmpp_2s_ancestral_cfg_pp's renoising) exactly as ComfyUI does.
+        geometry, dpmpp_2s_ancestral_cfg_pp's renoising) exactly as ComfyUI does, and those whose
+        float32 rounding ComfyUI orders differently (``traits.comfy_rounding``) with its rounding.
     """
     if model_sampling is None:
         model_sampling = getattr(model, "model_sampling", None)
@@ -234,8 +235,11 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
     if compat and tr.comfy_compat:
         inner = VEGeometryView(inner)
         fn = getattr(fn, "comfy_variant", fn)
-    elif not hasattr(inner, "model_sampling") or inner.model_sampling is not model_sampling:
-        inner = _WithSampling(inner, model_sampling)
+    else:
+        if compat and tr.comfy_rounding:
+            fn = fn.comfy_variant
+        if not hasattr(inner, "model_sampling") or inner.model_sampling is not model_sampling:
+            inner = _WithSampling(inner, model_sampling)
 
     mask = None
     inpaint_noise = noise

@@ -406,20 +406,72 @@ def _dpmpp_multistep_sde(model, x, sigmas, extra_args, callback, disable, eta, s
     return x
 
 
+def _dpmpp_multistep_sde_float32(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order,
+                                 solver_type="midpoint"):
+    """The same update with ComfyUI's numerics (compat mode): float32 0-d scalars, alpha_t = sigma e^lambda, and
+    the divided differences formed tensor by tensor, in the reference's order."""
+    ms = get_model_sampling(model)
+    sigmas = ms.offset_first_sigma(sigmas.detach().cpu())
+    inject = eta > 0 and s_noise > 0
+    history, hs = [], []  # previous denoised estimates and steps, newest first
+    for i in step_range(len(sigmas) - 1, disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma_batch(x, float(sigma)), **extra_args)
+        emit(callback, x, i, float(sigma), denoised)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            lambda_s, lambda_t = ms.half_log_snr(sigma), ms.half_log_snr(sigma_next)
+            h = lambda_t - lambda_s
+            h_eta = h * (eta + 1)
+            alpha_t = sigma_next * lambda_t.exp()
+            neg_expm1 = (-h_eta).expm1().neg()
+            x = float(sigma_next / sigma * (-h * eta).exp()) * x + float(alpha_t * neg_expm1) * denoised
+            if order == 3 and len(history) >= 2:
+                r0, r1 = hs[0] / h, hs[1] / h
+                d1_0 = (denoised - history[0]) / float(r0)
+                d1_1 = (history[0] - history[1]) / float(r1)
+                d1 = d1_0 + (d1_0 - d1_1) * float(r0) / float(r0 + r1)
+                d2 = (d1_0 - d1_1) / float(r0 + r1)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + float(alpha_t * phi_2) * d1 - float(alpha_t * phi_3) * d2
+            elif len(history) >= 1:
+                r = hs[0] / h
+                if order == 3:
+                    d = (denoised - history[0]) / float(r)
+                    x = x + float(alpha_t * (h_eta.neg().expm1() / h_eta + 1)) * d
+                elif solver_type == "heun":
+                    x = x + float(alpha_t * (neg_expm1 / -h_eta + 1)) * float(1 / r) * (denoised - history[0])
+                else:
+                    x = x + float(0.5 * alpha_t * neg_expm1) * float(1 / r) * (denoised - history[0])
+            if inject:
+                x = x + noise_sampler(float(sigma), float(sigma_next)) * float(sigma_next) * \
+                    float((-2 * h * eta).expm1().neg().sqrt()) * s_noise
+            hs.insert(0, h)
+        history.insert(0, denoised)
+        del history[2:], hs[2:]
+    return x
+
+
 def _make_dpmpp_msde(order, solver_type, cpu, noise_kind, doc):
-    @torch.no_grad()
-    @traits(noise=noise_kind)
-    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                noise_sampler=None, solver_type=solver_type):
-        if len(sigmas) <= 1:
-            return x
-        if solver_type not in ("heun", "midpoint"):
-            raise ValueError(f"solver_type: must be 'heun' or 'midpoint', got {solver_type!r}")
-        extra_args = {} if extra_args is None else extra_args
-        noise_sampler = _brownian(noise_sampler, x, sigmas, extra_args, cpu=cpu)
-        return _dpmpp_multistep_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler,
-                                    order, solver_type)
-    sampler.__doc__ = doc
+    def make(update):
+        @torch.no_grad()
+        @traits(noise=noise_kind, comfy_rounding=True)
+        def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                    noise_sampler=None, solver_type=solver_type):
+            if len(sigmas) <= 1:
+                return x
+            if solver_type not in ("heun", "midpoint"):
+                raise ValueError(f"solver_type: must be 'heun' or 'midpoint', got {solver_type!r}")
+            extra_args = {} if extra_args is None else extra_args
+            noise_sampler = _brownian(noise_sampler, x, sigmas, extra_args, cpu=cpu)
+            return update(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order,
+                          solver_type)
+        sampler.__doc__ = doc
+        return sampler
+    sampler = make(_dpmpp_multistep_sde)
+    sampler.comfy_variant = make(_dpmpp_multistep_sde_float32)
     return sampler
 
 

@@ -210,12 +210,35 @@ def lms_coefficients(sigmas: list[float], i: int, order: int) -> list[float]:
     return [_lagrange_integral(nodes, j, sigmas[i], sigmas[i + 1]) for j in range(order)]
 
 
-@torch.no_grad()
-def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
-    """Linear multistep (Adams-Bashforth on the sigma grid, Karras et al. 2022 / k-diffusion).
+def lms_coefficients_quadpack(sigmas: list[float], i: int, order: int) -> list[float]:
+    """The same weights as ComfyUI computes them: QUADPACK (scipy ``quad``) over float32 basis values.
 
-    As in ComfyUI, the last step to sigma 0 returns the denoised estimate.
+    On schedules with tiny first steps the extrapolation weights reach ~1e4, so the
+    float32 rounding of the basis decides the last digits of the result; compat
+    mode reproduces it.
     """
+    try:
+        import numpy as np
+        from scipy import integrate
+    except ImportError:
+        raise ImportError("lms in ComfyUI-compat mode (flow_geometry = comfyui, or KSAMPLER_FLOW_GEOMETRY=comfyui) "
+                          "reproduces ComfyUI's scipy quadrature: install scipy, or use the default mode") from None
+    nodes = np.asarray([sigmas[i - k] for k in range(order)], dtype=np.float32)
+
+    def basis(j):
+        def value(tau):
+            out = 1.0
+            for k in range(order):
+                if k != j:   # numpy's promotion of a Python float with a float32 node (float32 under NumPy 2)
+                    out = out * ((tau - nodes[k]) / (nodes[j] - nodes[k]))
+            return out
+        return value
+
+    a, b = np.float32(sigmas[i]), np.float32(sigmas[i + 1])
+    return [integrate.quad(basis(j), a, b, epsrel=1e-4)[0] for j in range(order)]
+
+
+def _lms(model, x, sigmas, extra_args, callback, disable, order, coefficients):
     extra_args = {} if extra_args is None else extra_args
     sig = as_float_list(sigmas)
     ds = []
@@ -228,10 +251,29 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, o
         if sig[i + 1] == 0:
             x = denoised
             continue
-        coeffs = lms_coefficients(sig, i, min(i + 1, order))
-        for coeff, d in zip(coeffs, reversed(ds)):
-            x = x + coeff * d
+        coeffs = coefficients(sig, i, min(i + 1, order))
+        x = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(ds)))
     return x
+
+
+def _sample_lms_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+    """lms with ComfyUI's float32 quadrature of the weights (compat mode)."""
+    return _lms(model, x, sigmas, extra_args, callback, disable, order, lms_coefficients_quadpack)
+
+
+@torch.no_grad()
+@traits(comfy_rounding=True)
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+    """Linear multistep (Adams-Bashforth on the sigma grid, Karras et al. 2022 / k-diffusion).
+
+    As in ComfyUI, the last step to sigma 0 returns the denoised estimate.  The
+    weights are exact integrals of the Lagrange basis (compat mode: ComfyUI's
+    float32 quadrature).
+    """
+    return _lms(model, x, sigmas, extra_args, callback, disable, order, lms_coefficients)
+
+
+sample_lms.comfy_variant = torch.no_grad()(_sample_lms_comfy)
 
 
 def _ipndm_fixed(order: int) -> list[float]:
@@ -340,14 +382,56 @@ def deis_coefficients(sig: list[float], max_order: int, n_quad: int = 10000) -> 
     return coeffs
 
 
-@torch.no_grad()
-def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode="tab"):
-    """DEIS multistep (Zhang & Chen 2023), 'tab' variant; the last step to 0 is an Euler step."""
+def deis_coefficients_float32(sigmas: torch.Tensor, max_order: int, n_quad: int = 10000) -> list[list[float]]:
+    """The DEIS 'tAB' weights at float32 throughout, with dlog(alpha)/dtau by autograd (ComfyUI's numerics).
+
+    The float64 weights of ``deis_coefficients`` are more accurate; on schedules
+    with tiny first steps the two differ by ~1e-4 relative, which compat mode removes.
+    """
+    import numpy as np
+    sig = sigmas.detach().cpu().to(torch.float32)
+    eps_s = 1e-3
+    # the reference mixes precisions: log(sigma_min^2 + 1) is a float32 numpy log (then / eps_s in float32),
+    # log(sigma_max^2 + 1) = log(6401) a float64 one, and the betas are float64 scalars
+    log_min = float(torch.tensor(np.log((torch.tensor(0.002) ** 2 + 1).numpy()), dtype=torch.float32) / eps_s)
+    log_max = float(np.log(np.float64(80 ** 2 + 1)))
+    beta_d = 2 * (log_min - log_max) / (eps_s - 1)
+    beta_min = log_max - 0.5 * beta_d
+    ts = ((beta_min ** 2 + 2 * beta_d * (sig ** 2 + 1).log()).sqrt() - beta_min) / beta_d
+    beta_0, beta_1 = beta_min, beta_d + beta_min
+    coeffs = []
+    for i in range(len(ts) - 1):
+        order = min(i + 1, max_order)
+        if order == 1:
+            coeffs.append([])
+            continue
+        t_cur, t_next = ts[i], ts[i + 1]
+        with torch.inference_mode(False), torch.enable_grad():
+            tau = torch.linspace(t_cur, t_next, n_quad).requires_grad_(True)
+            alpha = torch.exp(-0.5 * tau ** 2 * (beta_1 - beta_0) - tau * beta_0)
+            (d_log_alpha,) = torch.autograd.grad(alpha.log().sum(), tau)
+        alpha, tau = alpha.detach(), tau.detach()
+        dsigma_dtau = -0.5 * d_log_alpha / torch.sqrt(alpha * (1 - alpha))
+        dtau = (t_next - t_cur) / n_quad
+        nodes = ts[[i - k for k in range(order)]]
+        row = []
+        for j in range(order):
+            basis = None
+            for k in range(order):
+                if k != j:
+                    factor = (tau - nodes[k]) / (nodes[j] - nodes[k])
+                    basis = factor if basis is None else basis * factor
+            row.append(float(torch.sum(dsigma_dtau * basis) * dtau))
+        coeffs.append(row)
+    return coeffs
+
+
+def _deis(model, x, sigmas, extra_args, callback, disable, max_order, deis_mode, float32_weights):
     if deis_mode != "tab":
         raise ValueError(f"deis_mode: only 'tab' is implemented, got {deis_mode!r}")
     extra_args = {} if extra_args is None else extra_args
     sig = as_float_list(sigmas)
-    coeff_list = deis_coefficients(sig, max_order)
+    coeff_list = deis_coefficients_float32(sigmas, max_order) if float32_weights else deis_coefficients(sig, max_order)
     history = []
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_next = sig[i], sig[i + 1]
@@ -356,7 +440,7 @@ def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         d = (x - denoised) / sigma
         order = 1 if sigma_next <= 0 else min(max_order, i + 1)
         if order == 1:
-            x_next = _euler_to(x, denoised, sigma, sigma_next)
+            x_next = x + (sigma_next - sigma) * d
         else:
             x_next = x + coeff_list[i][0] * d
             for coeff, d_old in zip(coeff_list[i][1:], history):
@@ -365,6 +449,25 @@ def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         del history[max_order - 1:]
         x = x_next
     return x
+
+
+@torch.no_grad()
+@traits(comfy_rounding=True)
+def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode="tab"):
+    """DEIS multistep (Zhang & Chen 2023), 'tab' variant; the last step to 0 is an Euler step.
+
+    Weights in float64 (compat mode: ComfyUI's float32 weights).
+    """
+    return _deis(model, x, sigmas, extra_args, callback, disable, max_order, deis_mode, False)
+
+
+@torch.no_grad()
+def _sample_deis_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode="tab"):
+    """deis with ComfyUI's float32 weights (compat mode)."""
+    return _deis(model, x, sigmas, extra_args, callback, disable, max_order, deis_mode, True)
+
+
+sample_deis.comfy_variant = _sample_deis_comfy
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ depends only on the seed and *k*; ``device_invariant`` draws on the CPU.
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 from typing import Callable, Optional, Sequence
 
@@ -117,6 +118,11 @@ class BrownianTreeNoiseSampler:
     One tree per seed; ``seed`` may be a list with one seed per batch item.  The
     tree spans ``transform(sigma_min) .. transform(sigma_max)`` and a query
     returns ``(W(t1) - W(t0)) / sqrt(|t1 - t0|)``.  ``cpu`` builds it on the CPU.
+
+    torchsde's tree recurses without bound when queried at times closer together
+    than it can split (e.g. a few steps at denoise ~0.004, where ComfyUI fails with
+    a RecursionError).  Then this sampler logs a warning and continues with a
+    Brownian path of the same law and seeds (``BrownianPathNoiseSampler``).
     """
 
     def __init__(self, x: Tensor, sigma_min, sigma_max, seed=None, transform=lambda s: s, cpu: bool = True):
@@ -139,17 +145,36 @@ class BrownianTreeNoiseSampler:
         if cpu:
             t0, w0, t1 = t0.detach().cpu(), w0.detach().cpu(), t1.detach().cpu()
         self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=s % _U64) for s in seeds]
+        self._seeds, self._like, self._paths = seeds, w0, None
+
+    def _path_fallback(self, sigma, sigma_next, device) -> Tensor:
+        if self._paths is None:
+            logging.getLogger("ksampler").warning(
+                "Brownian tree (torchsde) cannot resolve noise levels %.6g and %.6g (too close together for its "
+                "splitting); continuing with a Brownian path of the same law, seeded from the same seed", float(sigma),
+                float(sigma_next))
+            self._paths = [BrownianPathNoiseSampler(self._like, s, self.transform, self.cpu) for s in self._seeds]
+        if self.batched:
+            w = torch.stack([path(sigma, sigma_next) for path in self._paths])
+        else:
+            w = self._paths[0](sigma, sigma_next)
+        return w.to(device=device, dtype=self.dtype)
 
     def __call__(self, sigma, sigma_next) -> Tensor:
         t0, t1 = self.transform(torch.as_tensor(sigma)), self.transform(torch.as_tensor(sigma_next))
         a, b, sign = _sorted_pair(t0, t1)
         device = a.device
+        if self._paths is not None:
+            return self._path_fallback(sigma, sigma_next, device)
         if self.cpu:
             a, b = a.detach().cpu().float(), b.detach().cpu().float()
-        if self.batched:
-            w = torch.stack([tree(a, b) for tree in self.trees])
-        else:
-            w = self.trees[0](a, b)
+        try:
+            if self.batched:
+                w = torch.stack([tree(a, b) for tree in self.trees])
+            else:
+                w = self.trees[0](a, b)
+        except RecursionError:
+            return self._path_fallback(sigma, sigma_next, device)
         # one pass: orientation and normalisation folded into a scalar (the tree may cache what it returns)
         scale = float(self.sign * sign) / float((t1 - t0).abs().sqrt())
         return w.to(device=device, dtype=self.dtype) * scale

@@ -121,7 +121,7 @@ def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None
                 old_denoised_d = denoised_d
             if s_noise > 0:
                 amount = float((lam_t ** 2 - lam_s ** 2 * r ** 2).sqrt().nan_to_num(nan=0.0))
-                x = x + noise_sampler(sigma, sigma_next) * (float(alpha_t) * s_noise * amount)
+                x = x + noise_sampler(sigma, sigma_next) * float(alpha_t) * s_noise * amount
         old_denoised = denoised
     return x
 

@@ -22,6 +22,10 @@ class SamplerTraits:
     geometry, or a fixed ComfyUI slip); compat mode reproduces ComfyUI by
     running ``fn.comfy_variant`` (or the same function) with VE geometry
     (see README, "Parity").
+    comfy_rounding: ComfyUI computes this sampler's step in float32 with an
+    operation order whose rounding shows on ill-conditioned schedules (tiny
+    first steps); compat mode runs ``fn.comfy_variant``, which reproduces it,
+    with the model's own geometry.
     cfg_pp: the sampler uses the unconditional estimate (CFG++).
     batch_coupled: the sampler's decisions depend on the whole batch (an
     adaptive step size from a batch-wide error norm); batch-invariant noise then
@@ -32,6 +36,7 @@ class SamplerTraits:
     discard_penultimate_sigma: bool = False
     random_inpaint_noise: bool = False
     comfy_compat: bool = False
+    comfy_rounding: bool = False
     cfg_pp: bool = False
     batch_coupled: bool = False
 

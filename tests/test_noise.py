@@ -152,3 +152,27 @@ def test_churn_noise_is_seeded_by_the_run_and_keeps_the_marginal(flow):
     a, b, c = run(3), run(3), run(4)
     assert torch.equal(a, b) and not torch.allclose(a, c)
     assert abs(float(a.mean()) - 0.5) < 0.05 and abs(float(a.std()) / 0.5 - 1) < 0.06
+
+
+def test_brownian_tree_too_fine_for_torchsde_continues_on_a_path(caplog):
+    """35 steps at denoise 1/256 on a flow model: torchsde's tree recurses without bound (ComfyUI raises
+    RecursionError); ours warns once and finishes on a Brownian path with the same seed, reproducibly."""
+    model = analytic_model(flow=True)
+    latent = {"samples": torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(35))}
+    runs = []
+    for _ in range(2):
+        with caplog.at_level("WARNING", logger="ksampler"):
+            runs.append(ksample(model, 3, 35, 1.0, "dpmpp_sde", "exponential", conditioning(1.0),
+                                conditioning(-1.0), latent, 1 / 256)["samples"])
+    assert "cannot resolve noise levels" in caplog.text
+    assert torch.isfinite(runs[0]).all() and torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], latent["samples"])
+
+
+def test_brownian_tree_fallback_path_keeps_the_law():
+    """The fallback's increments are standard normal, like the tree's."""
+    x = torch.zeros(4000)
+    sampler = BrownianTreeNoiseSampler(x, 0.1, 1.0, seed=5)
+    sampler._paths = [BrownianPathNoiseSampler(x, 5)]   # as after a failed tree query
+    draw = sampler(0.5, 0.4)
+    assert abs(float(draw.mean())) < 0.1 and abs(float(draw.std()) - 1) < 0.05
