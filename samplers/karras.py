@@ -350,55 +350,33 @@ def _deis_times(sig: list[float], eps_s: float = 1e-3, sigma_min: float = 0.002,
     return ts, beta_min, beta_d + beta_min
 
 
-def deis_coefficients(sig: list[float], max_order: int, n_quad: int = 10000) -> list[list[float]]:
-    """DEIS 'tAB' weights (Zhang & Chen 2023): Lagrange extrapolation of dx/dsigma in VP time, integrated numerically.
-
-    The integral of L_j(tau) dsigma/dtau over each step uses ``n_quad`` evenly
-    spaced points and weight (t_next - t) / n_quad, as the reference
-    implementation does.
-    """
-    ts, beta_0, beta_1 = _deis_times(sig)
-    coeffs = []
-    for i in range(len(ts) - 1):
-        order = min(i + 1, max_order)
-        if order == 1:
-            coeffs.append([])
-            continue
-        t_cur, t_next = ts[i], ts[i + 1]
-        tau = torch.linspace(t_cur, t_next, n_quad, dtype=torch.float64)
-        log_alpha_slope = -(tau * (beta_1 - beta_0) + beta_0)
-        alpha = torch.exp(-0.5 * tau ** 2 * (beta_1 - beta_0) - tau * beta_0)
-        dsigma_dtau = -0.5 * log_alpha_slope / torch.sqrt(alpha * (1 - alpha))
-        weight = (t_next - t_cur) / n_quad
-        nodes = [ts[i - k] for k in range(order)]
-        row = []
-        for j in range(order):
-            basis = torch.ones_like(tau)
-            for k, node in enumerate(nodes):
-                if k != j:
-                    basis = basis * (tau - node) / (nodes[j] - node)
-            row.append(float((dsigma_dtau * basis).sum()) * weight)
-        coeffs.append(row)
-    return coeffs
-
-
-def deis_coefficients_float32(sigmas: torch.Tensor, max_order: int, n_quad: int = 10000) -> list[list[float]]:
-    """The DEIS 'tAB' weights at float32 throughout, with dlog(alpha)/dtau by autograd (ComfyUI's numerics).
-
-    The float64 weights of ``deis_coefficients`` are more accurate; on schedules
-    with tiny first steps the two differ by ~1e-4 relative, which compat mode removes.
-    """
+def _deis_times_float32(sigmas: torch.Tensor, eps_s: float = 1e-3):
+    """``_deis_times`` with ComfyUI's precisions: float32 times, float64 betas from a float32 log(sigma_min^2 + 1)."""
     import numpy as np
     sig = sigmas.detach().cpu().to(torch.float32)
-    eps_s = 1e-3
-    # the reference mixes precisions: log(sigma_min^2 + 1) is a float32 numpy log (then / eps_s in float32),
-    # log(sigma_max^2 + 1) = log(6401) a float64 one, and the betas are float64 scalars
     log_min = float(torch.tensor(np.log((torch.tensor(0.002) ** 2 + 1).numpy()), dtype=torch.float32) / eps_s)
     log_max = float(np.log(np.float64(80 ** 2 + 1)))
     beta_d = 2 * (log_min - log_max) / (eps_s - 1)
     beta_min = log_max - 0.5 * beta_d
     ts = ((beta_min ** 2 + 2 * beta_d * (sig ** 2 + 1).log()).sqrt() - beta_min) / beta_d
-    beta_0, beta_1 = beta_min, beta_d + beta_min
+    return ts, beta_min, beta_d + beta_min
+
+
+def deis_coefficients(sigmas, max_order: int, n_quad: int = 10000, comfy_float32: bool = False) -> list[list[float]]:
+    """DEIS 'tAB' weights (Zhang & Chen 2023): Lagrange extrapolation of dx/dsigma in VP time, integrated numerically.
+
+    The integral of L_j(tau) dsigma/dtau over each step uses ``n_quad`` evenly
+    spaced points and weight (t_next - t) / n_quad, as the reference
+    implementation does, in float64.  ``comfy_float32``: ComfyUI's numerics
+    (float32 throughout, dlog(alpha)/dtau by autograd), ~1e-4 relative away on
+    schedules with tiny first steps; compat mode uses them.
+    """
+    if comfy_float32:
+        ts, beta_0, beta_1 = _deis_times_float32(torch.as_tensor(sigmas))
+    else:
+        sig = sigmas.detach().cpu().tolist() if isinstance(sigmas, torch.Tensor) else [float(s) for s in sigmas]
+        times, beta_0, beta_1 = _deis_times(sig)
+        ts = torch.tensor(times, dtype=torch.float64)
     coeffs = []
     for i in range(len(ts) - 1):
         order = min(i + 1, max_order)
@@ -406,12 +384,17 @@ def deis_coefficients_float32(sigmas: torch.Tensor, max_order: int, n_quad: int 
             coeffs.append([])
             continue
         t_cur, t_next = ts[i], ts[i + 1]
-        with torch.inference_mode(False), torch.enable_grad():
-            tau = torch.linspace(t_cur, t_next, n_quad).requires_grad_(True)
+        if comfy_float32:
+            with torch.inference_mode(False), torch.enable_grad():
+                tau = torch.linspace(t_cur, t_next, n_quad).requires_grad_(True)
+                alpha = torch.exp(-0.5 * tau ** 2 * (beta_1 - beta_0) - tau * beta_0)
+                (log_alpha_slope,) = torch.autograd.grad(alpha.log().sum(), tau)
+            alpha, tau = alpha.detach(), tau.detach()
+        else:
+            tau = torch.linspace(t_cur, t_next, n_quad, dtype=torch.float64)
             alpha = torch.exp(-0.5 * tau ** 2 * (beta_1 - beta_0) - tau * beta_0)
-            (d_log_alpha,) = torch.autograd.grad(alpha.log().sum(), tau)
-        alpha, tau = alpha.detach(), tau.detach()
-        dsigma_dtau = -0.5 * d_log_alpha / torch.sqrt(alpha * (1 - alpha))
+            log_alpha_slope = -(tau * (beta_1 - beta_0) + beta_0)
+        dsigma_dtau = -0.5 * log_alpha_slope / torch.sqrt(alpha * (1 - alpha))
         dtau = (t_next - t_cur) / n_quad
         nodes = ts[[i - k for k in range(order)]]
         row = []
@@ -431,7 +414,7 @@ def _deis(model, x, sigmas, extra_args, callback, disable, max_order, deis_mode,
         raise ValueError(f"deis_mode: only 'tab' is implemented, got {deis_mode!r}")
     extra_args = {} if extra_args is None else extra_args
     sig = as_float_list(sigmas)
-    coeff_list = deis_coefficients_float32(sigmas, max_order) if float32_weights else deis_coefficients(sig, max_order)
+    coeff_list = deis_coefficients(sigmas, max_order, comfy_float32=float32_weights)
     history = []
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_next = sig[i], sig[i + 1]

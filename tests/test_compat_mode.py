@@ -14,8 +14,7 @@ from analytic import analytic_model, conditioning
 from ksampler.models import EPS
 from ksampler.pipeline import ksample
 from ksampler.samplers import SAMPLERS, sampler_traits
-from ksampler.samplers.karras import (deis_coefficients, deis_coefficients_float32, lms_coefficients,
-                                      lms_coefficients_quadpack)
+from ksampler.samplers.karras import deis_coefficients, lms_coefficients, lms_coefficients_quadpack
 from ksampler.schedulers import calculate_sigmas
 
 ROUNDING = [name for name in SAMPLERS if sampler_traits(name).comfy_rounding]
@@ -57,6 +56,6 @@ def test_lms_quadpack_weights_match_the_exact_ones():
 
 def test_deis_float32_weights_match_the_float64_ones():
     sigmas = calculate_sigmas(EPS(), "karras", 12)
-    exact, f32 = deis_coefficients(sigmas.tolist(), 3), deis_coefficients_float32(sigmas, 3)
+    exact, f32 = deis_coefficients(sigmas, 3), deis_coefficients(sigmas, 3, comfy_float32=True)
     for row_exact, row_f32 in zip(exact[:-1], f32[:-1]):
         assert row_f32 == pytest.approx(row_exact, rel=1e-3, abs=1e-5)
