@@ -18,3 +18,12 @@ def kdiff():
         warnings.simplefilter("ignore")
         import k_diffusion.sampling as K
     return K
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the bundled model's small batches run fastest so (no OpenMP spin-waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

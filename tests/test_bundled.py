@@ -19,13 +19,7 @@ from ksampler.pipeline import ksample
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The bundled model's small batches run fastest on one thread (and OpenMP spin-waits cannot stall them)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- dataset -----------------------------------------------------------------------------------

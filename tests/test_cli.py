@@ -10,13 +10,7 @@ from ksampler.__main__ import main
 TOP = (1 << 64) - 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The bundled model's small batches run fastest on one thread (and OpenMP spin-waits cannot stall them)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _generate(tmp_path, capsys, *extra):
