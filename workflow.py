@@ -261,27 +261,6 @@ class Executor:
         return out
 
 
-def apply_seed_control(graph: dict, control: str, rng: Optional[random.Random] = None,
-                       node_classes: Optional[dict] = None) -> dict:
-    """A copy of the graph with every seed widget (``control_after_generate`` inputs) advanced one run."""
-    if node_classes is None:
-        from .nodes import NODE_CLASS_MAPPINGS
-        node_classes = NODE_CLASS_MAPPINGS
-    out = json.loads(json.dumps(graph))
-    for node_id in sorted(out, key=_sort_key):
-        node = out[node_id]
-        cls = node_classes.get(node.get("class_type"))
-        if cls is None:
-            continue
-        required, optional, _ = _input_specs(cls)
-        for name, spec in list(required.items()) + list(optional.items()):
-            value = node.get("inputs", {}).get(name)
-            if len(spec) > 1 and spec[1].get("control_after_generate") and isinstance(value, int) \
-                    and not isinstance(value, bool):
-                node["inputs"][name] = next_seed(value, control, rng)
-    return out
-
-
 def seed_inputs(graph: dict, node_classes: Optional[dict] = None) -> list:
     """[(node_id, input_name, value)] of the seed widgets in a graph."""
     if node_classes is None:
@@ -295,9 +274,19 @@ def seed_inputs(graph: dict, node_classes: Optional[dict] = None) -> list:
         required, optional, _ = _input_specs(cls)
         for name, spec in list(required.items()) + list(optional.items()):
             value = graph[node_id].get("inputs", {}).get(name)
-            if len(spec) > 1 and spec[1].get("control_after_generate") and isinstance(value, int):
+            if len(spec) > 1 and spec[1].get("control_after_generate") and isinstance(value, int) \
+                    and not isinstance(value, bool):
                 found.append((node_id, name, value))
     return found
+
+
+def apply_seed_control(graph: dict, control: str, rng: Optional[random.Random] = None,
+                       node_classes: Optional[dict] = None) -> dict:
+    """A copy of the graph with every seed widget (``control_after_generate`` inputs) advanced one run."""
+    out = json.loads(json.dumps(graph))
+    for node_id, name, value in seed_inputs(out, node_classes):
+        out[node_id]["inputs"][name] = next_seed(value, control, rng)
+    return out
 
 
 def run_workflow(path: str, output_dir: Optional[str] = None, executor: Optional[Executor] = None) -> dict:
