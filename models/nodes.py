@@ -132,12 +132,18 @@ class EmptyLatentImage:
 
 
 def _resolve(path: str, base_dir, kind: str) -> str:
+    """An input file's path: inside the ComfyUI server it must stay in ComfyUI's input folder."""
+    served_root = _comfy_dir(kind) if base_dir is None else None
+    if served_root:
+        root = os.path.abspath(served_root)
+        resolved = os.path.abspath(os.path.join(root, path))
+        if os.path.commonpath([root, resolved]) != root:
+            raise _input_error(f"image: {path!r} is outside ComfyUI's input folder {root}; put the file there and "
+                               "give its name")
+        return resolved
     if os.path.isabs(path):
         return path
-    for root in (base_dir, _comfy_dir(kind)):
-        if root:
-            return os.path.join(root, path)
-    return os.path.abspath(path)
+    return os.path.join(base_dir, path) if base_dir else os.path.abspath(path)
 
 
 class LoadImage:
@@ -162,7 +168,10 @@ class LoadImage:
 
     @classmethod
     def IS_CHANGED(cls, image, base_dir=None):
-        path = _resolve(image, base_dir, "input") if isinstance(image, str) else ""
+        try:
+            path = _resolve(image, base_dir, "input") if isinstance(image, str) else ""
+        except ValueError:
+            return ""   # load_image reports it
         try:
             st = os.stat(path)
             return f"{path}:{st.st_mtime_ns}:{st.st_size}"

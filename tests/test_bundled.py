@@ -265,3 +265,23 @@ def test_training_script_is_reproducible_and_loads(tmp_path):
     out = ksample(model, 0, 2, 3.0, "euler", "simple", clip.encode("a red circle"), clip.encode(""),
                   {"samples": torch.zeros(1, 3, 32, 32)})
     assert out["samples"].shape == (1, 3, 32, 32) and torch.isfinite(out["samples"]).all()
+
+
+def test_load_image_inside_comfyui_stays_in_the_input_folder(tmp_path, monkeypatch):
+    """Inside the ComfyUI server (folder_paths present) only files in its input folder can be loaded."""
+    import types
+
+    from ksampler.models.images import save_png
+    inputs, outside = tmp_path / "input", tmp_path / "secret"
+    inputs.mkdir()
+    outside.mkdir()
+    save_png(torch.rand(8, 8, 3), str(inputs / "ok.png"))
+    save_png(torch.rand(8, 8, 3), str(outside / "x.png"))
+    fake = types.ModuleType("folder_paths")   # a stand-in for ComfyUI's folder_paths module
+    fake.get_input_directory = lambda: str(inputs)
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    image, _ = LoadImage().load_image("ok.png")
+    assert image.shape == (1, 8, 8, 3)
+    for bad in ("../secret/x.png", str(outside / "x.png")):
+        with pytest.raises(ValueError, match="outside ComfyUI's input folder"):
+            LoadImage().load_image(bad)
