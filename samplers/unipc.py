@@ -73,22 +73,25 @@ def _unipc_update(model_fn, x, model_prev, t_prev, t, order, use_corrector, vari
     x_base = x * float(sigma_vp_t / sigma_vp0) - m0 * float(alpha_t * h_phi_1)
     step = float(alpha_t * b_h)
 
+    # sum_k rho_k D1_k as one contraction over the stacked differences (the reference's rounding)
+    d1_stack = torch.stack(d1s, dim=1) if d1s else None
+
+    def combine(rhos: Tensor) -> Tensor:
+        return torch.tensordot(d1_stack, rhos.to(x.dtype), dims=([1], [0]))
+
     x_t = x_base
     if d1s:
-        rhos_p = [0.5] if order == 2 else torch.linalg.solve(rows[:-1, :-1], b[:-1]).tolist()
-        pred = d1s[0] * rhos_p[0]
-        for rho, d1 in zip(rhos_p[1:], d1s[1:]):
-            pred = pred + d1 * rho
-        x_t = x_base - pred * step
+        rhos_p = torch.tensor([0.5]) if order == 2 else torch.linalg.solve(rows[:-1, :-1], b[:-1])
+        x_t = x_base - step * combine(rhos_p)
 
     model_t = None
     if use_corrector:
         model_t = model_fn(x_t, t)
-        rhos_c = [0.5] if order == 1 else torch.linalg.solve(rows, b).tolist()
-        corr = (model_t - m0) * rhos_c[-1]
-        for rho, d1 in zip(rhos_c[:-1], d1s):
-            corr = corr + d1 * rho
-        x_t = x_base - corr * step
+        rhos_c = torch.tensor([0.5]) if order == 1 else torch.linalg.solve(rows, b)
+        corr = float(rhos_c[-1]) * (model_t - m0)
+        if d1s:
+            corr = combine(rhos_c[:-1]) + corr
+        x_t = x_base - step * corr
     return x_t, model_t
 
 
@@ -101,11 +104,20 @@ def _sample_unipc(model, x, sigmas, extra_args, callback, disable, variant):
     if steps < 1:
         return x
 
+    dtype = sigmas.dtype
+
     def model_fn(x_vp, t):
-        return model(x_vp / _alpha(t), sigma_batch(x_vp, t), **extra_args)
+        # data prediction through the noise prediction, at the sigmas' precision, as the reference computes it:
+        # x_ve = x_vp sqrt(1 + t^2), eps = (x_ve - D) / t, x0 = (x_vp - sigma_vp eps) / alpha
+        t_batch = torch.full((x_vp.shape[0],), t, dtype=dtype, device=x_vp.device)
+        t_b = t_batch.reshape(-1, *([1] * (x_vp.ndim - 1)))
+        x_ve = x_vp * ((t_b ** 2 + 1.0) ** 0.5)
+        eps = (x_ve - model(x_ve, t_batch, **extra_args)) / t_b
+        alpha, sigma_vp, _ = _marginals(t, dtype)
+        return (x_vp - sigma_vp.to(x_vp.device) * eps) / alpha.to(x_vp.device)
 
     order = max(1, min(3, steps - 1))
-    x = x * _alpha(ts[0])
+    x = x / torch.sqrt(1.0 + torch.tensor(ts[0], dtype=dtype) ** 2.0).to(x.device)
     model_prev, t_prev = [model_fn(x, ts[0])], [ts[0]]
     emit(callback, x / _alpha(ts[0]), 0, ts[0], model_prev[-1])
     for k in step_range(steps, disable):
@@ -119,7 +131,7 @@ def _sample_unipc(model, x, sigmas, extra_args, callback, disable, variant):
             t_prev.append(ts[target])
             del model_prev[:-order], t_prev[:-order]
             emit(callback, x / _alpha(ts[target]), target, ts[target], model_x)
-    return x / _alpha(ts[-1])
+    return x / _marginals(ts[-1], dtype)[0].to(x.device)
 
 
 @torch.no_grad()
