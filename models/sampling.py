@@ -344,14 +344,17 @@ class Flow(ModelSampling):
 
     def ancestral_step(self, sigma, sigma_next, eta=1.0):
         """Flow ancestral step: shrink towards sigma_down, then rescale and re-noise to sigma_next's marginal."""
+        if not eta:   # the plain ODE step (the formula below would leave a rounding residue as noise)
+            return sigma_next, 0.0, 1.0
         sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
         alpha_next, alpha_down = 1 - sigma_next, 1 - sigma_down
         sigma_up = max(sigma_next ** 2 - sigma_down ** 2 * alpha_next ** 2 / alpha_down ** 2, 0.0) ** 0.5
         return sigma_down, sigma_up, alpha_next / alpha_down
 
-
     def ancestral_steps(self, sigmas, eta=1.0):
         sigma, sigma_next = sigmas[:-1], sigmas[1:]
+        if not eta:
+            return sigma_next.clone(), torch.zeros_like(sigma_next), torch.ones_like(sigma_next)
         sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
         alpha_next, alpha_down = 1 - sigma_next, 1 - sigma_down
         sigma_up = (sigma_next ** 2 - sigma_down ** 2 * alpha_next ** 2 / alpha_down ** 2).clamp(min=0) ** 0.5

@@ -494,36 +494,45 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
 # RES multistep (Zhang et al. 2023, arXiv:2308.02157)
 # ----------------------------------------------------------------------------------------------
 def _res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta, cfg_pp):
-    """Second-order refined exponential solver in t = -log sigma, with optional ancestral noise and CFG++."""
+    """Second-order refined exponential solver in t = -log sigma, with optional ancestral noise and CFG++.
+
+    The step's scalars are 0-d tensors at the schedule's precision, combined in the reference's order: on
+    closely spaced steps c2 is ill-conditioned and float32 rounding shows in the result.
+    """
     extra_args = {} if extra_args is None else extra_args
     ms = get_model_sampling(model)
-    sig = as_float_list(sigmas)
+    sigmas = sigmas.detach().cpu()
     old_sigma_down = old_denoised = None
-    for i in step_range(len(sig) - 1, disable):
-        sigma, sigma_next = sig[i], sig[i + 1]
+    for i in step_range(len(sigmas) - 1, disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
         if cfg_pp:
-            denoised, uncond = denoise_with_uncond(model, x, sigma, extra_args)
+            denoised, uncond = denoise_with_uncond(model, x, float(sigma), extra_args)
         else:
-            denoised = uncond = model(x, sigma_batch(x, sigma), **extra_args)
+            denoised = uncond = model(x, sigma_batch(x, float(sigma)), **extra_args)
         sigma_down, sigma_up, scale = ms.ancestral_step(sigma, sigma_next, eta)
-        emit(callback, x, i, sigma, denoised)
+        sigma_down = torch.as_tensor(sigma_down, dtype=sigmas.dtype)
+        emit(callback, x, i, float(sigma), denoised)
         if sigma_down == 0 or old_denoised is None:
-            if cfg_pp:
-                x = denoised + (x - uncond) * (sigma_down / sigma)
-            else:
-                x = torch.lerp(x, denoised, 1.0 - sigma_down / sigma)
+            d = (x - uncond) / float(sigma)
+            x = denoised + d * float(sigma_down) if cfg_pp else x + d * float(sigma_down - sigma)
         else:
-            h = math.log(sigma / sigma_down)
-            c2 = (math.log(old_sigma_down) - math.log(sig[i - 1])) / h
-            phi_1 = math.expm1(-h) / -h
-            phi_2 = (phi_1 - 1) / -h
-            b1, b2 = (phi_1 - phi_2 / c2, phi_2 / c2) if c2 != 0 else (0.0, 0.0)
+            t, t_old, t_next, t_prev = (-s.log() for s in (sigma, old_sigma_down, sigma_down, sigmas[i - 1]))
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi_1 = torch.expm1(-h) / -h
+            phi_2 = (phi_1 - 1.0) / -h
+            b1 = torch.nan_to_num(phi_1 - phi_2 / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi_2 / c2, nan=0.0)
             if cfg_pp:
                 x = x + (denoised - uncond)
-            x = x * math.exp(-h) + uncond * (h * b1) + old_denoised * (h * b2)
+            x = float((-h).exp()) * x + float(h) * (float(b1) * uncond + float(b2) * old_denoised)
         if sigma_next > 0 and sigma_up > 0:
             noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
-            x = renoise(x, scale, noise_sampler(sigma, sigma_next), s_noise * sigma_up)
+            noise = noise_sampler(float(sigma), float(sigma_next))
+            if scale == 1.0:
+                x = x + noise * s_noise * float(sigma_up)
+            else:
+                x = renoise(x, float(scale), noise, s_noise * float(sigma_up))
         old_denoised = uncond
         old_sigma_down = sigma_down
     return x

@@ -154,3 +154,14 @@ def test_unknown_names_raise():
         _run("euler_typo")
     with pytest.raises(ValueError, match="scheduler"):
         calculate_sigmas(EPS(), "karas", 10)
+
+
+@pytest.mark.parametrize("ms", [EPS(), Flow(shift=3.0)], ids=["eps", "flow"])
+def test_ancestral_step_at_eta_zero_is_the_plain_ode_step(ms):
+    """eta = 0 adds no noise at all (the flow formula alone would leave a float32 rounding residue of ~2e-4)."""
+    sigmas = calculate_sigmas(ms, "linear_quadratic", 6)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        sigma_down, sigma_up, scale = ms.ancestral_step(sigma, sigma_next, 0.0)
+        assert float(sigma_down) == float(sigma_next) and float(sigma_up) == 0.0 and float(scale) == 1.0
+    sigma_down, sigma_up, scale = ms.ancestral_steps(sigmas, 0.0)
+    assert torch.equal(sigma_down, sigmas[1:]) and not sigma_up.any() and bool((scale == 1).all())
