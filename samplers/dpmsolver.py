@@ -336,23 +336,29 @@ def _dpmpp_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, no
 
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), in t = -log sigma."""
+    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), in t = -log sigma.
+
+    Step scalars are 0-d tensors at the schedule's precision, combined in k-diffusion's order (which ComfyUI
+    shares), so closely spaced steps round the same way.
+    """
     extra_args = {} if extra_args is None else extra_args
-    sig = as_float_list(sigmas)
+    sigmas = sigmas.detach().cpu()
     old_denoised = None
-    for i in step_range(len(sig) - 1, disable):
-        sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = model(x, sigma_batch(x, sigma), **extra_args)
-        emit(callback, x, i, sigma, denoised)
+    for i in step_range(len(sigmas) - 1, disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma_batch(x, float(sigma)), **extra_args)
+        emit(callback, x, i, float(sigma), denoised)
         if sigma_next == 0:
             x = denoised
-        elif old_denoised is None:
-            x = torch.lerp(x, denoised, 1.0 - sigma_next / sigma)
         else:
-            h = math.log(sigma / sigma_next)
-            r = math.log(sig[i - 1] / sigma) / h
-            denoised_d = torch.lerp(old_denoised, denoised, 1 + 1 / (2 * r))
-            x = torch.lerp(x, denoised_d, 1.0 - sigma_next / sigma)
+            t, t_next = -sigma.log(), -sigma_next.log()
+            h = t_next - t
+            decay, weight = float((-t_next).exp() / (-t).exp()), float((-h).expm1())
+            denoised_d = denoised
+            if old_denoised is not None:
+                r = (t - -sigmas[i - 1].log()) / h
+                denoised_d = float(1 + 1 / (2 * r)) * denoised - float(1 / (2 * r)) * old_denoised
+            x = decay * x - weight * denoised_d
         old_denoised = denoised
     return x
 

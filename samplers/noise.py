@@ -175,9 +175,9 @@ class BrownianTreeNoiseSampler:
                 w = self.trees[0](a, b)
         except RecursionError:
             return self._path_fallback(sigma, sigma_next, device)
-        # one pass: orientation and normalisation folded into a scalar (the tree may cache what it returns)
-        scale = float(self.sign * sign) / float((t1 - t0).abs().sqrt())
-        return w.to(device=device, dtype=self.dtype) * scale
+        # one pass, never in place (the tree may cache what it returns): a division by the signed root rounds
+        # exactly as orienting first and dividing by the root does (the reference's order)
+        return w.to(device=device, dtype=self.dtype) / (float((t1 - t0).abs().sqrt()) * (self.sign * sign))
 
 
 class BrownianPathNoiseSampler:
