@@ -461,6 +461,12 @@ def _dpmpp_multistep_sde_float32(model, x, sigmas, extra_args, callback, disable
 
 
 def _make_dpmpp_msde(order, solver_type, cpu, noise_kind, doc):
+    """The sampler: with ComfyUI's Brownian tree (the default) its update follows the reference's arithmetic, so
+    the latent is ComfyUI's; with other noise (the fast Brownian path) it runs fused, one pass per tensor."""
+    def pick(noise_sampler):
+        reference = noise_sampler is None or getattr(noise_sampler, "reference_noise", False)
+        return _dpmpp_multistep_sde_float32 if reference else _dpmpp_multistep_sde
+
     def make(update):
         @torch.no_grad()
         @traits(noise=noise_kind, comfy_rounding=True)
@@ -471,12 +477,13 @@ def _make_dpmpp_msde(order, solver_type, cpu, noise_kind, doc):
             if solver_type not in ("heun", "midpoint"):
                 raise ValueError(f"solver_type: must be 'heun' or 'midpoint', got {solver_type!r}")
             extra_args = {} if extra_args is None else extra_args
+            step = update or pick(noise_sampler)
             noise_sampler = _brownian(noise_sampler, x, sigmas, extra_args, cpu=cpu)
-            return update(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order,
-                          solver_type)
+            return step(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order,
+                        solver_type)
         sampler.__doc__ = doc
         return sampler
-    sampler = make(_dpmpp_multistep_sde)
+    sampler = make(None)
     sampler.comfy_variant = make(_dpmpp_multistep_sde_float32)
     return sampler
 

@@ -125,6 +125,8 @@ class BrownianTreeNoiseSampler:
     Brownian path of the same law and seeds (``BrownianPathNoiseSampler``).
     """
 
+    reference_noise = True   # ComfyUI's noise: samplers may then also follow its arithmetic exactly
+
     def __init__(self, x: Tensor, sigma_min, sigma_max, seed=None, transform=lambda s: s, cpu: bool = True):
         import torchsde  # lazily: only SDE samplers need it
 
