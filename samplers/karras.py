@@ -409,12 +409,18 @@ def deis_coefficients(sigmas, max_order: int, n_quad: int = 10000, comfy_float32
     return coeffs
 
 
-def _deis(model, x, sigmas, extra_args, callback, disable, max_order, deis_mode, float32_weights):
+@torch.no_grad()
+def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode="tab"):
+    """DEIS multistep (Zhang & Chen 2023), 'tab' variant; the last step to 0 is an Euler step.
+
+    The weights follow the schedule's precision: float32 sigmas get ComfyUI's float32 weights (so the latent is
+    ComfyUI's), float64 sigmas full float64 weights.
+    """
     if deis_mode != "tab":
         raise ValueError(f"deis_mode: only 'tab' is implemented, got {deis_mode!r}")
     extra_args = {} if extra_args is None else extra_args
     sig = as_float_list(sigmas)
-    coeff_list = deis_coefficients(sigmas, max_order, comfy_float32=float32_weights)
+    coeff_list = deis_coefficients(sigmas, max_order, comfy_float32=sigmas.dtype != torch.float64)
     history = []
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_next = sig[i], sig[i + 1]
@@ -432,25 +438,6 @@ def _deis(model, x, sigmas, extra_args, callback, disable, max_order, deis_mode,
         del history[max_order - 1:]
         x = x_next
     return x
-
-
-@torch.no_grad()
-@traits(comfy_rounding=True)
-def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode="tab"):
-    """DEIS multistep (Zhang & Chen 2023), 'tab' variant; the last step to 0 is an Euler step.
-
-    Weights in float64 (compat mode: ComfyUI's float32 weights).
-    """
-    return _deis(model, x, sigmas, extra_args, callback, disable, max_order, deis_mode, False)
-
-
-@torch.no_grad()
-def _sample_deis_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode="tab"):
-    """deis with ComfyUI's float32 weights (compat mode)."""
-    return _deis(model, x, sigmas, extra_args, callback, disable, max_order, deis_mode, True)
-
-
-sample_deis.comfy_variant = _sample_deis_comfy
 
 
 @torch.no_grad()

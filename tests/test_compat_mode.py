@@ -1,9 +1,9 @@
 """ComfyUI-compat mode for the samplers whose float32 rounding ComfyUI reproduces differently (traits.comfy_rounding).
 
-Their compat variants (lms: QUADPACK weights over float32 basis values; deis: float32 weights with autograd
-slopes; the multistep SDE samplers: float32 scalars and tensor-by-tensor divided differences) are checked here
-for what CI can check: they are the ones compat mode runs, and they agree with the default implementations to
-rounding.  Bit-exact agreement with ComfyUI itself is measured by ../shared/comfyui/parity.py (README, "Parity").
+Their compat variants (lms: QUADPACK weights over float32 basis values; the multistep SDE samplers: float32
+scalars and tensor-by-tensor divided differences, used by default too with ComfyUI's Brownian tree) are checked
+here for what CI can check: they are the ones compat mode runs, and they agree with the default implementations
+to rounding.  Bit-exact agreement with ComfyUI itself is measured by ../shared/comfyui/parity.py (README, "Parity").
 """
 import functools
 
@@ -21,7 +21,7 @@ ROUNDING = [name for name in SAMPLERS if sampler_traits(name).comfy_rounding]
 
 
 def test_the_rounding_variants_are_the_expected_samplers():
-    assert set(ROUNDING) == {"lms", "deis", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun",
+    assert set(ROUNDING) == {"lms", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun",
                              "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu"}
     assert all(callable(getattr(SAMPLERS[name], "comfy_variant", None)) for name in ROUNDING)
 
