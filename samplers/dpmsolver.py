@@ -354,11 +354,13 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
             t, t_next = -sigma.log(), -sigma_next.log()
             h = t_next - t
             decay, weight = float((-t_next).exp() / (-t).exp()), float((-h).expm1())
-            denoised_d = denoised
-            if old_denoised is not None:
+            if old_denoised is None:
+                step = denoised * weight
+            else:
                 r = (t - -sigmas[i - 1].log()) / h
-                denoised_d = float(1 + 1 / (2 * r)) * denoised - float(1 / (2 * r)) * old_denoised
-            x = decay * x - weight * denoised_d
+                step = denoised * float(1 + 1 / (2 * r))
+                step.sub_(old_denoised * float(1 / (2 * r))).mul_(weight)
+            x = (x * decay).sub_(step)   # in place on fresh tensors only: the same roundings, fewer allocations
         old_denoised = denoised
     return x
 
