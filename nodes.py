@@ -47,7 +47,8 @@ TOOLTIPS = {
                   "7 is the paper's and ComfyUI's value; other schedulers ignore it.",
     "flow_geometry": "For flow models (SD3, Flux): 'exact' gives ddpm, res_multistep_ancestral and the cfg_pp "
                      "samplers the flow noise geometry; 'comfyui' reproduces ComfyUI, which runs them with VE "
-                     "geometry; 'default' follows KSAMPLER_FLOW_GEOMETRY (exact unless set).",
+                     "geometry (and also uses ComfyUI's lms weights and dpmpp_2s_ancestral_cfg_pp re-noising on "
+                     "any model); 'default' follows KSAMPLER_FLOW_GEOMETRY (exact unless set).",
 }
 
 
