@@ -16,8 +16,11 @@ from .traits import traits
 
 
 def _euler_to(x, denoised, sigma, sigma_to):
-    """Euler step of the PF-ODE from sigma to sigma_to: x + (sigma_to - sigma) (x - D) / sigma."""
-    return torch.lerp(x, denoised, 1.0 - sigma_to / sigma)
+    """Euler step of the PF-ODE from sigma to sigma_to: x + (sigma_to - sigma) (x - D) / sigma.
+
+    In k-diffusion's order of operations (ComfyUI's latents to the bit), in place on one fresh tensor.
+    """
+    return (x - denoised).div_(sigma).mul_(sigma_to - sigma).add_(x)
 
 
 def _log_midpoint(a: float, b: float, dtype) -> float:

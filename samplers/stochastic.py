@@ -174,6 +174,22 @@ def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=F
     sig_t = ms.offset_first_sigma(sigmas.detach().cpu())
     sig = as_float_list(sig_t)
     lambdas = ms.half_log_snr(sig_t)  # +inf at sigma 0, never used in a solve
+    precise = []   # (sigmas, lambdas) in float64, built if a float32 system turns out singular
+
+    def coefficients(j: int, lo: int, hi: int, s: int, t: int, tau: float) -> Tensor:
+        b = None
+        try:
+            b = sa_solver_coefficients(sig_t[j], lambdas[lo:hi], lambdas[s], lambdas[t], tau)
+        except torch.linalg.LinAlgError:
+            pass
+        if b is None or not bool(torch.isfinite(b).all()):
+            # float32 cannot resolve these closely spaced noise levels (ComfyUI fails here): solve in float64
+            if not precise:
+                precise.append((sig_t.double(), ms.half_log_snr(sig_t.double())))
+            sig64, lam64 = precise[0]
+            b = sa_solver_coefficients(sig64[j], lam64[lo:hi], lam64[s], lam64[t], tau)
+        return b
+
     if tau_func is None:
         tau_func = _sa_tau(ms.percent_to_sigma(0.2), ms.percent_to_sigma(0.8), eta=1.0)
     max_order = max(predictor_order, corrector_order)
@@ -197,7 +213,7 @@ def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=F
         if c_order == 0:
             x = x_pred
         else:
-            b = sa_solver_coefficients(sig_t[i], lambdas[i - c_order + 1:i + 1], lambdas[i - 1], lambdas[i], tau)
+            b = coefficients(i, i - c_order + 1, i + 1, i - 1, i, tau)
             corr = history[-c_order] * float(b[0])
             for k in range(1, c_order):
                 corr = corr + history[-c_order + k] * float(b[k])
@@ -212,7 +228,7 @@ def sample_sa_solver(model, x, sigmas, extra_args=None, callback=None, disable=F
             x_pred = denoised
             continue
         tau = tau_func(sigma_next)
-        b = sa_solver_coefficients(sig_t[i + 1], lambdas[i - p_order + 1:i + 1], lambdas[i], lambdas[i + 1], tau)
+        b = coefficients(i + 1, i - p_order + 1, i + 1, i, i + 1, tau)
         pred = history[-p_order] * float(b[0])
         for k in range(1, p_order):
             pred = pred + history[-p_order + k] * float(b[k])
