@@ -416,8 +416,8 @@ def _dpmpp_multistep_sde(model, x, sigmas, extra_args, callback, disable, eta, s
 
 def _dpmpp_multistep_sde_float32(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order,
                                  solver_type="midpoint"):
-    """The same update with ComfyUI's numerics (compat mode): float32 0-d scalars, alpha_t = sigma e^lambda, and
-    the divided differences formed tensor by tensor, in the reference's order."""
+    """The same update with ComfyUI's numerics (with its Brownian tree, and in compat mode): float32 0-d scalars,
+    alpha_t = sigma e^lambda, and the divided differences formed tensor by tensor, in the reference's order."""
     ms = get_model_sampling(model)
     sigmas = ms.offset_first_sigma(sigmas.detach().cpu())
     inject = eta > 0 and s_noise > 0
