@@ -21,17 +21,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from _common import require_ksampler  # noqa: E402
 from sd15_unet import SD15SizedUNet, parameter_count  # noqa: E402
-
-
-def _import_package():
-    try:
-        import ksampler
-        return ksampler
-    except ImportError:
-        parent, name = os.path.split(os.path.dirname(HERE))
-        sys.path.insert(0, parent)
-        return __import__(name)
 
 
 def _sync(device: torch.device) -> None:
@@ -51,10 +42,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "unet_overhead.json"))
     args = ap.parse_args(argv)
 
-    ks = _import_package()
-    from importlib import import_module
-    models = import_module(ks.__name__ + ".models")
-    pipeline = import_module(ks.__name__ + ".pipeline")
+    require_ksampler()
+    from ksampler import models, pipeline
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import as_float_list, emit, sigma_batch, step_range
+from ._common import as_float_list, emit, step_range
 from .traits import traits
 
 FINAL_SIGMA = 0.001
