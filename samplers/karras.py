@@ -372,11 +372,15 @@ def deis_coefficients(sigmas, max_order: int, n_quad: int = 10000, comfy_float32
     spaced points and weight (t_next - t) / n_quad, as the reference
     implementation does, in float64.  ``comfy_float32``: ComfyUI's numerics
     (float32 throughout, dlog(alpha)/dtau by autograd), ~1e-4 relative away on
-    schedules with tiny first steps; compat mode uses them.
+    schedules with tiny first steps; compat mode uses them.  Where float32 cannot tell two noise levels apart
+    (their VP times coincide, so the Lagrange basis divides by zero and ComfyUI's latent turns NaN), the weights
+    are computed in float64 instead.
     """
     if comfy_float32:
         ts, beta_0, beta_1 = _deis_times_float32(torch.as_tensor(sigmas))
-    else:
+        if not bool((ts[1:] < ts[:-1]).all()):
+            comfy_float32 = False
+    if not comfy_float32:
         sig = sigmas.detach().cpu().tolist() if isinstance(sigmas, torch.Tensor) else [float(s) for s in sigmas]
         times, beta_0, beta_1 = _deis_times(sig)
         ts = torch.tensor(times, dtype=torch.float64)

@@ -218,7 +218,7 @@ def test_scheduler_api_bad_input():
 
 
 # --- properties over the registries -------------------------------------------------------------------
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(sampler=st.sampled_from(list(SAMPLERS)), scheduler=st.sampled_from(list(SCHEDULERS)),
        steps=st.integers(1, 60), denoise=st.floats(0.0, 1.0), cfg=st.floats(0.0, 15.0), flow=st.booleans())
 def test_property_sigmas_and_outputs(sampler, scheduler, steps, denoise, cfg, flow):
@@ -236,6 +236,18 @@ def test_property_sigmas_and_outputs(sampler, scheduler, steps, denoise, cfg, fl
     assert torch.equal(latent["samples"], snapshot[0]["samples"])
     assert torch.equal(positive[0][0], snapshot[1][0][0]) and positive[0][1] == snapshot[1][0][1]
     assert torch.equal(negative[0][0], snapshot[2][0][0])
+
+
+@pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_noise_levels_float32_can_barely_separate(sampler, flow):
+    """Karras, 25 steps at denoise 1/64: neighbouring noise levels differ by ~0.5 %, and on the flow model two of
+    DEIS's float32 VP times coincide (ComfyUI's latent turns NaN there). Every sampler must stay finite."""
+    model = analytic_model(flow=flow)
+    latent = {"samples": torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(25))}
+    out = KSampler().sample(model, 3, 25, 3.0, sampler, "karras", conditioning(1.0), conditioning(-1.0),
+                            latent, 1 / 64)[0]["samples"]
+    assert torch.isfinite(out).all()
 
 
 # --- interrupts ---------------------------------------------------------------------------------------
