@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ksampler.models import EPS, VE, DiffusionModel, Flow, LatentFormat
+from ksampler.models import EDM, EPS, V, VE, X0, DiffusionModel, Flow, LatentFormat
 
 
 def gaussian_denoiser(x, sigma, mu, s0, flow=False):
@@ -89,14 +89,27 @@ class AnalyticNetwork(nn.Module):
             x = x_in
             d = gaussian_denoiser(x, sigma, mu, self.s0, flow=True)
             return (x - d) / sigma  # velocity n - x0 so that x - sigma v = D
-        x = x_in * (sigma ** 2 + 1) ** 0.5
+        sd = self.ms.sigma_data
+        x = x_in * (sigma ** 2 + sd ** 2) ** 0.5
         d = gaussian_denoiser(x, sigma, mu, self.s0)
+        kind = self.ms.prediction_type
+        if kind == "x0":
+            return d
+        if kind in ("v", "edm"):  # invert denoised = x sd^2 / (s^2 + sd^2) -+ out s sd / sqrt(s^2 + sd^2)
+            out = (x * sd ** 2 / (sigma ** 2 + sd ** 2) - d) * (sigma ** 2 + sd ** 2) ** 0.5 / (sigma * sd)
+            return out if kind == "v" else -out
         return (x - d) / sigma
 
 
-def analytic_model(flow: bool = False, channels: int = 4) -> DiffusionModel:
-    """A DiffusionModel over the analytic network (eps on SD's discrete schedule, or flow with shift 3)."""
-    ms = Flow(shift=3.0) if flow else EPS()
+MODEL_KINDS = ("eps", "v", "v_zsnr", "x0", "edm", "flow")
+
+
+def analytic_model(flow: bool = False, channels: int = 4, kind: str | None = None) -> DiffusionModel:
+    """A DiffusionModel over the analytic network: eps on SD's discrete schedule, or flow with shift 3; ``kind``
+    picks any of MODEL_KINDS (v with zero terminal SNR, x0, EDM) instead."""
+    kind = kind or ("flow" if flow else "eps")
+    ms = {"eps": lambda: EPS(), "v": lambda: V(), "v_zsnr": lambda: V(zero_terminal_snr=True), "x0": lambda: X0(),
+          "edm": lambda: EDM(sigma_min=0.002, sigma_max=120.0, sigma_data=0.5), "flow": lambda: Flow(shift=3.0)}[kind]()
     return DiffusionModel(AnalyticNetwork(ms), ms, LatentFormat(channels, scale_factor=1.0), name="analytic")
 
 

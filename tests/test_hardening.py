@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analytic import analytic_model, conditioning
+from analytic import MODEL_KINDS, analytic_model, conditioning
 from ksampler.conditioning import KSamplerInputError
 from ksampler.models import EPS
 from ksampler.nodes import KSampler, KSamplerAdvanced
@@ -220,9 +220,10 @@ def test_scheduler_api_bad_input():
 # --- properties over the registries -------------------------------------------------------------------
 @settings(suppress_health_check=[HealthCheck.too_slow])
 @given(sampler=st.sampled_from(list(SAMPLERS)), scheduler=st.sampled_from(list(SCHEDULERS)),
-       steps=st.integers(1, 60), denoise=st.floats(0.0, 1.0), cfg=st.floats(0.0, 15.0), flow=st.booleans())
-def test_property_sigmas_and_outputs(sampler, scheduler, steps, denoise, cfg, flow):
-    model = analytic_model(flow=flow)
+       steps=st.integers(1, 60), denoise=st.floats(0.0, 1.0), cfg=st.floats(0.0, 15.0),
+       kind=st.sampled_from(MODEL_KINDS))
+def test_property_sigmas_and_outputs(sampler, scheduler, steps, denoise, cfg, kind):
+    model = analytic_model(kind=kind)
     sigmas = sampling_sigmas(model.model_sampling, scheduler, steps, denoise,
                              sampler_traits(sampler).discard_penultimate_sigma)
     assert torch.isfinite(sigmas).all()
@@ -241,16 +242,16 @@ def test_property_sigmas_and_outputs(sampler, scheduler, steps, denoise, cfg, fl
 @settings(suppress_health_check=[HealthCheck.too_slow])
 @given(sampler=st.sampled_from(list(SAMPLERS)), scheduler=st.sampled_from(list(SCHEDULERS)),
        steps=st.integers(1, 40), bounds=st.tuples(st.integers(0, 45), st.integers(0, 45)),
-       cfg=st.floats(0.0, 15.0), flow=st.booleans(), batch=st.integers(1, 3), add_noise=st.booleans(),
+       cfg=st.floats(0.0, 15.0), kind=st.sampled_from(MODEL_KINDS), batch=st.integers(1, 3), add_noise=st.booleans(),
        leftover=st.booleans(), batch_invariant=st.booleans(), cpu_noise=st.booleans(),
        brownian=st.sampled_from(["tree", "fast"]), geometry=st.sampled_from(["default", "exact", "comfyui"]),
        rho=st.floats(0.5, 30.0), masked=st.booleans())
-def test_property_advanced_node(sampler, scheduler, steps, bounds, cfg, flow, batch, add_noise, leftover,
+def test_property_advanced_node(sampler, scheduler, steps, bounds, cfg, kind, batch, add_noise, leftover,
                                 batch_invariant, cpu_noise, brownian, geometry, rho, masked):
     """KSamplerAdvanced over its whole surface: the output is finite, keeps the latent's shape, leaves every input
     untouched, and a start step at or past the end returns the latent unchanged."""
     start, end = bounds
-    model = analytic_model(flow=flow)
+    model = analytic_model(kind=kind)
     latent = {"samples": torch.randn(batch, 4, 4, 4, generator=torch.Generator().manual_seed(steps))}
     if masked:
         latent["noise_mask"] = torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(start))

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from analytic import GaussianCFGDenoiser, GaussianDenoiser
+from analytic import (MODEL_KINDS, GaussianCFGDenoiser, GaussianDenoiser, analytic_model, conditioning,
+                      gaussian_denoiser)
 from ksampler.models import EPS, Flow
 from ksampler.pipeline import sample
 from ksampler.samplers import COMFY_SAMPLER_NAMES, SAMPLERS, register_sampler, sampler_traits
@@ -38,6 +39,18 @@ def test_comfy_names_first_in_order():
     assert list(COMFY_SCHEDULER_NAMES) == ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta",
                                            "normal", "linear_quadratic", "kl_optimal"]
     assert ALL_SCHEDULERS[:9] == list(COMFY_SCHEDULER_NAMES)
+
+
+@pytest.mark.parametrize("kind", [k for k in MODEL_KINDS if k != "flow"])
+def test_analytic_network_gives_the_exact_denoiser_for_every_prediction_type(kind):
+    """The test network's raw output, through the model sampling's conversion, is the exact Gaussian denoiser."""
+    model = analytic_model(kind=kind)
+    ms = model.model_sampling
+    sigma = ms.sigmas[[10, 400, 990]]
+    x = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * (1 + sigma.reshape(-1, 1, 1, 1))
+    context = conditioning(0.7)[0][0].expand(3, -1, -1)
+    expected = gaussian_denoiser(x, sigma, 0.7, 0.8)
+    torch.testing.assert_close(model.apply_model(x, sigma, context=context), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
