@@ -18,7 +18,6 @@ sampling protocol:
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

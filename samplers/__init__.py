@@ -15,7 +15,6 @@ time, which also takes any k-diffusion function::
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import replace
 from typing import Callable
 
 import torch

@@ -11,7 +11,7 @@ import math
 import torch
 
 from ._common import (as_float_list, denoise_with_uncond, emit, get_model_sampling, renoise, resolve_noise_sampler,
-                      sigma_batch, step_range)
+                      step_range)
 from .dpmsolver import _res_multistep
 from .frames import in_ve_frame
 from .karras import sample_gradient_estimation

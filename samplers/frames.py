@@ -75,16 +75,14 @@ def in_ve_frame(fn, comfy_runs_it_raw: bool = True, comfy_variant=None):
         sig_ve = torch.tensor([math.exp(-ms.half_log_snr(s)) if s > 0 else 0.0 for s in sig], dtype=sigmas.dtype)
         alphas = [ms.alpha(s) for s in sig]
 
-        frame_cb = None
-        if callback is not None:
-            def frame_cb(info):
-                i = info.get("i", 0)
-                info = dict(info)
-                info["x"] = info["x"] * alphas[min(i, len(alphas) - 1)]
-                return callback(info)
+        def frame_cb(info):
+            i = info.get("i", 0)
+            info = dict(info)
+            info["x"] = info["x"] * alphas[min(i, len(alphas) - 1)]
+            return callback(info)
 
-        out = fn(VEFrameModel(model, ms), x / alphas[0], sig_ve.to(sigmas.device), extra_args, frame_cb, disable,
-                 **options)
+        out = fn(VEFrameModel(model, ms), x / alphas[0], sig_ve.to(sigmas.device), extra_args,
+                 frame_cb if callback is not None else None, disable, **options)
         return out * alphas[-1]
 
     base = get_traits(fn)

@@ -3,7 +3,6 @@
 Also: property-based runs over the registries (hypothesis) and interrupts that leave nothing behind.
 """
 import copy
-import math
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The node contract (what ComfyUI reads) and the KSampler's behaviour on our own models."""
 import copy
 
-import pytest
 import torch
 
 from analytic import analytic_model, conditioning
