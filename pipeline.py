@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from .conditioning import Guidance, KSamplerInputError
-from .validation import MAX_SEED, check_int, check_latent, check_model, check_sampler_args
+from .validation import (LATENT_LAYOUTS, MAX_SEED, check_int, check_latent, check_model, check_noise_mask,
+                         check_sampler_args)
 from .models.sampling import ModelSampling
 from .samplers import final_sigma, get_sampler, sampler_traits
 from .samplers.frames import VEGeometryView
@@ -59,13 +60,25 @@ def max_denoise(model_sampling, sigmas: Tensor) -> bool:
 
 
 def prepare_mask(noise_mask: Tensor, shape: Sequence[int], device) -> Tensor:
-    """Resize a [B, H, W] (or [B, 1, H, W]) mask bilinearly to the latent and repeat it over channels and batch."""
-    mask = noise_mask.reshape((-1, 1, noise_mask.shape[-2], noise_mask.shape[-1])).float()
-    mask = torch.nn.functional.interpolate(mask, size=tuple(shape[2:]), mode="bilinear")
+    """Resize an inpainting mask to a latent of ``shape`` ([B, C, L], [B, C, H, W] or [B, C, T, H, W]).
+
+    The mask is resized (linear, bilinear or trilinear) over the spatial dims, then repeated over channels and
+    batch.  Image masks lead with the batch; video masks below rank 5 stack frames (ComfyUI's conventions).
+    """
+    spatial = len(shape) - 2
+    mask = noise_mask.float()
+    if spatial == 2:
+        mask = mask.reshape((-1, 1) + tuple(mask.shape[-2:]))
+    elif spatial == 3 and mask.ndim < 5:
+        mask = mask.reshape((1, 1, -1) + tuple(mask.shape[-2:]))
+    elif mask.ndim < len(shape):  # audio: [L] or [B, L]
+        mask = mask.reshape((-1, 1, mask.shape[-1]))
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial]
+    mask = torch.nn.functional.interpolate(mask, size=tuple(shape[2:]), mode=mode)
     if mask.shape[1] < shape[1]:
-        mask = mask.repeat((1, shape[1], 1, 1))[:, :shape[1]]
+        mask = mask.repeat((1, shape[1]) + (1,) * spatial)[:, :shape[1]]
     if mask.shape[0] < shape[0]:
-        mask = mask.repeat((math.ceil(shape[0] / mask.shape[0]), 1, 1, 1))
+        mask = mask.repeat((math.ceil(shape[0] / mask.shape[0]),) + (1,) * (len(shape) - 1))
     return mask[:shape[0]].to(device)
 
 
@@ -191,6 +204,13 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
             raise KSamplerInputError(f"{name}: expected a tensor, got {type(t).__name__}")
     if noise.shape != latent.shape:
         raise KSamplerInputError(f"noise: shape {tuple(noise.shape)} differs from latent {tuple(latent.shape)}")
+    mask_batch = 1
+    if noise_mask is not None:
+        if latent.ndim not in LATENT_LAYOUTS:
+            raise KSamplerInputError(f"noise_mask: masks need a latent of layout "
+                                     f"{' or '.join(LATENT_LAYOUTS.values())}; the latent has shape "
+                                     f"{tuple(latent.shape)}")
+        mask_batch = check_noise_mask(noise_mask, latent.shape)
     sigmas = _as_sigmas(sigmas)
     if len(sigmas) <= 1:
         return latent.float().clone()
@@ -211,10 +231,9 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
     seed = 0 if seed is None else check_int("seed", seed, 0, MAX_SEED)
     if noise_options.batch_invariant and tr.batch_coupled and latent.shape[0] > 1:
         indices = list(batch_index) if batch_index is not None else list(range(latent.shape[0]))
-        masks = [None] * latent.shape[0]
-        if noise_mask is not None:
-            full = prepare_mask(noise_mask, latent.shape, "cpu")
-            masks = [full[k:k + 1] for k in range(latent.shape[0])]
+        masks = [noise_mask] * latent.shape[0]
+        if mask_batch > 1:
+            masks = [noise_mask[k:k + 1] for k in range(latent.shape[0])]
         items = [sample(model, model_sampling, noise[k:k + 1], latent[k:k + 1], sigmas, guidance, sampler, seed,
                         noise_mask=masks[k], callback=callback, disable=disable, sampler_options=sampler_options,
                         noise_options=noise_options, batch_index=[indices[k]], compat=compat,
@@ -302,7 +321,8 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
             sampler_options: Optional[dict] = None, scheduler_options: Optional[dict] = None) -> dict:
     """The KSampler node's behaviour on one of our models; returns a new latent dict."""
     check_model(model)
-    samples, batch_index, noise_mask = check_latent(latent, model.latent_format.latent_channels)
+    samples, batch_index, noise_mask = check_latent(latent, model.latent_format.latent_channels,
+                                                    dims=getattr(model.latent_format, "latent_dimensions", 2) + 2)
     check_sampler_args(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                        denoise=denoise)
     noise_options = noise_options or NoiseOptions()

@@ -8,7 +8,7 @@ import torch
 
 from .conditioning.validate import KSamplerInputError
 
-__all__ = ["KSamplerInputError", "check_latent", "check_model", "check_sampler_args", "MAX_SEED", "MAX_STEPS"]
+__all__ = ["KSamplerInputError", "check_latent", "check_noise_mask", "check_model", "check_sampler_args", "MAX_SEED", "MAX_STEPS"]
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_STEPS = 10000
@@ -69,22 +69,34 @@ def check_model(model) -> None:
                                  f"without {', '.join(missing)}")
 
 
-def check_latent(latent, channels: Optional[int] = None, name: str = "latent_image"):
-    """Validate a LATENT dict; returns (samples, batch_index or None, noise_mask or None). Never mutates it."""
+LATENT_LAYOUTS = {3: "[batch, channels, length] (audio)", 4: "[batch, channels, height, width] (image)",
+                  5: "[batch, channels, frames, height, width] (video)"}
+
+
+def check_latent(latent, channels: Optional[int] = None, name: str = "latent_image", dims: Optional[int] = None):
+    """Validate a LATENT dict; returns (samples, batch_index or None, noise_mask or None). Never mutates it.
+
+    ``dims``: the number of dimensions the model's latents have (4 for an image model); by default any of
+    ComfyUI's layouts (3, 4 or 5) is accepted.
+    """
     if not isinstance(latent, dict):
         raise KSamplerInputError(f"{name}: expected a LATENT dict with a 'samples' tensor, got {type(latent).__name__}")
     if "samples" not in latent:
         raise KSamplerInputError(f"{name}: the LATENT dict has no 'samples' entry; connect an Empty Latent Image "
                                  "or VAE Encode node")
     samples = latent["samples"]
+    if getattr(samples, "is_nested", False):
+        raise KSamplerInputError(f"{name}['samples']: is a nested latent (several streams, e.g. audio + video), "
+                                 "which ksampler does not sample yet; use ComfyUI's built-in KSampler for this model")
     if not isinstance(samples, torch.Tensor):
         raise KSamplerInputError(f"{name}['samples']: expected a tensor, got {type(samples).__name__}")
     if samples.device.type == "meta":
         raise KSamplerInputError(f"{name}['samples']: the tensor is on the 'meta' device and holds no data; "
                                  "move it to the CPU or the model's device")
-    if samples.ndim != 4:
-        raise KSamplerInputError(f"{name}['samples']: expected 4 dims [batch, channels, height, width], got shape "
-                                 f"{tuple(samples.shape)}")
+    allowed = (dims,) if dims is not None else tuple(LATENT_LAYOUTS)
+    if samples.ndim not in allowed:
+        layouts = " or ".join(LATENT_LAYOUTS.get(d, f"{d} dims") for d in allowed)
+        raise KSamplerInputError(f"{name}['samples']: expected {layouts}, got shape {tuple(samples.shape)}")
     if samples.numel() == 0:
         raise KSamplerInputError(f"{name}['samples']: is empty (shape {tuple(samples.shape)})")
     if not samples.is_floating_point():
@@ -109,17 +121,43 @@ def check_latent(latent, channels: Optional[int] = None, name: str = "latent_ima
 
     mask = latent.get("noise_mask")
     if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise KSamplerInputError(f"{name}['noise_mask']: expected a tensor, got {type(mask).__name__}")
-        if mask.ndim not in (2, 3, 4) or (mask.ndim == 4 and mask.shape[1] != 1):
-            raise KSamplerInputError(f"{name}['noise_mask']: expected [height, width], [batch, height, width] or "
-                                     f"[batch, 1, height, width], got shape {tuple(mask.shape)}")
-        if mask.numel() == 0 or mask.shape[-1] == 0 or mask.shape[-2] == 0:
-            raise KSamplerInputError(f"{name}['noise_mask']: is empty (shape {tuple(mask.shape)})")
-        mask_batch = 1 if mask.ndim == 2 else mask.shape[0]
-        if mask_batch not in (1, samples.shape[0]):
-            raise KSamplerInputError(f"{name}['noise_mask']: batch {mask_batch} does not match the latent batch "
-                                     f"{samples.shape[0]}; give one mask or one per latent")
-        if not bool(torch.isfinite(mask.float()).all()):
-            raise KSamplerInputError(f"{name}['noise_mask']: contains NaN or Inf")
+        check_noise_mask(mask, samples.shape, f"{name}['noise_mask']")
     return samples, batch_index, mask
+
+
+# per latent layout (its number of spatial dims): the mask shapes accepted (as ComfyUI resizes masks)
+_MASK_LAYOUTS = {1: "[length], [batch, length] or [batch, 1 or channels, length]",
+                 2: "[height, width], [batch, height, width] or [batch, 1, height, width]",
+                 3: "[height, width], [frames, height, width], [frames, 1, height, width] or "
+                    "[batch, 1 or channels, frames, height, width]"}
+
+
+def check_noise_mask(mask, latent_shape, name: str = "noise_mask") -> int:
+    """An inpainting mask that ``pipeline.prepare_mask`` can resize to a latent of ``latent_shape``; returns how
+    many batch items it holds (1 when it has no batch dim)."""
+    if not isinstance(mask, torch.Tensor):
+        raise KSamplerInputError(f"{name}: expected a tensor, got {type(mask).__name__}")
+    spatial, channels = len(latent_shape) - 2, latent_shape[1]
+    full_rank = spatial + 2  # [batch, channel, *spatial]
+    if spatial == 3 and mask.ndim < full_rank:  # video: the leading dims stack frames, as in ComfyUI
+        ok, batch = 2 <= mask.ndim <= 4 and (mask.ndim < 4 or mask.shape[1] == 1), 1
+    else:
+        ok = spatial <= mask.ndim <= full_rank
+        if mask.ndim == full_rank:
+            ok = ok and mask.shape[1] in ((1,) if spatial == 2 else (1, channels))
+        batch = mask.shape[0] if mask.ndim > spatial else 1
+    if not ok:
+        raise KSamplerInputError(f"{name}: expected {_MASK_LAYOUTS[spatial]} for a latent of shape "
+                                 f"{tuple(latent_shape)}, got shape {tuple(mask.shape)}")
+    if mask.numel() == 0:
+        raise KSamplerInputError(f"{name}: is empty (shape {tuple(mask.shape)})")
+    if mask.device.type == "meta":
+        raise KSamplerInputError(f"{name}: the tensor is on the 'meta' device and holds no data")
+    if batch not in (1, latent_shape[0]):
+        raise KSamplerInputError(f"{name}: batch {batch} does not match the latent batch {latent_shape[0]}; "
+                                 "give one mask or one per latent")
+    if mask.is_complex():
+        raise KSamplerInputError(f"{name}: is complex; use real values in [0, 1]")
+    if not bool(torch.isfinite(mask.float()).all()):
+        raise KSamplerInputError(f"{name}: contains NaN or Inf")
+    return batch

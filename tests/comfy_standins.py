@@ -64,7 +64,7 @@ def build_standin_modules():
         def __call__(self, x, sigma, denoise_mask=None, model_options={}, seed=None):
             if denoise_mask is not None:
                 x = x * denoise_mask + self.inner_model.inner_model.model_sampling.noise_scaling(
-                    sigma.reshape(-1, 1, 1, 1), self.noise, self.latent_image) * (1 - denoise_mask)
+                    sigma.reshape(-1, *[1] * (x.ndim - 1)), self.noise, self.latent_image) * (1 - denoise_mask)
             out = self.inner_model(x, sigma, model_options=model_options, seed=seed)
             if denoise_mask is not None:
                 out = out * denoise_mask + self.latent_image * (1 - denoise_mask)
@@ -79,7 +79,7 @@ def build_standin_modules():
             self.inner_model, self.cfg, self.mu_c, self.mu_u = inner_model, cfg, mu_c, mu_u
 
         def _d(self, x, sigma, mu):
-            s = sigma.reshape(-1, 1, 1, 1)
+            s = sigma.reshape(-1, *[1] * (x.ndim - 1))
             if isinstance(self.inner_model.model_sampling, CONST):
                 a = 1 - s
                 return (a * 0.64 * x + mu * s ** 2) / (a ** 2 * 0.64 + s ** 2)
@@ -104,7 +104,11 @@ def build_standin_modules():
         inner = types.SimpleNamespace(model_sampling=model.model_sampling_object)
         wrap = CFGWrap(inner, cfg, positive[0][0].mean(), negative[0][0].mean())
         wrap.inner_model = inner
-        if denoise_mask is not None:
+        if denoise_mask is not None and latent_image.ndim == 5:  # video: frames-stacked mask, resized in 3-D
+            frames = denoise_mask.reshape(1, 1, -1, *denoise_mask.shape[-2:]).float()
+            denoise_mask = torch.nn.functional.interpolate(frames, size=latent_image.shape[2:], mode="trilinear")
+            denoise_mask = denoise_mask.expand_as(latent_image)
+        elif denoise_mask is not None:
             denoise_mask = denoise_mask.reshape(-1, 1, *denoise_mask.shape[-2:]).expand_as(latent_image)
         extra_args = {"model_options": dict(model_options), "seed": seed}
         out = sampler.sample(wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
@@ -116,7 +120,8 @@ def build_standin_modules():
     def fix_empty_latent_channels(model, latent):
         channels = model.latent_channels
         if latent.shape[1] != channels and torch.count_nonzero(latent) == 0:
-            return latent.repeat(1, math.ceil(channels / latent.shape[1]), 1, 1)[:, :channels]
+            reps = (1, math.ceil(channels / latent.shape[1])) + (1,) * (latent.ndim - 2)
+            return latent.repeat(reps)[:, :channels]
         return latent
 
     sample_mod.fix_empty_latent_channels = fix_empty_latent_channels

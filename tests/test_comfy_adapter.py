@@ -105,6 +105,32 @@ def test_noise_mask_keeps_unmasked_region_through_the_host(host):
     assert torch.allclose(out[:, :, 4:], latent["samples"][:, :, 4:], atol=1e-5)
 
 
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m_sde", "res_multistep"])
+def test_video_latent_through_the_host(host, sampler):
+    """5-D video latents [B, C, T, H, W] (Wan, HunyuanVideo, ...) sample as in ComfyUI; a per-frame mask keeps
+    the frames it marks 0 (a frames-stacked [T, H, W] mask, ComfyUI's convention for video)."""
+    modules, adapter = host
+    samples = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 8, 8)
+    mask[0] = 0.0
+    latent = {"samples": samples, "noise_mask": mask}
+    out = adapter.common_ksampler(StandInModelPatcher(modules), 2, 6, 3.0, sampler, "karras", _cond(1.0),
+                                  _cond(-1.0), latent)["samples"]
+    assert out.shape == samples.shape and torch.isfinite(out).all()
+    assert torch.allclose(out[:, :, 0], samples[:, :, 0], atol=1e-5)
+    assert not torch.allclose(out[:, :, 1:], samples[:, :, 1:], atol=1e-2)
+    assert torch.equal(latent["samples"], samples) and torch.equal(latent["noise_mask"][0], torch.zeros(8, 8))
+
+
+def test_audio_latent_through_the_host(host):
+    """3-D latents [B, C, L] (Stable Audio) sample as in ComfyUI."""
+    modules, adapter = host
+    latent = {"samples": torch.zeros(2, 4, 16)}
+    out = adapter.common_ksampler(StandInModelPatcher(modules), 2, 6, 3.0, "dpmpp_2m", "karras", _cond(1.0),
+                                  _cond(-1.0), latent)["samples"]
+    assert out.shape == (2, 4, 16) and torch.isfinite(out).all()
+
+
 def test_interop_nodes(host):
     modules, adapter = host
     (sampler,) = adapter.SamplerSelect().get_sampler("dpmpp_2m_sde", batch_invariant_noise=True)

@@ -26,6 +26,15 @@ def good():
                 latent_image={"samples": torch.zeros(2, 4, 8, 8)}, denoise=1.0)
 
 
+class NestedLatent:
+    """Shaped like ComfyUI's NestedTensor (several latent streams, e.g. LTX-2 audio + video): not a tensor."""
+    is_nested = True
+    tensors = [torch.zeros(1, 4, 8, 8), torch.zeros(1, 8, 16)]
+
+    def __eq__(self, other):
+        return isinstance(other, NestedLatent)
+
+
 def meta_cond():
     return [[torch.empty(1, 4, 8, device="meta"), {}]]
 
@@ -100,6 +109,7 @@ NODE_CASES = [
     ("latent-inf", {"latent_image": nan_latent(float("inf"))}, "latent_image['samples']"),
     ("latent-rank-3", {"latent_image": {"samples": torch.zeros(4, 8, 8)}}, "latent_image['samples']"),
     ("latent-rank-5", {"latent_image": {"samples": torch.zeros(1, 4, 2, 8, 8)}}, "latent_image['samples']"),
+    ("latent-nested", {"latent_image": {"samples": NestedLatent()}}, "nested"),
     ("latent-wrong-channels", {"latent_image": {"samples": torch.randn(1, 3, 8, 8)}}, "channels"),
     ("latent-empty-batch", {"latent_image": {"samples": torch.zeros(0, 4, 8, 8)}}, "latent_image['samples']"),
     ("latent-int-dtype", {"latent_image": {"samples": torch.zeros(1, 4, 8, 8, dtype=torch.int32)}},

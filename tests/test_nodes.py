@@ -148,6 +148,57 @@ def test_noise_mask_keeps_unmasked_region():
     assert not torch.allclose(out[0][:, ~keep], latent["samples"][0][:, ~keep], atol=1e-2)
 
 
+def test_prepare_mask_layouts():
+    """Masks resize to audio, image and video latents; video masks below rank 5 stack frames (ComfyUI's rule)."""
+    from ksampler.pipeline import prepare_mask
+    # image: [B, H, W] -> bilinear to the latent, repeated over channels
+    img = prepare_mask(torch.ones(2, 16, 16), (2, 4, 8, 8), "cpu")
+    assert img.shape == (2, 4, 8, 8) and torch.equal(img, torch.ones_like(img))
+    # audio: [L], [B, L] and per-channel [B, C, L]
+    ramp = torch.linspace(0, 1, 32)
+    audio = prepare_mask(ramp, (3, 2, 8), "cpu")
+    assert audio.shape == (3, 2, 8) and bool((audio[:, :, 1:] >= audio[:, :, :-1]).all())
+    assert torch.equal(audio[0], audio[2]) and torch.equal(audio[:, 0], audio[:, 1])
+    per_item = prepare_mask(torch.stack([torch.zeros(8), torch.ones(8)]), (2, 2, 8), "cpu")
+    assert torch.equal(per_item[0], torch.zeros(2, 8)) and torch.equal(per_item[1], torch.ones(2, 8))
+    per_channel = prepare_mask(torch.tensor([[[0.0] * 8, [1.0] * 8]]), (1, 2, 8), "cpu")
+    assert torch.equal(per_channel[0, 0], torch.zeros(8)) and torch.equal(per_channel[0, 1], torch.ones(8))
+    # video: 9 mask frames [T, H, W] onto 3 latent frames; frame values survive the temporal resize
+    frames = torch.zeros(9, 16, 16)
+    frames[6:] = 1.0
+    video = prepare_mask(frames, (2, 4, 3, 8, 8), "cpu")
+    assert video.shape == (2, 4, 3, 8, 8)
+    assert torch.equal(video[:, :, 0], torch.zeros(2, 4, 8, 8)) and torch.equal(video[:, :, 2], torch.ones(2, 4, 8, 8))
+    assert torch.equal(prepare_mask(frames[:, None], (2, 4, 3, 8, 8), "cpu"), video)  # [T, 1, H, W]
+    full = prepare_mask(torch.rand(2, 1, 3, 8, 8), (2, 4, 3, 8, 8), "cpu")  # [B, 1, T, H, W]: per item
+    assert not torch.equal(full[0], full[1])
+
+
+def test_pipeline_masks_video_latents_and_rejects_bad_masks():
+    """Python API: a video mask keeps its frames; a mask that fits no layout is one clear error."""
+    import pytest
+    from ksampler.conditioning import KSamplerInputError
+    from ksampler.models import EPS
+    from ksampler.pipeline import sample
+    from ksampler.schedulers import sampling_sigmas
+    from analytic import GaussianDenoiser
+    model = GaussianDenoiser(model_sampling=EPS())
+    latent = torch.randn(1, 3, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(1, 3, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    sigmas = sampling_sigmas(model.model_sampling, "karras", 6)
+    mask = torch.ones(4, 4, 4)
+    mask[:2] = 0.0
+    out = sample(model, None, noise, latent, sigmas, None, "euler", 0, noise_mask=mask)
+    assert torch.allclose(out[:, :, :2], latent[:, :, :2], atol=1e-5)
+    for bad in (torch.ones(4, 2, 4, 4), torch.ones(1, 2, 4, 4, 4), torch.ones(3, 1, 4, 4, 4), torch.ones(4),
+                torch.ones(1, 1, 1, 4, 4, 4)):
+        with pytest.raises(KSamplerInputError, match="noise_mask"):
+            sample(model, None, noise, latent, sigmas, None, "euler", 0, noise_mask=bad)
+    with pytest.raises(KSamplerInputError, match="noise_mask"):
+        sample(model, None, noise.reshape(1, -1), latent.reshape(1, -1), sigmas, None, "euler", 0,
+                   noise_mask=mask)
+
+
 def test_cfg_one_makes_no_negative_call():
     model = analytic_model()
     _run(model=model, cfg=1.0, steps=5)
