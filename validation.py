@@ -8,7 +8,8 @@ import torch
 
 from .conditioning.validate import KSamplerInputError
 
-__all__ = ["KSamplerInputError", "check_latent", "check_noise_mask", "check_model", "check_sampler_args", "MAX_SEED", "MAX_STEPS"]
+__all__ = ["KSamplerInputError", "check_latent", "check_noise_mask", "check_model", "check_sampler_args",
+           "LATENT_LAYOUTS", "MAX_SEED", "MAX_STEPS"]
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_STEPS = 10000
