@@ -1,0 +1,140 @@
+"""Two parity checks the shared harness does not make, against the real ComfyUI (in-process, CPU).
+
+    /tmp/comfy/venv/bin/python tools/comfy_extra_parity.py [--comfyui-dir DIR] [--models-dir DIR] [--quick]
+
+* video: a tiny random-weight Wan 2.1 model (built here, 2 blocks of width 128) samples a 5-D latent
+  [1, 16, 3, 8, 8] through our KSampler and through the built-in one: txt2vid, vid2vid at denoise 0.6, and a
+  per-frame noise mask, for several samplers and schedulers;
+* SamplerCustom: ComfyUI's SamplerCustom node driven by our SamplerSelect + Scheduler nodes against
+  KSamplerSelect + BasicScheduler, on the harness's tiny SD1.5 (eps) and SD3 (flow) checkpoints.
+
+Prints max |ours - built-in| / std(built-in) per case and exits 1 if any exceeds --tol. Needs the set-up of
+../shared/comfyui (setup.sh); ComfyUI is imported as a library, nothing of it is copied here.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HARNESS = os.path.join(os.path.dirname(ROOT), "shared", "comfyui")
+
+
+def load_pack():
+    """Import this checkout the way ComfyUI imports a custom-node folder."""
+    spec = importlib.util.spec_from_file_location("ksampler_pack", os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["ksampler_pack"] = pack
+    spec.loader.exec_module(pack)
+    return pack.NODE_CLASS_MAPPINGS
+
+
+def node_output(result):
+    """A node's first output, whether the node is a classic one or a v3 (io.NodeOutput) one."""
+    result = getattr(result, "result", result)
+    return result[0]
+
+
+def relative_diff(ref, out) -> float:
+    return float((ref - out).abs().max() / ref.std())
+
+
+def tiny_wan():
+    """A random-weight Wan 2.1 text-to-video model patcher (weights N(0, 0.02), seed 0)."""
+    import torch
+    import comfy.ops
+    import comfy.sd
+    from comfy.ldm.wan.model import WanModel
+    gen = torch.Generator().manual_seed(0)
+    net = WanModel(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=4096, in_dim=16, out_dim=16,
+                   freq_dim=256, operations=comfy.ops.disable_weight_init)
+    state = {k: torch.randn(v.shape, generator=gen) * 0.02 if v.is_floating_point() else v
+             for k, v in net.state_dict().items()}
+    return comfy.sd.load_diffusion_model_state_dict(state)
+
+
+def video_cases(nodes, ours, quick):
+    import torch
+    patcher = tiny_wan()
+    pos = [[torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(1)), {}]]
+    neg = [[torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(2)), {}]]
+    video = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(9, 64, 64)
+    mask[:4] = 0.0  # keep the first frames
+    latents = [("txt2vid", {"samples": torch.zeros(1, 16, 3, 8, 8)}, 1.0), ("vid2vid", {"samples": video}, 0.6),
+               ("mask", {"samples": video, "noise_mask": mask}, 1.0)]
+    samplers = ["euler", "dpmpp_2m_sde", "uni_pc"] if quick else \
+        ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "res_multistep", "er_sde", "deis",
+         "lcm"]
+    for sampler in samplers:
+        for scheduler in (["karras"] if quick else ["simple", "karras", "beta"]):
+            for mode, latent, denoise in latents:
+                args = (patcher, 5, 4, 4.0, sampler, scheduler, pos, neg, latent, denoise)
+                ref = nodes.KSampler().sample(*args)[0]["samples"]
+                out = ours["ksampler_KSampler"]().sample(*args)[0]["samples"]
+                yield f"wan21 {sampler} {scheduler} {mode} {tuple(out.shape)}", relative_diff(ref, out)
+
+
+def custom_sampler_cases(nodes, ours, models_dir, quick):
+    import torch
+    import comfy_extras.nodes_custom_sampler as custom
+    sys.path.insert(0, HARNESS)
+    from harness_nodes import random_conditioning
+    with open(os.path.join(models_dir, "tiny_models.json")) as f:
+        manifest = json.load(f)["models"]
+    for key in ("sd15_eps", "sd3_flow"):
+        spec = manifest[key]
+        model = nodes.CheckpointLoaderSimple().load_checkpoint(spec["checkpoint"])[0]
+        pos = random_conditioning(101, spec["cond_tokens"], spec["cond_dim"], spec["pooled_dim"])
+        neg = random_conditioning(202, spec["cond_tokens"], spec["cond_dim"], spec["pooled_dim"])
+        latent = {"samples": torch.zeros(1, spec["latent_channels"], 8, 8)}
+        samplers = ["euler", "dpmpp_2m_sde"] if quick else \
+            ["euler", "euler_ancestral", "dpmpp_2m_sde", "uni_pc", "lms", "res_multistep"]
+        for sampler in samplers:
+            for scheduler in (["karras"] if quick else ["simple", "karras", "beta"]):
+                ref_sigmas = node_output(custom.BasicScheduler.execute(model, scheduler, 6, 1.0))
+                our_sigmas = ours["ksampler_Scheduler"]().get_sigmas(model, scheduler, 6, 1.0)[0]
+                if not torch.equal(ref_sigmas, our_sigmas):
+                    yield f"{key} {scheduler} sigmas", float("inf")
+                    continue
+                ref_sampler = node_output(custom.KSamplerSelect.execute(sampler))
+                our_sampler = ours["ksampler_SamplerSelect"]().get_sampler(sampler)[0]
+                ref = node_output(custom.SamplerCustom.execute(model, True, 7, 4.0, pos, neg, ref_sampler,
+                                                               ref_sigmas, latent))["samples"]
+                out = node_output(custom.SamplerCustom.execute(model, True, 7, 4.0, pos, neg, our_sampler,
+                                                               our_sigmas, latent))["samples"]
+                yield f"SamplerCustom {key} {sampler} {scheduler}", relative_diff(ref, out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--comfyui-dir", default=os.environ.get("COMFYUI_DIR", "/tmp/comfy/ComfyUI"))
+    ap.add_argument("--models-dir", default=os.environ.get("COMFY_MODELS", "/tmp/comfy/models"))
+    ap.add_argument("--tol", type=float, default=1e-4, help="max |ours - built-in| / std(built-in)")
+    ap.add_argument("--quick", action="store_true", help="a few samplers and one scheduler")
+    a = ap.parse_args(argv)
+    sys.path.insert(0, HARNESS)
+    import harness_env
+    import warnings
+    warnings.filterwarnings("ignore", category=UserWarning)  # torchsde's float-rounding notes, in both nodes
+    nodes = harness_env.bootstrap_comfy(a.comfyui_dir, a.models_dir)
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    ours = load_pack()
+    results = []
+    for label, diff in list(video_cases(nodes, ours, a.quick)) + \
+            list(custom_sampler_cases(nodes, ours, a.models_dir, a.quick)):
+        results.append((label, diff))
+        print(f"{label:60s} {diff:.2e} {'OK' if diff <= a.tol else 'DIFF'}", flush=True)
+    bad = [label for label, diff in results if not diff <= a.tol]
+    print(f"{len(results) - len(bad)}/{len(results)} cases within {a.tol:g} x std; worst "
+          f"{max(d for _, d in results):.2e}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
