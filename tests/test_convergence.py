@@ -30,7 +30,8 @@ EXPECTED_ORDER = {
     "heunpp2": 0.7, "gradient_estimation": 0.7, "gradient_estimation_cfg_pp": 0.7,
     "heun": 1.8, "dpm_2": 1.8, "exp_heun_2_x0": 1.8, "dpmpp_2m": 1.8, "dpmpp_2m_cfg_pp": 1.8,
     "res_multistep": 1.8, "res_multistep_cfg_pp": 1.8, "ipndm": 1.8,
-    # third-order multistep steps; the first-order start step's O(h^2) error keeps the fitted slope lower
+    # deis: third order, but still pre-asymptotic at 16-64 steps (see test_deis_is_third_order_asymptotically);
+    # dpmpp_3m: bit-identical to k-diffusion's dpmpp_3m_sde at eta 0, whose slope tends to 2 on this problem
     "dpmpp_3m": 1.5, "deis": 2.2,
     "lms": 3.0, "dpm_fast": 3.0, "uni_pc": 3.0, "uni_pc_bh2": 3.0,
 }
@@ -49,9 +50,9 @@ def ode_error(name: str, n: int, flow: bool = False) -> float:
     return float((out - exact_ode(x, float(sig[0]), float(sig[-1]), MU, S0, flow)).abs().max())
 
 
-def fitted_order(name: str, flow: bool = False) -> float:
-    xs = [math.log(n) for n in STEPS]
-    ys = [math.log(ode_error(name, n, flow)) for n in STEPS]
+def fitted_order(name: str, flow: bool = False, steps=STEPS) -> float:
+    xs = [math.log(n) for n in steps]
+    ys = [math.log(ode_error(name, n, flow)) for n in steps]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return -sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
 
@@ -61,6 +62,13 @@ def fitted_order(name: str, flow: bool = False) -> float:
 def test_convergence_order(name, flow):
     order = fitted_order(name, flow)
     assert order >= EXPECTED_ORDER[name], f"{name}: fitted order {order:.2f} < {EXPECTED_ORDER[name]}"
+
+
+@pytest.mark.parametrize("flow", [False, True], ids=["ve", "flow"])
+def test_deis_is_third_order_asymptotically(flow):
+    """Over 64-256 steps deis's slope reaches its nominal 3 (2.94 VE, 2.91 flow); the start steps are not what
+    holds it at 2.7 / 2.3 over 16-64 steps: replacing them by the exact solution changes the error by < 0.1 %."""
+    assert fitted_order("deis", flow, steps=(64, 96, 128, 192, 256)) >= 2.85
 
 
 def test_every_deterministic_sampler_has_an_order_check():
