@@ -421,13 +421,18 @@ def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     """DEIS multistep (Zhang & Chen 2023), 'tab' variant; the last step to 0 is an Euler step.
 
     The weights follow the schedule's precision: float32 sigmas get ComfyUI's float32 weights (so the latent is
-    ComfyUI's), float64 sigmas full float64 weights.
+    ComfyUI's), float64 sigmas full float64 weights.  ``deis_mode="rhoab"``: the paper's rho-AB variant, the
+    eps extrapolation polynomial in sigma itself, integrated exactly (``max_order`` points, as for tAB).
     """
-    if deis_mode != "tab":
-        raise ValueError(f"deis_mode: only 'tab' is implemented, got {deis_mode!r}")
+    if deis_mode not in ("tab", "rhoab"):
+        raise ValueError(f"deis_mode: 'tab' or 'rhoab', got {deis_mode!r}")
     extra_args = {} if extra_args is None else extra_args
     sig = as_float_list(sigmas)
-    coeff_list = deis_coefficients(sigmas, max_order, comfy_float32=sigmas.dtype != torch.float64)
+    if deis_mode == "tab":
+        coeff_list = deis_coefficients(sigmas, max_order, comfy_float32=sigmas.dtype != torch.float64)
+    else:
+        coeff_list = [lms_coefficients(sig, i, min(i + 1, max_order)) if sig[i + 1] > 0 else []
+                      for i in range(len(sig) - 1)]
     history = []
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_next = sig[i], sig[i + 1]

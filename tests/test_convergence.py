@@ -71,6 +71,14 @@ def test_deis_is_third_order_asymptotically(flow):
     assert fitted_order("deis", flow, steps=(64, 96, 128, 192, 256)) >= 2.85
 
 
+@pytest.mark.parametrize("flow", [False, True], ids=["ve", "flow"])
+def test_deis_rhoab_mode_is_third_order(flow, monkeypatch):
+    """deis_mode="rhoab" (the paper's variant, polynomial in sigma): 2.90 VE, 2.81 flow over 64-256 steps."""
+    import functools
+    monkeypatch.setitem(SAMPLERS, "deis_rhoab", functools.partial(SAMPLERS["deis"], deis_mode="rhoab"))
+    assert fitted_order("deis_rhoab", flow, steps=(64, 96, 128, 192, 256)) >= 2.75
+
+
 def test_every_deterministic_sampler_has_an_order_check():
     deterministic = {n for n in SAMPLERS if not sampler_traits(n).stochastic}
     # dpm_adaptive picks its own steps (checked below); ipndm_v's error is not monotone in the step count here
