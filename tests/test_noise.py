@@ -111,6 +111,31 @@ def test_batch_invariant_noise_for_every_sampler(name, brownian):
         assert torch.allclose(batch[k], alone[0], atol=1e-5), f"{name}: item {k} depends on the batch"
 
 
+@pytest.mark.parametrize("mask_kind", ["frames", "per_item"])
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "uni_pc", "dpm_adaptive"])
+def test_batch_invariant_noise_on_masked_video_latents(name, mask_kind):
+    """Python API, video latents [B, C, T, H, W] with an inpainting mask: item k alone equals item k of the batch
+    (a frames mask [T, H, W] applies to every item; a [B, 1, T, H, W] mask is split per item, also when a
+    batch-coupled sampler (dpm_adaptive) runs item by item)."""
+    from ksampler.models import EPS
+    from ksampler.pipeline import sample
+    from ksampler.samplers.noise import prepare_noise
+    from ksampler.schedulers import sampling_sigmas
+    from analytic import GaussianDenoiser
+    model = GaussianDenoiser(model_sampling=EPS())
+    latent = torch.randn(3, 2, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+    mask = torch.rand(3, 4, 4) if mask_kind == "frames" else torch.rand(3, 1, 3, 4, 4)
+    options = NoiseOptions(batch_invariant=True)
+    sigmas = sampling_sigmas(model.model_sampling, "karras", 6)
+    noise = prepare_noise(latent, 8, per_item=True)
+    batch = sample(model, None, noise, latent, sigmas, None, name, 8, noise_mask=mask, noise_options=options)
+    for k in (0, 2):
+        item_mask = mask if mask_kind == "frames" else mask[k:k + 1]
+        alone = sample(model, None, noise[k:k + 1], latent[k:k + 1], sigmas, None, name, 8, noise_mask=item_mask,
+                       noise_options=options, batch_index=[k])
+        assert torch.allclose(batch[k], alone[0], atol=1e-5), f"{name}: item {k} depends on the batch"
+
+
 def test_without_the_option_ancestral_noise_depends_on_batch_size():
     """ComfyUI's default (kept for parity): one generator draws the whole batch's ancestral noise."""
     pos, neg = conditioning(1.0), conditioning(-1.0)
