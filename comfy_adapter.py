@@ -18,7 +18,6 @@ sampling protocol:
 """
 from __future__ import annotations
 
-
 import torch
 
 import comfy.model_management
@@ -32,6 +31,7 @@ from .models.sampling import Flow, ModelSampling
 from .pipeline import NoiseOptions, _noise_sampler, _accepts
 from .samplers import SAMPLERS, final_sigma, get_sampler, sampler_traits
 from .samplers.frames import VEGeometryView
+from .samplers.traits import compat_variant
 from .samplers.noise import initial_noise
 from .schedulers import SCHEDULERS, ksampler_sigmas, sampling_sigmas
 from .validation import MAX_STEPS, KSamplerInputError, check_latent
@@ -152,13 +152,10 @@ class RegistrySampler(comfy.samplers.Sampler):
 
         x = host_ms.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
 
-        fn = self.fn
         denoiser = HostDenoiser(model_k, ms, extra_args)
-        if self.compat and self.traits.comfy_compat:
+        fn, ve_geometry = compat_variant(self.fn, self.traits, self.compat)
+        if ve_geometry:
             denoiser = VEGeometryView(denoiser)
-            fn = getattr(fn, "comfy_variant", fn)
-        elif self.compat and self.traits.comfy_rounding:
-            fn = fn.comfy_variant
         options = dict(self.options)
         if "noise_sampler" not in options and _accepts(fn, "noise_sampler"):
             kind = self.traits.noise if self.traits.noise != "none" else "ancestral"

@@ -21,6 +21,7 @@ from .validation import (LATENT_LAYOUTS, MAX_SEED, check_int, check_latent, chec
 from .models.sampling import ModelSampling
 from .samplers import final_sigma, get_sampler, sampler_traits
 from .samplers.frames import VEGeometryView
+from .samplers.traits import compat_variant
 from .samplers.noise import (BrownianPathNoiseSampler, BrownianTreeNoiseSampler, default_noise_sampler, initial_noise,
                              item_seed)
 from .schedulers import ksampler_sigmas
@@ -251,14 +252,11 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
         inner = guidance.bind(model, model_sampling, latent.shape, device)
     else:
         inner = model
-    if compat and tr.comfy_compat:
+    fn, ve_geometry = compat_variant(fn, tr, compat)
+    if ve_geometry:
         inner = VEGeometryView(inner)
-        fn = getattr(fn, "comfy_variant", fn)
-    else:
-        if compat and tr.comfy_rounding:
-            fn = fn.comfy_variant
-        if not hasattr(inner, "model_sampling") or inner.model_sampling is not model_sampling:
-            inner = _WithSampling(inner, model_sampling)
+    elif not hasattr(inner, "model_sampling") or inner.model_sampling is not model_sampling:
+        inner = _WithSampling(inner, model_sampling)
 
     mask = None
     inpaint_noise = noise

@@ -62,3 +62,12 @@ def traits(**kw) -> Callable:
 
 def get_traits(fn) -> SamplerTraits:
     return getattr(fn, "sampler_traits", DEFAULT_TRAITS)
+
+
+def compat_variant(fn: Callable, tr: SamplerTraits, compat: bool) -> tuple[Callable, bool]:
+    """(the function to run, whether it runs with VE geometry) for ComfyUI-compat mode or the default."""
+    if compat and tr.comfy_compat:
+        return getattr(fn, "comfy_variant", fn), True
+    if compat and tr.comfy_rounding:
+        return fn.comfy_variant, False
+    return fn, False
