@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_generate(args) -> None:
-    from .models.nodes import SIZE_MULTIPLE
+    from .bundled.nodes import SIZE_MULTIPLE
     from .validation import check_sampler_args
     check_sampler_args(steps=args.steps, cfg=args.cfg, sampler_name=args.sampler, scheduler=args.scheduler)
     if args.denoise is not None and not 0.0 <= args.denoise <= 1.0:
@@ -116,9 +116,9 @@ def generate(args) -> list:
     """Run ``generate``; returns [(path, seed, batch_index)] of the written images."""
     import torch
 
-    from .models.bundled import DEFAULT_KIND, load_bundled
-    from .models.images import load_image, next_free_path, resize_image, save_png
-    from .nodes import default_compat
+    from .bundled import DEFAULT_KIND, load_bundled
+    from .bundled.images import load_image, next_free_path, resize_image, save_png
+    from .samplers.reference import default_reference_mode
     from .pipeline import ksample
 
     _check_generate(args)
@@ -146,7 +146,7 @@ def generate(args) -> list:
         progress = _Progress(args.steps, f"run {run + 1}/{args.runs} seed {seed}", not args.no_progress)
         try:
             out = ksample(model, seed, args.steps, args.cfg, args.sampler, args.scheduler, positive, negative,
-                          latent, denoise, callback=progress, compat=default_compat())
+                          latent, denoise, callback=progress, reference_mode=default_reference_mode())
         finally:
             progress.close()
         images = vae.decode(out["samples"])
@@ -188,7 +188,7 @@ def run(args) -> dict:
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .models.bundled import BundledModelError
+    from .bundled import BundledModelError
     try:
         if args.command == "generate":
             generate(args)

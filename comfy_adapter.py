@@ -28,15 +28,14 @@ import comfy.samplers
 import comfy.utils
 
 from .models.sampling import Flow, ModelSampling
-from .pipeline import NoiseOptions, _noise_sampler, _accepts
-from .samplers import SAMPLERS, final_sigma, get_sampler, sampler_traits
-from .samplers.frames import VEGeometryView
-from .samplers.traits import compat_variant
+from .samplers import SAMPLERS, sampler_traits
 from .samplers.noise import initial_noise
+from .samplers.reference import reference_mode_from_input
+from .sampling_pass import NoiseOptions, run_sampler
 from .schedulers import SCHEDULERS, ksampler_sigmas, sampling_sigmas
 from .validation import MAX_STEPS, KSamplerInputError, check_latent
 
-__all__ = ["RegistrySampler", "host_model_sampling", "common_ksampler", "INTEROP_NODES", "core_callback"]
+__all__ = ["RegistrySampler", "host_model_sampling", "common_ksampler", "SamplerSelect", "Scheduler", "core_callback"]
 
 
 class _HostDelegate:
@@ -125,13 +124,12 @@ class HostDenoiser:
 class RegistrySampler(comfy.samplers.Sampler):
     """A ComfyUI SAMPLER that runs an entry of our sampler registry (usable by SamplerCustom too)."""
 
-    def __init__(self, name: str, noise_options: NoiseOptions | None = None, compat: bool = False,
+    def __init__(self, name: str, noise_options: NoiseOptions | None = None, reference_mode: bool = False,
                  options: dict | None = None):
         self.name = name
-        self.fn = get_sampler(name)
         self.traits = sampler_traits(name)
         self.noise_options = noise_options or NoiseOptions()
-        self.compat = compat
+        self.reference_mode = reference_mode
         self.options = dict(options or {})
         self.batch_index = None  # per-item noise streams follow these indices (batch-invariant noise)
 
@@ -148,39 +146,31 @@ class RegistrySampler(comfy.samplers.Sampler):
         else:
             model_k.noise = noise
         host_ms = model_wrap.inner_model.model_sampling
-        ms = host_model_sampling(host_ms)
-
         x = host_ms.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
 
-        denoiser = HostDenoiser(model_k, ms, extra_args)
-        fn, ve_geometry = compat_variant(self.fn, self.traits, self.compat)
-        if ve_geometry:
-            denoiser = VEGeometryView(denoiser)
-        options = dict(self.options)
-        if "noise_sampler" not in options and _accepts(fn, "noise_sampler"):
-            kind = self.traits.noise if self.traits.noise != "none" else "ancestral"
-            options["noise_sampler"] = _noise_sampler(kind, x, sigmas.detach().cpu(), seed, self.noise_options,
-                                                      self.batch_index)
-
-        total_steps = len(sigmas) - 1
-
-        def k_callback(info):
+        def on_step(i, denoised, x_i, total_steps):
             comfy.model_management.throw_exception_if_processing_interrupted()
             if callback is not None:
-                callback(info["i"], info["denoised"], info["x"], total_steps)
+                callback(i, denoised, x_i, total_steps)
 
-        samples = fn(denoiser, x, sigmas, extra_args=extra_args, callback=k_callback, disable=disable_pbar, **options)
-        last = sigmas[-1]
-        if float(last) == 0 and final_sigma(self.name) is not None:
-            last = torch.tensor(final_sigma(self.name), device=sigmas.device, dtype=sigmas.dtype)
+        samples, final_sigma = run_sampler(
+            self.name, HostDenoiser(model_k, host_model_sampling(host_ms), extra_args), x, sigmas, seed=seed,
+            extra_args=extra_args, noise_options=self.noise_options, batch_index=self.batch_index,
+            reference_mode=self.reference_mode, options=self.options, on_step=on_step, disable=disable_pbar)
+        last = sigmas[-1] if final_sigma is None else torch.tensor(final_sigma, device=sigmas.device,
+                                                                   dtype=sigmas.dtype)
         return host_ms.inverse_noise_scaling(last, samples)
 
 
 def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0,
                     add_noise=True, start_step=None, last_step=None, force_full_denoise=False,
-                    noise_options: NoiseOptions | None = None, compat: bool = False,
-                    scheduler_options: dict | None = None):
-    """The built-in KSampler's flow with our schedules, samplers and noise; returns a new latent dict."""
+                    noise_options: NoiseOptions | None = None, reference_mode: bool = False,
+                    scheduler_options: dict | None = None, compat: bool | None = None):
+    """The built-in KSampler's flow with our schedules, samplers and noise; returns a new latent dict.
+
+    reference_mode (formerly ``compat``): run ComfyUI's own form of the samplers in ``samplers.reference``.
+    """
+    reference_mode = bool(compat) if compat is not None else reference_mode
     import latent_preview
 
     noise_options = noise_options or NoiseOptions()
@@ -198,7 +188,7 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
 
     callback = latent_preview.prepare_callback(model, steps)
     disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
-    sampler = RegistrySampler(sampler_name, noise_options, compat)
+    sampler = RegistrySampler(sampler_name, noise_options, reference_mode)
     sampler.batch_index = batch_index
     result = comfy.samplers.sample(model, noise, positive, negative, cfg, model.load_device, sampler,
                                    sigmas.to(model.load_device), model_options=model.model_options,
@@ -219,7 +209,7 @@ def core_callback(steps: int):
 
 
 # ------------------------------------------------------------------------------------------------
-# interop nodes: our registries as ComfyUI SAMPLER and SIGMAS
+# interop nodes: our registries as ComfyUI SAMPLER and SIGMAS (ids and names: nodes.NODE_TABLE)
 # ------------------------------------------------------------------------------------------------
 class SamplerSelect:
     """A ComfyUI SAMPLER from any entry of our sampler registry (for SamplerCustom / SamplerCustomAdvanced)."""
@@ -250,7 +240,7 @@ class SamplerSelect:
             raise KSamplerInputError(f"sampler_name: unknown sampler {sampler_name!r}; choose one of: "
                                      f"{', '.join(SAMPLERS)}")
         options = NoiseOptions(bool(batch_invariant_noise), bool(cpu_noise), brownian_noise)
-        return (RegistrySampler(sampler_name, options, flow_geometry == "comfyui"),)
+        return (RegistrySampler(sampler_name, options, bool(reference_mode_from_input(flow_geometry))),)
 
 
 class Scheduler:
@@ -281,9 +271,3 @@ class Scheduler:
         ms = model.get_model_object("model_sampling")
         options = {"rho": float(karras_rho)} if scheduler == "karras" else {}
         return (sampling_sigmas(ms, scheduler, steps, denoise, **options),)
-
-
-INTEROP_NODES = {
-    "ksampler_SamplerSelect": (SamplerSelect, "Sampler (ksampler)"),
-    "ksampler_Scheduler": (Scheduler, "Scheduler (ksampler)"),
-}

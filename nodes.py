@@ -1,20 +1,22 @@
 """ComfyUI node classes: thin shells that validate inputs, call the core and shape outputs.
 
-``NODES`` is the one source of truth for node ids and display names; ids are
-namespaced (``ksampler_...``) so they never collide with ComfyUI built-ins.
+``NODE_TABLE`` is the one source of truth for node ids and display names (ours,
+the bundled model's and the ComfyUI interop nodes'); ids are namespaced
+(``ksampler_...``) so they never collide with ComfyUI built-ins.
 Input order is public API: saved workflows store widget values by position,
 so new inputs only ever go at the end, as optional inputs.
 """
 from __future__ import annotations
 
-import os
+import importlib
 import sys
 
 from .samplers import SAMPLERS
+from .samplers.reference import default_reference_mode, reference_mode_from_input
 from .schedulers import SCHEDULERS
 from .validation import MAX_SEED, MAX_STEPS, KSamplerInputError, check_sampler_args
 
-__all__ = ["KSampler", "KSamplerAdvanced", "NODES", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS",
+__all__ = ["KSampler", "KSamplerAdvanced", "NODES", "NODE_TABLE", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS",
            "is_comfy_model"]
 
 CATEGORY = "sampling"
@@ -78,23 +80,12 @@ def _common_inputs():
     }
 
 
-FLOW_GEOMETRY_ENV = "KSAMPLER_FLOW_GEOMETRY"
-
-
-def default_compat() -> bool:
-    """The node default for flow geometry: 'exact' unless KSAMPLER_FLOW_GEOMETRY=comfyui (parity runs)."""
-    value = os.environ.get(FLOW_GEOMETRY_ENV, "exact").strip().lower()
-    if value not in ("exact", "comfyui"):
-        raise KSamplerInputError(f"{FLOW_GEOMETRY_ENV}: must be 'exact' or 'comfyui', got {value!r}")
-    return value == "comfyui"
-
-
 def _run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0, **kw):
     """Dispatch to ComfyUI's host path for a ComfyUI model, else to our core."""
     check_sampler_args(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                        denoise=denoise)
-    if kw.get("compat") is None:
-        kw["compat"] = default_compat()
+    if kw.get("reference_mode") is None:
+        kw["reference_mode"] = default_reference_mode()
     if is_comfy_model(model):
         from . import comfy_adapter
         return comfy_adapter.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
@@ -207,33 +198,37 @@ class KSamplerAdvanced:
         out = _run(model, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, 1.0,
                    add_noise=add_noise == "enable", start_step=start_at_step, last_step=end_at_step,
                    force_full_denoise=return_with_leftover_noise != "enable", noise_options=options,
-                   compat=None if flow_geometry == "default" else flow_geometry == "comfyui",
+                   reference_mode=reference_mode_from_input(flow_geometry),
                    scheduler_options=scheduler_options)
         return (out,)
 
 
-# id -> (class, display name): the one place node ids and names are defined
-NODES = {
-    "ksampler_KSampler": (KSampler, "KSampler (ksampler)"),
-    "ksampler_KSamplerAdvanced": (KSamplerAdvanced, "KSampler Advanced (ksampler)"),
+# The one table of node ids and display names: id -> (module, class, display name).  Ids are public API
+# (saved workflows store them) and never change.  The interop nodes exist only inside ComfyUI.
+NODE_TABLE = {
+    "ksampler_KSampler": ("nodes", "KSampler", "KSampler (ksampler)"),
+    "ksampler_KSamplerAdvanced": ("nodes", "KSamplerAdvanced", "KSampler Advanced (ksampler)"),
+    "ksampler_CheckpointLoader": ("bundled.nodes", "CheckpointLoader", "Load Bundled Checkpoint (ksampler)"),
+    "ksampler_TextEncode": ("bundled.nodes", "TextEncode", "Text Encode (ksampler)"),
+    "ksampler_EmptyLatentImage": ("bundled.nodes", "EmptyLatentImage", "Empty Latent Image (ksampler)"),
+    "ksampler_LoadImage": ("bundled.nodes", "LoadImage", "Load Image (ksampler)"),
+    "ksampler_VAEEncode": ("bundled.nodes", "VAEEncode", "VAE Encode (ksampler)"),
+    "ksampler_VAEDecode": ("bundled.nodes", "VAEDecode", "VAE Decode (ksampler)"),
+    "ksampler_SaveImage": ("bundled.nodes", "SaveImage", "Save Image (ksampler)"),
+    "ksampler_SamplerSelect": ("comfy_adapter", "SamplerSelect", "Sampler (ksampler)"),
+    "ksampler_Scheduler": ("comfy_adapter", "Scheduler", "Scheduler (ksampler)"),
 }
 
 
-def _comfy_nodes() -> dict:
-    """Interop nodes that produce ComfyUI SAMPLER / SIGMAS objects; only inside ComfyUI."""
-    if "comfy.samplers" not in sys.modules:
-        return {}
-    from .comfy_adapter import INTEROP_NODES
-    return INTEROP_NODES
+def _node_class(module: str, name: str):
+    if module == "nodes":
+        return globals()[name]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
-def _bundled_nodes() -> dict:
-    from .models.nodes import BUNDLED_NODES
-    return BUNDLED_NODES
-
-
-NODES.update(_bundled_nodes())
-NODES.update(_comfy_nodes())
+# id -> (class, display name) for the nodes available here
+NODES = {node_id: (_node_class(module, cls), display) for node_id, (module, cls, display) in NODE_TABLE.items()
+         if module != "comfy_adapter" or "comfy.samplers" in sys.modules}
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}

@@ -1,15 +1,16 @@
-"""The sampling pass: noise, schedule, guidance and a registered sampler, end to end.
+"""The headless pipeline: noise, schedule, guidance, inpainting and a registered sampler, end to end.
 
-``sample`` runs one pass on tensors (the Python API); ``ksample`` adds the
-KSampler node's semantics (seeded CPU noise, ``batch_index``, the denoise
-rule, advanced start/end steps, latent formats) for our own models.  Neither
-touches the global RNG nor changes anything the caller passed.
+``sample`` runs one pass on tensors (the Python API): it checks its inputs,
+builds the denoiser (guidance, inpainting blend, NaN checks) and the starting
+state, and hands them to ``sampling_pass.run_sampler``, which the ComfyUI
+adapter calls too.  ``ksample`` adds the KSampler node's semantics (seeded CPU
+noise, ``batch_index``, the denoise rule, advanced start/end steps, latent
+formats) for our own models.  Neither touches the global RNG nor changes
+anything the caller passed.
 """
 from __future__ import annotations
 
-import inspect
 import math
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -19,39 +20,12 @@ from .conditioning import Guidance, KSamplerInputError
 from .validation import (LATENT_LAYOUTS, MAX_SEED, check_int, check_latent, check_model, check_noise_mask,
                          check_sampler_args)
 from .models.sampling import ModelSampling
-from .samplers import final_sigma, get_sampler, sampler_traits
-from .samplers.frames import VEGeometryView
-from .samplers.traits import compat_variant
-from .samplers.noise import (BrownianPathNoiseSampler, BrownianTreeNoiseSampler, default_noise_sampler, initial_noise,
-                             item_seed)
+from .samplers import sampler_traits
+from .samplers.noise import initial_noise
+from .sampling_pass import NoiseOptions, StepCallback, resolve_sampler, run_sampler
 from .schedulers import ksampler_sigmas
 
-__all__ = ["NoiseOptions", "sample", "ksample", "prepare_mask", "max_denoise", "StepCallback"]
-
-# callback(step, denoised, x, total_steps), ComfyUI's signature
-StepCallback = Callable[[int, Tensor, Tensor, int], None]
-
-
-@dataclass(frozen=True)
-class NoiseOptions:
-    """Noise behaviour beyond ComfyUI (all off by default, which is ComfyUI's behaviour).
-
-    batch_invariant: item k's initial, ancestral and SDE noise depend only on the
-        seed and k (its ``batch_index`` entry when given), never on the batch size.
-    device_invariant: every extra noise draw is made on the CPU, so CPU and CUDA
-        runs agree within float tolerance.
-    brownian: "tree" (torchsde's Brownian tree, ComfyUI's values) or "fast" (a
-        lazily sampled Brownian path with the same law, one draw per step).
-    """
-
-    batch_invariant: bool = False
-    device_invariant: bool = False
-    brownian: str = "tree"
-
-    def __post_init__(self):
-        if self.brownian not in ("tree", "fast"):
-            raise KSamplerInputError(f"brownian: must be 'tree' or 'fast', got {self.brownian!r}")
-
+__all__ = ["NoiseOptions", "sample", "ksample", "prepare_mask", "max_denoise", "StepCallback", "fix_empty_latent_channels"]
 
 def max_denoise(model_sampling, sigmas: Tensor) -> bool:
     """Whether sampling starts at (or above) the model's largest sigma: then the noise is sqrt(1 + sigma^2)-scaled."""
@@ -87,9 +61,8 @@ class _Denoiser:
     """What samplers call: the (guided) model, with inpainting, progress and NaN checks around it."""
 
     def __init__(self, inner, model_sampling, sigmas: list[float], *, mask=None, latent=None, inpaint_noise=None,
-                 inpaint_sampling=None, check_finite=True):
+                 check_finite=True):
         self.inner, self.model_sampling = inner, model_sampling
-        self.inpaint_sampling = inpaint_sampling or model_sampling
         self.sigmas, self.mask, self.latent, self.inpaint_noise = sigmas, mask, latent, inpaint_noise
         self.check_finite = check_finite
         self.steps_done = 0
@@ -99,7 +72,7 @@ class _Denoiser:
     def _blend_in(self, x, sigma):
         if self.mask is None:
             return x
-        known = self.inpaint_sampling.noise_scaling(sigma.reshape([sigma.shape[0]] + [1] * (x.ndim - 1)),
+        known = self.model_sampling.noise_scaling(sigma.reshape([sigma.shape[0]] + [1] * (x.ndim - 1)),
                                                   self.inpaint_noise, self.latent)
         return x * self.mask + known * (1.0 - self.mask)
 
@@ -131,31 +104,6 @@ class _Denoiser:
         return self._blend_out(out), self._blend_out(uncond)
 
 
-def _accepts(fn, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
-
-
-def _noise_sampler(kind: str, x: Tensor, sigmas: Tensor, seed: int, options: NoiseOptions, batch_index):
-    if kind == "ancestral":
-        return default_noise_sampler(x, seed, cpu=options.device_invariant, batch_invariant=options.batch_invariant,
-                                     item_indices=batch_index)
-    positive = sigmas[sigmas > 0]
-    sigma_min, sigma_max = positive.min(), sigmas.max()
-    on_cpu = kind == "brownian" or options.device_invariant
-    if options.brownian == "fast":
-        return BrownianPathNoiseSampler(x, seed, cpu=on_cpu, batch_invariant=options.batch_invariant,
-                                        item_indices=batch_index)
-    tree_seed = seed
-    if options.batch_invariant:
-        indices = list(range(x.shape[0])) if batch_index is None else list(batch_index)
-        tree_seed = [item_seed(seed, k) for k in indices]
-    return BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=tree_seed, cpu=on_cpu)
-
-
 def _as_sigmas(sigmas) -> Tensor:
     if not isinstance(sigmas, Tensor):
         try:
@@ -175,27 +123,8 @@ def _as_sigmas(sigmas) -> Tensor:
     return sigmas
 
 
-def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent: Tensor, sigmas: Tensor,
-           guidance: Optional[Guidance] = None, sampler: Union[str, Callable] = "euler", seed: Optional[int] = 0, *,
-           noise_mask: Optional[Tensor] = None, callback: Optional[StepCallback] = None, disable: bool = True,
-           sampler_options: Optional[dict] = None, noise_options: Optional[NoiseOptions] = None,
-           batch_index: Optional[Sequence[int]] = None, compat: bool = False, check_finite: bool = True) -> Tensor:
-    """Run one sampling pass and return the final latent (in the model's latent space, float32).
-
-    model: with ``guidance``, an object with ``apply_model(x, sigma, context=..., pooled=...)``
-        returning the denoised estimate (``models.DiffusionModel``); without it, any
-        k-diffusion denoiser ``model(x, sigma) -> denoised``.
-    model_sampling: the model's ``ModelSampling`` (default: ``model.model_sampling``).
-    noise, latent: the initial noise and the latent to start from (zeros for txt2img).
-    sigmas: descending noise levels ending in 0 (``schedulers.sampling_sigmas``).
-    sampler: a registry name or a k-diffusion-protocol function.
-    seed: seeds the ancestral / SDE noise (ComfyUI's seed semantics).
-    noise_mask: 1 where the latent is re-generated, 0 where it is kept (inpainting).
-    callback: ``callback(step, denoised, x, total_steps)`` after every step; raising aborts the run.
-    compat: run the samplers that differ from ComfyUI by design (``traits.comfy_compat``: flow
-        geometry, dpmpp_2s_ancestral_cfg_pp's renoising) exactly as ComfyUI does, and those whose
-        float32 rounding ComfyUI orders differently (``traits.comfy_rounding``) with its rounding.
-    """
+def _checked_inputs(model, model_sampling, noise, latent, noise_mask, sigmas) -> tuple:
+    """(model_sampling, mask batch size, sigmas) after the checks on the tensors ``sample`` is given."""
     if model_sampling is None:
         model_sampling = getattr(model, "model_sampling", None)
         if model_sampling is None:
@@ -212,33 +141,60 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
                                      f"{' or '.join(LATENT_LAYOUTS.values())}; the latent has shape "
                                      f"{tuple(latent.shape)}")
         mask_batch = check_noise_mask(noise_mask, latent.shape)
-    sigmas = _as_sigmas(sigmas)
-    if len(sigmas) <= 1:
-        return latent.float().clone()
+    return model_sampling, mask_batch, _as_sigmas(sigmas)
 
-    if isinstance(sampler, str):
-        name, fn, tr = sampler, get_sampler(sampler), sampler_traits(sampler)
-    elif callable(sampler):
-        from .samplers.traits import get_traits
-        name, fn, tr = getattr(sampler, "__name__", "custom"), sampler, get_traits(sampler)
-    else:
-        raise KSamplerInputError(f"sampler: expected a registry name or a function, got {type(sampler).__name__}")
+
+def _checked_options(sampler, sampler_options, noise_options, seed) -> tuple:
+    """(traits, noise options, seed) after the checks on ``sample``'s options."""
+    _, _, tr = resolve_sampler(sampler)
     if noise_options is not None and not isinstance(noise_options, NoiseOptions):
         raise KSamplerInputError(f"noise_options: expected a NoiseOptions, got {type(noise_options).__name__}")
     if sampler_options is not None and not isinstance(sampler_options, dict):
         raise KSamplerInputError(f"sampler_options: expected a dict, got {type(sampler_options).__name__}")
-    noise_options = noise_options or NoiseOptions()
-    options = dict(sampler_options or {})
-    seed = 0 if seed is None else check_int("seed", seed, 0, MAX_SEED)
+    return tr, noise_options or NoiseOptions(), 0 if seed is None else check_int("seed", seed, 0, MAX_SEED)
+
+
+def _inpaint_noise(noise: Tensor, seed: int, random: bool, device) -> Tensor:
+    """The noise that re-noises the kept region: the initial noise, or a fresh seeded draw (``random_inpaint_noise``)."""
+    if not random:
+        return noise
+    gen = torch.Generator("cpu").manual_seed((seed + 1) % (1 << 64))
+    return torch.randn(noise.shape, generator=gen).to(device)
+
+
+def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent: Tensor, sigmas: Tensor,
+           guidance: Optional[Guidance] = None, sampler: Union[str, Callable] = "euler", seed: Optional[int] = 0, *,
+           noise_mask: Optional[Tensor] = None, callback: Optional[StepCallback] = None, disable: bool = True,
+           sampler_options: Optional[dict] = None, noise_options: Optional[NoiseOptions] = None,
+           batch_index: Optional[Sequence[int]] = None, reference_mode: bool = False, check_finite: bool = True,
+           compat: Optional[bool] = None) -> Tensor:
+    """Run one sampling pass and return the final latent (in the model's latent space, float32).
+
+    model: with ``guidance``, an object with ``apply_model(x, sigma, context=..., pooled=...)``
+        returning the denoised estimate (``models.DiffusionModel``); without it, any
+        k-diffusion denoiser ``model(x, sigma) -> denoised``.
+    model_sampling: the model's ``ModelSampling`` (default: ``model.model_sampling``).
+    noise, latent: the initial noise and the latent to start from (zeros for txt2img).
+    sigmas: descending noise levels ending in 0 (``schedulers.sampling_sigmas``).
+    sampler: a registry name or a k-diffusion-protocol function (its traits travel with it).
+    seed: seeds the ancestral / SDE noise (ComfyUI's seed semantics).
+    noise_mask: 1 where the latent is re-generated, 0 where it is kept (inpainting).
+    callback: ``callback(step, denoised, x, total_steps)`` after every step; raising aborts the run.
+    reference_mode: run the samplers listed in ``samplers.reference.REFERENCE_VARIANTS`` exactly as
+        ComfyUI does (``compat`` is its former name).
+    """
+    reference_mode = bool(compat) if compat is not None else reference_mode
+    model_sampling, mask_batch, sigmas = _checked_inputs(model, model_sampling, noise, latent, noise_mask, sigmas)
+    if len(sigmas) <= 1:
+        return latent.float().clone()
+    tr, noise_options, seed = _checked_options(sampler, sampler_options, noise_options, seed)
     if noise_options.batch_invariant and tr.batch_coupled and latent.shape[0] > 1:
         indices = list(batch_index) if batch_index is not None else list(range(latent.shape[0]))
-        masks = [noise_mask] * latent.shape[0]
-        if mask_batch > 1:
-            masks = [noise_mask[k:k + 1] for k in range(latent.shape[0])]
         items = [sample(model, model_sampling, noise[k:k + 1], latent[k:k + 1], sigmas, guidance, sampler, seed,
-                        noise_mask=masks[k], callback=callback, disable=disable, sampler_options=sampler_options,
-                        noise_options=noise_options, batch_index=[indices[k]], compat=compat,
-                        check_finite=check_finite) for k in range(latent.shape[0])]
+                        noise_mask=noise_mask[k:k + 1] if mask_batch > 1 else noise_mask, callback=callback,
+                        disable=disable, sampler_options=sampler_options, noise_options=noise_options,
+                        batch_index=[indices[k]], reference_mode=reference_mode, check_finite=check_finite)
+                 for k in range(latent.shape[0])]
         return torch.cat(items)
 
     device = getattr(model, "device", None)
@@ -246,61 +202,24 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
         device = latent.device
     noise = noise.to(device=device, dtype=torch.float32)
     latent = latent.to(device=device, dtype=torch.float32)
-    sigmas_dev = sigmas.to(device)
+    inner = guidance.bind(model, model_sampling, latent.shape, device) if guidance is not None else model
+    mask = prepare_mask(noise_mask, latent.shape, device) if noise_mask is not None else None
+    inpaint_noise = _inpaint_noise(noise, seed, mask is not None and tr.random_inpaint_noise, device)
+    denoiser = _Denoiser(inner, model_sampling, [float(s) for s in sigmas.tolist()], mask=mask, latent=latent,
+                         inpaint_noise=inpaint_noise, check_finite=check_finite)
+    x = model_sampling.noise_scaling(sigmas.to(device)[0], noise, latent, max_denoise(model_sampling, sigmas))
 
-    if guidance is not None:
-        inner = guidance.bind(model, model_sampling, latent.shape, device)
-    else:
-        inner = model
-    fn, ve_geometry = compat_variant(fn, tr, compat)
-    if ve_geometry:
-        inner = VEGeometryView(inner)
-    elif not hasattr(inner, "model_sampling") or inner.model_sampling is not model_sampling:
-        inner = _WithSampling(inner, model_sampling)
-
-    mask = None
-    inpaint_noise = noise
-    if noise_mask is not None:
-        mask = prepare_mask(noise_mask, latent.shape, device)
-        if tr.random_inpaint_noise:
-            gen = torch.Generator("cpu").manual_seed((seed + 1) % (1 << 64))
-            inpaint_noise = torch.randn(noise.shape, generator=gen).to(device)
-    sigma_list = [float(s) for s in sigmas.tolist()]
-    denoiser = _Denoiser(inner, inner.model_sampling, sigma_list, mask=mask, latent=latent,
-                         inpaint_noise=inpaint_noise, inpaint_sampling=model_sampling, check_finite=check_finite)
-
-    x = model_sampling.noise_scaling(sigmas_dev[0], noise, latent, max_denoise(model_sampling, sigmas))
-
-    if "noise_sampler" not in options and _accepts(fn, "noise_sampler"):
-        # deterministic samplers take one too, for optional noise (churn): seeded like ancestral noise
-        kind = tr.noise if tr.noise != "none" else "ancestral"
-        options["noise_sampler"] = _noise_sampler(kind, x, sigmas, seed, noise_options, batch_index)
-
-    total = len(sigmas) - 1
-
-    def k_callback(info):
-        denoiser.steps_done = info["i"] + 1  # names the step in NaN errors
+    def on_step(i, denoised, x_i, total):
+        denoiser.steps_done = i + 1  # names the step in NaN errors
         if callback is not None:
-            callback(info["i"], info["denoised"], info["x"], total)
+            callback(i, denoised, x_i, total)
 
-    extra_args = {}
-    samples = fn(denoiser, x, sigmas_dev, extra_args=extra_args, callback=k_callback, disable=disable, **options)
-    last = sigma_list[-1]
-    if last == 0 and isinstance(sampler, str) and final_sigma(name) is not None:
-        last = final_sigma(name)
+    samples, final_sigma = run_sampler(sampler, denoiser, x, sigmas.to(device), seed=seed, extra_args={},
+                                       noise_options=noise_options, batch_index=batch_index,
+                                       reference_mode=reference_mode, options=sampler_options, on_step=on_step,
+                                       disable=disable)
+    last = float(sigmas[-1]) if final_sigma is None else final_sigma
     return model_sampling.inverse_noise_scaling(torch.tensor(last, device=device), samples).float()
-
-
-class _WithSampling:
-    """Attach a model sampling to a bare denoiser callable."""
-
-    def __init__(self, fn, model_sampling):
-        self.fn, self.model_sampling = fn, model_sampling
-        if hasattr(fn, "denoise_with_uncond"):
-            self.denoise_with_uncond = fn.denoise_with_uncond
-
-    def __call__(self, x, sigma, **extra):
-        return self.fn(x, sigma, **extra)
 
 
 def fix_empty_latent_channels(latent: Tensor, channels: int) -> Tensor:
@@ -315,9 +234,14 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
             latent: dict, denoise: float = 1.0, *, add_noise: bool = True, start_step: Optional[int] = None,
             last_step: Optional[int] = None, force_full_denoise: bool = False,
             callback: Optional[StepCallback] = None, disable: bool = True,
-            noise_options: Optional[NoiseOptions] = None, compat: bool = False,
-            sampler_options: Optional[dict] = None, scheduler_options: Optional[dict] = None) -> dict:
-    """The KSampler node's behaviour on one of our models; returns a new latent dict."""
+            noise_options: Optional[NoiseOptions] = None, reference_mode: bool = False,
+            sampler_options: Optional[dict] = None, scheduler_options: Optional[dict] = None,
+            compat: Optional[bool] = None) -> dict:
+    """The KSampler node's behaviour on one of our models; returns a new latent dict.
+
+    reference_mode (formerly ``compat``): see ``sample``.
+    """
+    reference_mode = bool(compat) if compat is not None else reference_mode
     check_model(model)
     samples, batch_index, noise_mask = check_latent(latent, model.latent_format.latent_channels,
                                                     dims=getattr(model.latent_format, "latent_dimensions", 2) + 2)
@@ -341,6 +265,6 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
     guidance = Guidance(positive, negative, cfg)
     result = sample(model, ms, noise, latent_in, sigmas, guidance, sampler_name, seed, noise_mask=noise_mask,
                     callback=callback, disable=disable, sampler_options=sampler_options,
-                    noise_options=noise_options, batch_index=batch_index, compat=compat)
+                    noise_options=noise_options, batch_index=batch_index, reference_mode=reference_mode)
     out["samples"] = fmt.process_out(result).float().cpu()
     return out

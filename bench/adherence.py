@@ -40,8 +40,8 @@ def _import_package():
 
 
 PKG = _import_package()
-D = __import__(f"{PKG}.models.dataset", fromlist=["x"])
-bundled = __import__(f"{PKG}.models.bundled", fromlist=["x"])
+D = __import__(f"{PKG}.bundled.dataset", fromlist=["x"])
+bundled = __import__(f"{PKG}.bundled.loader", fromlist=["x"])
 pipeline = __import__(f"{PKG}.pipeline", fromlist=["x"])
 
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m")

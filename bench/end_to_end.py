@@ -23,7 +23,7 @@ CHILD = r"""
 import json, resource, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[6]))
-from ksampler.models.bundled import load_bundled
+from ksampler.bundled import load_bundled
 from ksampler.pipeline import ksample
 device = sys.argv[5]
 model, clip, vae = load_bundled(sys.argv[1], device=device)

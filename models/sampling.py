@@ -24,7 +24,7 @@ Number = Union[float, Tensor]
 
 __all__ = [
     "ModelSampling", "EPS", "V", "X0", "EDM", "Flow", "FluxFlow", "VE",
-    "get_model_sampling", "flux_shift_from_resolution", "discrete_sigmas",
+    "get_model_sampling", "flux_shift_from_resolution", "discrete_sigmas", "ve_ancestral_split",
 ]
 
 
@@ -35,6 +35,18 @@ def _bcast(sigma: Number, like: Tensor) -> Union[float, Tensor]:
             return sigma.reshape(()).to(like.device, like.dtype)
         return sigma.reshape(sigma.shape[:1] + (1,) * (like.ndim - 1)).to(like.device, like.dtype)
     return float(sigma)
+
+
+def ve_ancestral_split(sigma: Number, sigma_next: Number, eta: float) -> tuple:
+    """(sigma_down, sigma_up) of the VE ancestral step (k-diffusion's ``get_ancestral_step``; eta > 0).
+
+    The step goes deterministically to sigma_down and then adds sigma_up of fresh noise, so that
+    sigma_down^2 + sigma_up^2 = sigma_next^2; eta = 1 is DDPM's posterior.  Floats, 0-d or 1-d tensors.
+    """
+    up = eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5
+    sigma_up = torch.minimum(sigma_next, up) if isinstance(sigma_next, Tensor) and isinstance(up, Tensor) \
+        else min(sigma_next, up)
+    return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up
 
 
 def discrete_sigmas(timesteps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012,
@@ -139,6 +151,15 @@ class ModelSampling:
         """Inverse of ``half_log_snr``."""
         return (-lam).exp() if isinstance(lam, Tensor) else math.exp(-lam)
 
+    def to_ve(self, sigma: Number) -> Number:
+        """The VE-equivalent noise level sigma / alpha = exp(-lambda) (the identity, up to rounding, for VE)."""
+        lam = self.half_log_snr(sigma)
+        return lam.neg().exp() if isinstance(lam, Tensor) else math.exp(-lam)
+
+    def from_ve(self, sigma_ve: Number) -> Number:
+        """The model's sigma for a VE-equivalent noise level (inverse of ``to_ve``)."""
+        return self.sigma_from_half_log_snr(-sigma_ve.log() if isinstance(sigma_ve, Tensor) else -math.log(sigma_ve))
+
     def offset_first_sigma(self, sigmas: Tensor) -> Tensor:
         """Sigmas safe for half-log-SNR maths (only flow needs a change, at sigma = 1)."""
         return sigmas
@@ -161,8 +182,7 @@ class ModelSampling:
         """
         if not eta:
             return sigma_next, 0.0, 1.0
-        sigma_up = min(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
-        sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
+        sigma_down, sigma_up = ve_ancestral_split(sigma, sigma_next, eta)
         return sigma_down, sigma_up, 1.0
 
     def ancestral_steps(self, sigmas: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -170,8 +190,8 @@ class ModelSampling:
         sigma, sigma_next = sigmas[:-1], sigmas[1:]
         if not eta:
             return sigma_next.clone(), torch.zeros_like(sigma_next), torch.ones_like(sigma_next)
-        sigma_up = torch.minimum(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
-        return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up, torch.ones_like(sigma_next)
+        sigma_down, sigma_up = ve_ancestral_split(sigma, sigma_next, eta)
+        return sigma_down, sigma_up, torch.ones_like(sigma_next)
 
     def describe(self) -> str:
         return f"{type(self).__name__}(sigma_min={float(self.sigma_min):.4g}, sigma_max={float(self.sigma_max):.4g})"

@@ -1,6 +1,7 @@
 """Shared pieces of the samplers: the k-diffusion protocol helpers."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -10,12 +11,22 @@ from ..models.sampling import get_model_sampling
 from .noise import default_noise_sampler
 
 __all__ = ["to_d", "step_range", "sigma_batch", "denoise_with_uncond", "resolve_noise_sampler",
-           "get_model_sampling", "as_float_list", "emit", "renoise"]
+           "get_model_sampling", "as_float_list", "emit", "renoise", "neg_expm1", "h_phi_2"]
 
 
 def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
     """ODE derivative dx/dsigma = (x - D(x)) / sigma (Karras et al. 2022, eq. 3)."""
     return (x - denoised) / sigma
+
+
+def neg_expm1(v: float) -> float:
+    """1 - exp(-v), accurate for small v (the exponential integrators' phi_1 times h)."""
+    return -math.expm1(-v)
+
+
+def h_phi_2(v: float) -> float:
+    """h * phi_2(h) = (e^h - 1 - h) / h, at h = v."""
+    return (math.expm1(v) - v) / v
 
 
 def as_float_list(sigmas: Tensor) -> list[float]:

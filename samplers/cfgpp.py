@@ -1,5 +1,9 @@
 """CFG++ samplers (Chung et al. 2024, arXiv:2406.08070): the renoising direction uses the unconditional estimate.
 
+Holds: euler_cfg_pp, euler_ancestral_cfg_pp, dpmpp_2s_ancestral_cfg_pp, dpmpp_2m_cfg_pp, res_multistep_cfg_pp,
+res_multistep_ancestral_cfg_pp, gradient_estimation_cfg_pp.  The last five are written in VE form (the
+``*_ve`` functions) and run on any model through the VE frame (``frames.in_ve_frame``).
+
 A guided denoiser exposes ``denoise_with_uncond``; with a bare denoiser the
 unconditional estimate equals the guided one and these reduce to their plain
 twins.
@@ -12,9 +16,9 @@ import torch
 
 from ._common import (as_float_list, denoise_with_uncond, emit, get_model_sampling, renoise, resolve_noise_sampler,
                       step_range)
-from .dpmsolver import _res_multistep
+from .dpmsolver import res_multistep
 from .frames import in_ve_frame
-from .karras import sample_gradient_estimation
+from .euler import sample_gradient_estimation
 from .traits import traits
 
 
@@ -55,13 +59,14 @@ def sample_euler_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disabl
     return sample_euler_ancestral_cfg_pp(model, x, sigmas, extra_args, callback, disable, eta=0.0, s_noise=0.0)
 
 
-def _dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler,
-                               midpoint_uncond):
+@traits(noise="ancestral", cfg_pp=True)
+def dpmpp_2s_ancestral_cfg_pp_ve(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                                 noise_sampler=None, midpoint_uncond=False):
     """Ancestral DPM-Solver++(2S) with CFG++ (VE form).
 
-    The full step renoises with the unconditional estimate at x; ComfyUI uses the
-    midpoint evaluation's instead (``midpoint_uncond``), which shrinks the sample
-    spread (std 0.41 for a target of 0.50 in tests/test_convergence.py).
+    The full step renoises with the unconditional estimate at x.  ComfyUI uses the midpoint evaluation's
+    instead (``midpoint_uncond=True``, only in reference mode), which shrinks the sample spread (std 0.41
+    for a target of 0.50 in tests/test_convergence.py).
     """
     extra_args = {} if extra_args is None else extra_args
     ms = get_model_sampling(model)
@@ -89,23 +94,9 @@ def _dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, extra_args, callback, disable, 
     return x
 
 
-@traits(noise="ancestral", cfg_pp=True)
-def _dpmpp_2s_ancestral_cfg_pp_ve(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                                  noise_sampler=None):
-    return _dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler,
-                                      False)
-
-
-@traits(noise="ancestral", cfg_pp=True)
-def _dpmpp_2s_ancestral_cfg_pp_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
-                                     s_noise=1., noise_sampler=None):
-    return _dpmpp_2s_ancestral_cfg_pp(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler,
-                                      True)
-
-
 @traits(cfg_pp=True)
-def _dpmpp_2m_cfg_pp_ve(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """DPM-Solver++(2M) with CFG++ (VE form)."""
+def dpmpp_2m_cfg_pp_ve(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """DPM-Solver++(2M) with CFG++ (Chung et al. 2024), VE form."""
     extra_args = {} if extra_args is None else extra_args
     sig = as_float_list(sigmas)
     old_uncond = None
@@ -126,31 +117,28 @@ def _dpmpp_2m_cfg_pp_ve(model, x, sigmas, extra_args=None, callback=None, disabl
     return x
 
 
-@traits(cfg_pp=True)
-def _res_multistep_cfg_pp_ve(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.,
+@traits(cfg_pp=True, takes_noise_sampler=True)
+def res_multistep_cfg_pp_ve(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.,
                              noise_sampler=None):
-    return _res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, 0.0, True)
+    """RES multistep with CFG++ (Zhang et al. 2023; Chung et al. 2024), VE form."""
+    return res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, 0.0, True)
 
 
 @traits(noise="ancestral", cfg_pp=True)
-def _res_multistep_ancestral_cfg_pp_ve(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
+def res_multistep_ancestral_cfg_pp_ve(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
                                        s_noise=1., noise_sampler=None):
-    return _res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta, True)
+    """RES multistep with ancestral noise and CFG++ (Chung et al. 2024), VE form."""
+    return res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta, True)
 
 
 @traits(cfg_pp=True)
-def _gradient_estimation_cfg_pp_ve(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.):
+def gradient_estimation_cfg_pp_ve(model, x, sigmas, extra_args=None, callback=None, disable=None, ge_gamma=2.):
+    """Gradient estimation with CFG++ (Permenter & Yuan 2024; Chung et al. 2024), VE form."""
     return sample_gradient_estimation(model, x, sigmas, extra_args, callback, disable, ge_gamma, cfg_pp=True)
 
 
-sample_dpmpp_2s_ancestral_cfg_pp = torch.no_grad()(in_ve_frame(_dpmpp_2s_ancestral_cfg_pp_ve,
-                                                               comfy_variant=_dpmpp_2s_ancestral_cfg_pp_comfy))
-sample_dpmpp_2m_cfg_pp = torch.no_grad()(in_ve_frame(_dpmpp_2m_cfg_pp_ve))
-sample_res_multistep_cfg_pp = torch.no_grad()(in_ve_frame(_res_multistep_cfg_pp_ve))
-sample_res_multistep_ancestral_cfg_pp = torch.no_grad()(in_ve_frame(_res_multistep_ancestral_cfg_pp_ve))
-sample_gradient_estimation_cfg_pp = torch.no_grad()(in_ve_frame(_gradient_estimation_cfg_pp_ve))
-sample_dpmpp_2s_ancestral_cfg_pp.__doc__ = "Ancestral DPM-Solver++(2S) with CFG++ (Chung et al. 2024)."
-sample_dpmpp_2m_cfg_pp.__doc__ = "DPM-Solver++(2M) with CFG++ (Chung et al. 2024)."
-sample_res_multistep_cfg_pp.__doc__ = "RES multistep with CFG++ (Zhang et al. 2023; Chung et al. 2024)."
-sample_res_multistep_ancestral_cfg_pp.__doc__ = "RES multistep with ancestral noise and CFG++."
-sample_gradient_estimation_cfg_pp.__doc__ = "Gradient estimation with CFG++ (Permenter & Yuan 2024; Chung et al. 2024)."
+sample_dpmpp_2s_ancestral_cfg_pp = torch.no_grad()(in_ve_frame(dpmpp_2s_ancestral_cfg_pp_ve))
+sample_dpmpp_2m_cfg_pp = torch.no_grad()(in_ve_frame(dpmpp_2m_cfg_pp_ve))
+sample_res_multistep_cfg_pp = torch.no_grad()(in_ve_frame(res_multistep_cfg_pp_ve))
+sample_res_multistep_ancestral_cfg_pp = torch.no_grad()(in_ve_frame(res_multistep_ancestral_cfg_pp_ve))
+sample_gradient_estimation_cfg_pp = torch.no_grad()(in_ve_frame(gradient_estimation_cfg_pp_ve))

@@ -1,7 +1,8 @@
-"""Exponential-integrator samplers: DPM-Solver, DPM-Solver++, RES, SEEDS, ER-SDE and SA-Solver.
+"""Exponential integrators in t = -log sigma: DPM-Solver, DPM-Solver++ (single- and multistep ODE) and RES.
 
-They step in half-log-SNR ``lambda = log(alpha / sigma)`` through the
-model-sampling object, so flow models get flow geometry (``alpha = 1 - sigma``).
+Holds: dpm_fast, dpm_adaptive, dpmpp_2s_ancestral, dpmpp_2m, res_multistep, res_multistep_ancestral
+(and ``res_multistep``, the shared RES loop that cfgpp.py's RES entries call).  The SDE forms of
+DPM-Solver++ (dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde and their variants) and dpmpp_3m are in sde.py.
 """
 from __future__ import annotations
 
@@ -9,46 +10,12 @@ import math
 
 import torch
 
+from ..models.sampling import ve_ancestral_split
 from ._common import (as_float_list, denoise_with_uncond, emit, get_model_sampling, renoise, resolve_noise_sampler,
                       sigma_batch, step_range)
-from .noise import BrownianTreeNoiseSampler
 from .traits import traits
 
 
-# ----------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------
-class _LazyNoise:
-    """Build a noise sampler on first use, so runs that never need noise (eta = 0) never pay for it."""
-
-    def __init__(self, factory):
-        self.factory, self.sampler = factory, None
-
-    def __call__(self, sigma, sigma_next):
-        if self.sampler is None:
-            self.sampler = self.factory()
-        return self.sampler(sigma, sigma_next)
-
-
-def _brownian(noise_sampler, x, sigmas, extra_args, cpu=True):
-    """The caller's noise sampler, or a lazily built Brownian tree over the positive sigma range (ComfyUI's default)."""
-    if noise_sampler is not None:
-        return noise_sampler
-    positive = sigmas[sigmas > 0]
-    sigma_min, sigma_max = positive.min(), sigmas.max()
-    return _LazyNoise(lambda: BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=extra_args.get("seed"), cpu=cpu))
-
-
-def _neg_expm1(v: float) -> float:
-    """1 - exp(-v)."""
-    return -math.expm1(-v)
-
-
-# ----------------------------------------------------------------------------------------------
-# DPM-Solver (Lu et al. 2022): fixed-step "fast" and adaptive variants, in t = -log sigma.
-# Times are float32 0-d tensors, as in the reference implementation: the adaptive step
-# controller reacts to rounding-level differences, so the same arithmetic gives the same steps.
-# ----------------------------------------------------------------------------------------------
 class _DPMSolver:
     """DPM-Solver-1/2/3 single steps on the eps parametrisation (Lu et al. 2022, Alg. 1 and 2)."""
 
@@ -99,8 +66,7 @@ class _DPMSolver:
         if not eta:
             return t_next, 0.0
         s, s_next = self.sigma(t), self.sigma(t_next)
-        sigma_up = torch.minimum(s_next, eta * (s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2) ** 0.5)
-        sigma_down = (s_next ** 2 - sigma_up ** 2) ** 0.5
+        sigma_down, _ = ve_ancestral_split(s, s_next, eta)
         t_down = self.t(sigma_down)
         t_next_ = torch.minimum(t_end, t_down) if forward else torch.maximum(t_end, t_down)
         return t_next_, float((s_next ** 2 - self.sigma(t_next_) ** 2) ** 0.5)
@@ -116,6 +82,7 @@ def _end_sigmas(sigmas):
 
 
 @torch.no_grad()
+@traits(takes_noise_sampler=True)
 def sample_dpm_fast(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0., s_noise=1.,
                     noise_sampler=None):
     """DPM-Solver-fast (Lu et al. 2022, Sec. 3.4): len(sigmas) - 1 model calls, orders 3,...,3,(2,1) evenly in t."""
@@ -176,7 +143,7 @@ class _PIDController:
 
 
 @torch.no_grad()
-@traits(batch_coupled=True)
+@traits(batch_coupled=True, takes_noise_sampler=True)
 def sample_dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, disable=None, order=3, rtol=0.05,
                         atol=0.0078, h_init=0.05, pcoeff=0., icoeff=1., dcoeff=0., accept_safety=0.81, eta=0.,
                         s_noise=1., noise_sampler=None, return_info=False):
@@ -232,9 +199,6 @@ def sample_dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, disabl
     return (x, info) if return_info else x
 
 
-# ----------------------------------------------------------------------------------------------
-# DPM-Solver++ (Lu et al. 2022b)
-# ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 @traits(noise="ancestral")
 def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
@@ -262,75 +226,6 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
             x = torch.lerp(x, denoised_2, 1.0 - sigma_down / sigma)
         if sigma_next > 0 and eta > 0:
             x = renoise(x, scale, noise_sampler(sigma, sigma_next), s_noise * sigma_up)
-    return x
-
-
-def _ve_ancestral(sigma_from, sigma_to, eta):
-    """k-diffusion's VE ancestral split, on 0-d tensors or floats."""
-    if not eta:
-        return sigma_to, sigma_to * 0
-    sigma_up = torch.minimum(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
-    return (sigma_to ** 2 - sigma_up ** 2) ** 0.5, sigma_up
-
-
-@torch.no_grad()
-@traits(noise="brownian")
-def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                     noise_sampler=None, r=1 / 2):
-    """DPM-Solver++ (stochastic, 2 stages per step) with Brownian noise (Lu et al. 2022b; k-diffusion)."""
-    if len(sigmas) <= 1:
-        return x
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = _brownian(noise_sampler, x, sigmas, extra_args)
-    return _dpmpp_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r)
-
-
-@torch.no_grad()
-@traits(noise="brownian_device")
-def sample_dpmpp_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                         noise_sampler=None, r=1 / 2):
-    """dpmpp_sde with its Brownian tree built on the sampling device."""
-    if len(sigmas) <= 1:
-        return x
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = _brownian(noise_sampler, x, sigmas, extra_args, cpu=False)
-    return _dpmpp_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r)
-
-
-def _dpmpp_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r):
-    ms = get_model_sampling(model)
-    # The stage sigma is computed in float32 exactly as ComfyUI does: the Brownian tree is queried there.
-    sigmas = ms.offset_first_sigma(sigmas.detach().cpu())
-    inject = eta > 0 and s_noise > 0
-    fac = 1 / (2 * r)
-    for i in step_range(len(sigmas) - 1, disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma_batch(x, float(sigma)), **extra_args)
-        emit(callback, x, i, float(sigma), denoised)
-        if sigma_next == 0:
-            x = denoised
-            continue
-        lambda_s, lambda_t = ms.half_log_snr(sigma), ms.half_log_snr(sigma_next)
-        h = lambda_t - lambda_s
-        lambda_s_1 = lambda_s + r * h
-        sigma_s_1 = ms.sigma_from_half_log_snr(lambda_s_1)
-        alpha_s, alpha_s_1, alpha_t = ms.alpha(float(sigma)), ms.alpha(float(sigma_s_1)), ms.alpha(float(sigma_next))
-
-        # stage 1: to lambda_s_1 (ancestral split in the VE-equivalent sigma exp(-lambda))
-        sd, su = _ve_ancestral(lambda_s.neg().exp(), lambda_s_1.neg().exp(), eta)
-        h_ = float(sd.log().neg() - lambda_s)
-        x_2 = x * (alpha_s_1 / alpha_s * math.exp(-h_)) + denoised * (alpha_s_1 * _neg_expm1(h_))
-        if inject:
-            x_2 = x_2 + noise_sampler(sigma, sigma_s_1) * (alpha_s_1 * s_noise * float(su))
-        denoised_2 = model(x_2, sigma_batch(x, float(sigma_s_1)), **extra_args)
-
-        # stage 2: to lambda_t with the combined estimate
-        sd, su = _ve_ancestral(lambda_s.neg().exp(), lambda_t.neg().exp(), eta)
-        h_ = float(sd.log().neg() - lambda_s)
-        denoised_d = torch.lerp(denoised, denoised_2, fac)
-        x = x * (alpha_t / alpha_s * math.exp(-h_)) + denoised_d * (alpha_t * _neg_expm1(h_))
-        if inject:
-            x = x + noise_sampler(sigma, sigma_next) * (alpha_t * s_noise * float(su))
     return x
 
 
@@ -365,150 +260,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     return x
 
 
-def _dpmpp_multistep_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order,
-                         solver_type="midpoint"):
-    """DPM-Solver++(2M/3M) SDE in half-log-SNR (Lu et al. 2022b; Gonzalez et al. 2023 for the 3M terms)."""
-    ms = get_model_sampling(model)
-    sig = as_float_list(ms.offset_first_sigma(sigmas.detach().cpu()))
-    inject = eta > 0 and s_noise > 0
-    history, hs = [], []  # previous denoised estimates and steps, newest first
-    for i in step_range(len(sig) - 1, disable):
-        sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = model(x, sigma_batch(x, sigma), **extra_args)
-        emit(callback, x, i, sigma, denoised)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = ms.half_log_snr(sigma_next) - ms.half_log_snr(sigma)
-            h_eta = h * (eta + 1)
-            alpha_t = ms.alpha(sigma_next)
-            phi_1 = _neg_expm1(h_eta)  # 1 - exp(-h_eta)
-            # x_next = a x + sum_k c_k D_k (+ noise): the multistep terms are collected into one weight per
-            # denoised estimate, so the update is one pass per tensor
-            weights = [alpha_t * phi_1, 0.0, 0.0]  # on denoised, history[0], history[1]
-            if order == 3 and len(history) >= 2:
-                r0, r1 = hs[0] / h, hs[1] / h
-                phi_2 = -phi_1 / h_eta + 1  # expm1(-h_eta) / h_eta + 1
-                phi_3 = phi_2 / h_eta - 0.5
-                # d1 = d1_0 + (d1_0 - d1_1) r0 / (r0 + r1), d2 = (d1_0 - d1_1) / (r0 + r1),
-                # d1_0 = (D - D_1) / r0, d1_1 = (D_1 - D_2) / r1; x += alpha_t (phi_2 d1 - phi_3 d2)
-                u = alpha_t * (phi_2 * (1 + r0 / (r0 + r1)) - phi_3 / (r0 + r1))
-                v = alpha_t * (-phi_2 * r0 / (r0 + r1) + phi_3 / (r0 + r1))
-                weights = [weights[0] + u / r0, -u / r0 + v / r1, -v / r1]
-            elif len(history) >= 1:
-                r = hs[0] / h
-                if order == 3 or solver_type == "heun":
-                    coeff = alpha_t * (1 - phi_1 / h_eta)  # alpha_t * phi_2
-                else:  # midpoint
-                    coeff = 0.5 * alpha_t * phi_1
-                weights = [weights[0] + coeff / r, -coeff / r, 0.0]
-            x = torch.mul(x, sigma_next / sigma * math.exp(-h * eta)).add_(denoised, alpha=weights[0])
-            for weight, older in zip(weights[1:], history):
-                if weight:
-                    x.add_(older, alpha=weight)
-            if inject:
-                x.add_(noise_sampler(sigma, sigma_next), alpha=sigma_next * math.sqrt(_neg_expm1(2 * h * eta)) * s_noise)
-            hs.insert(0, h)
-        history.insert(0, denoised)
-        del history[2:], hs[2:]
-    return x
-
-
-def _dpmpp_multistep_sde_float32(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order,
-                                 solver_type="midpoint"):
-    """The same update with ComfyUI's numerics (with its Brownian tree, and in compat mode): float32 0-d scalars,
-    alpha_t = sigma e^lambda, and the divided differences formed tensor by tensor, in the reference's order."""
-    ms = get_model_sampling(model)
-    sigmas = ms.offset_first_sigma(sigmas.detach().cpu())
-    inject = eta > 0 and s_noise > 0
-    history, hs = [], []  # previous denoised estimates and steps, newest first
-    for i in step_range(len(sigmas) - 1, disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma_batch(x, float(sigma)), **extra_args)
-        emit(callback, x, i, float(sigma), denoised)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            lambda_s, lambda_t = ms.half_log_snr(sigma), ms.half_log_snr(sigma_next)
-            h = lambda_t - lambda_s
-            h_eta = h * (eta + 1)
-            alpha_t = sigma_next * lambda_t.exp()
-            neg_expm1 = (-h_eta).expm1().neg()
-            x = float(sigma_next / sigma * (-h * eta).exp()) * x + float(alpha_t * neg_expm1) * denoised
-            if order == 3 and len(history) >= 2:
-                r0, r1 = hs[0] / h, hs[1] / h
-                d1_0 = (denoised - history[0]) / float(r0)
-                d1_1 = (history[0] - history[1]) / float(r1)
-                d1 = d1_0 + (d1_0 - d1_1) * float(r0) / float(r0 + r1)
-                d2 = (d1_0 - d1_1) / float(r0 + r1)
-                phi_2 = h_eta.neg().expm1() / h_eta + 1
-                phi_3 = phi_2 / h_eta - 0.5
-                x = x + float(alpha_t * phi_2) * d1 - float(alpha_t * phi_3) * d2
-            elif len(history) >= 1:
-                r = hs[0] / h
-                if order == 3:
-                    d = (denoised - history[0]) / float(r)
-                    x = x + float(alpha_t * (h_eta.neg().expm1() / h_eta + 1)) * d
-                elif solver_type == "heun":
-                    x = x + float(alpha_t * (neg_expm1 / -h_eta + 1)) * float(1 / r) * (denoised - history[0])
-                else:
-                    x = x + float(0.5 * alpha_t * neg_expm1) * float(1 / r) * (denoised - history[0])
-            if inject:
-                x = x + noise_sampler(float(sigma), float(sigma_next)) * float(sigma_next) * \
-                    float((-2 * h * eta).expm1().neg().sqrt()) * s_noise
-            hs.insert(0, h)
-        history.insert(0, denoised)
-        del history[2:], hs[2:]
-    return x
-
-
-def _make_dpmpp_msde(order, solver_type, cpu, noise_kind, doc):
-    """The sampler: with ComfyUI's Brownian tree (the default) its update follows the reference's arithmetic, so
-    the latent is ComfyUI's; with other noise (the fast Brownian path) it runs fused, one pass per tensor."""
-    def pick(noise_sampler):
-        reference = noise_sampler is None or getattr(noise_sampler, "reference_noise", False)
-        return _dpmpp_multistep_sde_float32 if reference else _dpmpp_multistep_sde
-
-    def make(update):
-        @torch.no_grad()
-        @traits(noise=noise_kind, comfy_rounding=True)
-        def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                    noise_sampler=None, solver_type=solver_type):
-            if len(sigmas) <= 1:
-                return x
-            if solver_type not in ("heun", "midpoint"):
-                raise ValueError(f"solver_type: must be 'heun' or 'midpoint', got {solver_type!r}")
-            extra_args = {} if extra_args is None else extra_args
-            step = update or pick(noise_sampler)
-            noise_sampler = _brownian(noise_sampler, x, sigmas, extra_args, cpu=cpu)
-            return step(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order,
-                        solver_type)
-        sampler.__doc__ = doc
-        return sampler
-    sampler = make(None)
-    sampler.comfy_variant = make(_dpmpp_multistep_sde_float32)
-    return sampler
-
-
-sample_dpmpp_2m_sde = _make_dpmpp_msde(2, "midpoint", True, "brownian", "DPM-Solver++(2M) SDE, midpoint correction (Lu et al. 2022b).")
-sample_dpmpp_2m_sde_gpu = _make_dpmpp_msde(2, "midpoint", False, "brownian_device", "dpmpp_2m_sde with its Brownian tree on the sampling device.")
-sample_dpmpp_2m_sde_heun = _make_dpmpp_msde(2, "heun", True, "brownian", "DPM-Solver++(2M) SDE, Heun correction (Lu et al. 2022b).")
-sample_dpmpp_2m_sde_heun_gpu = _make_dpmpp_msde(2, "heun", False, "brownian_device", "dpmpp_2m_sde_heun with its Brownian tree on the sampling device.")
-sample_dpmpp_3m_sde = _make_dpmpp_msde(3, "heun", True, "brownian", "DPM-Solver++(3M) SDE (Lu et al. 2022b; third-order multistep, k-diffusion).")
-sample_dpmpp_3m_sde_gpu = _make_dpmpp_msde(3, "heun", False, "brownian_device", "dpmpp_3m_sde with its Brownian tree on the sampling device.")
-
-
-@torch.no_grad()
-def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=None):
-    """DPM-Solver++(3M), the ODE (eta = 0) form of the third-order multistep solver (Lu et al. 2022b)."""
-    extra_args = {} if extra_args is None else extra_args
-    return _dpmpp_multistep_sde(model, x, sigmas, extra_args, callback, disable, 0.0, 0.0, None, 3)
-
-
-# ----------------------------------------------------------------------------------------------
-# RES multistep (Zhang et al. 2023, arXiv:2308.02157)
-# ----------------------------------------------------------------------------------------------
-def _res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta, cfg_pp):
+def res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta, cfg_pp):
     """Second-order refined exponential solver in t = -log sigma, with optional ancestral noise and CFG++.
 
     The step's scalars are 0-d tensors at the schedule's precision, combined in the reference's order: on
@@ -554,85 +306,17 @@ def _res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noi
 
 
 @torch.no_grad()
+@traits(takes_noise_sampler=True)
 def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.,
                          noise_sampler=None):
     """RES second-order multistep (Zhang et al. 2023)."""
-    return _res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, 0.0, False)
+    return res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, 0.0, False)
 
 
 @torch.no_grad()
-@traits(noise="ancestral", comfy_compat=True)
+@traits(noise="ancestral")
 def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
                                    s_noise=1., noise_sampler=None):
     """RES multistep with ancestral noise."""
-    return _res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta, False)
+    return res_multistep(model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta, False)
 
-
-# ----------------------------------------------------------------------------------------------
-# SEEDS (Gonzalez et al. 2023, arXiv:2305.14267) and the exponential Heun method
-# ----------------------------------------------------------------------------------------------
-def _seeds_2(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r, solver_type):
-    if solver_type not in ("phi_1", "phi_2"):
-        raise ValueError(f"solver_type: must be 'phi_1' or 'phi_2', got {solver_type!r}")
-    extra_args = {} if extra_args is None else extra_args
-    ms = get_model_sampling(model)
-    inject = eta > 0 and s_noise > 0
-    if inject:
-        noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
-    sig_t = ms.offset_first_sigma(sigmas.detach().cpu())
-    sig = as_float_list(sig_t)
-    for i in step_range(len(sig) - 1, disable):
-        sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = model(x, sigma_batch(x, sigma), **extra_args)
-        emit(callback, x, i, sigma, denoised)
-        if sigma_next == 0:
-            x = denoised
-            continue
-        lam_s_t, lam_t_t = ms.half_log_snr(sig_t[i]), ms.half_log_snr(sig_t[i + 1])
-        lambda_s, lambda_t = float(lam_s_t), float(lam_t_t)
-        h = lambda_t - lambda_s
-        h_eta = h * (eta + 1)
-        sigma_s_1 = float(ms.sigma_from_half_log_snr(torch.lerp(lam_s_t, lam_t_t, r)))
-        alpha_s_1, alpha_t = ms.alpha(sigma_s_1), ms.alpha(sigma_next)
-
-        x_2 = x * (sigma_s_1 / sigma * math.exp(-r * h * eta)) + denoised * (alpha_s_1 * _neg_expm1(r * h_eta))
-        if inject:
-            sde_noise = noise_sampler(sigma, sigma_s_1) * math.sqrt(_neg_expm1(2 * r * h * eta))
-            x_2 = x_2 + sde_noise * (sigma_s_1 * s_noise)
-        denoised_2 = model(x_2, sigma_batch(x, sigma_s_1), **extra_args)
-
-        decay = sigma_next / sigma * math.exp(-h * eta)
-        if solver_type == "phi_1":
-            x = x * decay + torch.lerp(denoised, denoised_2, 1 / (2 * r)) * (alpha_t * _neg_expm1(h_eta))
-        else:  # phi_2: exponential-integrator weights for a linear-in-lambda denoised estimate
-            v = -h_eta
-            b2 = (math.expm1(v) - v) / v / r
-            b1 = math.expm1(v) - b2
-            x = x * decay - denoised * (alpha_t * b1) - denoised_2 * (alpha_t * b2)
-        if inject:
-            seg = (r - 1) * h * eta
-            sde_noise = sde_noise * math.exp(seg) + noise_sampler(sigma_s_1, sigma_next) * math.sqrt(-math.expm1(2 * seg))
-            x = x + sde_noise * (sigma_next * s_noise)
-    return x
-
-
-@torch.no_grad()
-@traits(noise="ancestral")
-def sample_seeds_2(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                   noise_sampler=None, r=0.5, solver_type="phi_1"):
-    """SEEDS-2: stochastic explicit exponential derivative-free solver, 2 stages (Gonzalez et al. 2023)."""
-    return _seeds_2(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r, solver_type)
-
-
-@torch.no_grad()
-def sample_exp_heun_2_x0(model, x, sigmas, extra_args=None, callback=None, disable=None, solver_type="phi_2"):
-    """Deterministic exponential Heun (2nd order) in data prediction and half-log-SNR time."""
-    return _seeds_2(model, x, sigmas, extra_args, callback, disable, 0.0, 0.0, None, 1.0, solver_type)
-
-
-@torch.no_grad()
-@traits(noise="ancestral")
-def sample_exp_heun_2_x0_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                             noise_sampler=None, solver_type="phi_2"):
-    """Stochastic exponential Heun (2nd order) in data prediction and half-log-SNR time."""
-    return _seeds_2(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 1.0, solver_type)

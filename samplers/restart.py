@@ -1,4 +1,7 @@
-"""Restart sampling (Xu et al. 2023, arXiv:2306.14878): ODE steps plus noisy jumps back up an interval."""
+"""Restart sampling (Xu et al. 2023, arXiv:2306.14878): ODE steps plus noisy jumps back up an interval.
+
+Holds: restart.
+"""
 from __future__ import annotations
 
 import math
@@ -6,12 +9,8 @@ import math
 import torch
 
 from ._common import as_float_list, emit, get_model_sampling, resolve_noise_sampler, sigma_batch, step_range
+from ..schedulers import karras_ramp
 from .traits import traits
-
-
-def _karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return [(hi + k / (n - 1) * (lo - hi)) ** rho for k in range(n)] if n > 1 else [sigma_max]
 
 
 def default_restart_list(steps: int) -> dict:
@@ -46,17 +45,11 @@ def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=Non
     if restart_list is None:
         restart_list = default_restart_list(len(sig) - 1)
 
-    def native(ve_sigma: float) -> float:
-        return ms.sigma_from_half_log_snr(-math.log(ve_sigma))
-
-    def ve(sigma: float) -> float:
-        return math.exp(-ms.half_log_snr(sigma))
-
     restarts = {}
     for t_min_ve, (n_restart, k_restart, t_max_ve) in restart_list.items():
-        target = native(float(t_min_ve))
+        target = ms.from_ve(float(t_min_ve))
         j = min(range(1, len(sig)), key=lambda k: abs(sig[k] - target))
-        t_max = native(float(t_max_ve))
+        t_max = ms.from_ve(float(t_max_ve))
         if sig[j] > 0 and t_max > sig[j] and t_max < sig[0]:
             restarts[j] = (int(n_restart), int(k_restart), t_max)
     for i in step_range(len(sig) - 1, disable):
@@ -66,8 +59,8 @@ def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=Non
             continue
         n_restart, k_restart, t_max = restarts[i + 1]
         t_min = sig[i + 1]
-        sub = _karras(n_restart + 1, t_min, t_max)
-        jump = s_noise * math.sqrt(ve(t_max) ** 2 - ve(t_min) ** 2)
+        sub = [karras_ramp(k / n_restart, t_min, t_max) for k in range(n_restart + 1)] if n_restart > 0 else [t_max]
+        jump = s_noise * math.sqrt(ms.to_ve(t_max) ** 2 - ms.to_ve(t_min) ** 2)
         noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
         for _ in range(k_restart):
             # forward process from t_min to t_max, in the VE frame x / alpha

@@ -1,10 +1,17 @@
-"""Per-sampler traits that the sampling pass needs, attached to the sampler function itself."""
+"""Per-sampler facts the sampling pass needs, in one record attached to the sampler function.
+
+Every fact about a sampler that the caller must act on is a field here; there is
+no other table of per-sampler facts (ComfyUI reproduction, which is about how to
+run a sampler rather than what it is, lives in ``reference.py``).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 NOISE_KINDS = ("none", "ancestral", "brownian", "brownian_device")
+
+__all__ = ["NOISE_KINDS", "SamplerTraits", "DEFAULT_TRAITS", "traits", "get_traits"]
 
 
 @dataclass(frozen=True)
@@ -12,33 +19,36 @@ class SamplerTraits:
     """What a sampler needs from the caller.
 
     noise: "none" (deterministic), "ancestral" (Gaussian draws from a seeded
-    generator), "brownian" (Brownian-tree increments, tree on the CPU) or
-    "brownian_device" (tree on the sampling device: the ``_gpu`` variants).
+        generator), "brownian" (Brownian-tree increments, tree on the CPU) or
+        "brownian_device" (tree on the sampling device: the ``_gpu`` variants).
+    takes_noise_sampler: the function accepts a ``noise_sampler`` option, which the
+        sampling pass then provides (seeded like ancestral noise for deterministic
+        samplers with optional noise, e.g. churn).  Default: ``noise != "none"``.
     discard_penultimate_sigma: ComfyUI computes steps + 1 sigmas and drops the
-    next-to-last one for this sampler.
-    random_inpaint_noise: the inpainting re-noise uses a fresh seeded draw
-    instead of the initial noise (ComfyUI's ``ddim``).
-    comfy_compat: by design this sampler differs from ComfyUI's (flow-model
-    geometry, or a fixed ComfyUI slip); compat mode reproduces ComfyUI by
-    running ``fn.comfy_variant`` (or the same function) with VE geometry
-    (see README, "Parity").
-    comfy_rounding: ComfyUI computes this sampler's step in float32 with an
-    operation order whose rounding shows on ill-conditioned schedules (tiny
-    first steps); compat mode runs ``fn.comfy_variant``, which reproduces it,
-    with the model's own geometry.
+        next-to-last one for this sampler.
+    final_sigma: the sigma the returned state sits at when the schedule ends at 0
+        (None: at 0).  UniPC stops at 0.001, as ComfyUI's does.
+    random_inpaint_noise: the inpainting re-noise uses a fresh seeded draw instead
+        of the initial noise (ComfyUI's ``ddim``).
     cfg_pp: the sampler uses the unconditional estimate (CFG++).
-    batch_coupled: the sampler's decisions depend on the whole batch (an
-    adaptive step size from a batch-wide error norm); batch-invariant noise then
-    runs it one item at a time.
+    batch_coupled: the sampler's decisions depend on the whole batch (an adaptive
+        step size from a batch-wide error norm); batch-invariant noise then runs it
+        one item at a time.
     """
 
     noise: str = "none"
+    takes_noise_sampler: Optional[bool] = field(default=None)
     discard_penultimate_sigma: bool = False
+    final_sigma: Optional[float] = None
     random_inpaint_noise: bool = False
-    comfy_compat: bool = False
-    comfy_rounding: bool = False
     cfg_pp: bool = False
     batch_coupled: bool = False
+
+    def __post_init__(self):
+        if self.noise not in NOISE_KINDS:
+            raise ValueError(f"noise: must be one of {NOISE_KINDS}, got {self.noise!r}")
+        if self.takes_noise_sampler is None:
+            object.__setattr__(self, "takes_noise_sampler", self.noise != "none")
 
     @property
     def stochastic(self) -> bool:
@@ -48,26 +58,16 @@ class SamplerTraits:
 DEFAULT_TRAITS = SamplerTraits()
 
 
-def traits(**kw) -> Callable:
-    """Decorator: attach ``SamplerTraits(**kw)`` to a sampler function."""
-    for key, value in kw.items():
-        if key == "noise" and value not in NOISE_KINDS:
-            raise ValueError(f"noise: must be one of {NOISE_KINDS}, got {value!r}")
+def traits(**facts) -> Callable:
+    """Decorator: attach ``SamplerTraits(**facts)`` to a sampler function (checked at definition)."""
+    record = SamplerTraits(**facts)
 
     def mark(fn):
-        fn.sampler_traits = replace(getattr(fn, "sampler_traits", DEFAULT_TRAITS), **kw)
+        fn.sampler_traits = record
         return fn
     return mark
 
 
 def get_traits(fn) -> SamplerTraits:
+    """The traits record of a sampler function (``functools.wraps`` carries it over to a wrapper)."""
     return getattr(fn, "sampler_traits", DEFAULT_TRAITS)
-
-
-def compat_variant(fn: Callable, tr: SamplerTraits, compat: bool) -> tuple[Callable, bool]:
-    """(the function to run, whether it runs with VE geometry) for ComfyUI-compat mode or the default."""
-    if compat and tr.comfy_compat:
-        return getattr(fn, "comfy_variant", fn), True
-    if compat and tr.comfy_rounding:
-        return fn.comfy_variant, False
-    return fn, False

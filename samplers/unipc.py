@@ -3,8 +3,10 @@
 The sampler works on the variance-preserving form of the VE state
 (``x / sqrt(1 + sigma^2)``), in half-log-SNR ``lambda = -log sigma``, with the
 B(h) = h ("bh1") or B(h) = e^h - 1 ("bh2") variants.  Like ComfyUI it stops at
-sigma = 0.001 instead of 0 (``traits.final_sigma``), where the remaining noise
-is negligible, and never writes into the caller's ``sigmas``.
+sigma = 0.001 instead of 0 (``SamplerTraits.final_sigma``), where the remaining
+noise is negligible, and never writes into the caller's ``sigmas``.
+
+Holds: uni_pc, uni_pc_bh2.
 """
 from __future__ import annotations
 
@@ -135,14 +137,14 @@ def _sample_unipc(model, x, sigmas, extra_args, callback, disable, variant):
 
 
 @torch.no_grad()
-@traits(discard_penultimate_sigma=True)
+@traits(discard_penultimate_sigma=True, final_sigma=FINAL_SIGMA)
 def sample_uni_pc(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """UniPC with B(h) = h (bh1), order up to 3 (Zhao et al. 2023)."""
     return _sample_unipc(model, x, sigmas, extra_args, callback, disable, "bh1")
 
 
 @torch.no_grad()
-@traits(discard_penultimate_sigma=True)
+@traits(discard_penultimate_sigma=True, final_sigma=FINAL_SIGMA)
 def sample_uni_pc_bh2(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """UniPC with B(h) = e^h - 1 (bh2), order up to 3 (Zhao et al. 2023)."""
     return _sample_unipc(model, x, sigmas, extra_args, callback, disable, "bh2")

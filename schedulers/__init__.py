@@ -14,36 +14,27 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ._common import append_zero, karras_ramp, sigma_range
 from ._special import beta_ppf
 from . import extra as _extra
 
 __all__ = [
     "SCHEDULERS", "COMFY_SCHEDULER_NAMES", "calculate_sigmas", "sampling_sigmas", "ksampler_sigmas",
     "register_scheduler",
-    "karras_sigmas", "exponential_sigmas", "DISCARD_PENULTIMATE_SIGMA_SAMPLERS",
+    "karras_sigmas", "exponential_sigmas", "karras_ramp",
 ]
 
 SchedulerFn = Callable[..., Tensor]
 
 
-def _append_zero(sigmas: Tensor) -> Tensor:
-    return torch.cat([sigmas, sigmas.new_zeros([1])])
-
-
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
     """Karras et al. (2022), eq. 5: sigmas evenly spaced in sigma^(1/rho)."""
-    ramp = torch.linspace(0, 1, n)
-    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
+    return append_zero(karras_ramp(torch.linspace(0, 1, n), sigma_min, sigma_max, rho))
 
 
 def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
     """Sigmas evenly spaced in log sigma."""
-    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n).exp())
-
-
-def _range(model_sampling) -> tuple[float, float]:
-    return float(model_sampling.sigma_min), float(model_sampling.sigma_max)
+    return append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n).exp())
 
 
 def simple(model_sampling, steps: int) -> Tensor:
@@ -58,16 +49,16 @@ def normal(model_sampling, steps: int, sgm: bool = False) -> Tensor:
     """Timesteps evenly spaced between those of sigma_max and sigma_min, mapped back to sigmas."""
     start = float(model_sampling.timestep(model_sampling.sigma_max))
     end = float(model_sampling.timestep(model_sampling.sigma_min))
-    append_zero = True
+    ends_in_zero = True
     if sgm:
         timesteps = torch.linspace(start, end, steps + 1)[:-1]
     else:
         if math.isclose(float(model_sampling.sigma(torch.tensor(end))), 0, abs_tol=0.00001):
             steps += 1
-            append_zero = False
+            ends_in_zero = False
         timesteps = torch.linspace(start, end, steps)
     sigs = [float(model_sampling.sigma(t)) for t in timesteps]
-    if append_zero:
+    if ends_in_zero:
         sigs.append(0.0)
     return torch.FloatTensor(sigs)
 
@@ -79,13 +70,13 @@ def sgm_uniform(model_sampling, steps: int) -> Tensor:
 
 def karras(model_sampling, steps: int, rho: float = 7.0) -> Tensor:
     """Karras et al. (2022) over the model's sigma range."""
-    sigma_min, sigma_max = _range(model_sampling)
+    sigma_min, sigma_max = sigma_range(model_sampling)
     return karras_sigmas(steps, sigma_min, sigma_max, rho)
 
 
 def exponential(model_sampling, steps: int) -> Tensor:
     """Log-linear sigmas over the model's range."""
-    sigma_min, sigma_max = _range(model_sampling)
+    sigma_min, sigma_max = sigma_range(model_sampling)
     return exponential_sigmas(steps, sigma_min, sigma_max)
 
 
@@ -134,7 +125,7 @@ def linear_quadratic(model_sampling, steps: int, threshold_noise: float = 0.025,
 
 def kl_optimal(model_sampling, steps: int) -> Tensor:
     """KL-optimal schedule (Sabour et al. 2024, AYS appendix): linear in arctan(sigma)."""
-    sigma_min, sigma_max = _range(model_sampling)
+    sigma_min, sigma_max = sigma_range(model_sampling)
     if steps == 1:  # ComfyUI divides by zero here; one step goes straight from sigma_max to 0
         return torch.FloatTensor([sigma_max, 0.0])
     frac = torch.arange(steps, dtype=torch.float).div_(steps - 1)
@@ -162,10 +153,6 @@ COMFY_SCHEDULER_NAMES = ("simple", "sgm_uniform", "karras", "exponential", "ddim
                          "linear_quadratic", "kl_optimal")
 
 MAX_SCHEDULE_STEPS = 20000
-
-# Samplers that compute steps + 1 sigmas and drop the next-to-last one (ComfyUI's rule).
-DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
-
 
 def register_scheduler(name: str, fn: SchedulerFn, *, replace: bool = False) -> SchedulerFn:
     """Add ``fn(model_sampling, steps, **options) -> sigmas`` to the registry under ``name``."""

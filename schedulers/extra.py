@@ -7,38 +7,15 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from ._common import append_zero, loglinear_resample, sigma_range, sigmas_from_ve, ve_sigma_range
 from .gits import gits
-
-
-def _append_zero(sigmas: Tensor) -> Tensor:
-    return torch.cat([sigmas.float(), sigmas.new_zeros([1]).float()])
-
-
-def _range(model_sampling) -> tuple[float, float]:
-    return float(model_sampling.sigma_min), float(model_sampling.sigma_max)
 
 
 def polyexponential(model_sampling, steps: int, rho: float = 1.0) -> Tensor:
     """Log-sigma polynomial in the step index (k-diffusion's ``get_sigmas_polyexponential``); rho = 1 is exponential."""
-    sigma_min, sigma_max = _range(model_sampling)
+    sigma_min, sigma_max = sigma_range(model_sampling)
     ramp = torch.linspace(1, 0, steps) ** rho
-    return _append_zero(torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)))
-
-
-def _ve_range(model_sampling) -> tuple[float, float]:
-    """The model's sigma range in the VE frame (sigma / alpha); flow's sigma = 1 maps to a large finite value."""
-    sigma_min, sigma_max = _range(model_sampling)
-    lo = math.exp(-model_sampling.half_log_snr(sigma_min))
-    top = sigma_max
-    if model_sampling.alpha(top) <= 0:
-        top = float(model_sampling.offset_first_sigma(torch.tensor([top, 0.0]))[0])
-    return lo, math.exp(-model_sampling.half_log_snr(top))
-
-
-def _from_ve(model_sampling, sigmas_ve: Tensor) -> Tensor:
-    """Map VE-frame sigmas to the model's own sigmas (the identity for VE models)."""
-    out = [model_sampling.sigma_from_half_log_snr(-math.log(s)) for s in sigmas_ve.tolist()]
-    return torch.tensor(out, dtype=torch.float32)
+    return append_zero(torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)))
 
 
 def vp(model_sampling, steps: int, beta_d: float = 19.9, beta_min: float = 0.1) -> Tensor:
@@ -47,21 +24,21 @@ def vp(model_sampling, steps: int, beta_d: float = 19.9, beta_min: float = 0.1) 
     Times are evenly spaced between those at which the VP curve reaches the
     model's largest and smallest (VE-frame) sigma.
     """
-    lo, hi = _ve_range(model_sampling)
+    lo, hi = ve_sigma_range(model_sampling)
 
     def t_of(sigma: float) -> float:
         return (-beta_min + math.sqrt(beta_min ** 2 + 2 * beta_d * math.log1p(sigma ** 2))) / beta_d
 
     t = torch.linspace(t_of(hi), t_of(lo), steps, dtype=torch.float64)
-    return _append_zero(_from_ve(model_sampling, torch.sqrt(torch.special.expm1(beta_d * t ** 2 / 2 + beta_min * t))))
+    return append_zero(sigmas_from_ve(model_sampling, torch.sqrt(torch.special.expm1(beta_d * t ** 2 / 2 + beta_min * t))))
 
 
 def laplace(model_sampling, steps: int, mu: float = 0.0, beta: float = 0.5) -> Tensor:
     """Laplace-distributed log-sigma (Hang et al. 2024, arXiv:2407.03297), in the VE frame, clamped to the model's range."""
-    lo, hi = _ve_range(model_sampling)
+    lo, hi = ve_sigma_range(model_sampling)
     x = torch.linspace(0, 1, steps, dtype=torch.float64)
     log_sigma = mu - beta * torch.sign(0.5 - x) * torch.log(1 - 2 * torch.abs(0.5 - x) + 1e-5)
-    return _append_zero(_from_ve(model_sampling, torch.exp(log_sigma).clamp(lo, hi)))
+    return append_zero(sigmas_from_ve(model_sampling, torch.exp(log_sigma).clamp(lo, hi)))
 
 
 # Align Your Steps (Sabour, Fidler & Kreis 2024, arXiv:2404.14507): the published 10-step schedules.
@@ -70,19 +47,6 @@ AYS_TABLES = {
     "SDXL": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029],
     "SVD": [700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002],
 }
-
-
-def _loglinear_interp(sigmas: list[float], steps: int) -> Tensor:
-    """Resample a descending schedule to ``steps`` sigmas by linear interpolation of log sigma (AYS, Sec. 3.4)."""
-    log_s = [math.log(s) for s in sigmas]
-    n = len(log_s)
-    out = []
-    for i in range(steps):
-        pos = 0.0 if steps == 1 else i * (n - 1) / (steps - 1)
-        lo = min(int(math.floor(pos)), n - 2)
-        w = pos - lo
-        out.append(math.exp((1 - w) * log_s[lo] + w * log_s[lo + 1]))
-    return torch.tensor(out, dtype=torch.float32)
 
 
 def align_your_steps(model_sampling, steps: int, model_type: str = "SD1") -> Tensor:
@@ -96,11 +60,12 @@ def align_your_steps(model_sampling, steps: int, model_type: str = "SD1") -> Ten
     if model_type not in AYS_TABLES:
         raise ValueError(f"model_type: unknown AYS table {model_type!r}; choose one of {', '.join(AYS_TABLES)}")
     table = AYS_TABLES[model_type]
-    sigma_min, sigma_max = _range(model_sampling)
+    sigma_min, sigma_max = sigma_range(model_sampling)
     lo, hi = math.log(table[-1]), math.log(table[0])
     new_lo, new_hi = math.log(sigma_min), math.log(sigma_max)
     mapped = [math.exp(new_lo + (math.log(s) - lo) * (new_hi - new_lo) / (hi - lo)) for s in table]
-    return _append_zero(_loglinear_interp(mapped, steps))
+    resampled = loglinear_resample([math.log(s) for s in mapped], steps)
+    return append_zero(torch.tensor([math.exp(v) for v in resampled], dtype=torch.float32))
 
 
 EXTRA_SCHEDULERS = OrderedDict([

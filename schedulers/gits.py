@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 from torch import Tensor
 
+from ._common import loglinear_resample, sigmas_from_ve, ve_sigma_range
+
 if TYPE_CHECKING:
     from ..models.sampling import ModelSampling
 
@@ -65,18 +67,6 @@ def optimal_path(cost: Tensor, steps: int) -> list[int]:
     return path[::-1]
 
 
-def _loglinear_resample(log_sigmas: list[float], steps: int) -> list[float]:
-    """``steps`` points along a descending log-sigma chain, linear in log sigma between its nodes (as AYS resamples)."""
-    n = len(log_sigmas)
-    out = []
-    for i in range(steps):
-        pos = 0.0 if steps == 1 else i * (n - 1) / (steps - 1)
-        lo = min(int(math.floor(pos)), n - 2)
-        w = pos - lo
-        out.append((1 - w) * log_sigmas[lo] + w * log_sigmas[lo + 1])
-    return out
-
-
 def _chain(grid: list[float], cost: Tensor, steps: int, max_edges: int) -> list[float]:
     """``steps`` log sigmas from grid[0] to grid[-1]: the DP path, resampled when the grid is too coarse for it."""
     if steps == 1:
@@ -85,29 +75,19 @@ def _chain(grid: list[float], cost: Tensor, steps: int, max_edges: int) -> list[
     chosen = [grid[k] for k in optimal_path(cost, edges)]
     if edges == steps - 1:
         return chosen
-    return _loglinear_resample(chosen, steps)
+    return loglinear_resample(chosen, steps)
 
 
 # ---- the VE frame ------------------------------------------------------------------------
-def _ve_range(model_sampling) -> tuple[float, float]:
-    from .extra import _ve_range as ve_range
-    return ve_range(model_sampling)
-
-
 def _to_model_sigmas(model_sampling, log_sigmas_ve: list[float]) -> Tensor:
     """Model sigmas for VE-frame log sigmas, with the final 0 appended (strictly descending in float32)."""
-    from .extra import _from_ve
-    sig = _from_ve(model_sampling, torch.tensor([math.exp(v) for v in log_sigmas_ve], dtype=torch.float64))
+    sig = sigmas_from_ve(model_sampling, torch.tensor([math.exp(v) for v in log_sigmas_ve], dtype=torch.float64))
     sig = torch.cat([sig, sig.new_zeros([1])])
     # nudge float32 ties (only possible for very long schedules crowded near a flow model's sigma = 1) apart
     for k in range(len(sig) - 2, -1, -1):
         if sig[k] <= sig[k + 1]:
             sig[k] = torch.nextafter(sig[k + 1], torch.tensor(math.inf))
     return sig
-
-
-def _sigma_native(model_sampling, sigma_ve: float) -> float:
-    return float(model_sampling.sigma_from_half_log_snr(-math.log(sigma_ve)))
 
 
 # ---- the model-specific schedule -------------------------------------------------------------
@@ -134,7 +114,7 @@ def gits_cost_matrix(denoiser: Denoiser, model_sampling: "ModelSampling", noise:
     ms = model_sampling
 
     def d_ve(x_ve: Tensor, s_ve: float) -> Tensor:
-        s = _sigma_native(ms, s_ve)
+        s = float(ms.from_ve(s_ve))
         alpha = float(ms.alpha(s))
         return denoiser(x_ve * alpha, x_ve.new_full((x_ve.shape[0],), s)).to(x_ve.dtype)
 
@@ -185,14 +165,14 @@ def gits_schedule(denoiser: Denoiser, model_sampling: "ModelSampling", noise: Te
         raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
     if isinstance(n_fine, bool) or not isinstance(n_fine, int) or n_fine < 1:
         raise ValueError(f"n_fine: expected an int >= 1, got {n_fine!r}")
-    lo, hi = _ve_range(model_sampling)
+    lo, hi = ve_sigma_range(model_sampling)
     if sigma_min is not None:
-        lo = math.exp(-model_sampling.half_log_snr(float(sigma_min)))
+        lo = model_sampling.to_ve(float(sigma_min))
     if sigma_max is not None:
         top = float(sigma_max)
         if model_sampling.alpha(top) <= 0:
             raise ValueError("sigma_max: must be below the model's pure-noise sigma")
-        hi = math.exp(-model_sampling.half_log_snr(top))
+        hi = model_sampling.to_ve(top)
     if not 0 < lo < hi:
         raise ValueError(f"sigma range: need 0 < sigma_min < sigma_max, got VE {lo}..{hi}")
     grid = [math.log(hi) + (math.log(lo) - math.log(hi)) * k / n_fine for k in range(n_fine + 1)]
@@ -228,13 +208,13 @@ def gits(model_sampling: "ModelSampling", steps: int) -> Tensor:
     grid points in range reuse the path for that many steps, log-linearly
     resampled (the grid is 0.1 apart in log sigma).
     """
-    lo, hi = _ve_range(model_sampling)
+    lo, hi = ve_sigma_range(model_sampling)
     log_lo, log_hi = math.log(lo), math.log(hi)
     grid, cost = reference_cost_matrix()
     top = min(range(len(grid)), key=lambda k: abs(grid[k] - log_hi))
     bottom = min(range(len(grid)), key=lambda k: abs(grid[k] - log_lo))
     if bottom - top < 2:  # a range narrower than the grid: log-linear
-        chain = _loglinear_resample([log_hi, log_lo], steps)
+        chain = loglinear_resample([log_hi, log_lo], steps)
     else:
         sub_grid = list(grid[top:bottom + 1])
         chain = _chain(sub_grid, cost[top:bottom + 1, top:bottom + 1], steps, (bottom - top) // 2)

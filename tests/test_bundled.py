@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from ksampler.models import DiffusionModel, EPS, Flow
-from ksampler.models import dataset as D
-from ksampler.models.bundled import BundledModelError, load_bundled, load_weights, weights_path
-from ksampler.models.nodes import (BUNDLED_NODES, CheckpointLoader, EmptyLatentImage, LoadImage, SaveImage,
+from ksampler.bundled import dataset as D
+from ksampler.bundled.loader import BundledModelError, load_bundled, load_weights, weights_path
+from ksampler.bundled.nodes import (CheckpointLoader, EmptyLatentImage, LoadImage, SaveImage,
                                    TextEncode, VAEDecode, VAEEncode)
-from ksampler.models.tinynet import Tokenizer
-from ksampler.nodes import KSampler, NODES
+from ksampler.bundled.network import Tokenizer
+from ksampler.nodes import KSampler, NODE_TABLE, NODES
 from ksampler.pipeline import ksample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +138,7 @@ def test_no_pickle_loading_in_the_package():
     import ksampler
     root = os.path.dirname(ksampler.__file__)
     for folder, _, files in os.walk(root):
-        if "tests" in folder.split(os.sep) or ".git" in folder:
+        if {"tests", ".git", ".venv"} & set(folder.split(os.sep)):
             continue
         for name in files:
             if name.endswith(".py"):
@@ -148,7 +148,11 @@ def test_no_pickle_loading_in_the_package():
 
 # ---- nodes -------------------------------------------------------------------------------------
 def test_bundled_nodes_are_registered_with_comfy_contract():
-    for node_id, (cls, name) in BUNDLED_NODES.items():
+    import ksampler.bundled.nodes as bundled_nodes
+    bundled = {node_id: row for node_id, row in NODE_TABLE.items() if row[0] == "bundled.nodes"}
+    assert len(bundled) == 7
+    for node_id, (_, cls_name, name) in bundled.items():
+        cls = getattr(bundled_nodes, cls_name)
         assert node_id.startswith("ksampler_") and NODES[node_id][0] is cls
         spec = cls.INPUT_TYPES()
         for section in ("required", "optional"):
@@ -160,8 +164,8 @@ def test_bundled_nodes_are_registered_with_comfy_contract():
 
 
 def test_importing_the_nodes_stays_light():
-    code = ("import sys, ksampler.models.nodes; "
-            "bad = [m for m in ('ksampler.models.tinynet', 'ksampler.models.bundled', 'PIL') if m in sys.modules]; "
+    code = ("import sys, ksampler.bundled.nodes; "
+            "bad = [m for m in ('ksampler.bundled.network', 'ksampler.bundled.loader', 'PIL') if m in sys.modules]; "
             "print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     assert out.stdout.strip() == "[]", out.stderr
@@ -209,7 +213,7 @@ def test_txt2img_end_to_end_follows_the_prompt_colour(kind):
 
 
 def test_img2img_end_to_end_through_the_nodes(tmp_path):
-    from ksampler.models.images import save_png
+    from ksampler.bundled.images import save_png
     images, captions, _ = D.make_batch(2, seed=8, full_captions=True)
     for k in range(2):
         save_png(images[k].permute(1, 2, 0), str(tmp_path / f"in{k}.png"))
@@ -271,7 +275,7 @@ def test_load_image_inside_comfyui_stays_in_the_input_folder(tmp_path, monkeypat
     """Inside the ComfyUI server (folder_paths present) only files in its input folder can be loaded."""
     import types
 
-    from ksampler.models.images import save_png
+    from ksampler.bundled.images import save_png
     inputs, outside = tmp_path / "input", tmp_path / "secret"
     inputs.mkdir()
     outside.mkdir()

@@ -31,7 +31,7 @@ def test_generate_writes_pngs_and_prints_the_seed_of_each(tmp_path, capsys):
     assert len(lines) == 2 and all("seed=7" in line for line in lines)
     files = sorted(os.listdir(tmp_path))
     assert files == ["ksampler_00001_.png", "ksampler_00002_.png"]
-    from ksampler.models.images import load_image
+    from ksampler.bundled.images import load_image
     image, _ = load_image(str(tmp_path / files[0]))
     assert image.shape == (1, 32, 32, 3)
 
@@ -57,7 +57,7 @@ def test_randomize_is_reproducible_from_the_starting_seed(tmp_path, capsys):
     seeds = _seeds(out1)
     assert seeds == _seeds(out2) and seeds[0] == 3 and len(set(seeds)) == 3
     assert all(0 <= s <= TOP for s in seeds)
-    from ksampler.models.images import load_image
+    from ksampler.bundled.images import load_image
     a = load_image(str(tmp_path / "a" / "ksampler_00002_.png"))[0]
     b = load_image(str(tmp_path / "b" / "ksampler_00002_.png"))[0]
     assert torch.equal(a, b)
@@ -65,14 +65,14 @@ def test_randomize_is_reproducible_from_the_starting_seed(tmp_path, capsys):
 
 def test_same_seed_same_image_and_fixed_runs_repeat(tmp_path, capsys):
     _generate(tmp_path, capsys, "--seed", "11", "--runs", "2", "--batch-size", "1")
-    from ksampler.models.images import load_image
+    from ksampler.bundled.images import load_image
     a, b = (load_image(str(tmp_path / f))[0] for f in ("ksampler_00001_.png", "ksampler_00002_.png"))
     assert torch.equal(a, b)
 
 
 def test_img2img_low_denoise_stays_close_to_the_input(tmp_path, capsys):
-    from ksampler.models.dataset import make_batch
-    from ksampler.models.images import load_image, save_png
+    from ksampler.bundled.dataset import make_batch
+    from ksampler.bundled.images import load_image, save_png
     images, captions, _ = make_batch(1, seed=5, full_captions=True)
     src = images[0].permute(1, 2, 0)
     save_png(src, str(tmp_path / "in.png"))

@@ -144,7 +144,10 @@ def test_interop_nodes(host):
     spec = adapter.SamplerSelect.INPUT_TYPES()["required"]["sampler_name"][0]
     assert spec == list(SAMPLERS)
     assert adapter.Scheduler.INPUT_TYPES()["required"]["scheduler"][0] == list(SCHEDULERS)
-    assert all(k.startswith("ksampler_") for k in adapter.INTEROP_NODES)
+    from ksampler.nodes import NODE_TABLE
+    interop = {k: row for k, row in NODE_TABLE.items() if row[0] == "comfy_adapter"}
+    assert set(interop) == {"ksampler_SamplerSelect", "ksampler_Scheduler"}
+    assert all(getattr(adapter, row[1]) for row in interop.values())
     # a SAMPLER from the interop node runs through the host's sample() like SamplerCustom does
     out = modules["comfy.samplers"].sample(patcher, torch.randn(1, 4, 8, 8), _cond(1.0), _cond(-1.0), 3.0, "cpu",
                                            sampler, sigmas, latent_image=torch.zeros(1, 4, 8, 8), seed=3)

@@ -138,9 +138,9 @@ def test_stochastic_sampler_matches_target_distribution(name, flow):
 
 def test_comfyui_dpmpp_2s_ancestral_cfg_pp_slip_is_fixed():
     """ComfyUI renoises its full step with the midpoint's unconditional estimate; that shrinks the spread."""
-    from ksampler.samplers.cfgpp import _dpmpp_2s_ancestral_cfg_pp_comfy
+    from ksampler.samplers.reference import REFERENCE_VARIANTS
     ours = _sample_gaussian("dpmpp_2s_ancestral_cfg_pp", False)
-    comfy = _sample_gaussian(_dpmpp_2s_ancestral_cfg_pp_comfy, False)
+    comfy = _sample_gaussian(REFERENCE_VARIANTS["dpmpp_2s_ancestral_cfg_pp"].run, False)
     assert abs(float(ours.std()) / S0 - 1) < 0.06
     assert float(comfy.std()) / S0 < 0.9
 

@@ -83,7 +83,7 @@ def test_no_noise_drawn_for_plain_euler_heun_dpm2():
 
 def test_dpmpp_sde_builds_no_tree_at_eta_zero(monkeypatch):
     """k-diffusion builds the Brownian tree even at eta = 0; we never touch it then."""
-    import ksampler.samplers.dpmsolver as dpm
+    import ksampler.samplers.sde as dpm
     built = []
     monkeypatch.setattr(dpm, "BrownianTreeNoiseSampler", lambda *a, **k: built.append(1))
     model, sigmas, x = _setup()

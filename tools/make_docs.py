@@ -37,8 +37,8 @@ INPUT_SCENE = "a large red circle on the left"
 
 def make_input() -> str:
     """workflows/input.png: a renderer image for the image-to-image workflow."""
-    dataset = __import__(f"{PKG}.models.dataset", fromlist=["x"])
-    images = __import__(f"{PKG}.models.images", fromlist=["x"])
+    dataset = __import__(f"{PKG}.bundled.dataset", fromlist=["x"])
+    images = __import__(f"{PKG}.bundled.images", fromlist=["x"])
     scene = dataset.scene_from_prompt(INPUT_SCENE, seed=3)
     path = os.path.join(ROOT, "workflows", "input.png")
     images.save_png(dataset.render([scene])[0].permute(1, 2, 0), path)
@@ -47,7 +47,7 @@ def make_input() -> str:
 
 def make_grid() -> str:
     """docs/grid.png: one image per prompt (rows) and sampler (columns), from the main command."""
-    images = __import__(f"{PKG}.models.images", fromlist=["x"])
+    images = __import__(f"{PKG}.bundled.images", fromlist=["x"])
     env = dict(os.environ, PYTHONPATH=PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     rows = []

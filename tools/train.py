@@ -1,7 +1,7 @@
 """Train the bundled text-to-image model on the procedural dataset (reproducible: fixed seeds, fixed step count).
 
-    python tools/train.py --kind eps  --out models/weights/tiny_eps.safetensors
-    python tools/train.py --kind flow --out models/weights/tiny_flow.safetensors
+    python tools/train.py --kind eps  --out bundled/weights/tiny_eps.safetensors
+    python tools/train.py --kind flow --out bundled/weights/tiny_flow.safetensors
 
 eps: epsilon prediction on SD's discrete schedule (Ho et al. 2020), uniform
 timesteps.  flow: rectified flow with velocity v = noise - x0 and mostly
@@ -45,9 +45,9 @@ def _import_package():
 
 
 PKG = _import_package()
-bundled = __import__(f"{PKG}.models.bundled", fromlist=["x"])
-dataset = __import__(f"{PKG}.models.dataset", fromlist=["x"])
-tinynet = __import__(f"{PKG}.models.tinynet", fromlist=["x"])
+bundled = __import__(f"{PKG}.bundled.loader", fromlist=["x"])
+dataset = __import__(f"{PKG}.bundled.dataset", fromlist=["x"])
+tinynet = __import__(f"{PKG}.bundled.network", fromlist=["x"])
 sampling = __import__(f"{PKG}.models.sampling", fromlist=["x"])
 
 

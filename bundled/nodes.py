@@ -17,11 +17,11 @@ import json
 import os
 import sys
 
-__all__ = ["BUNDLED_NODES", "CheckpointLoader", "TextEncode", "EmptyLatentImage", "LoadImage", "VAEEncode",
+__all__ = ["CheckpointLoader", "TextEncode", "EmptyLatentImage", "LoadImage", "VAEEncode",
            "VAEDecode", "SaveImage"]
 
 CATEGORY = "ksampler/bundled"
-MODEL_KINDS = ["flow", "eps"]   # the first is the default (see DEFAULT_KIND in bundled.py)
+MODEL_KINDS = ["flow", "eps"]   # the first is the default (see DEFAULT_KIND in loader.py)
 SIZE_MULTIPLE = 16              # the bundled UNet's patch (4) times its two downsamplings
 MAX_SIZE = 512
 
@@ -62,7 +62,7 @@ class CheckpointLoader:
         if ckpt_name not in MODEL_KINDS:
             raise _input_error(f"ckpt_name: unknown bundled checkpoint {ckpt_name!r}; choose one of: "
                                f"{', '.join(MODEL_KINDS)}")
-        from .bundled import load_bundled
+        from .loader import load_bundled
         return load_bundled(ckpt_name)
 
 
@@ -304,15 +304,3 @@ class SaveImage:
             ui.append({"filename": os.path.basename(path), "subfolder": os.path.relpath(folder, root)
                        if folder != root else "", "type": "output"})
         return {"ui": {"images": ui}, "result": ("\n".join(paths),)}
-
-
-# id -> (class, display name); merged into the pack's NODES
-BUNDLED_NODES = {
-    "ksampler_CheckpointLoader": (CheckpointLoader, "Load Bundled Checkpoint (ksampler)"),
-    "ksampler_TextEncode": (TextEncode, "Text Encode (ksampler)"),
-    "ksampler_EmptyLatentImage": (EmptyLatentImage, "Empty Latent Image (ksampler)"),
-    "ksampler_LoadImage": (LoadImage, "Load Image (ksampler)"),
-    "ksampler_VAEEncode": (VAEEncode, "VAE Encode (ksampler)"),
-    "ksampler_VAEDecode": (VAEDecode, "VAE Decode (ksampler)"),
-    "ksampler_SaveImage": (SaveImage, "Save Image (ksampler)"),
-}

@@ -17,8 +17,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .base import DiffusionModel, LatentFormat
-from .sampling import EPS, Flow
+from ..models.base import DiffusionModel, LatentFormat
+from ..models.sampling import EPS, Flow
 
 __all__ = ["load_bundled", "load_weights", "save_weights", "make_config", "weights_path", "BundledModelError",
            "TextEncoderWrapper", "PixelVAE", "KINDS", "DEFAULT_KIND", "FORMAT"]
@@ -167,7 +167,7 @@ class PixelVAE:
 
 def build(tensors: dict, config: dict, device: Union[str, torch.device] = "cpu", path: str = "<memory>") -> tuple:
     """(model, clip, vae) from loaded tensors and config."""
-    from .tinynet import NetConfig, TextEncoder, TinyUNet, Tokenizer
+    from .network import NetConfig, TextEncoder, TinyUNet, Tokenizer
     net_cfg = NetConfig.from_dict(config["net"])
     tokenizer = Tokenizer(config["vocabulary"], config["max_length"], config.get("synonyms"))
     text, unet = TextEncoder(net_cfg), TinyUNet(net_cfg)

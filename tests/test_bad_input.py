@@ -1,21 +1,19 @@
-"""Bad input: each case raises one clear error naming the input (and how to fix it); nothing is mutated.
+"""Bad input gets one clear error naming the input (and how to fix it), on every path; nothing is mutated.
 
-Also: property-based runs over the registries (hypothesis) and interrupts that leave nothing behind.
+Property runs over the whole registries are in test_properties.py, numerical edge cases in
+test_numerical_edges.py, interrupts in test_interrupts.py.
 """
 import copy
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from analytic import MODEL_KINDS, analytic_model, conditioning
+from analytic import analytic_model, conditioning
 from ksampler.conditioning import KSamplerInputError
 from ksampler.models import EPS
 from ksampler.nodes import KSampler, KSamplerAdvanced
-from ksampler.pipeline import ksample, sample
-from ksampler.samplers import SAMPLERS, sampler_traits
-from ksampler.schedulers import SCHEDULERS, calculate_sigmas, sampling_sigmas
+from ksampler.pipeline import sample
+from ksampler.schedulers import calculate_sigmas
 
 MODEL = analytic_model()
 
@@ -224,100 +222,3 @@ def test_scheduler_api_bad_input():
         calculate_sigmas(EPS(), "karras", 0)
     with pytest.raises((ValueError, TypeError), match="steps"):
         calculate_sigmas(EPS(), "karras", 2.5)
-
-
-# --- properties over the registries -------------------------------------------------------------------
-@settings(suppress_health_check=[HealthCheck.too_slow])
-@given(sampler=st.sampled_from(list(SAMPLERS)), scheduler=st.sampled_from(list(SCHEDULERS)),
-       steps=st.integers(1, 60), denoise=st.floats(0.0, 1.0), cfg=st.floats(0.0, 15.0),
-       kind=st.sampled_from(MODEL_KINDS))
-def test_property_sigmas_and_outputs(sampler, scheduler, steps, denoise, cfg, kind):
-    model = analytic_model(kind=kind)
-    sigmas = sampling_sigmas(model.model_sampling, scheduler, steps, denoise,
-                             sampler_traits(sampler).discard_penultimate_sigma)
-    assert torch.isfinite(sigmas).all()
-    if len(sigmas):
-        assert bool((sigmas[1:] < sigmas[:-1]).all()) and float(sigmas[-1]) == 0.0
-    latent = {"samples": torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(steps))}
-    positive, negative = conditioning(1.0), conditioning(-1.0)
-    snapshot = copy.deepcopy((latent, positive, negative))
-    out = KSampler().sample(model, 3, steps, cfg, sampler, scheduler, positive, negative, latent, denoise)[0]
-    assert torch.isfinite(out["samples"]).all()
-    assert torch.equal(latent["samples"], snapshot[0]["samples"])
-    assert torch.equal(positive[0][0], snapshot[1][0][0]) and positive[0][1] == snapshot[1][0][1]
-    assert torch.equal(negative[0][0], snapshot[2][0][0])
-
-
-@settings(suppress_health_check=[HealthCheck.too_slow])
-@given(sampler=st.sampled_from(list(SAMPLERS)), scheduler=st.sampled_from(list(SCHEDULERS)),
-       steps=st.integers(1, 40), bounds=st.tuples(st.integers(0, 45), st.integers(0, 45)),
-       cfg=st.floats(0.0, 15.0), kind=st.sampled_from(MODEL_KINDS), batch=st.integers(1, 3), add_noise=st.booleans(),
-       leftover=st.booleans(), batch_invariant=st.booleans(), cpu_noise=st.booleans(),
-       brownian=st.sampled_from(["tree", "fast"]), geometry=st.sampled_from(["default", "exact", "comfyui"]),
-       rho=st.floats(0.5, 30.0), masked=st.booleans())
-def test_property_advanced_node(sampler, scheduler, steps, bounds, cfg, kind, batch, add_noise, leftover,
-                                batch_invariant, cpu_noise, brownian, geometry, rho, masked):
-    """KSamplerAdvanced over its whole surface: the output is finite, keeps the latent's shape, leaves every input
-    untouched, and a start step at or past the end returns the latent unchanged."""
-    start, end = bounds
-    model = analytic_model(kind=kind)
-    latent = {"samples": torch.randn(batch, 4, 4, 4, generator=torch.Generator().manual_seed(steps))}
-    if masked:
-        latent["noise_mask"] = torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(start))
-    positive, negative = conditioning(1.0), conditioning(-1.0)
-    snapshot = copy.deepcopy((latent, positive, negative))
-    out = KSamplerAdvanced().sample(model, "enable" if add_noise else "disable", 7, steps, cfg, sampler, scheduler,
-                                    positive, negative, latent, start, end, "enable" if leftover else "disable",
-                                    batch_invariant, cpu_noise, brownian, geometry, rho)[0]
-    assert out["samples"].shape == latent["samples"].shape and torch.isfinite(out["samples"]).all()
-    n_steps = len(sampling_sigmas(model.model_sampling, scheduler, steps, 1.0,
-                                  sampler_traits(sampler).discard_penultimate_sigma)) - 1  # ddim_uniform: not steps
-    if start >= min(n_steps, end):
-        assert torch.equal(out["samples"], latent["samples"])
-    assert out is not latent and torch.equal(latent["samples"], snapshot[0]["samples"])
-    assert set(latent) == set(snapshot[0])
-    assert torch.equal(positive[0][0], snapshot[1][0][0]) and positive[0][1] == snapshot[1][0][1]
-    assert torch.equal(negative[0][0], snapshot[2][0][0])
-
-
-@pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
-def test_noise_levels_float32_can_barely_separate(sampler, flow):
-    """Karras, 25 steps at denoise 1/64: neighbouring noise levels differ by ~0.5 %, and on the flow model two of
-    DEIS's float32 VP times coincide (ComfyUI's latent turns NaN there). Every sampler must stay finite."""
-    model = analytic_model(flow=flow)
-    latent = {"samples": torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(25))}
-    out = KSampler().sample(model, 3, 25, 3.0, sampler, "karras", conditioning(1.0), conditioning(-1.0),
-                            latent, 1 / 64)[0]["samples"]
-    assert torch.isfinite(out).all()
-
-
-# --- interrupts ---------------------------------------------------------------------------------------
-class Interrupt(Exception):
-    pass
-
-
-@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "uni_pc", "sa_solver"])
-def test_interrupt_leaves_nothing_behind(sampler):
-    args = (MODEL, 5, 8, 3.0, sampler, "karras", conditioning(1.0), conditioning(-1.0),
-            {"samples": torch.zeros(1, 4, 8, 8)})
-    clean = ksample(*args)["samples"]
-
-    def stop_at_3(step, denoised, x, total):
-        if step == 3:
-            raise Interrupt()
-    with pytest.raises(Interrupt):
-        ksample(*args, callback=stop_at_3)
-    again = ksample(*args)["samples"]
-    assert torch.equal(clean, again)
-
-
-@pytest.mark.parametrize("sampler", ["sa_solver", "sa_solver_pece"])
-def test_sa_solver_with_noise_levels_float32_cannot_separate(sampler):
-    """28 steps at denoise 1/256: float32 lambdas repeat, so the float32 Lagrange system is singular (ComfyUI
-    raises LinAlgError); ours runs the step algebra in float64 and returns a finite, reproducible result."""
-    model = analytic_model(flow=False)
-    latent = {"samples": torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(28))}
-    runs = [KSampler().sample(model, 3, 28, 1.0, sampler, "polyexponential", conditioning(1.0), conditioning(-1.0),
-                              latent, 1 / 256)[0]["samples"] for _ in range(2)]
-    assert torch.isfinite(runs[0]).all() and torch.equal(runs[0], runs[1])

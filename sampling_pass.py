@@ -1,0 +1,111 @@
+"""The sampling pass: run one sampler over a denoiser, for the headless pipeline and the ComfyUI adapter alike.
+
+``run_sampler`` is the one place that decides, from a sampler's traits, what
+the sampler function is given: which function runs (reference mode,
+``samplers.reference.select``), with which geometry, with which noise sampler,
+and at which sigma its result sits.  ``pipeline.sample`` (our own models) and
+``comfy_adapter.RegistrySampler`` (ComfyUI's models) build the denoiser and the
+starting state their own way and then both call it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+from torch import Tensor
+
+from .conditioning import KSamplerInputError
+from .samplers import get_sampler, get_traits, sampler_name, sampler_traits
+from .samplers.noise import BrownianPathNoiseSampler, BrownianTreeNoiseSampler, default_noise_sampler, item_seed
+from .samplers.reference import VEGeometryView, select
+from .samplers.traits import SamplerTraits
+
+__all__ = ["NoiseOptions", "resolve_sampler", "noise_sampler_for", "run_sampler", "StepCallback"]
+
+# on_step(step, denoised, x, total_steps), ComfyUI's callback signature
+StepCallback = Callable[[int, Tensor, Tensor, int], None]
+
+
+@dataclass(frozen=True)
+class NoiseOptions:
+    """Noise behaviour beyond ComfyUI (all off by default, which is ComfyUI's behaviour).
+
+    batch_invariant: item k's initial, ancestral and SDE noise depend only on the
+        seed and k (its ``batch_index`` entry when given), never on the batch size.
+    device_invariant: every extra noise draw is made on the CPU, so CPU and CUDA
+        runs agree within float tolerance.
+    brownian: "tree" (torchsde's Brownian tree, ComfyUI's values) or "fast" (a
+        lazily sampled Brownian path with the same law, one draw per step).
+    """
+
+    batch_invariant: bool = False
+    device_invariant: bool = False
+    brownian: str = "tree"
+
+    def __post_init__(self):
+        if self.brownian not in ("tree", "fast"):
+            raise KSamplerInputError(f"brownian: must be 'tree' or 'fast', got {self.brownian!r}")
+
+
+def resolve_sampler(sampler: Union[str, Callable]) -> tuple[Optional[str], Callable, SamplerTraits]:
+    """(registry name or None, function, traits) for a registry name or a sampler function.
+
+    A function's traits travel with it (``@traits``; ``functools.wraps`` copies them to a wrapper).
+    """
+    if isinstance(sampler, str):
+        return sampler, get_sampler(sampler), sampler_traits(sampler)
+    if callable(sampler):
+        return sampler_name(sampler), sampler, get_traits(sampler)
+    raise KSamplerInputError(f"sampler: expected a registry name or a function, got {type(sampler).__name__}")
+
+
+def noise_sampler_for(kind: str, x: Tensor, sigmas: Tensor, seed: int, options: NoiseOptions,
+                      batch_index: Optional[Sequence[int]]):
+    """The noise sampler for a sampler drawing ``kind`` noise ("ancestral", "brownian", "brownian_device")."""
+    if kind == "ancestral":
+        return default_noise_sampler(x, seed, cpu=options.device_invariant, batch_invariant=options.batch_invariant,
+                                     item_indices=batch_index)
+    positive = sigmas[sigmas > 0]
+    sigma_min, sigma_max = positive.min(), sigmas.max()
+    on_cpu = kind == "brownian" or options.device_invariant
+    if options.brownian == "fast":
+        return BrownianPathNoiseSampler(x, seed, cpu=on_cpu, batch_invariant=options.batch_invariant,
+                                        item_indices=batch_index)
+    tree_seed = seed
+    if options.batch_invariant:
+        indices = list(range(x.shape[0])) if batch_index is None else list(batch_index)
+        tree_seed = [item_seed(seed, k) for k in indices]
+    return BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=tree_seed, cpu=on_cpu)
+
+
+def run_sampler(sampler: Union[str, Callable], denoiser, x: Tensor, sigmas: Tensor, *, seed: int,
+                extra_args: dict, noise_options: NoiseOptions, batch_index: Optional[Sequence[int]] = None,
+                reference_mode: bool = False, options: Optional[dict] = None,
+                on_step: Optional[StepCallback] = None, disable: bool = True) -> tuple[Tensor, Optional[float]]:
+    """Run ``sampler`` from state ``x`` over ``sigmas``; returns (final state, the sigma it sits at if not the last).
+
+    denoiser: ``denoiser(x, sigma, **extra_args) -> denoised`` with ``.model_sampling`` (and
+        ``denoise_with_uncond`` for CFG++).
+    reference_mode: run the samplers of ``samplers.reference.REFERENCE_VARIANTS`` as ComfyUI does.
+    options: the sampler's own options; a ``noise_sampler`` given there is used as is.
+    """
+    name, fn, tr = resolve_sampler(sampler)
+    options = dict(options or {})
+    comfy_noise = "noise_sampler" not in options and noise_options.brownian == "tree"
+    fn, ve_geometry = select(name, fn, reference_mode, comfy_noise)
+    if ve_geometry:
+        denoiser = VEGeometryView(denoiser)
+    if "noise_sampler" not in options and tr.takes_noise_sampler:
+        # deterministic samplers take one too, for optional noise (churn): seeded like ancestral noise
+        kind = tr.noise if tr.noise != "none" else "ancestral"
+        options["noise_sampler"] = noise_sampler_for(kind, x, sigmas.detach().cpu(), seed, noise_options,
+                                                     batch_index)
+    total = len(sigmas) - 1
+
+    def k_callback(info):
+        if on_step is not None:
+            on_step(info["i"], info["denoised"], info["x"], total)
+
+    samples = fn(denoiser, x, sigmas, extra_args=extra_args, callback=k_callback, disable=disable, **options)
+    final = tr.final_sigma if float(sigmas[-1]) == 0 else None
+    return samples, final
