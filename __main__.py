@@ -177,11 +177,10 @@ def run(args) -> dict:
         seeds = ", ".join(f"node {n} {name}={value}" for n, name, value in seed_inputs(graph))
         print(f"run {run_index + 1}/{args.runs}" + (f": {seeds}" if seeds else ""), flush=True)
         results = executor.run(graph, context=context)
-        for node_id in executor.output_nodes(graph):
-            for value in results.get(node_id, ()):
-                if isinstance(value, str):
-                    for line in value.splitlines():
-                        print(f"{line}  (node {node_id})", flush=True)
+        for node_id, ui in executor.ui.items():
+            for image in ui.get("images", ()):
+                path = os.path.join(context["KSAMPLER_OUTPUT_DIR"], image.get("subfolder", ""), image["filename"])
+                print(f"{path}  (node {node_id})", flush=True)
         graph = apply_seed_control(graph, args.control_after_generate, rng)
     return results
 

@@ -30,7 +30,9 @@ import comfy.utils
 from .models.sampling import Flow, ModelSampling
 from .samplers import SAMPLERS, sampler_traits
 from .samplers.noise import initial_noise
-from .samplers.reference import reference_mode_from_input
+from .node_schema import In, NodeSpec, Out, v1_node
+from .nodes import FLOW_GEOMETRY_CHOICES, NOISE_OPTION_INPUTS, SAMPLER_NAME_TOOLTIP, SCHEDULER_TOOLTIP
+from .samplers.reference import default_reference_mode, reference_mode_from_input
 from .sampling_pass import NoiseOptions, run_sampler
 from .schedulers import SCHEDULERS, ksampler_sigmas, sampling_sigmas
 from .validation import MAX_STEPS, KSamplerInputError, check_latent
@@ -211,58 +213,44 @@ def core_callback(steps: int):
 # ------------------------------------------------------------------------------------------------
 # interop nodes: our registries as ComfyUI SAMPLER and SIGMAS (ids and names: nodes.NODE_TABLE)
 # ------------------------------------------------------------------------------------------------
+@v1_node(NodeSpec(
+    function="get_sampler", category="sampling/custom_sampling/samplers",
+    search_aliases=("sampler", "sampler select", "custom sampler", "ksampler"),
+    description="A sampler from the ksampler registry, for SamplerCustom and SamplerCustomAdvanced.",
+    inputs=(In("sampler_name", "COMBO", SAMPLER_NAME_TOOLTIP, choices=lambda: list(SAMPLERS)),
+            *NOISE_OPTION_INPUTS),
+    outputs=(Out("SAMPLER", "The sampler, for the sampler input of SamplerCustom or SamplerCustomAdvanced."),)))
 class SamplerSelect:
     """A ComfyUI SAMPLER from any entry of our sampler registry (for SamplerCustom / SamplerCustomAdvanced)."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {"sampler_name": (list(SAMPLERS), {"tooltip": "A sampler from the ksampler registry."})},
-            "optional": {
-                "batch_invariant_noise": ("BOOLEAN", {"default": False, "tooltip": "Noise of each image depends "
-                                                      "only on the seed and its index."}),
-                "cpu_noise": ("BOOLEAN", {"default": False, "tooltip": "Draw extra noise on the CPU."}),
-                "brownian_noise": (["tree", "fast"], {"tooltip": "SDE noise: 'tree' matches ComfyUI, 'fast' is "
-                                                                 "cheaper with the same statistics."}),
-                "flow_geometry": (["exact", "comfyui"], {"tooltip": "Flow-model geometry for ddpm, "
-                                                                     "res_multistep_ancestral and cfg_pp samplers."}),
-            },
-        }
-
-    RETURN_TYPES = ("SAMPLER",)
-    FUNCTION = "get_sampler"
-    CATEGORY = "sampling/custom_sampling/samplers"
-    DESCRIPTION = "A sampler from the ksampler registry, for SamplerCustom and SamplerCustomAdvanced."
-
     def get_sampler(self, sampler_name, batch_invariant_noise=False, cpu_noise=False, brownian_noise="tree",
-                    flow_geometry="exact"):
+                    flow_geometry="default"):
         if sampler_name not in SAMPLERS:
             raise KSamplerInputError(f"sampler_name: unknown sampler {sampler_name!r}; choose one of: "
                                      f"{', '.join(SAMPLERS)}")
+        if flow_geometry not in FLOW_GEOMETRY_CHOICES:
+            raise KSamplerInputError(f"flow_geometry: must be one of {', '.join(FLOW_GEOMETRY_CHOICES)}, got "
+                                     f"{flow_geometry!r}")
         options = NoiseOptions(bool(batch_invariant_noise), bool(cpu_noise), brownian_noise)
-        return (RegistrySampler(sampler_name, options, bool(reference_mode_from_input(flow_geometry))),)
+        mode = reference_mode_from_input(flow_geometry)
+        return (RegistrySampler(sampler_name, options, default_reference_mode() if mode is None else mode),)
 
 
+@v1_node(NodeSpec(
+    function="get_sigmas", category="sampling/custom_sampling/schedulers",
+    search_aliases=("scheduler", "sigmas", "noise schedule", "custom sampler", "ksampler"),
+    description="Sigmas from the ksampler scheduler registry, over the model's own noise schedule.",
+    inputs=(In("model", "MODEL", "The model whose noise schedule the sigmas follow."),
+            In("scheduler", "COMBO", SCHEDULER_TOOLTIP, choices=lambda: list(SCHEDULERS)),
+            In("steps", "INT", "Number of steps.", default=20, min=1, max=MAX_STEPS),
+            In("denoise", "FLOAT", "Fraction of the schedule to run (img2img below 1).", default=1.0, min=0.0,
+               max=1.0, step=0.01),
+            In("karras_rho", "FLOAT", "rho of the karras scheduler; other schedulers ignore it.", default=7.0,
+               min=0.5, max=30.0, step=0.1, optional=True)),
+    outputs=(Out("SIGMAS", "The noise levels of the schedule, descending and ending in 0, for the sigmas input of "
+                           "SamplerCustom or SamplerCustomAdvanced."),)))
 class Scheduler:
     """ComfyUI SIGMAS from any entry of our scheduler registry, over the model's own model sampling."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model whose noise schedule the sigmas follow."}),
-            "scheduler": (list(SCHEDULERS), {"tooltip": "A scheduler from the ksampler registry."}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS, "tooltip": "Number of steps."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                  "tooltip": "Fraction of the schedule to run (img2img below 1)."}),
-        }, "optional": {
-            "karras_rho": ("FLOAT", {"default": 7.0, "min": 0.5, "max": 30.0, "step": 0.1,
-                                     "tooltip": "rho of the karras scheduler; other schedulers ignore it."}),
-        }}
-
-    RETURN_TYPES = ("SIGMAS",)
-    FUNCTION = "get_sigmas"
-    CATEGORY = "sampling/custom_sampling/schedulers"
-    DESCRIPTION = "Sigmas from the ksampler scheduler registry."
 
     def get_sigmas(self, model, scheduler, steps, denoise, karras_rho=7.0):
         from .validation import check_float, check_sampler_args

@@ -3,23 +3,39 @@
 ``NODE_TABLE`` is the one source of truth for node ids and display names (ours,
 the bundled model's and the ComfyUI interop nodes'); ids are namespaced
 (``ksampler_...``) so they never collide with ComfyUI built-ins.
-Input order is public API: saved workflows store widget values by position,
-so new inputs only ever go at the end, as optional inputs.
+Each class's inputs and outputs are declared once, in its ``NodeSpec``
+(``node_schema``): the classic (V1) attributes and the V3 ``io.ComfyNode``
+(``v3_nodes``) are both built from it.  Input order is public API: saved
+workflows store widget values by position, so new inputs only ever go at the
+end, as optional inputs.
 """
 from __future__ import annotations
 
 import importlib
 import sys
 
-from .samplers import SAMPLERS
+from .node_schema import In, NodeSpec, Out, v1_node, v3_node
+from .samplers import COMFY_SAMPLER_NAMES, SAMPLERS
 from .samplers.reference import default_reference_mode, reference_mode_from_input
-from .schedulers import SCHEDULERS
+from .schedulers import COMFY_SCHEDULER_NAMES, SCHEDULERS
 from .validation import MAX_SEED, MAX_STEPS, KSamplerInputError, check_sampler_args
 
 __all__ = ["KSampler", "KSamplerAdvanced", "NODES", "NODE_TABLE", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS",
-           "is_comfy_model"]
+           "is_comfy_model", "v3_nodes"]
 
 CATEGORY = "sampling"
+
+
+def _extras_note(names, comfy_names, what: str) -> str:
+    extra = [n for n in names if n not in comfy_names]
+    return f" Besides ComfyUI's {what}, this pack offers: {', '.join(extra)}." if extra else ""
+
+
+SAMPLER_NAME_TOOLTIP = ("The algorithm used when sampling, this can affect the quality, speed, and style of the "
+                        "generated output." + _extras_note(SAMPLERS, COMFY_SAMPLER_NAMES, "samplers"))
+SCHEDULER_TOOLTIP = ("The scheduler controls how noise is gradually removed to form the image."
+                     + _extras_note(SCHEDULERS, COMFY_SCHEDULER_NAMES, "schedulers"))
+FLOW_GEOMETRY_CHOICES = ["default", "exact", "comfyui"]
 
 TOOLTIPS = {
     "model": "The model used for denoising the input latent.",
@@ -28,9 +44,8 @@ TOOLTIPS = {
     "cfg": "The Classifier-Free Guidance scale balances creativity and adherence to the prompt. Higher values "
            "result in images more closely matching the prompt however too high values will negatively impact "
            "quality.",
-    "sampler_name": "The algorithm used when sampling, this can affect the quality, speed, and style of the "
-                    "generated output.",
-    "scheduler": "The scheduler controls how noise is gradually removed to form the image.",
+    "sampler_name": SAMPLER_NAME_TOOLTIP,
+    "scheduler": SCHEDULER_TOOLTIP,
     "positive": "The conditioning describing the attributes you want to include in the image.",
     "negative": "The conditioning describing the attributes you want to exclude from the image.",
     "latent_image": "The latent image to denoise.",
@@ -54,12 +69,13 @@ TOOLTIPS = {
 }
 
 
-def _sampler_names() -> list[str]:
-    return list(SAMPLERS)
-
-
-def _scheduler_names() -> list[str]:
-    return list(SCHEDULERS)
+# the optional noise inputs of the Advanced node and the Sampler node, in this order
+NOISE_OPTION_INPUTS = (
+    In("batch_invariant_noise", "BOOLEAN", TOOLTIPS["batch_invariant_noise"], default=False, optional=True),
+    In("cpu_noise", "BOOLEAN", TOOLTIPS["cpu_noise"], default=False, optional=True),
+    In("brownian_noise", "COMBO", TOOLTIPS["brownian_noise"], choices=["tree", "fast"], optional=True),
+    In("flow_geometry", "COMBO", TOOLTIPS["flow_geometry"], choices=FLOW_GEOMETRY_CHOICES, optional=True),
+)
 
 
 def is_comfy_model(model) -> bool:
@@ -67,17 +83,22 @@ def is_comfy_model(model) -> bool:
     return "comfy.samplers" in sys.modules and hasattr(model, "get_model_object") and hasattr(model, "model_options")
 
 
-def _common_inputs():
-    return {
-        "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS, "tooltip": TOOLTIPS["steps"]}),
-        "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                          "tooltip": TOOLTIPS["cfg"]}),
-        "sampler_name": (_sampler_names(), {"tooltip": TOOLTIPS["sampler_name"]}),
-        "scheduler": (_scheduler_names(), {"tooltip": TOOLTIPS["scheduler"]}),
-        "positive": ("CONDITIONING", {"tooltip": TOOLTIPS["positive"]}),
-        "negative": ("CONDITIONING", {"tooltip": TOOLTIPS["negative"]}),
-        "latent_image": ("LATENT", {"tooltip": TOOLTIPS["latent_image"]}),
-    }
+def _common_inputs() -> tuple:
+    """steps ... latent_image: the inputs both samplers share, in ComfyUI's order."""
+    return (
+        In("steps", "INT", TOOLTIPS["steps"], default=20, min=1, max=MAX_STEPS),
+        In("cfg", "FLOAT", TOOLTIPS["cfg"], default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
+        In("sampler_name", "COMBO", TOOLTIPS["sampler_name"], choices=lambda: list(SAMPLERS)),
+        In("scheduler", "COMBO", TOOLTIPS["scheduler"], choices=lambda: list(SCHEDULERS)),
+        In("positive", "CONDITIONING", TOOLTIPS["positive"]),
+        In("negative", "CONDITIONING", TOOLTIPS["negative"]),
+        In("latent_image", "LATENT", TOOLTIPS["latent_image"]),
+    )
+
+
+SEARCH_ALIASES = ("sampler", "sample", "generate", "denoise", "txt2img", "img2img", "ksampler")
+LATENT_OUT = Out("LATENT", "The denoised latent.")
+MODEL_IN = In("model", "MODEL", TOOLTIPS["model"])
 
 
 def _run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0, **kw):
@@ -99,83 +120,44 @@ def _run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, l
                    callback=callback, **kw)
 
 
+@v1_node(NodeSpec(
+    function="sample", category=CATEGORY, search_aliases=SEARCH_ALIASES,
+    description="Uses the provided model, positive and negative conditioning to denoise the latent image, with the "
+                "ksampler pack's sampler and scheduler registries (ComfyUI's KSampler inputs, and more samplers and "
+                "schedulers).",
+    inputs=(MODEL_IN,
+            In("seed", "INT", TOOLTIPS["seed"], default=0, min=0, max=MAX_SEED, control_after_generate=True),
+            *_common_inputs(),
+            In("denoise", "FLOAT", TOOLTIPS["denoise"], default=1.0, min=0.0, max=1.0, step=0.01)),
+    outputs=(LATENT_OUT,)))
 class KSampler:
     """ComfyUI's KSampler surface, sampled by our registries."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        common = _common_inputs()
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": TOOLTIPS["model"]}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
-                                 "tooltip": TOOLTIPS["seed"]}),
-                "steps": common["steps"],
-                "cfg": common["cfg"],
-                "sampler_name": common["sampler_name"],
-                "scheduler": common["scheduler"],
-                "positive": common["positive"],
-                "negative": common["negative"],
-                "latent_image": common["latent_image"],
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": TOOLTIPS["denoise"]}),
-            }
-        }
-
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The denoised latent.",)
-    FUNCTION = "sample"
-    CATEGORY = CATEGORY
-    DESCRIPTION = ("Uses the provided model, positive and negative conditioning to denoise the latent image, with "
-                   "the ksampler pack's sampler and scheduler registries.")
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                denoise=1.0):
         return (_run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise),)
 
 
+@v1_node(NodeSpec(
+    function="sample", category=CATEGORY,
+    search_aliases=SEARCH_ALIASES + ("advanced", "refiner", "start at step", "end at step"),
+    description="KSampler with start/end steps for base-refiner chains, and noise options (batch-invariant, "
+                "CPU, fast Brownian noise, flow geometry, karras rho).",
+    inputs=(MODEL_IN,
+            In("add_noise", "COMBO", TOOLTIPS["add_noise"], choices=["enable", "disable"]),
+            In("noise_seed", "INT", TOOLTIPS["noise_seed"], default=0, min=0, max=MAX_SEED,
+               control_after_generate=True),
+            *_common_inputs(),
+            In("start_at_step", "INT", TOOLTIPS["start_at_step"], default=0, min=0, max=MAX_STEPS),
+            In("end_at_step", "INT", TOOLTIPS["end_at_step"], default=10000, min=0, max=MAX_STEPS),
+            In("return_with_leftover_noise", "COMBO", TOOLTIPS["return_with_leftover_noise"],
+               choices=["disable", "enable"]),
+            *NOISE_OPTION_INPUTS,
+            In("karras_rho", "FLOAT", TOOLTIPS["karras_rho"], default=7.0, min=0.5, max=30.0, step=0.1,
+               optional=True)),
+    outputs=(LATENT_OUT,)))
 class KSamplerAdvanced:
     """ComfyUI's KSamplerAdvanced surface, plus the noise options no peer has together (optional, at the end)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        common = _common_inputs()
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": TOOLTIPS["model"]}),
-                "add_noise": (["enable", "disable"], {"tooltip": TOOLTIPS["add_noise"]}),
-                "noise_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
-                                       "tooltip": TOOLTIPS["noise_seed"]}),
-                "steps": common["steps"],
-                "cfg": common["cfg"],
-                "sampler_name": common["sampler_name"],
-                "scheduler": common["scheduler"],
-                "positive": common["positive"],
-                "negative": common["negative"],
-                "latent_image": common["latent_image"],
-                "start_at_step": ("INT", {"default": 0, "min": 0, "max": MAX_STEPS,
-                                          "tooltip": TOOLTIPS["start_at_step"]}),
-                "end_at_step": ("INT", {"default": 10000, "min": 0, "max": MAX_STEPS,
-                                        "tooltip": TOOLTIPS["end_at_step"]}),
-                "return_with_leftover_noise": (["disable", "enable"],
-                                               {"tooltip": TOOLTIPS["return_with_leftover_noise"]}),
-            },
-            "optional": {
-                "batch_invariant_noise": ("BOOLEAN", {"default": False,
-                                                      "tooltip": TOOLTIPS["batch_invariant_noise"]}),
-                "cpu_noise": ("BOOLEAN", {"default": False, "tooltip": TOOLTIPS["cpu_noise"]}),
-                "brownian_noise": (["tree", "fast"], {"tooltip": TOOLTIPS["brownian_noise"]}),
-                "flow_geometry": (["default", "exact", "comfyui"], {"tooltip": TOOLTIPS["flow_geometry"]}),
-                "karras_rho": ("FLOAT", {"default": 7.0, "min": 0.5, "max": 30.0, "step": 0.1,
-                                         "tooltip": TOOLTIPS["karras_rho"]}),
-            },
-        }
-
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The denoised latent.",)
-    FUNCTION = "sample"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "KSampler with start/end steps for base-refiner chains, and noise options."
 
     def sample(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
                latent_image, start_at_step, end_at_step, return_with_leftover_noise, batch_invariant_noise=False,
@@ -184,7 +166,7 @@ class KSamplerAdvanced:
         for name, value, choices in (("add_noise", add_noise, ("enable", "disable")),
                                      ("return_with_leftover_noise", return_with_leftover_noise, ("enable", "disable")),
                                      ("brownian_noise", brownian_noise, ("tree", "fast")),
-                                     ("flow_geometry", flow_geometry, ("default", "exact", "comfyui"))):
+                                     ("flow_geometry", flow_geometry, FLOW_GEOMETRY_CHOICES)):
             if value not in choices:
                 raise KSamplerInputError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
         for name, value in (("start_at_step", start_at_step), ("end_at_step", end_at_step)):
@@ -206,17 +188,17 @@ class KSamplerAdvanced:
 # The one table of node ids and display names: id -> (module, class, display name).  Ids are public API
 # (saved workflows store them) and never change.  The interop nodes exist only inside ComfyUI.
 NODE_TABLE = {
-    "ksampler_KSampler": ("nodes", "KSampler", "KSampler (ksampler)"),
-    "ksampler_KSamplerAdvanced": ("nodes", "KSamplerAdvanced", "KSampler Advanced (ksampler)"),
-    "ksampler_CheckpointLoader": ("bundled.nodes", "CheckpointLoader", "Load Bundled Checkpoint (ksampler)"),
-    "ksampler_TextEncode": ("bundled.nodes", "TextEncode", "Text Encode (ksampler)"),
-    "ksampler_EmptyLatentImage": ("bundled.nodes", "EmptyLatentImage", "Empty Latent Image (ksampler)"),
-    "ksampler_LoadImage": ("bundled.nodes", "LoadImage", "Load Image (ksampler)"),
-    "ksampler_VAEEncode": ("bundled.nodes", "VAEEncode", "VAE Encode (ksampler)"),
-    "ksampler_VAEDecode": ("bundled.nodes", "VAEDecode", "VAE Decode (ksampler)"),
-    "ksampler_SaveImage": ("bundled.nodes", "SaveImage", "Save Image (ksampler)"),
-    "ksampler_SamplerSelect": ("comfy_adapter", "SamplerSelect", "Sampler (ksampler)"),
-    "ksampler_Scheduler": ("comfy_adapter", "Scheduler", "Scheduler (ksampler)"),
+    "ksampler_KSampler": ("nodes", "KSampler", "KSampler+"),
+    "ksampler_KSamplerAdvanced": ("nodes", "KSamplerAdvanced", "KSampler+ (Advanced)"),
+    "ksampler_CheckpointLoader": ("bundled.nodes", "CheckpointLoader", "Load Bundled Model"),
+    "ksampler_TextEncode": ("bundled.nodes", "TextEncode", "Bundled Text Encode"),
+    "ksampler_EmptyLatentImage": ("bundled.nodes", "EmptyLatentImage", "Bundled Empty Latent"),
+    "ksampler_LoadImage": ("bundled.nodes", "LoadImage", "Bundled Load Image"),
+    "ksampler_VAEEncode": ("bundled.nodes", "VAEEncode", "Bundled VAE Encode"),
+    "ksampler_VAEDecode": ("bundled.nodes", "VAEDecode", "Bundled VAE Decode"),
+    "ksampler_SaveImage": ("bundled.nodes", "SaveImage", "Bundled Save Image"),
+    "ksampler_SamplerSelect": ("comfy_adapter", "SamplerSelect", "KSamplerSelect+"),
+    "ksampler_Scheduler": ("comfy_adapter", "Scheduler", "Scheduler+"),
 }
 
 
@@ -232,3 +214,8 @@ NODES = {node_id: (_node_class(module, cls), display) for node_id, (module, cls,
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}
+
+
+def v3_nodes(io) -> list:
+    """The same nodes as V3 ``io.ComfyNode`` classes (same ids, inputs, order and defaults), for hosts with V3."""
+    return [v3_node(io, node_id, name, cls) for node_id, (cls, name) in NODES.items()]

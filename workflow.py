@@ -84,6 +84,7 @@ class Executor:
         self.node_classes = dict(node_classes)
         self.cache: dict = {}
         self.executed: list = []   # node ids run (not served from the cache) by the last ``run``
+        self.ui: dict = {}         # node id -> the "ui" dict it returned in the last ``run`` (e.g. saved images)
 
     # ---- validation --------------------------------------------------------------------
     def validate(self, graph: Any) -> None:
@@ -194,6 +195,7 @@ class Executor:
         signatures: dict = {}
         new_cache: dict = {}
         self.executed = []
+        self.ui = {}
         for node_id in self.order(graph, targets):
             node = graph[node_id]
             cls = self.node_classes[node["class_type"]]
@@ -212,7 +214,9 @@ class Executor:
                 if _is_link(value):
                     kwargs[name] = results[value[0]][value[1]]
             kwargs.update(hidden_values)
-            results[node_id] = self._call(node_id, graph, cls, kwargs)
+            results[node_id], ui = self._call(node_id, graph, cls, kwargs)
+            if ui:
+                self.ui[node_id] = ui
             self.executed.append(node_id)
             if signature is not None:
                 new_cache[signature] = results[node_id]
@@ -246,6 +250,7 @@ class Executor:
 
     @staticmethod
     def _call(node_id, graph, cls, kwargs) -> tuple:
+        """(the node's output tuple, its "ui" dict or None)."""
         label = _label(node_id, graph)
         try:
             out = getattr(cls(), cls.FUNCTION)(**kwargs)
@@ -253,12 +258,14 @@ class Executor:
             raise
         except Exception as e:
             raise WorkflowError(f"{label} failed: {type(e).__name__}: {e}") from e
+        ui = None
         if isinstance(out, dict):
+            ui = out.get("ui")
             out = out.get("result", ())
         out = tuple(out) if out is not None else ()
         if len(out) != len(cls.RETURN_TYPES):
             raise WorkflowError(f"{label} returned {len(out)} output(s), expected {len(cls.RETURN_TYPES)}")
-        return out
+        return out, ui
 
 
 def seed_inputs(graph: dict, node_classes: Optional[dict] = None) -> list:

@@ -17,6 +17,8 @@ import json
 import os
 import sys
 
+from ..node_schema import In, NodeSpec, Out, v1_node
+
 __all__ = ["CheckpointLoader", "TextEncode", "EmptyLatentImage", "LoadImage", "VAEEncode",
            "VAEDecode", "SaveImage"]
 
@@ -24,6 +26,7 @@ CATEGORY = "ksampler/bundled"
 MODEL_KINDS = ["flow", "eps"]   # the first is the default (see DEFAULT_KIND in loader.py)
 SIZE_MULTIPLE = 16              # the bundled UNet's patch (4) times its two downsamplings
 MAX_SIZE = 512
+PREVIEW_SIDE = 256              # the short side of the previews the Save node shows inside ComfyUI
 
 
 def _input_error(message: str):
@@ -40,23 +43,17 @@ def _comfy_dir(kind: str):
     return getter() if getter else None
 
 
+@v1_node(NodeSpec(
+    function="load_checkpoint", category=CATEGORY,
+    search_aliases=("checkpoint", "load model", "bundled", "toy model"),
+    description="Loads the pack's bundled 32x32 text-to-image model (no download needed).",
+    inputs=(In("ckpt_name", "COMBO", "The bundled checkpoint: 'flow' (rectified flow) or 'eps' (epsilon prediction "
+               "on SD1.x's discrete schedule).", choices=MODEL_KINDS),),
+    outputs=(Out("MODEL", "The model used for denoising latents."),
+             Out("CLIP", "The text encoder used for encoding text prompts."),
+             Out("VAE", "The VAE model used for encoding and decoding images to and from latent space."))))
 class CheckpointLoader:
     """Load the bundled model (trained by this pack on its procedural shapes dataset)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "ckpt_name": (MODEL_KINDS, {"tooltip": "The bundled checkpoint: 'flow' (rectified flow) or 'eps' "
-                                                   "(epsilon prediction on SD1.x's discrete schedule)."}),
-        }}
-
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    OUTPUT_TOOLTIPS = ("The model used for denoising latents.",
-                       "The text encoder used for encoding text prompts.",
-                       "The VAE model used for encoding and decoding images to and from latent space.")
-    FUNCTION = "load_checkpoint"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Loads the pack's bundled 32x32 text-to-image model (no download needed)."
 
     def load_checkpoint(self, ckpt_name):
         if ckpt_name not in MODEL_KINDS:
@@ -66,23 +63,15 @@ class CheckpointLoader:
         return load_bundled(ckpt_name)
 
 
+@v1_node(NodeSpec(
+    function="encode", category=CATEGORY, search_aliases=("prompt", "text", "clip", "conditioning", "bundled"),
+    description="Encodes a text prompt into CONDITIONING for the bundled model.",
+    inputs=(In("text", "STRING", "The text to be encoded (words outside the model's vocabulary are ignored as "
+               "unknown tokens).", multiline=True, dynamic_prompts=True),
+            In("clip", "CLIP", "The CLIP model used for encoding the text.")),
+    outputs=(Out("CONDITIONING", "A conditioning containing the embedded text used to guide the diffusion model."),)))
 class TextEncode:
     """Encode a prompt with the bundled text encoder."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
-                                "tooltip": "The text to be encoded (words outside the model's vocabulary are "
-                                           "ignored as unknown tokens)."}),
-            "clip": ("CLIP", {"tooltip": "The CLIP model used for encoding the text."}),
-        }}
-
-    RETURN_TYPES = ("CONDITIONING",)
-    OUTPUT_TOOLTIPS = ("A conditioning containing the embedded text used to guide the diffusion model.",)
-    FUNCTION = "encode"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Encodes a text prompt into CONDITIONING for the bundled model."
 
     def encode(self, text, clip):
         if not isinstance(text, str):
@@ -102,25 +91,17 @@ def _check_size(name: str, value) -> int:
     return value
 
 
+@v1_node(NodeSpec(
+    function="generate", category=CATEGORY, search_aliases=("empty latent", "blank", "txt2img", "bundled"),
+    description="Creates an empty latent batch for the bundled model, to be denoised by the KSampler.",
+    inputs=(In("width", "INT", "The width of the image in pixels (the model is trained at 32).", default=32,
+               min=SIZE_MULTIPLE, max=MAX_SIZE, step=SIZE_MULTIPLE),
+            In("height", "INT", "The height of the image in pixels (the model is trained at 32).", default=32,
+               min=SIZE_MULTIPLE, max=MAX_SIZE, step=SIZE_MULTIPLE),
+            In("batch_size", "INT", "The number of images in the batch.", default=1, min=1, max=4096)),
+    outputs=(Out("LATENT", "The empty latent image batch."),)))
 class EmptyLatentImage:
     """An all-zero latent sized for the bundled model (pixel space: 3 channels, no downscaling)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "width": ("INT", {"default": 32, "min": SIZE_MULTIPLE, "max": MAX_SIZE, "step": SIZE_MULTIPLE,
-                              "tooltip": "The width of the image in pixels (the model is trained at 32)."}),
-            "height": ("INT", {"default": 32, "min": SIZE_MULTIPLE, "max": MAX_SIZE, "step": SIZE_MULTIPLE,
-                               "tooltip": "The height of the image in pixels (the model is trained at 32)."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096,
-                                   "tooltip": "The number of images in the batch."}),
-        }}
-
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The empty latent image batch.",)
-    FUNCTION = "generate"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Creates an empty latent batch for the bundled model, to be denoised by the KSampler."
 
     def generate(self, width, height, batch_size=1):
         import torch
@@ -129,6 +110,24 @@ class EmptyLatentImage:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
             raise _input_error(f"batch_size: must be an integer between 1 and 4096, got {batch_size!r}")
         return ({"samples": torch.zeros(batch_size, 3, height, width)},)
+
+
+IMAGE_TOOLTIP = ("The image to load: pick a file of ComfyUI's input folder or upload one. Headless "
+                 "(python -m ksampler run) it is a path, relative to the workflow file's folder.")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def input_images() -> list | None:
+    """The image files of ComfyUI's input folder (subfolders as 'sub/name.png'), or None outside ComfyUI."""
+    root = _comfy_dir("input")
+    if root is None:
+        return None
+    found = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
+    return sorted(found)
 
 
 def _resolve(path: str, base_dir, kind: str) -> str:
@@ -146,25 +145,14 @@ def _resolve(path: str, base_dir, kind: str) -> str:
     return os.path.join(base_dir, path) if base_dir else os.path.abspath(path)
 
 
+@v1_node(NodeSpec(
+    function="load_image", category=CATEGORY, search_aliases=("load image", "open image", "img2img", "bundled"),
+    description="Loads an image file (PNG, JPEG, ...) for image-to-image sampling.",
+    inputs=(In("image", "COMBO", IMAGE_TOOLTIP, default="input.png", choices=input_images, image_upload=True),),
+    hidden={"base_dir": "KSAMPLER_BASE_DIR"},
+    outputs=(Out("IMAGE", "The image, [1, H, W, 3] in 0..1."), Out("MASK", "1 where the image is transparent."))))
 class LoadImage:
     """Load an image file as IMAGE (and its alpha as MASK)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "image": ("STRING", {"default": "input.png",
-                                     "tooltip": "Path of the image file; relative paths are resolved against the "
-                                                "workflow file's folder (ComfyUI's input folder inside ComfyUI)."}),
-            },
-            "hidden": {"base_dir": "KSAMPLER_BASE_DIR"},
-        }
-
-    RETURN_TYPES = ("IMAGE", "MASK")
-    OUTPUT_TOOLTIPS = ("The image, [1, H, W, 3] in 0..1.", "1 where the image is transparent.")
-    FUNCTION = "load_image"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Loads an image file (PNG, JPEG, ...) for image-to-image sampling."
 
     @classmethod
     def IS_CHANGED(cls, image, base_dir=None):
@@ -189,21 +177,14 @@ class LoadImage:
             raise _input_error(str(e)) from None
 
 
+@v1_node(NodeSpec(
+    function="encode", category=CATEGORY, search_aliases=("vae encode", "encode image", "img2img", "bundled"),
+    description="Encodes an image into a latent for image-to-image sampling (denoise < 1).",
+    inputs=(In("pixels", "IMAGE", "The image to be encoded."),
+            In("vae", "VAE", "The VAE model used for encoding the image.")),
+    outputs=(Out("LATENT", "The encoded latent image."),)))
 class VAEEncode:
     """Encode an IMAGE into the bundled model's latent space."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "pixels": ("IMAGE", {"tooltip": "The image to be encoded."}),
-            "vae": ("VAE", {"tooltip": "The VAE model used for encoding the image."}),
-        }}
-
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The encoded latent image.",)
-    FUNCTION = "encode"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Encodes an image into a latent for image-to-image sampling (denoise < 1)."
 
     def encode(self, pixels, vae):
         if not hasattr(vae, "encode"):
@@ -220,21 +201,14 @@ class VAEEncode:
         return ({"samples": samples},)
 
 
+@v1_node(NodeSpec(
+    function="decode", category=CATEGORY, search_aliases=("vae decode", "decode latent", "bundled"),
+    description="Decodes latents into images.",
+    inputs=(In("samples", "LATENT", "The latent to be decoded."),
+            In("vae", "VAE", "The VAE model used for decoding the latent.")),
+    outputs=(Out("IMAGE", "The decoded image."),)))
 class VAEDecode:
     """Decode a latent of the bundled model into an IMAGE."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "samples": ("LATENT", {"tooltip": "The latent to be decoded."}),
-            "vae": ("VAE", {"tooltip": "The VAE model used for decoding the latent."}),
-        }}
-
-    RETURN_TYPES = ("IMAGE",)
-    OUTPUT_TOOLTIPS = ("The decoded image.",)
-    FUNCTION = "decode"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Decodes latents into images."
 
     def decode(self, samples, vae):
         if not isinstance(samples, dict) or "samples" not in samples:
@@ -249,32 +223,18 @@ class VAEDecode:
             raise _input_error(str(e)) from None
 
 
+@v1_node(NodeSpec(
+    function="save_images", category=CATEGORY, output_node=True,
+    search_aliases=("save image", "save", "export image", "output image", "bundled"),
+    description="Saves the images to the output folder as PNG files (the graph in their 'prompt' text chunk).",
+    inputs=(In("images", "IMAGE", "The images to save."),
+            In("filename_prefix", "STRING", "The prefix for the file names; it may include a subfolder (e.g. "
+               "'tests/img').", default="ksampler"),
+            In("scale", "INT", "Enlarge the saved images this many times (nearest neighbour).", default=1, min=1,
+               max=16, optional=True)),
+    hidden={"prompt": "PROMPT", "output_dir": "KSAMPLER_OUTPUT_DIR"}))
 class SaveImage:
     """Save images as PNG files (the graph is stored in the PNG's 'prompt' text chunk, as ComfyUI does)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "images": ("IMAGE", {"tooltip": "The images to save."}),
-                "filename_prefix": ("STRING", {"default": "ksampler",
-                                               "tooltip": "The prefix for the file names; it may include a "
-                                                          "subfolder (e.g. 'tests/img')."}),
-            },
-            "optional": {
-                "scale": ("INT", {"default": 1, "min": 1, "max": 16,
-                                  "tooltip": "Enlarge the saved images this many times (nearest neighbour)."}),
-            },
-            "hidden": {"prompt": "PROMPT", "output_dir": "KSAMPLER_OUTPUT_DIR"},
-        }
-
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("paths",)
-    OUTPUT_TOOLTIPS = ("The paths of the saved files, one per line.",)
-    OUTPUT_NODE = True
-    FUNCTION = "save_images"
-    CATEGORY = CATEGORY
-    DESCRIPTION = "Saves the images to the output folder."
 
     @classmethod
     def IS_CHANGED(cls, *args, **kwargs):
@@ -296,11 +256,19 @@ class SaveImage:
             raise _input_error(f"filename_prefix: {filename_prefix!r} points outside the output folder {root}; "
                                "use a relative prefix without '..'")
         text = {"prompt": json.dumps(prompt)} if prompt is not None else {}
-        paths, ui = [], []
+        subfolder = os.path.relpath(folder, root) if folder != root else ""
+        preview_root = _comfy_dir("temp") if output_dir is None else None
+        ui = []
         for image in images:
             path = next_free_path(folder, os.path.basename(filename_prefix))
             save_png(image[..., :3], path, text, scale)
-            paths.append(path)
-            ui.append({"filename": os.path.basename(path), "subfolder": os.path.relpath(folder, root)
-                       if folder != root else "", "type": "output"})
-        return {"ui": {"images": ui}, "result": ("\n".join(paths),)}
+            entry = {"filename": os.path.basename(path), "subfolder": subfolder, "type": "output"}
+            preview_scale = -(-PREVIEW_SIDE // min(image.shape[0], image.shape[1]))   # ceil
+            if preview_root and preview_scale > scale:
+                # the frontend shows images at their pixel size: a larger copy in the temp folder for the preview
+                preview = next_free_path(preview_root, "ksampler_preview")
+                save_png(image[..., :3], preview, {}, preview_scale)
+                entry = {"filename": os.path.basename(preview), "subfolder": "", "type": "temp"}
+            ui.append(entry)
+        return {"ui": {"images": ui}, "result": ()}
+

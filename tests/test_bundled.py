@@ -230,8 +230,11 @@ def test_img2img_end_to_end_through_the_nodes(tmp_path):
     err_low = float((low - pixels).abs().mean())
     err_full = float((full - pixels).abs().mean())
     assert err_low < 0.05 and err_full > 2 * err_low
-    paths = SaveImage().save_images(low, "sub/x", output_dir=str(tmp_path / "out"))["result"][0].splitlines()
-    assert len(paths) == 1 and os.path.isfile(paths[0]) and "sub" in paths[0]
+    saved = SaveImage().save_images(low, "sub/x", output_dir=str(tmp_path / "out"))
+    assert saved["result"] == () and SaveImage.RETURN_TYPES == ()   # no outputs: it is a sink
+    (entry,) = saved["ui"]["images"]
+    assert entry["subfolder"] == "sub" and entry["type"] == "output"
+    assert os.path.isfile(tmp_path / "out" / "sub" / entry["filename"])
     with pytest.raises(ValueError, match="filename_prefix: .* outside the output folder"):
         SaveImage().save_images(low, "../x", output_dir=str(tmp_path / "out"))
 
@@ -289,3 +292,41 @@ def test_load_image_inside_comfyui_stays_in_the_input_folder(tmp_path, monkeypat
     for bad in ("../secret/x.png", str(outside / "x.png")):
         with pytest.raises(ValueError, match="outside ComfyUI's input folder"):
             LoadImage().load_image(bad)
+
+
+def _fake_folder_paths(monkeypatch, tmp_path):
+    """A stand-in for ComfyUI's folder_paths module, with input, output and temp folders under tmp_path."""
+    import types
+    fake = types.ModuleType("folder_paths")
+    for kind in ("input", "output", "temp"):
+        (tmp_path / kind).mkdir(exist_ok=True)
+        setattr(fake, f"get_{kind}_directory", lambda kind=kind: str(tmp_path / kind))
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    return fake
+
+
+def test_load_image_is_a_file_picker_inside_comfyui_and_a_path_headless(tmp_path, monkeypatch):
+    from ksampler.bundled.images import save_png
+    spec = LoadImage.INPUT_TYPES()["required"]["image"]
+    assert spec[0] == "STRING" and spec[1]["default"] == "input.png"   # headless: a path
+    _fake_folder_paths(monkeypatch, tmp_path)
+    (tmp_path / "input" / "sub").mkdir()
+    for name in ("b.png", "a.jpg", "sub/c.png"):
+        save_png(torch.rand(8, 8, 3), str(tmp_path / "input" / name))
+    (tmp_path / "input" / "notes.txt").write_text("not an image")
+    choices, options = LoadImage.INPUT_TYPES()["required"]["image"]
+    assert choices == ["a.jpg", "b.png", "sub/c.png"] and options["image_upload"] is True
+    assert LoadImage().load_image("sub/c.png")[0].shape == (1, 8, 8, 3)
+
+
+def test_save_image_previews_inside_comfyui_are_enlarged_copies(tmp_path, monkeypatch):
+    from PIL import Image
+    _fake_folder_paths(monkeypatch, tmp_path)
+    saved = SaveImage().save_images(torch.rand(2, 32, 48, 3), "x")
+    outputs = sorted(os.listdir(tmp_path / "output"))
+    assert len(outputs) == 2 and all(Image.open(tmp_path / "output" / f).size == (48, 32) for f in outputs)
+    previews = saved["ui"]["images"]
+    assert [p["type"] for p in previews] == ["temp", "temp"]
+    assert all(Image.open(tmp_path / "temp" / p["filename"]).size == (384, 256) for p in previews)
+    big = SaveImage().save_images(torch.rand(1, 32, 32, 3), "y", scale=8)   # already large: the file itself
+    assert big["ui"]["images"][0]["type"] == "output"

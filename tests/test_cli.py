@@ -116,6 +116,8 @@ def test_shipped_workflows_run(tmp_path, capsys, name):
     assert "run 1/2: node" in out and "seed=1" in out and "seed=2" in out
     pngs = [f for f in os.listdir(tmp_path) if f.endswith(".png")]
     assert len(pngs) == (8 if name == "text_to_image.json" else 2)
+    printed = re.findall(r"^(\S+\.png)  \(node \d+\)$", out, re.M)   # each saved file's path, once
+    assert sorted(printed) == sorted(str(tmp_path / f) for f in pngs)
 
 
 def test_run_reports_workflow_errors(tmp_path, capsys):

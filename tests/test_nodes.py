@@ -18,7 +18,7 @@ def test_node_ids_are_namespaced_and_single_sourced():
     assert set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODES)
     for node_id in NODE_CLASS_MAPPINGS:
         assert node_id.startswith("ksampler_") and node_id not in COMFY_BUILTIN_IDS
-    assert NODE_DISPLAY_NAME_MAPPINGS["ksampler_KSampler"] == "KSampler (ksampler)"
+    assert NODE_DISPLAY_NAME_MAPPINGS["ksampler_KSampler"] == "KSampler+"
 
 
 def test_ksampler_input_contract():
