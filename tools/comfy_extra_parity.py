@@ -30,7 +30,9 @@ def load_pack():
     pack = importlib.util.module_from_spec(spec)
     sys.modules["ksampler_pack"] = pack
     spec.loader.exec_module(pack)
-    return pack.NODE_CLASS_MAPPINGS
+    # the classic classes: on a host with the V3 schema the package exports comfy_entrypoint instead, whose
+    # nodes run these same classes' methods
+    return sys.modules["ksampler_pack.nodes"].NODE_CLASS_MAPPINGS
 
 
 def node_output(result):
