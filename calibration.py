@@ -127,7 +127,7 @@ def _solve(model, x: Tensor, sigmas: Tensor, coefficients: Optional[Tensor], ms,
     history: list[Tensor] = []
     for i in step_range(len(sigmas) - 1, disable):
         sigma = sigmas[i]
-        denoised = model(x, sigma.reshape(1).expand(x.shape[0]).to(x.dtype), **extra_args)
+        denoised = model(x, sigma.reshape(1).expand(x.shape[0]).to(device=x.device, dtype=x.dtype), **extra_args)
         emit(callback, x, i, float(sigma.detach()), denoised)
         history.insert(0, denoised)
         weights = _row(coefficients, i, len(history))
@@ -234,6 +234,30 @@ def _differentiable(loss_fn) -> bool:
         if "inference" in str(exc).lower() or "does not require grad" in str(exc).lower():
             return False
         raise
+
+
+class _Adam:
+    """Adam (Kingma & Ba 2015) with a cosine-annealed step size; torch.optim would import torch._dynamo (seconds)."""
+
+    def __init__(self, params: list, lr: float, total: int, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.total, self.betas, self.eps = params, lr, total, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        lr = self.lr * 0.5 * (1 + math.cos(math.pi * min(self.t, self.total) / self.total))
+        self.t += 1
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            m_hat = m / (1 - b1 ** self.t)
+            v_hat = v / (1 - b2 ** self.t)
+            p.sub_(lr * m_hat / (v_hat.sqrt() + self.eps))
 
 
 def _schedule(u: Tensor, log_hi: float, log_lo: float) -> Tensor:
@@ -356,8 +380,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     if order > 1 and fit_coefficients:
         delta = torch.zeros(steps, order - 1, dtype=torch.float64, requires_grad=True)
         params.append(delta)
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iterations, 1))
+    opt = _Adam(params, lr, max(iterations, 1))
     with torch.no_grad():
         sel0 = float(loss_of(student(u, base_order, delta, sel_idx)[2], sel_idx))
     best = (sel0, u.detach().clone(), None if delta is None else delta.detach().clone())
@@ -374,7 +397,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
         f"by {mode}; start RMS to the teacher {start_loss:.4g} (selection {sel0:.4g})")
     gen = torch.Generator().manual_seed(0)
     for it in range(iterations):
-        opt.zero_grad()
+        for p in params:
+            p.grad = None
         if mode == "autograd":
             with torch.enable_grad():
                 loss = loss_of(student(u, base_order, delta, fit_idx)[2], fit_idx)
@@ -399,7 +423,6 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
             for p, d in zip(params, signs):
                 p.grad = (plus - minus) / (2 * c_k) * d
         opt.step()
-        sched.step()
         if it % 10 == 9 or it == iterations - 1:
             with torch.no_grad():
                 sel = float(loss_of(student(u, base_order, delta, sel_idx)[2], sel_idx))
@@ -553,3 +576,21 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
                                teacher_steps=teacher_steps, log=log,
                                info={"cfg": float(cfg), **settings})
     return cached_calibration(key, fit, path, log)
+
+
+def run_sigmas(calibration: "Calibration", steps: int, cfg: float, denoise: float = 1.0) -> Tensor:
+    """The sigmas a KSampler run uses with ``calibration``, after checking that the run is the one it was fitted for."""
+    if not isinstance(calibration, Calibration):
+        raise ValueError(f"calibration: expected a Calibration (from the Calibrated Scheduler node or "
+                         f"ksampler.calibration.calibrate), got {type(calibration).__name__}")
+    if int(steps) != calibration.steps:
+        raise ValueError(f"steps: the calibration was fitted for {calibration.steps} steps, the run asks for {steps}; "
+                         f"set steps to {calibration.steps} or fit a calibration for {steps}")
+    fitted_cfg = calibration.info.get("cfg")
+    if fitted_cfg is not None and not math.isclose(float(fitted_cfg), float(cfg), rel_tol=1e-6, abs_tol=1e-9):
+        raise ValueError(f"cfg: the calibration was fitted at cfg {fitted_cfg:g}, the run uses {float(cfg):g}; "
+                         "use the same cfg or fit a calibration for this one")
+    if not math.isclose(float(denoise), 1.0):
+        raise ValueError(f"denoise: calibrations are fitted for txt2img (denoise 1.0), got {denoise}; set denoise to "
+                         "1.0 or disconnect the calibration")
+    return calibration.sigmas.clone()

@@ -45,6 +45,8 @@ TOOLTIPS = {
     "cpu_noise": "Draw all extra (ancestral/SDE) noise on the CPU, so CPU and GPU give the same image.",
     "brownian_noise": "SDE samplers' Brownian noise: 'tree' matches ComfyUI; 'fast' has the same statistics at a "
                       "fraction of the cost.",
+    "calibration": "A calibration from 'Calibrated Scheduler (ksampler)': its fitted sigmas and sampler replace "
+                   "sampler_name and scheduler (steps and cfg must be those it was fitted for).",
     "karras_rho": "The rho of the karras scheduler (Karras et al. 2022): higher spends more steps at low noise. "
                   "7 is the paper's and ComfyUI's value; other schedulers ignore it.",
     "flow_geometry": "For flow models (SD3, Flux): 'exact' gives ddpm, res_multistep_ancestral and the cfg_pp "
@@ -119,7 +121,10 @@ class KSampler:
                 "latent_image": common["latent_image"],
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                       "tooltip": TOOLTIPS["denoise"]}),
-            }
+            },
+            "optional": {
+                "calibration": ("KSAMPLER_CALIBRATION", {"tooltip": TOOLTIPS["calibration"]}),
+            },
         }
 
     RETURN_TYPES = ("LATENT",)
@@ -130,8 +135,10 @@ class KSampler:
                    "the ksampler pack's sampler and scheduler registries.")
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-               denoise=1.0):
-        return (_run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise),)
+               denoise=1.0, calibration=None):
+        kw = {} if calibration is None else {"calibration": calibration}
+        return (_run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+                     **kw),)
 
 
 class KSamplerAdvanced:
@@ -166,7 +173,9 @@ class KSamplerAdvanced:
                 "cpu_noise": ("BOOLEAN", {"default": False, "tooltip": TOOLTIPS["cpu_noise"]}),
                 "brownian_noise": (["tree", "fast"], {"tooltip": TOOLTIPS["brownian_noise"]}),
                 "flow_geometry": (["default", "exact", "comfyui"], {"tooltip": TOOLTIPS["flow_geometry"]}),
-                "karras_rho": ("FLOAT", {"default": 7.0, "min": 0.5, "max": 30.0, "step": 0.1,
+                "calibration": "A calibration from 'Calibrated Scheduler (ksampler)': its fitted sigmas and sampler replace "
+                   "sampler_name and scheduler (steps and cfg must be those it was fitted for).",
+    "karras_rho": ("FLOAT", {"default": 7.0, "min": 0.5, "max": 30.0, "step": 0.1,
                                          "tooltip": TOOLTIPS["karras_rho"]}),
             },
         }
@@ -215,6 +224,7 @@ NODE_TABLE = {
     "ksampler_VAEEncode": ("bundled.nodes", "VAEEncode", "VAE Encode (ksampler)"),
     "ksampler_VAEDecode": ("bundled.nodes", "VAEDecode", "VAE Decode (ksampler)"),
     "ksampler_SaveImage": ("bundled.nodes", "SaveImage", "Save Image (ksampler)"),
+    "ksampler_CalibratedScheduler": ("calibration_nodes", "CalibratedScheduler", "Calibrated Scheduler (ksampler)"),
     "ksampler_SamplerSelect": ("comfy_adapter", "SamplerSelect", "Sampler (ksampler)"),
     "ksampler_Scheduler": ("comfy_adapter", "Scheduler", "Scheduler (ksampler)"),
 }

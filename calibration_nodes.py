@@ -1,0 +1,89 @@
+"""The "Calibrated Scheduler (ksampler)" node: sigmas (and a sampler) fitted once to the model and conditioning.
+
+Outputs SIGMAS and SAMPLER for SamplerCustom, and a KSAMPLER_CALIBRATION for our KSampler's optional
+``calibration`` input.  Works on ComfyUI models (through the host's own sampling code) and on ours.
+"""
+from __future__ import annotations
+
+import os
+
+from .validation import MAX_SEED, KSamplerInputError, check_int
+
+__all__ = ["CalibratedScheduler", "CALIBRATION_NODES"]
+
+
+class CalibratedScheduler:
+    """Fits a step schedule and multistep coefficients to this model, conditioning, steps and cfg (cached)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to calibrate to."}),
+                "positive": ("CONDITIONING", {"tooltip": "The positive conditioning the sampler will use."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative conditioning the sampler will use."}),
+                "latent_image": ("LATENT", {"tooltip": "The (empty) latent to sample: only its shape is used."}),
+                "steps": ("INT", {"default": 8, "min": 1, "max": 100, "tooltip": "Steps (= model calls) to fit."}),
+                "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "The guidance scale the sampler will use."}),
+            },
+            "optional": {
+                "order": ("INT", {"default": 3, "min": 1, "max": 3, "tooltip": "Past estimates each step blends "
+                                  "(1: schedule only)."}),
+                "fit_noises": ("INT", {"default": 8, "min": 4, "max": 256, "tooltip": "Fitting noises (a batch)."}),
+                "fit_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Seed of the fitting "
+                                     "noise (drawn apart from any sampling noise)."}),
+                "iterations": ("INT", {"default": 100, "min": 0, "max": 5000, "tooltip": "Optimiser iterations."}),
+                "calibration_file": ("STRING", {"default": "", "tooltip": "Optional .safetensors path: loaded "
+                                                "when it holds this calibration, else written after fitting."}),
+            },
+        }
+
+    RETURN_TYPES = ("SIGMAS", "SAMPLER", "KSAMPLER_CALIBRATION")
+    RETURN_NAMES = ("sigmas", "sampler", "calibration")
+    FUNCTION = "calibrate"
+    CATEGORY = "sampling/custom_sampling/schedulers"
+    DESCRIPTION = ("Fits the sigmas and a multistep sampler to this model and conditioning once (cached; it says "
+                   "when it fits) for SamplerCustom or the ksampler KSampler's calibration input.")
+
+    def calibrate(self, model, positive, negative, latent_image, steps, cfg, order=3, fit_noises=8, fit_seed=0,
+                  iterations=100, calibration_file=""):
+        from .nodes import is_comfy_model
+
+        check_int("steps", steps, 1, 100)
+        check_int("order", order, 1, 3)
+        check_int("fit_noises", fit_noises, 4, 256)
+        check_int("fit_seed", fit_seed, 0, MAX_SEED)
+        check_int("iterations", iterations, 0, 5000)
+        if not isinstance(cfg, (int, float)) or isinstance(cfg, bool) or not 0 <= cfg <= 100:
+            raise KSamplerInputError(f"cfg: expected a number in 0..100, got {cfg!r}")
+        if not isinstance(calibration_file, str):
+            raise KSamplerInputError("calibration_file: expected a path string (or empty)")
+        path = calibration_file.strip() or None
+        if path is not None:
+            if not path.endswith(".safetensors"):
+                raise KSamplerInputError(f"calibration_file: {path!r} must end in .safetensors")
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise KSamplerInputError(f"calibration_file: folder {folder!r} does not exist; create it first")
+        options = {"order": order, "fit_noises": fit_noises, "seed": fit_seed, "iterations": iterations,
+                   "path": path}
+        try:
+            if is_comfy_model(model):
+                from .comfy_calibration import CalibratedSampler, calibrate_host
+                cal = calibrate_host(model, positive, negative, latent_image, steps, float(cfg), **options)
+                return cal.sigmas.clone(), CalibratedSampler(cal), cal
+            from .calibration import calibrate
+            cal = calibrate(model, positive, negative, latent_image, steps, float(cfg), **options)
+        except ValueError as exc:
+            raise KSamplerInputError(str(exc)) from exc
+        sampler = cal.sampler()
+        if "comfy.samplers" in __import__("sys").modules:
+            from .comfy_calibration import CalibratedSampler
+            sampler = CalibratedSampler(cal)
+        return cal.sigmas.clone(), sampler, cal
+
+
+CALIBRATION_NODES = {
+    "ksampler_CalibratedScheduler": (CalibratedScheduler, "Calibrated Scheduler (ksampler)"),
+}
