@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, require_ksampler, table, write_json  # noqa: E402
+from _common import RESULTS as RESULTS_DIR, environment, require_ksampler, table, write_json  # noqa: E402
 from gmm import GaussianMixture, MixtureDenoiser, reference_solve  # noqa: E402
 
 require_ksampler()
@@ -60,9 +60,10 @@ SIGMA_MIN, SIGMA_MAX = float(MS.sigma_min), float(MS.sigma_max)
 BUDGETS = (5, 10, 20)
 CFGS = (None, 3.0, 7.5)
 EVAL_SEED, FIT_SEED = 1000, 2000  # evaluation noise and fitting noise come from disjoint seeds
-N_EVAL, FIT_NOISES = 128, 128
+N_EVAL, FIT_NOISES = 64, 192
 # chosen on the TUNING split (python bench/heldout.py --tune); constants for every held-out run
-CALIBRATION = {"order": 3, "iterations": 200, "lr": 0.05, "teacher_steps": 200, "teacher_sigma_min_factor": 0.01}
+CALIBRATION = {"order": 3, "iterations": 80, "lr": 0.05, "teacher_steps": 100, "teacher_sigma_min_factor": 0.01}
+CALIBRATED_BUDGETS = (5, 10)  # the goal's budgets; NFE 20 runs the registries only (time)
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,8 @@ class Comfy:
                      "dpmpp_2m_sde(eta=0)", "dpmpp_3m_sde(eta=0)")
 
     def __init__(self, comfyui_dir: str):
+        if not os.path.isfile(os.path.join(comfyui_dir, "comfy", "samplers.py")):
+            raise SystemExit(f"heldout: no ComfyUI checkout at {comfyui_dir!r}; set COMFYUI_DIR or pass --no-comfy")
         if comfyui_dir not in sys.path:
             sys.path.insert(0, comfyui_dir)
         import comfy.cli_args as cli_args
@@ -267,14 +270,26 @@ class Problem:
 
 
 def _largest_fitting(prob: Problem, run_fn, sigmas_of, budget: int, cache: dict):
+    """The largest step count whose model calls fit the budget; calls(n) = a n + b is probed once per sampler
+    (at 4, 5 and 6 steps, linearity checked) on one item, and probed directly where it is not linear."""
+    if "linear" not in cache:
+        probe = [prob.calls(run_fn, torch.cat([torch.exp(torch.linspace(math.log(SIGMA_MAX), math.log(SIGMA_MIN), n,
+                                                                         dtype=torch.float64)), torch.zeros(1)]))
+                 for n in (4, 5, 6)]
+        a, b = probe[1] - probe[0], probe[0] - 4 * (probe[1] - probe[0])
+        cache["linear"] = (a, b) if probe[2] == 6 * a + b and a > 0 else None
     for steps in range(budget, 0, -1):
         sig = sigmas_of(steps)
         if len(sig) < 2:
             continue
-        key = len(sig)
-        if key not in cache:
-            cache[key] = prob.calls(run_fn, sig)
-        if cache[key] <= budget:
+        n = len(sig) - 1
+        if cache["linear"] is not None:
+            calls = cache["linear"][0] * n + cache["linear"][1]
+        else:
+            if n not in cache:
+                cache[n] = prob.calls(run_fn, sig)
+            calls = cache[n]
+        if calls <= budget:
             return steps, sig
     return None
 
@@ -304,8 +319,9 @@ def run_grid(prob: Problem, comfy: Optional[Comfy], budgets, log) -> list[dict]:
         def run_fn(m, x, s, fn=fn, opts=opts):
             with torch.no_grad():
                 return fn(m, x, s, disable=True, **opts)
+        cache = {}
         for sch in SCHEDULERS:
-            cache = {}
+            cache = {k: v for k, v in cache.items() if k == "linear"}
             for budget in budgets:
                 run("ours", name, sch, run_fn, lambda st, sch=sch, d=discard: sampling_sigmas(
                     MS, sch, st, discard_penultimate_sigma=d), budget, cache)
@@ -313,8 +329,9 @@ def run_grid(prob: Problem, comfy: Optional[Comfy], budgets, log) -> list[dict]:
         for name in Comfy.DETERMINISTIC:
             def run_fn(m, x, s, name=name):
                 return comfy.run(name, m, x, s)
+            cache = {}
             for sch in comfy.schedulers:
-                cache = {}
+                cache = {k: v for k, v in cache.items() if k == "linear"}
                 for budget in budgets:
                     run("comfyui", name, sch, run_fn, lambda st, sch=sch, name=name: comfy.sigmas(sch, st, name),
                         budget, cache)
@@ -323,7 +340,7 @@ def run_grid(prob: Problem, comfy: Optional[Comfy], budgets, log) -> list[dict]:
 
 def calibrate_rows(prob: Problem, budgets, log) -> list[dict]:
     rows = []
-    for budget in budgets:
+    for budget in [b for b in budgets if b in CALIBRATED_BUDGETS]:
         t = time.perf_counter()
         cal = fit_calibration(prob.fit_model, MS, prob.fit_noise, budget, order=CALIBRATION["order"],
                               iterations=CALIBRATION["iterations"], lr=CALIBRATION["lr"],
@@ -428,6 +445,7 @@ def main() -> None:
     ap.add_argument("--no-comfy", action="store_true", help="skip ComfyUI's side (when no checkout is around)")
     ap.add_argument("--families", default=None, help="comma-separated family names of the chosen split")
     ap.add_argument("--cfgs", default=None, help="comma-separated: none,3,7.5")
+    ap.add_argument("--merge", action="store_true", help="merge the per-family results (bench/results/heldout_<family>.json)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     split = TUNING if args.tune else HELDOUT
@@ -437,31 +455,43 @@ def main() -> None:
     cfgs = CFGS if not args.cfgs else tuple(None if c == "none" else float(c) for c in args.cfgs.split(","))
     budgets = (5, 10) if args.quick else BUDGETS
     n_eval = 64 if args.quick else N_EVAL
-    comfy = None if args.no_comfy else Comfy(COMFYUI_DIR)
+    comfy = None if (args.no_comfy or args.merge) else Comfy(COMFYUI_DIR)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
     results = []
     t0 = time.perf_counter()
-    for fam in split:
-        for cfg in cfgs:
-            prob = Problem(fam, cfg, n_eval, FIT_NOISES)
-            t = time.perf_counter()
-            rows = run_grid(prob, comfy, budgets, log) + calibrate_rows(prob, budgets, log)
-            results.append({"problem": prob.name, "family": fam.name, "split": fam.split, "cfg": cfg, "dim": fam.dim,
-                            "components": fam.components, "spread_to_separation": fam.spread_to_separation(),
-                            "reference_check": prob.reference_check(), "rows": rows})
-            log(f"{prob.name}: {time.perf_counter() - t:.0f}s")
+    if args.merge:
+        import json
+        for fam in split:
+            with open(os.path.join(RESULTS_DIR, f"heldout_{fam.name}.json")) as f:
+                results += json.load(f)["results"]
+    else:
+        for fam in split:
+            for cfg in cfgs:
+                prob = Problem(fam, cfg, n_eval, FIT_NOISES)
+                t = time.perf_counter()
+                rows = run_grid(prob, comfy, budgets, log) + calibrate_rows(prob, budgets, log)
+                results.append({"problem": prob.name, "family": fam.name, "split": fam.split, "cfg": cfg,
+                                "dim": fam.dim, "components": fam.components,
+                                "spread_to_separation": fam.spread_to_separation(),
+                                "reference_check": prob.reference_check(), "rows": rows,
+                                "seconds": round(time.perf_counter() - t, 1)})
+                log(f"{prob.name}: {time.perf_counter() - t:.0f}s")
     text, summary = summarise(results, budgets)
     print(text)
-    name = "heldout_tuning.json" if args.tune else "heldout.json"
-    if not args.families and not args.cfgs and not args.quick:
-        write_json(name, {"environment": environment(), "calibration": CALIBRATION, "budgets": budgets,
-                          "split": "tuning" if args.tune else "heldout", "summary": summary, "results": results,
-                          "seconds": time.perf_counter() - t0})
-        if not args.tune:
-            plot(summary, budgets, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                                                "heldout_error_vs_nfe.png"))
+    if args.quick or args.cfgs:
+        return
+    payload = {"environment": environment(), "calibration": CALIBRATION, "fit_noises": FIT_NOISES,
+               "eval_noises": n_eval, "budgets": budgets, "split": "tuning" if args.tune else "heldout",
+               "summary": summary, "results": results, "seconds": time.perf_counter() - t0}
+    if args.families and not args.merge:
+        write_json(f"heldout_{split[0].name}.json" if len(split) == 1 else "heldout_part.json", payload)
+        return
+    write_json("heldout_tuning.json" if args.tune else "heldout.json", payload)
+    if not args.tune:
+        plot(summary, budgets, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                                            "heldout_error_vs_nfe.png"))
 
 
 if __name__ == "__main__":
