@@ -34,6 +34,8 @@ class CalibratedScheduler:
                 "fit_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Seed of the fitting "
                                      "noise (drawn apart from any sampling noise)."}),
                 "iterations": ("INT", {"default": 100, "min": 0, "max": 5000, "tooltip": "Optimiser iterations."}),
+                "teacher_steps": ("INT", {"default": 100, "min": 10, "max": 1000, "tooltip": "Steps of the fine "
+                                          "reference solve the fit matches."}),
                 "calibration_file": ("STRING", {"default": "", "tooltip": "Optional .safetensors path: loaded "
                                                 "when it holds this calibration, else written after fitting."}),
             },
@@ -47,7 +49,7 @@ class CalibratedScheduler:
                    "when it fits) for SamplerCustom or the ksampler KSampler's calibration input.")
 
     def calibrate(self, model, positive, negative, latent_image, steps, cfg, order=3, fit_noises=8, fit_seed=0,
-                  iterations=100, calibration_file=""):
+                  iterations=100, teacher_steps=100, calibration_file=""):
         from .nodes import is_comfy_model
 
         check_int("steps", steps, 1, 100)
@@ -55,6 +57,7 @@ class CalibratedScheduler:
         check_int("fit_noises", fit_noises, 4, 256)
         check_int("fit_seed", fit_seed, 0, MAX_SEED)
         check_int("iterations", iterations, 0, 5000)
+        check_int("teacher_steps", teacher_steps, 10, 1000)
         if not isinstance(cfg, (int, float)) or isinstance(cfg, bool) or not 0 <= cfg <= 100:
             raise KSamplerInputError(f"cfg: expected a number in 0..100, got {cfg!r}")
         if not isinstance(calibration_file, str):
@@ -67,7 +70,7 @@ class CalibratedScheduler:
             if not os.path.isdir(folder):
                 raise KSamplerInputError(f"calibration_file: folder {folder!r} does not exist; create it first")
         options = {"order": order, "fit_noises": fit_noises, "seed": fit_seed, "iterations": iterations,
-                   "path": path}
+                   "teacher_steps": teacher_steps, "path": path}
         try:
             if is_comfy_model(model):
                 from .comfy_calibration import CalibratedSampler, calibrate_host

@@ -173,9 +173,7 @@ class KSamplerAdvanced:
                 "cpu_noise": ("BOOLEAN", {"default": False, "tooltip": TOOLTIPS["cpu_noise"]}),
                 "brownian_noise": (["tree", "fast"], {"tooltip": TOOLTIPS["brownian_noise"]}),
                 "flow_geometry": (["default", "exact", "comfyui"], {"tooltip": TOOLTIPS["flow_geometry"]}),
-                "calibration": "A calibration from 'Calibrated Scheduler (ksampler)': its fitted sigmas and sampler replace "
-                   "sampler_name and scheduler (steps and cfg must be those it was fitted for).",
-    "karras_rho": ("FLOAT", {"default": 7.0, "min": 0.5, "max": 30.0, "step": 0.1,
+                "karras_rho": ("FLOAT", {"default": 7.0, "min": 0.5, "max": 30.0, "step": 0.1,
                                          "tooltip": TOOLTIPS["karras_rho"]}),
             },
         }

@@ -27,6 +27,7 @@ def main() -> int:
     ap.add_argument("--comfyui-dir", default=None)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--teacher-steps", type=int, default=100)
     args = ap.parse_args()
     sys.path.insert(0, HARNESS)
     import harness_env
@@ -55,7 +56,8 @@ def main() -> int:
         with torch.inference_mode():
             t = time.time()
             sigmas, sampler, cal = classes["ksampler_CalibratedScheduler"]().calibrate(
-                model, pos, neg, latent, args.steps, 5.0, fit_noises=8, iterations=args.iterations)
+                model, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
+                teacher_steps=args.teacher_steps)
             fit_s = time.time() - t
             ok = (sigmas.ndim == 1 and len(sigmas) == args.steps + 1 and float(sigmas[-1]) == 0
                   and bool((sigmas[1:] < sigmas[:-1]).all()))
@@ -67,7 +69,8 @@ def main() -> int:
             same = torch.allclose(ours["samples"], out["samples"], atol=1e-5)
             t = time.time()
             again = classes["ksampler_CalibratedScheduler"]().calibrate(
-                model, pos, neg, latent, args.steps, 5.0, fit_noises=8, iterations=args.iterations)
+                model, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
+                teacher_steps=args.teacher_steps)
             cached = again[2] is cal and time.time() - t < 1.0
         print(f"{key}: sigmas {[round(float(s), 4) for s in sigmas]}; fit {fit_s:.1f}s "
               f"({cal.info['model_calls']} model calls, gradient: {cal.info['gradient']}); RMS to the teacher "
