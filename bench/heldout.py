@@ -390,6 +390,28 @@ def summarise(results: list[dict], budgets) -> tuple[str, list[dict]]:
     return "\n".join(out), summary
 
 
+def readme_tables(results: list[dict], summary: list[dict], budgets) -> str:
+    """Markdown for the README: per family, rows = guidance, columns = best RMS per NFE, ours / ComfyUI's / ratio."""
+    out = []
+    for fam in dict.fromkeys(r["family"] for r in results):
+        res = [r for r in results if r["family"] == fam]
+        head = "| guidance | " + " | ".join(f"NFE {b}: ours / ComfyUI (ratio)" for b in budgets) + " |"
+        lines = [f"**{fam}** (d = {res[0]['dim']}, K = {res[0]['components']}, spread/separation "
+                 f"{res[0]['spread_to_separation']:.3g})", "", head, "|---" * (len(budgets) + 1) + "|"]
+        for r in res:
+            cells = []
+            for b in budgets:
+                sm = next(x for x in summary if x["problem"] == r["problem"] and x["budget"] == b)
+                o, c = sm["ours"], sm["comfyui"]
+                tag = " (cal.)" if o and o["impl"] == "calibrated" else ""
+                cells.append(f"{o['rms_error']:.3g}{tag} / {c['rms_error']:.3g} ({sm['ratio']:.2f})" if o and c
+                             else "-")
+            label = "none" if r["cfg"] is None else f"cfg {r['cfg']:g}"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
 def plot(summary: list[dict], budgets, path: str) -> None:
     """Error against NFE per problem, ours (solid) and ComfyUI's best (dashed), drawn with PIL on log axes."""
     from PIL import Image, ImageDraw
@@ -480,6 +502,8 @@ def main() -> None:
                 log(f"{prob.name}: {time.perf_counter() - t:.0f}s")
     text, summary = summarise(results, budgets)
     print(text)
+    if args.merge:
+        print("\n" + readme_tables(results, summary, budgets))
     if args.quick or args.cfgs:
         return
     payload = {"environment": environment(), "calibration": CALIBRATION, "fit_noises": FIT_NOISES,
