@@ -221,6 +221,19 @@ class Calibration:
             raise ValueError(f"calibration: coefficients must be finite, shaped [steps={len(s) - 1}, order]")
 
 
+def _model_differentiable(denoiser, x: Tensor, sigma: float) -> bool:
+    """Whether the model's output carries a gradient to its input (no: under no_grad or with inference tensors)."""
+    try:
+        with torch.enable_grad():
+            probe = x.detach().clone().requires_grad_(True)
+            out = denoiser(probe, probe.new_full((probe.shape[0],), sigma))
+            return bool(out.requires_grad)
+    except RuntimeError as exc:
+        if "inference" in str(exc).lower():
+            return False
+        raise
+
+
 def _differentiable(loss_fn) -> bool:
     """Whether a loss built through the model carries a gradient (False under no_grad or with inference tensors)."""
     try:
@@ -388,8 +401,9 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
         raise ValueError(f"gradient: must be 'auto', 'autograd' or 'spsa', got {gradient!r}")
     mode = gradient
     if mode == "auto":
-        mode = "autograd" if _differentiable(lambda: loss_of(student(u, base_order, delta, fit_idx)[2], fit_idx)) \
-            else "spsa"
+        gives_gradient = _model_differentiable(counted, x0, 4 * s_min) and \
+            _differentiable(lambda: loss_of(student(u, base_order, delta, fit_idx)[2], fit_idx))
+        mode = "autograd" if gives_gradient else "spsa"
         if mode == "spsa":
             say("calibration: the model gives no gradient here (no_grad or inference tensors, as inside ComfyUI); "
                 "fitting with SPSA (two evaluations per iteration) instead of autograd")

@@ -154,3 +154,18 @@ def test_bad_inputs_are_named():
         fit_calibration(model, ms, torch.full((8, 2), math.nan), 3)
     with pytest.raises(ValueError, match="order"):
         fit_calibration(model, ms, torch.randn(8, 2), 3, order=9)
+
+
+def test_a_model_without_gradient_is_fitted_by_spsa_and_says_so():
+    ms = EPS()
+    inner = Mixture2D(ms)
+
+    @torch.no_grad()
+    def no_grad_model(x, sigma, **kw):  # like ComfyUI's weights under inference mode
+        return inner(x, sigma)
+    messages = []
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cal = fit_calibration(no_grad_model, ms, noise, 4, iterations=30, teacher_steps=40, log=messages.append)
+    assert cal.info["gradient"] == "spsa" and any("SPSA" in m for m in messages)
+    assert cal.info["backward_passes"] == 0
+    assert cal.info["rms_fitted"] <= cal.info["rms_start"] * 1.05
