@@ -9,10 +9,12 @@ never imports ``comfy``; the ComfyUI glue lives in ``comfy_adapter`` alone.
 from .node_schema import host_io
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from .pipeline import NoiseOptions, ksample, sample
+from .calibration import Calibration, calibrate
 
 __version__ = "0.1.0"
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "NoiseOptions", "sample", "ksample", "__version__"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "NoiseOptions", "sample", "ksample", "calibrate",
+           "Calibration", "__version__"]
 
 _io = host_io()
 if _io is not None:

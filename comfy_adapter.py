@@ -167,7 +167,7 @@ class RegistrySampler(comfy.samplers.Sampler):
 def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0,
                     add_noise=True, start_step=None, last_step=None, force_full_denoise=False,
                     noise_options: NoiseOptions | None = None, reference_mode: bool = False,
-                    scheduler_options: dict | None = None, compat: bool | None = None):
+                    scheduler_options: dict | None = None, compat: bool | None = None, calibration=None):
     """The built-in KSampler's flow with our schedules, samplers and noise; returns a new latent dict.
 
     reference_mode (formerly ``compat``): run ComfyUI's own form of the samplers in ``samplers.reference``.
@@ -183,6 +183,12 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
     sigmas = ksampler_sigmas(model.get_model_object("model_sampling"), scheduler, steps, denoise,
                              tr.discard_penultimate_sigma, start_step, last_step, force_full_denoise,
                              **(scheduler_options or {}))
+    if calibration is not None:
+        from .calibration import run_sigmas
+        try:
+            sigmas = run_sigmas(calibration, steps, cfg, denoise)
+        except ValueError as exc:
+            raise KSamplerInputError(str(exc)) from exc
     out = latent.copy()
     if len(sigmas) <= 1:
         out["samples"] = latent_image
@@ -190,7 +196,11 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
 
     callback = latent_preview.prepare_callback(model, steps)
     disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
-    sampler = RegistrySampler(sampler_name, noise_options, reference_mode)
+    if calibration is not None:
+        from .comfy_calibration import CalibratedSampler
+        sampler = CalibratedSampler(calibration)
+    else:
+        sampler = RegistrySampler(sampler_name, noise_options, reference_mode)
     sampler.batch_index = batch_index
     result = comfy.samplers.sample(model, noise, positive, negative, cfg, model.load_device, sampler,
                                    sigmas.to(model.load_device), model_options=model.model_options,

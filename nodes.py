@@ -60,6 +60,8 @@ TOOLTIPS = {
     "cpu_noise": "Draw all extra (ancestral/SDE) noise on the CPU, so CPU and GPU give the same image.",
     "brownian_noise": "SDE samplers' Brownian noise: 'tree' matches ComfyUI; 'fast' has the same statistics at a "
                       "fraction of the cost.",
+    "calibration": "A calibration from 'Calibrated Scheduler+': its fitted sigmas and sampler replace "
+                   "sampler_name and scheduler (steps and cfg must be those it was fitted for).",
     "karras_rho": "The rho of the karras scheduler (Karras et al. 2022): higher spends more steps at low noise. "
                   "7 is the paper's and ComfyUI's value; other schedulers ignore it.",
     "flow_geometry": "For flow models (SD3, Flux): 'exact' gives ddpm, res_multistep_ancestral and the cfg_pp "
@@ -128,14 +130,17 @@ def _run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, l
     inputs=(MODEL_IN,
             In("seed", "INT", TOOLTIPS["seed"], default=0, min=0, max=MAX_SEED, control_after_generate=True),
             *_common_inputs(),
-            In("denoise", "FLOAT", TOOLTIPS["denoise"], default=1.0, min=0.0, max=1.0, step=0.01)),
+            In("denoise", "FLOAT", TOOLTIPS["denoise"], default=1.0, min=0.0, max=1.0, step=0.01),
+            In("calibration", "KSAMPLER_CALIBRATION", TOOLTIPS["calibration"], optional=True)),
     outputs=(LATENT_OUT,)))
 class KSampler:
     """ComfyUI's KSampler surface, sampled by our registries."""
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-               denoise=1.0):
-        return (_run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise),)
+               denoise=1.0, calibration=None):
+        kw = {} if calibration is None else {"calibration": calibration}
+        return (_run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+                     **kw),)
 
 
 @v1_node(NodeSpec(
@@ -197,6 +202,7 @@ NODE_TABLE = {
     "ksampler_VAEEncode": ("bundled.nodes", "VAEEncode", "Bundled VAE Encode"),
     "ksampler_VAEDecode": ("bundled.nodes", "VAEDecode", "Bundled VAE Decode"),
     "ksampler_SaveImage": ("bundled.nodes", "SaveImage", "Bundled Save Image"),
+    "ksampler_CalibratedScheduler": ("calibration_nodes", "CalibratedScheduler", "Calibrated Scheduler+"),
     "ksampler_SamplerSelect": ("comfy_adapter", "SamplerSelect", "KSamplerSelect+"),
     "ksampler_Scheduler": ("comfy_adapter", "Scheduler", "Scheduler+"),
 }

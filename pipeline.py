@@ -236,8 +236,10 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
             callback: Optional[StepCallback] = None, disable: bool = True,
             noise_options: Optional[NoiseOptions] = None, reference_mode: bool = False,
             sampler_options: Optional[dict] = None, scheduler_options: Optional[dict] = None,
-            compat: Optional[bool] = None) -> dict:
+            compat: Optional[bool] = None, calibration=None) -> dict:
     """The KSampler node's behaviour on one of our models; returns a new latent dict.
+
+    calibration: a ``calibration.Calibration`` whose sigmas and sampler replace ``sampler_name`` and ``scheduler``.
 
     reference_mode (formerly ``compat``): see ``sample``.
     """
@@ -255,6 +257,13 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
     ms = model.model_sampling
     sigmas = ksampler_sigmas(ms, scheduler, steps, denoise, tr.discard_penultimate_sigma, start_step, last_step,
                              force_full_denoise, **(scheduler_options or {}))
+    sampler = sampler_name
+    if calibration is not None:
+        from .calibration import run_sigmas
+        try:
+            sigmas, sampler = run_sigmas(calibration, steps, cfg, denoise), calibration.sampler()
+        except ValueError as exc:
+            raise KSamplerInputError(str(exc)) from exc
     out = dict(latent)
     if len(sigmas) <= 1:  # denoise 0, or a start step past the end: nothing to do
         out["samples"] = samples.float().clone()
@@ -263,7 +272,7 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
     fmt = model.latent_format
     latent_in = fmt.process_in(samples.float()) if torch.count_nonzero(samples) > 0 else samples.float()
     guidance = Guidance(positive, negative, cfg)
-    result = sample(model, ms, noise, latent_in, sigmas, guidance, sampler_name, seed, noise_mask=noise_mask,
+    result = sample(model, ms, noise, latent_in, sigmas, guidance, sampler, seed, noise_mask=noise_mask,
                     callback=callback, disable=disable, sampler_options=sampler_options,
                     noise_options=noise_options, batch_index=batch_index, reference_mode=reference_mode)
     out["samples"] = fmt.process_out(result).float().cpu()

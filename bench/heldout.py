@@ -1,0 +1,522 @@
+"""Accuracy per model call on held-out Gaussian mixtures: ours (registry and calibrated) against ComfyUI's own code.
+
+    python bench/heldout.py                 # held-out families, NFE 5/10/20, cfg none/3/7.5
+    python bench/heldout.py --tune          # the tuning split only (what the calibration settings were chosen on)
+    python bench/heldout.py --quick         # fewer noises, NFE 5 and 10
+
+Two splits of problems, kept apart in code: ``TUNING`` (the mixtures that the
+``gits`` table, ``bench/accuracy.py`` and the calibration settings below were
+developed on) and ``HELDOUT`` (three families that differ from all of them in
+dimension, number of components, weights, spread and spread-to-separation
+ratio).  ``--tune`` runs the tuning split alone; the default run reports the
+held-out split alone, and ``CALIBRATION`` is a constant (nothing is fitted on
+held-out problems except each calibration's own fit, on fitting noise that is
+never the evaluation noise: the two come from disjoint seeds, asserted).
+
+Each problem runs without guidance (the conditional denoiser), at cfg 3 and at
+cfg 7.5; the conditional model is a reweighting of the components, the
+unconditional one is the base weights.  Denoisers are exact; the reference is
+the exact PF-ODE from sigma_max to sigma = 0, solved by scipy's DOP853 in
+float64 (rtol 1e-10, atol 1e-12; in log sigma down to 0.01, then in sigma),
+checked against a 2,000-step RK4 solve.  Error = RMS of the final samples
+against the reference.
+
+Deterministic samplers only (stochastic ones do not follow the ODE).  NFE =
+model calls counted by a wrapper (a guided call is one call): each sampler and
+schedule runs the largest step count whose calls fit the budget.  ComfyUI's
+samplers and schedulers run from the real checkout (``comfy.k_diffusion.sampling``,
+``comfy.samplers``, imported in-process, read-only) on ComfyUI's own SD1.5
+model sampling; ours on our registry.  ``calibrated`` is ``fit_calibration``
+on the same model and conditioning with ``FIT_NOISES`` fitting noises; its cost
+(model calls, backward passes, seconds) is reported beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import RESULTS as RESULTS_DIR, environment, require_ksampler, table, write_json  # noqa: E402
+from gmm import GaussianMixture, MixtureDenoiser, reference_solve  # noqa: E402
+
+require_ksampler()
+from ksampler.calibration import fit_calibration, sample_calibrated  # noqa: E402
+from ksampler.models import EPS  # noqa: E402
+from ksampler.samplers import SAMPLERS, sampler_traits  # noqa: E402
+from ksampler.schedulers import SCHEDULERS, sampling_sigmas  # noqa: E402
+
+warnings.filterwarnings("ignore", message="Should have t")
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "/tmp/comfy/ComfyUI")
+MS = EPS()
+SIGMA_MIN, SIGMA_MAX = float(MS.sigma_min), float(MS.sigma_max)
+BUDGETS = (5, 10, 20)
+CFGS = (None, 3.0, 7.5)
+EVAL_SEED, FIT_SEED = 1000, 2000  # evaluation noise and fitting noise come from disjoint seeds
+N_EVAL, FIT_NOISES = 64, 192
+# chosen on the TUNING split (python bench/heldout.py --tune); constants for every held-out run
+CALIBRATION = {"order": 3, "iterations": 80, "lr": 0.05, "teacher_steps": 100, "teacher_sigma_min_factor": 0.01}
+CALIBRATED_BUDGETS = (5, 10)  # the goal's budgets; NFE 20 runs the registries only (time)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A Gaussian-mixture problem: K isotropic components; class c favours components c, c + n_classes, ..."""
+
+    name: str
+    split: str
+    dim: int
+    components: int
+    mean_scale: float
+    std_range: tuple
+    weight_concentration: Optional[float]  # Dirichlet concentration of the base weights (None: uniform)
+    n_classes: int = 2
+    class_bias: float = 3.0
+    seed: int = 0
+
+    def build(self) -> GaussianMixture:
+        g = GaussianMixture(dim=self.dim, components=self.components, n_classes=self.n_classes, seed=self.seed,
+                            mean_scale=self.mean_scale, std_range=self.std_range, class_bias=self.class_bias,
+                            dtype=torch.float64)
+        gen = torch.Generator().manual_seed(self.seed + 7)
+        if self.weight_concentration is None:
+            base = torch.full((self.components,), 1.0 / self.components, dtype=torch.float64)
+        else:
+            conc = torch.full((self.components,), float(self.weight_concentration), dtype=torch.float64)
+            base = torch._sample_dirichlet(conc, generator=gen).clamp_min(1e-3)
+            base = base / base.sum()
+        logits = base.log().repeat(self.n_classes + 1, 1)
+        for c in range(self.n_classes):
+            logits[c, c::self.n_classes] += self.class_bias
+        g.log_weights = torch.log_softmax(logits, dim=-1)
+        return g
+
+    def spread_to_separation(self) -> float:
+        """Mean component std over the typical distance between two means (mean_scale * sqrt(2 d))."""
+        return (sum(self.std_range) / 2) / (self.mean_scale * math.sqrt(2 * self.dim))
+
+
+TUNING = (
+    # bench/accuracy.py's problem and the gits table's proxy family live here too (uniform weights, d = 64)
+    Family("tune-accuracy64", "tuning", 64, 8, 0.6, (0.4, 0.8), None, n_classes=4, seed=0),
+    Family("tune-sharp32", "tuning", 32, 5, 1.2, (0.1, 0.3), None, seed=5),
+)
+HELDOUT = (
+    Family("sharp16", "heldout", 16, 3, 2.0, (0.05, 0.15), 1.0, seed=101),
+    Family("overlap128", "heldout", 128, 24, 0.25, (0.6, 1.2), 1.0, n_classes=3, seed=202),
+    Family("wide256", "heldout", 256, 6, 0.15, (1.5, 3.0), 0.5, seed=303),
+)
+assert not {f.name for f in TUNING} & {f.name for f in HELDOUT}
+
+
+class Counting:
+    """Counts model calls (a batched, guided call is one)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        self.model_sampling = getattr(inner, "model_sampling", None)
+
+    def __call__(self, x, sigma, **kw):
+        self.calls += 1
+        return self.inner(x, sigma)
+
+
+# ---- the reference ---------------------------------------------------------------------------
+def exact_reference(slope, x: torch.Tensor, sigma_start: float) -> torch.Tensor:
+    """The PF-ODE to sigma = 0 with scipy's DOP853 (float64): in log sigma to 0.01, then in sigma."""
+    import numpy as np
+    from scipy.integrate import solve_ivp
+
+    shape = x.shape
+
+    def f_log(t, y):
+        s = math.exp(t)
+        return (s * slope(torch.from_numpy(y).reshape(shape), s)).reshape(-1).numpy()
+
+    def f_lin(s, y):
+        return slope(torch.from_numpy(y).reshape(shape), max(s, 0.0)).reshape(-1).numpy()
+
+    y0 = x.double().reshape(-1).numpy()
+    r1 = solve_ivp(f_log, (math.log(sigma_start), math.log(0.01)), y0, method="DOP853", rtol=1e-10, atol=1e-12)
+    r2 = solve_ivp(f_lin, (0.01, 0.0), r1.y[:, -1], method="DOP853", rtol=1e-10, atol=1e-12)
+    if not (r1.success and r2.success):
+        raise RuntimeError("reference solve failed")
+    return torch.from_numpy(np.ascontiguousarray(r2.y[:, -1])).reshape(shape)
+
+
+# ---- ComfyUI, in-process ---------------------------------------------------------------------
+class Comfy:
+    """ComfyUI's samplers and schedulers, imported from the real checkout (read-only)."""
+
+    DETERMINISTIC = ("euler", "heun", "heunpp2", "exp_heun_2_x0", "dpm_2", "lms", "dpm_fast", "dpmpp_2m", "ipndm",
+                     "ipndm_v", "deis", "res_multistep", "gradient_estimation", "ddim", "uni_pc", "uni_pc_bh2",
+                     "dpmpp_2m_sde(eta=0)", "dpmpp_3m_sde(eta=0)")
+
+    def __init__(self, comfyui_dir: str):
+        if not os.path.isfile(os.path.join(comfyui_dir, "comfy", "samplers.py")):
+            raise SystemExit(f"heldout: no ComfyUI checkout at {comfyui_dir!r}; set COMFYUI_DIR or pass --no-comfy")
+        if comfyui_dir not in sys.path:
+            sys.path.insert(0, comfyui_dir)
+        import comfy.cli_args as cli_args
+        cli_args.args.cpu = True
+        import logging
+        logging.getLogger().setLevel(logging.ERROR)
+        import comfy.model_sampling as cms
+        import comfy.samplers as cs
+        self.cs = cs
+
+        class SD15(cms.ModelSamplingDiscrete, cms.EPS):
+            pass
+        self.ms = SD15(None)
+        self.schedulers = tuple(cs.SCHEDULER_NAMES)
+        self.discard = set(cs.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS)
+
+    def sigmas(self, scheduler: str, steps: int, sampler: str) -> torch.Tensor:
+        base = sampler.split("(")[0]
+        if base in self.discard:
+            sig = self.cs.calculate_sigmas(self.ms, scheduler, steps + 1)
+            return torch.cat([sig[:-2], sig[-1:]])
+        return self.cs.calculate_sigmas(self.ms, scheduler, steps)
+
+    def wrap(self, model):
+        ms = self.ms
+
+        class Patcher:
+            def get_model_object(self, name):
+                return ms
+
+        class Inner:
+            model_sampling = ms
+            model_patcher = Patcher()
+            inner_model = type("M", (), {"model_sampling": ms})()
+
+        class Shim:
+            inner_model = Inner()
+
+            def __call__(self, x, sigma, **kw):
+                return model(x, sigma)
+        return Shim()
+
+    def run(self, sampler: str, model, x, sigmas):
+        base = sampler.split("(")[0]
+        obj = self.cs.sampler_object(base)
+        opts = dict(obj.extra_options)
+        if sampler.endswith("(eta=0)"):
+            opts["eta"] = 0.0
+            opts["noise_sampler"] = lambda a, b: torch.zeros_like(x)
+        with torch.no_grad():
+            return obj.sampler_function(self.wrap(model), x, sigmas.to(x.dtype) if base != "dpm_fast" else sigmas,
+                                        extra_args={}, callback=None, disable=True, **opts)
+
+
+# ---- one problem --------------------------------------------------------------------------
+OURS_DET = [n for n in SAMPLERS if not sampler_traits(n).stochastic and not sampler_traits(n).cfg_pp
+            and n != "dpm_adaptive"]
+OURS_EXTRA = {"dpmpp_3m_sde(eta=0)": ("dpmpp_3m_sde", {"eta": 0.0, "noise_sampler": lambda a, b: 0.0}),
+              "dpmpp_2m_sde(eta=0)": ("dpmpp_2m_sde", {"eta": 0.0, "noise_sampler": lambda a, b: 0.0})}
+
+
+class Problem:
+    def __init__(self, family: Family, cfg: Optional[float], n_eval: int, n_fit: int):
+        self.family, self.cfg = family, cfg
+        self.gmm = family.build()
+        k = family.n_classes
+        ev = torch.Generator().manual_seed(EVAL_SEED + family.seed)
+        fi = torch.Generator().manual_seed(FIT_SEED + family.seed)
+        assert EVAL_SEED + family.seed != FIT_SEED + family.seed
+        self.labels = torch.randint(0, k, (n_eval,), generator=ev)
+        self.noise = torch.randn(n_eval, family.dim, generator=ev, dtype=torch.float64)
+        self.fit_labels = torch.randint(0, k, (n_fit,), generator=fi)
+        self.fit_noise = torch.randn(n_fit, family.dim, generator=fi, dtype=torch.float64)
+        self.model = MixtureDenoiser(self.gmm, self.labels, cfg=cfg, model_sampling=MS)
+        self.fit_model = MixtureDenoiser(self.gmm, self.fit_labels, cfg=cfg, model_sampling=MS)
+        self._refs = {}
+        self.probe = MixtureDenoiser(self.gmm, self.labels[:1], cfg=cfg, model_sampling=MS)
+
+    @property
+    def name(self) -> str:
+        return f"{self.family.name} " + ("no cfg" if self.cfg is None else f"cfg {self.cfg:g}")
+
+    def reference(self, sigma0: float) -> torch.Tensor:
+        key = round(sigma0, 7)
+        if key not in self._refs:
+            self._refs[key] = exact_reference(self.model.slope, self.noise * sigma0, sigma0)
+        return self._refs[key]
+
+    def reference_check(self) -> float:
+        """RMS between the DOP853 reference and a 2,000 + 200-step RK4 solve."""
+        rk4 = reference_solve(self.model.slope, self.noise * SIGMA_MAX, SIGMA_MAX, 2000, 200)
+        return float((rk4 - self.reference(SIGMA_MAX)).pow(2).mean().sqrt())
+
+    def error(self, out: torch.Tensor, sigma0: float) -> float:
+        if out is None or not bool(torch.isfinite(out).all()):
+            return math.inf
+        return float((out.double() - self.reference(sigma0)).pow(2).mean().sqrt())
+
+    def calls(self, run_fn, sigmas) -> int:
+        m = Counting(self.probe)
+        try:
+            run_fn(m, self.noise[:1] * float(sigmas[0]), sigmas)
+        except Exception:
+            return 10 ** 9
+        return m.calls
+
+
+def _largest_fitting(prob: Problem, run_fn, sigmas_of, budget: int, cache: dict):
+    """The largest step count whose model calls fit the budget; calls(n) = a n + b is probed once per sampler
+    (at 4, 5 and 6 steps, linearity checked) on one item, and probed directly where it is not linear."""
+    if "linear" not in cache:
+        probe = [prob.calls(run_fn, torch.cat([torch.exp(torch.linspace(math.log(SIGMA_MAX), math.log(SIGMA_MIN), n,
+                                                                         dtype=torch.float64)), torch.zeros(1)]))
+                 for n in (4, 5, 6)]
+        a, b = probe[1] - probe[0], probe[0] - 4 * (probe[1] - probe[0])
+        cache["linear"] = (a, b) if probe[2] == 6 * a + b and a > 0 else None
+    for steps in range(budget, 0, -1):
+        sig = sigmas_of(steps)
+        if len(sig) < 2:
+            continue
+        n = len(sig) - 1
+        if cache["linear"] is not None:
+            calls = cache["linear"][0] * n + cache["linear"][1]
+        else:
+            if n not in cache:
+                cache[n] = prob.calls(run_fn, sig)
+            calls = cache[n]
+        if calls <= budget:
+            return steps, sig
+    return None
+
+
+def run_grid(prob: Problem, comfy: Optional[Comfy], budgets, log) -> list[dict]:
+    rows = []
+
+    def run(impl, sampler, scheduler, run_fn, sigmas_of, budget, cache):
+        found = _largest_fitting(prob, run_fn, sigmas_of, budget, cache)
+        if found is None:
+            return
+        steps, sig = found
+        model = Counting(prob.model)
+        try:
+            out = run_fn(model, prob.noise * float(sig[0]), sig)
+        except Exception as exc:  # a sampler that cannot run this schedule scores inf
+            log(f"  ! {impl} {sampler}/{scheduler}: {type(exc).__name__}: {exc}")
+            out = None
+        rows.append({"impl": impl, "sampler": sampler, "scheduler": scheduler, "budget": budget, "steps": steps,
+                     "nfe": model.calls, "rms_error": prob.error(out, float(sig[0]))})
+
+    for name in OURS_DET + list(OURS_EXTRA):
+        fn_name, opts = OURS_EXTRA.get(name, (name, {}))
+        fn = SAMPLERS[fn_name]
+        discard = sampler_traits(fn_name).discard_penultimate_sigma
+
+        def run_fn(m, x, s, fn=fn, opts=opts):
+            with torch.no_grad():
+                return fn(m, x, s, disable=True, **opts)
+        cache = {}
+        for sch in SCHEDULERS:
+            cache = {k: v for k, v in cache.items() if k == "linear"}
+            for budget in budgets:
+                run("ours", name, sch, run_fn, lambda st, sch=sch, d=discard: sampling_sigmas(
+                    MS, sch, st, discard_penultimate_sigma=d), budget, cache)
+    if comfy is not None:
+        for name in Comfy.DETERMINISTIC:
+            def run_fn(m, x, s, name=name):
+                return comfy.run(name, m, x, s)
+            cache = {}
+            for sch in comfy.schedulers:
+                cache = {k: v for k, v in cache.items() if k == "linear"}
+                for budget in budgets:
+                    run("comfyui", name, sch, run_fn, lambda st, sch=sch, name=name: comfy.sigmas(sch, st, name),
+                        budget, cache)
+    return rows
+
+
+def calibrate_rows(prob: Problem, budgets, log) -> list[dict]:
+    rows = []
+    for budget in [b for b in budgets if b in CALIBRATED_BUDGETS]:
+        t = time.perf_counter()
+        cal = fit_calibration(prob.fit_model, MS, prob.fit_noise, budget, order=CALIBRATION["order"],
+                              iterations=CALIBRATION["iterations"], lr=CALIBRATION["lr"],
+                              teacher_steps=CALIBRATION["teacher_steps"],
+                              teacher_sigma_min=SIGMA_MIN * CALIBRATION["teacher_sigma_min_factor"],
+                              max_denoise=False)
+        seconds = time.perf_counter() - t
+        model = Counting(prob.model)
+        out = sample_calibrated(model, prob.noise * float(cal.sigmas[0]), cal.sigmas, disable=True,
+                                coefficients=cal.coefficients)
+        err = prob.error(out, float(cal.sigmas[0]))
+        rows.append({"impl": "calibrated", "sampler": "calibrated", "scheduler": "calibrated", "budget": budget,
+                     "steps": budget, "nfe": model.calls, "rms_error": err, "fit_model_calls": cal.info["model_calls"],
+                     "fit_backward_passes": cal.info["backward_passes"], "fit_seconds": round(seconds, 1),
+                     "fit_noises": cal.info["fit_noises"], "init": cal.info["init"]})
+        log(f"  calibrated NFE {budget}: {err:.3g} (fit {seconds:.1f}s, {cal.info['model_calls']} calls + "
+            f"{cal.info['backward_passes']} backward)")
+    return rows
+
+
+def best(rows, impls, budget):
+    cand = [r for r in rows if r["impl"] in impls and r["budget"] == budget and math.isfinite(r["rms_error"])]
+    return min(cand, key=lambda r: r["rms_error"]) if cand else None
+
+
+def summarise(results: list[dict], budgets) -> tuple[str, list[dict]]:
+    out, summary = [], []
+    for res in results:
+        lines = []
+        for budget in budgets:
+            reg = best(res["rows"], ("ours",), budget)
+            cal = best(res["rows"], ("calibrated",), budget)
+            ours = best(res["rows"], ("ours", "calibrated"), budget)
+            com = best(res["rows"], ("comfyui",), budget)
+            ratio = ours["rms_error"] / com["rms_error"] if ours and com else None
+            summary.append({"problem": res["problem"], "budget": budget, "ours": ours, "comfyui": com,
+                            "registry_best": reg, "calibrated": cal, "ratio": ratio})
+            lines.append([budget, f"{ours['sampler']} + {ours['scheduler']}" if ours else "-",
+                          ours and ours["rms_error"], f"{com['sampler']} + {com['scheduler']}" if com else "-",
+                          com and com["rms_error"], ratio, reg and reg["rms_error"],
+                          cal and f"{cal['fit_model_calls']} calls + {cal['fit_backward_passes']} bwd, "
+                                  f"{cal['fit_seconds']}s"])
+        out.append(table(["NFE", "ours best", "RMS", "ComfyUI best", "RMS", "ratio", "our registry best",
+                          "calibration cost"], lines,
+                         f"{res['problem']} (d={res['dim']}, K={res['components']}, spread/separation "
+                         f"{res['spread_to_separation']:.3g}; reference vs RK4 {res['reference_check']:.1e})"))
+    return "\n".join(out), summary
+
+
+def readme_tables(results: list[dict], summary: list[dict], budgets) -> str:
+    """Markdown for the README: per family, rows = guidance, columns = best RMS per NFE, ours / ComfyUI's / ratio."""
+    out = []
+    for fam in dict.fromkeys(r["family"] for r in results):
+        res = [r for r in results if r["family"] == fam]
+        head = "| guidance | " + " | ".join(f"NFE {b}: ours / ComfyUI (ratio)" for b in budgets) + " |"
+        lines = [f"**{fam}** (d = {res[0]['dim']}, K = {res[0]['components']}, spread/separation "
+                 f"{res[0]['spread_to_separation']:.3g})", "", head, "|---" * (len(budgets) + 1) + "|"]
+        for r in res:
+            cells = []
+            for b in budgets:
+                sm = next(x for x in summary if x["problem"] == r["problem"] and x["budget"] == b)
+                o, c = sm["ours"], sm["comfyui"]
+                tag = " (cal.)" if o and o["impl"] == "calibrated" else ""
+                cells.append(f"{o['rms_error']:.3g}{tag} / {c['rms_error']:.3g} ({sm['ratio']:.2f})" if o and c
+                             else "-")
+            label = "none" if r["cfg"] is None else f"cfg {r['cfg']:g}"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def plot(summary: list[dict], budgets, path: str) -> None:
+    """Error against NFE per problem, ours (solid) and ComfyUI's best (dashed), drawn with PIL on log axes."""
+    from PIL import Image, ImageDraw
+
+    problems = list(dict.fromkeys(s["problem"] for s in summary))
+    cols = 3
+    rows_n = math.ceil(len(problems) / cols)
+    w, h, pad = 330, 240, 46
+    img = Image.new("RGB", (cols * w, rows_n * h + 30), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), "RMS error vs NFE (log-log): solid = ours (best incl. calibrated), dashed = ComfyUI best", fill="black")
+    for k, prob in enumerate(problems):
+        ox, oy = (k % cols) * w, 30 + (k // cols) * h
+        pts = [s for s in summary if s["problem"] == prob]
+        vals = [v for s in pts for v in (s["ours"] and s["ours"]["rms_error"], s["comfyui"] and s["comfyui"]["rms_error"])
+                if v]
+        lo, hi = math.log10(min(vals)) - 0.2, math.log10(max(vals)) + 0.2
+        bx0, bx1, by0, by1 = ox + pad, ox + w - 12, oy + 22, oy + h - 28
+        d.rectangle([bx0, by0, bx1, by1], outline="black")
+        d.text((ox + pad, oy + 6), prob, fill="black")
+
+        def xy(nfe, err):
+            fx = (math.log(nfe) - math.log(budgets[0])) / (math.log(budgets[-1]) - math.log(budgets[0]))
+            fy = (math.log10(err) - lo) / (hi - lo)
+            return bx0 + fx * (bx1 - bx0), by1 - fy * (by1 - by0)
+        for e in range(math.floor(lo), math.ceil(hi) + 1):
+            if lo <= e <= hi:
+                _, y = xy(budgets[0], 10.0 ** e)
+                d.line([bx0 - 4, y, bx0, y], fill="black")
+                d.text((ox + 4, y - 6), f"1e{e}", fill="black")
+        for b in budgets:
+            x, _ = xy(b, 10.0 ** lo)
+            d.text((x - 6, by1 + 4), str(b), fill="black")
+        for key, colour, dashed in (("ours", (200, 30, 30), False), ("comfyui", (30, 60, 200), True)):
+            line = [xy(s["budget"], s[key]["rms_error"]) for s in pts if s[key]]
+            for (x0, y0), (x1, y1) in zip(line, line[1:]):
+                if dashed:
+                    n = 12
+                    for j in range(0, n, 2):
+                        d.line([x0 + (x1 - x0) * j / n, y0 + (y1 - y0) * j / n, x0 + (x1 - x0) * (j + 1) / n,
+                                y0 + (y1 - y0) * (j + 1) / n], fill=colour, width=2)
+                else:
+                    d.line([x0, y0, x1, y1], fill=colour, width=2)
+            for x, y in line:
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    img.save(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tune", action="store_true", help="run the tuning split (never reported)")
+    ap.add_argument("--quick", action="store_true", help="fewer noises, NFE 5 and 10")
+    ap.add_argument("--no-comfy", action="store_true", help="skip ComfyUI's side (when no checkout is around)")
+    ap.add_argument("--families", default=None, help="comma-separated family names of the chosen split")
+    ap.add_argument("--cfgs", default=None, help="comma-separated: none,3,7.5")
+    ap.add_argument("--merge", action="store_true", help="merge the per-family results (bench/results/heldout_<family>.json)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    split = TUNING if args.tune else HELDOUT
+    if args.families:
+        names = args.families.split(",")
+        split = tuple(f for f in split if f.name in names)
+    cfgs = CFGS if not args.cfgs else tuple(None if c == "none" else float(c) for c in args.cfgs.split(","))
+    budgets = (5, 10) if args.quick else BUDGETS
+    n_eval = 64 if args.quick else N_EVAL
+    comfy = None if (args.no_comfy or args.merge) else Comfy(COMFYUI_DIR)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+    results = []
+    t0 = time.perf_counter()
+    if args.merge:
+        import json
+        for fam in split:
+            with open(os.path.join(RESULTS_DIR, f"heldout_{fam.name}.json")) as f:
+                results += json.load(f)["results"]
+    else:
+        for fam in split:
+            for cfg in cfgs:
+                prob = Problem(fam, cfg, n_eval, FIT_NOISES)
+                t = time.perf_counter()
+                rows = run_grid(prob, comfy, budgets, log) + calibrate_rows(prob, budgets, log)
+                results.append({"problem": prob.name, "family": fam.name, "split": fam.split, "cfg": cfg,
+                                "dim": fam.dim, "components": fam.components,
+                                "spread_to_separation": fam.spread_to_separation(),
+                                "reference_check": prob.reference_check(), "rows": rows,
+                                "seconds": round(time.perf_counter() - t, 1)})
+                log(f"{prob.name}: {time.perf_counter() - t:.0f}s")
+    text, summary = summarise(results, budgets)
+    print(text)
+    if args.merge:
+        print("\n" + readme_tables(results, summary, budgets))
+    if args.quick or args.cfgs:
+        return
+    payload = {"environment": environment(), "calibration": CALIBRATION, "fit_noises": FIT_NOISES,
+               "eval_noises": n_eval, "budgets": budgets, "split": "tuning" if args.tune else "heldout",
+               "summary": summary, "results": results, "seconds": time.perf_counter() - t0}
+    if args.families and not args.merge:
+        write_json(f"heldout_{split[0].name}.json" if len(split) == 1 else "heldout_part.json", payload)
+        return
+    write_json("heldout_tuning.json" if args.tune else "heldout.json", payload)
+    if not args.tune:
+        plot(summary, budgets, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                                            "heldout_error_vs_nfe.png"))
+
+
+if __name__ == "__main__":
+    main()

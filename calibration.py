@@ -1,0 +1,610 @@
+"""Model-calibrated sampling: a step schedule and multistep coefficients fitted to the model in hand.
+
+The sampler (``sample_calibrated``) is a linear multistep exponential integrator
+in data prediction, written in the VE frame (x / alpha, sigma / alpha, so it
+serves eps, v and flow models alike)::
+
+    x_{i+1} = (s_{i+1} / s_i) x_i + (1 - s_{i+1} / s_i) * sum_j c[i, j] D_{i-j}
+
+with D_k the model's denoised estimate at step k and each row of c summing to
+one (consistency: a constant D is integrated exactly).  c = [1] is DDIM; the
+DPM-Solver++(2M) weights (Lu et al. 2022b) are ``[1 + 1/(2r), -1/(2r)]``.
+
+``fit_calibration`` fits the schedule and c to one model and conditioning, in
+the manner of LD3 (Tong et al. 2025, learned discretisation) and PAS / S4S
+(Wang et al. 2024; Frankel et al. 2025, learned solver coefficients): a
+teacher solves the probability-flow ODE finely from a few fitting noises; the
+``steps`` log sigmas (a monotone softmax parametrisation between the model's
+sigma_max and sigma_min) and a correction to the 2M weights are then fitted by
+Adam, with autograd through the sampler and the model, to minimise the RMS gap
+between the student's and the teacher's final samples.  A quarter of the
+fitting noises are kept aside to pick the iterate (the fit never sees the
+evaluation noise).  The cost is ``teacher_steps`` model calls plus ``steps``
+forward and backward passes per iteration, all on the fitting batch.
+
+A ``Calibration`` holds the sigmas, the coefficients and what it was fitted on;
+it saves to and loads from a small safetensors file (``save`` / ``load``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .samplers._common import emit, get_model_sampling, step_range
+
+__all__ = ["Calibration", "calibrate", "fit_calibration", "sample_calibrated", "teacher_solve", "multistep_coefficients",
+           "cached_calibration", "calibration_key", "fitting_noise", "clear_cache",
+           "CALIBRATION_FORMAT"]
+
+CALIBRATION_FORMAT = "ksampler.calibration/1"
+Denoiser = Callable[..., Tensor]
+
+
+# ---- geometry ---------------------------------------------------------------------------------
+def _alpha(ms, sigma: Tensor) -> Tensor:
+    a = ms.alpha(sigma)
+    return a if isinstance(a, Tensor) else torch.as_tensor(a, dtype=sigma.dtype)
+
+
+def _ve_sigma(ms, sigma: Tensor) -> Tensor:
+    """VE-frame sigma sigma / alpha (0 stays 0)."""
+    return sigma / _alpha(ms, sigma)
+
+
+def _ve_bounds(ms, sigma_max: float, sigma_min: float) -> tuple[float, float]:
+    """VE-frame (top, bottom) of a model-sigma range; flow's sigma = 1 maps to its offset start (finite)."""
+    top = float(sigma_max)
+    if float(ms.alpha(torch.tensor(top))) <= 0:
+        top = float(ms.offset_first_sigma(torch.tensor([top, 0.0]))[0])
+    return (float(_ve_sigma(ms, torch.tensor(top, dtype=torch.float64))),
+            float(_ve_sigma(ms, torch.tensor(float(sigma_min), dtype=torch.float64))))
+
+
+def _model_sigma(ms, sigma_ve: Tensor) -> Tensor:
+    """Model sigma of a VE-frame sigma (differentiable for eps/VE, where it is the identity)."""
+    if getattr(ms, "is_flow", False):
+        return sigma_ve / (1 + sigma_ve)
+    one = torch.ones((), dtype=sigma_ve.dtype)
+    if float(ms.alpha(one)) == 1.0:
+        return sigma_ve
+    return torch.stack([torch.as_tensor(ms.sigma_from_half_log_snr(-torch.log(s.detach())), dtype=sigma_ve.dtype)
+                        for s in sigma_ve.reshape(-1)]).reshape(sigma_ve.shape)
+
+
+def multistep_coefficients(sigmas_ve: Tensor, base_order: int, order: int) -> Tensor:
+    """Exponential-integrator Adams-Bashforth weights in lambda = -log sigma_ve, per step, padded to ``order``.
+
+    Step i integrates x' = e^-h x + int_0^h e^(s-h) P(s) ds with P the polynomial through the last
+    ``base_order`` denoised estimates (fewer at the start); base_order 1 is DDIM, 2 is close to
+    DPM-Solver++(2M) (Lu et al. 2022b).  The step into sigma = 0 takes the newest estimate.
+    """
+    n = len(sigmas_ve) - 1
+    lam = -torch.log(sigmas_ve[:n])
+    rows = []
+    for i in range(n):
+        m = min(base_order, i + 1)
+        if float(sigmas_ve[i + 1].detach()) == 0 or m == 1:
+            row = torch.zeros(order, dtype=sigmas_ve.dtype)
+            rows.append(row + torch.nn.functional.one_hot(torch.tensor(0), order).to(sigmas_ve.dtype))
+            continue
+        h = -torch.log(sigmas_ve[i + 1]) - lam[i]
+        nodes = torch.stack([lam[i - j] - lam[i] for j in range(m)])  # 0, then negative offsets
+        em = torch.expm1(-h)
+        w = [-em]  # int_0^h e^(s-h) s^k ds for k = 0, 1, 2
+        w.append(h + em)
+        w.append(h * h - 2 * h - 2 * em)
+        rhs = torch.stack(w[:m]) / w[0]
+        vander = torch.stack([nodes ** k for k in range(m)])
+        c = torch.linalg.solve(vander, rhs)
+        rows.append(torch.cat([c, c.new_zeros(order - m)]))
+    return torch.stack(rows)
+
+
+def _row(coefficients: Optional[Tensor], i: int, available: int) -> list:
+    """Weights of the ``available`` newest estimates at step i; weights on missing history fold onto the oldest."""
+    if coefficients is None:
+        return [1.0]
+    row = coefficients[i]
+    k = min(available, row.shape[0])
+    if k == row.shape[0]:
+        return list(row)
+    head = list(row[:k])
+    head[-1] = head[-1] + row[k:].sum()
+    return head
+
+
+def _solve(model, x: Tensor, sigmas: Tensor, coefficients: Optional[Tensor], ms, extra_args: dict,
+           callback=None, disable=True) -> Tensor:
+    """The calibrated multistep loop (differentiable in x, sigmas and coefficients)."""
+    alphas = torch.stack([_alpha(ms, s) for s in sigmas]).to(x.dtype)
+    sigmas = sigmas.to(x.dtype)
+    history: list[Tensor] = []
+    for i in step_range(len(sigmas) - 1, disable):
+        sigma = sigmas[i]
+        denoised = model(x, sigma.reshape(1).expand(x.shape[0]).to(device=x.device, dtype=x.dtype), **extra_args)
+        emit(callback, x, i, float(sigma.detach()), denoised)
+        history.insert(0, denoised)
+        weights = _row(coefficients, i, len(history))
+        blend = sum(w * d for w, d in zip(weights, history))
+        if float(sigmas[i + 1].detach()) == 0:
+            x = blend
+        else:  # the VE-frame step in the model's frame (no division by alpha, which is 0 at flow's sigma = 1)
+            ratio = sigmas[i + 1] / sigma
+            x = ratio * x + (alphas[i + 1] - ratio * alphas[i]) * blend
+        if coefficients is not None:
+            del history[coefficients.shape[1] - 1:]
+    return x
+
+
+@torch.no_grad()
+def sample_calibrated(model, x, sigmas, extra_args=None, callback=None, disable=None, coefficients=None):
+    """Calibrated linear multistep exponential integrator (LD3, Tong et al. 2025; PAS, Wang et al. 2024)."""
+    ms = get_model_sampling(model)
+    c = None if coefficients is None else torch.as_tensor(coefficients, dtype=torch.float64)
+    if c is not None and c.shape[0] < len(sigmas) - 1:
+        raise ValueError(f"sigmas: {len(sigmas) - 1} steps but the calibration has coefficients for {c.shape[0]}; "
+                         "use the calibration's own sigmas")
+    if c is not None:
+        c = c[c.shape[0] - (len(sigmas) - 1):]  # a tail of the schedule (denoise < 1) uses the tail's rows
+    return _solve(model, x, sigmas.detach().cpu().to(torch.float64), c, ms, extra_args or {}, callback, disable)
+
+
+# ---- the teacher ------------------------------------------------------------------------------
+@torch.no_grad()
+def teacher_solve(denoiser: Denoiser, model_sampling, x: Tensor, sigma_max: float, sigma_min: float,
+                  steps: int = 200) -> Tensor:
+    """A fine PF-ODE solve from sigma_max to sigma_min (then to 0): 3-step exponential Adams-Bashforth, log grid."""
+    ms = model_sampling
+    hi, lo = _ve_bounds(ms, sigma_max, sigma_min)
+    ve = torch.exp(torch.linspace(math.log(hi), math.log(lo), steps, dtype=torch.float64))
+    sig = torch.cat([_model_sigma(ms, ve), torch.zeros(1, dtype=torch.float64)])
+    if float(ms.alpha(torch.tensor(float(sigma_max)))) <= 0:
+        sig[0] = float(sigma_max)  # flow's pure-noise start: the first step is a DDIM step from it
+    c = multistep_coefficients(torch.cat([ve, ve.new_zeros(1)]), 3, 3)
+    return _solve(denoiser, x, sig, c, ms, {})
+
+
+# ---- the calibration ----------------------------------------------------------------------------
+@dataclass
+class Calibration:
+    """Fitted sigmas (model frame, descending, ending in 0) and multistep coefficients [steps, order]."""
+
+    sigmas: Tensor
+    coefficients: Tensor
+    info: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def sampler(self) -> Callable:
+        """A k-diffusion-protocol sampler with this calibration's coefficients bound."""
+        coefficients = self.coefficients
+
+        def sample_with_calibration(model, x, sigmas, extra_args=None, callback=None, disable=None):
+            """Calibrated linear multistep exponential integrator (LD3, Tong et al. 2025; PAS, Wang et al. 2024)."""
+            return sample_calibrated(model, x, sigmas, extra_args, callback, disable, coefficients=coefficients)
+        return sample_with_calibration
+
+    def save(self, path: str) -> None:
+        """A small safetensors file (sigmas, coefficients; the info as JSON metadata)."""
+        from safetensors.torch import save_file
+        save_file({"sigmas": self.sigmas.detach().cpu().contiguous(),
+                   "coefficients": self.coefficients.detach().cpu().contiguous()}, path,
+                  metadata={"format": CALIBRATION_FORMAT, "info": json.dumps(self.info, sort_keys=True)})
+
+    @classmethod
+    def load(cls, path: str) -> "Calibration":
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != CALIBRATION_FORMAT:
+                raise ValueError(f"path: {path!r} is not a ksampler calibration (format "
+                                 f"{meta.get('format')!r}, expected {CALIBRATION_FORMAT!r})")
+            sigmas, coefficients = f.get_tensor("sigmas"), f.get_tensor("coefficients")
+        cal = cls(sigmas, coefficients, json.loads(meta.get("info", "{}")))
+        cal.validate()
+        return cal
+
+    def validate(self) -> None:
+        s = self.sigmas
+        if s.ndim != 1 or len(s) < 2 or float(s[-1]) != 0 or bool((s[1:] >= s[:-1]).any()):
+            raise ValueError("calibration: sigmas must be a descending 1-D tensor ending in 0")
+        c = self.coefficients
+        if c.ndim != 2 or c.shape[0] != len(s) - 1 or not bool(torch.isfinite(c).all()):
+            raise ValueError(f"calibration: coefficients must be finite, shaped [steps={len(s) - 1}, order]")
+
+
+def _model_differentiable(denoiser, x: Tensor, sigma: float) -> bool:
+    """Whether the model's output carries a gradient to its input (no: under no_grad or with inference tensors)."""
+    try:
+        with torch.enable_grad():
+            probe = x.detach().clone().requires_grad_(True)
+            out = denoiser(probe, probe.new_full((probe.shape[0],), sigma))
+            return bool(out.requires_grad)
+    except RuntimeError as exc:
+        if "inference" in str(exc).lower():
+            return False
+        raise
+
+
+def _differentiable(loss_fn) -> bool:
+    """Whether a loss built through the model carries a gradient (False under no_grad or with inference tensors)."""
+    try:
+        with torch.enable_grad():
+            loss = loss_fn()
+            if not loss.requires_grad:
+                return False
+            loss.backward()
+        return True
+    except RuntimeError as exc:
+        if "inference" in str(exc).lower() or "does not require grad" in str(exc).lower():
+            return False
+        raise
+
+
+class _Adam:
+    """Adam (Kingma & Ba 2015) with a cosine-annealed step size; torch.optim would import torch._dynamo (seconds)."""
+
+    def __init__(self, params: list, lr: float, total: int, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.total, self.betas, self.eps = params, lr, total, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        lr = self.lr * 0.5 * (1 + math.cos(math.pi * min(self.t, self.total) / self.total))
+        self.t += 1
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            m_hat = m / (1 - b1 ** self.t)
+            v_hat = v / (1 - b2 ** self.t)
+            p.sub_(lr * m_hat / (v_hat.sqrt() + self.eps))
+
+
+def _schedule(u: Tensor, log_hi: float, log_lo: float) -> Tensor:
+    """steps VE sigmas from a monotone parametrisation: softmax increments in log sigma (the last: a slack)."""
+    inc = torch.softmax(u, 0) * (log_hi - log_lo)
+    logs = log_hi - torch.cat([u.new_zeros(1), torch.cumsum(inc[:-1], 0)])
+    return torch.cat([torch.exp(logs), u.new_zeros(1)])
+
+
+def _initial_u(ve_init: Tensor, log_hi: float, log_lo: float) -> Tensor:
+    logs = torch.log(ve_init[:-1])
+    inc = torch.cat([logs[:-1] - logs[1:], (logs[-1] - log_lo).clamp_min(1e-3 * (log_hi - log_lo)).reshape(1)])
+    return torch.log(inc.clamp_min(1e-6))
+
+
+def _init_schedules(ms, steps: int, hi: float, lo: float) -> dict:
+    """Candidate starting schedules in VE sigmas (steps values, then 0): the registry's, over the model's range."""
+    from .schedulers import sampling_sigmas
+
+    out = {}
+    for name in ("karras", "exponential", "simple", "normal", "beta", "kl_optimal"):
+        sig = sampling_sigmas(ms, name, steps).double()
+        sig = sig[sig > 0]
+        if len(sig) != steps:  # schedulers that merge or add points
+            continue
+        ve = (sig / torch.tensor([float(ms.alpha(float(s))) for s in sig], dtype=torch.float64).clamp_min(1e-12))
+        ve = ve.clamp(lo, hi)
+        ve[0] = hi
+        if steps > 1 and bool((ve[1:] >= ve[:-1]).any()):
+            continue
+        out[name] = torch.cat([ve, ve.new_zeros(1)])
+    if not out:
+        out["exponential"] = torch.cat([torch.exp(torch.linspace(math.log(hi), math.log(lo), steps,
+                                                                 dtype=torch.float64)), torch.zeros(1)])
+    return out
+
+
+def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: int, *, order: int = 3,
+                    iterations: int = 150, lr: float = 0.05, fit_coefficients: bool = True,
+                    teacher_steps: int = 200, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
+                    teacher_sigma_min: Optional[float] = None, max_denoise: bool = True, gradient: str = "auto",
+                    log: Optional[Callable[[str], None]] = None, info: Optional[dict] = None) -> Calibration:
+    """Fit a step schedule (and multistep coefficients) to ``denoiser`` on ``noise`` (see the module docstring).
+
+    denoiser: ``denoiser(x, sigma) -> denoised`` in the model's frame, guidance included (a CFG-guided
+        denoiser fits to guided sampling); it must be differentiable in x for the coefficient fit.
+    noise: unit-variance fitting noise [B, ...] (B >= 4; 8-64 is typical); never the noise you evaluate on.
+    order: how many past denoised estimates each step may blend (1: schedule only, DDIM steps).
+    sigma_min, sigma_max: the range the schedule spans (default: the model's).
+    teacher_sigma_min: where the teacher's fine solve stops and denoises (default sigma_min); lower it for a model
+        that is valid below its sigma_min (an analytic one), so that the fit also learns the last stretch to 0.
+    max_denoise: the start is scaled like ComfyUI's txt2img (sqrt(1 + sigma^2) for eps models); False: sigma.
+    gradient: "autograd" (through the model), "spsa" (derivative-free: two evaluations per iteration, for a model
+        that gives no gradient) or "auto" (autograd when the model gives one, else SPSA, and it says so).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
+        raise ValueError(f"order: expected an int in 1..4, got {order!r}")
+    if not isinstance(noise, Tensor) or noise.ndim < 2 or noise.shape[0] < 4:
+        raise ValueError("noise: expected a tensor [B, ...] with at least 4 fitting noises")
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise: contains NaN or Inf")
+    ms = model_sampling
+    say = log or (lambda msg: None)
+    t_start = time.perf_counter()
+    calls = {"forward": 0, "backward_passes": 0}
+
+    def counted(x, sigma, **kw):
+        calls["forward"] += 1
+        return denoiser(x, sigma, **kw)
+
+    s_max = float(ms.sigma_max if sigma_max is None else sigma_max)
+    s_min = float(ms.sigma_min if sigma_min is None else sigma_min)
+    if not 0 < s_min < s_max:
+        raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {s_min}, {s_max}")
+    hi, lo = _ve_bounds(ms, s_max, s_min)
+    log_hi, log_lo = math.log(hi), math.log(lo)
+    dtype = noise.dtype
+    x0 = ms.noise_scaling(torch.tensor(s_max, dtype=dtype), noise, torch.zeros_like(noise), max_denoise)
+    t_min = s_min if teacher_sigma_min is None else float(teacher_sigma_min)
+    if not 0 < t_min <= s_min:
+        raise ValueError(f"teacher_sigma_min: must be in (0, sigma_min={s_min}], got {teacher_sigma_min}")
+    teacher = teacher_solve(counted, ms, x0, s_max, t_min, teacher_steps).to(dtype)
+    n_sel = max(1, noise.shape[0] // 4)
+    fit_idx, sel_idx = slice(n_sel, None), slice(0, n_sel)
+
+    def coefficients(ve, base_order, delta):
+        c = multistep_coefficients(ve, base_order, order)
+        if delta is not None:
+            c = c + torch.cat([-delta.sum(1, keepdim=True), delta], 1)
+        return c
+
+    def student(u, base_order, delta, idx):
+        ve = _schedule(u, log_hi, log_lo)
+        sig = torch.cat([_model_sigma(ms, ve[:-1]), ve[-1:]])
+        sig = torch.cat([sig.new_full((1,), s_max), sig[1:]])  # the start is fixed (the noise is scaled to it)
+        c = coefficients(ve, base_order, delta)
+        return sig, c, _solve(counted, x0, sig, c, ms, {})[idx]
+
+    def loss_of(out, idx):
+        d = (out - teacher[idx]).reshape(out.shape[0], -1)
+        return d.pow(2).mean().sqrt()
+
+    # the starting point: the best standard schedule under exponential Adams-Bashforth weights of order 1..3
+    starts = []
+    for name, ve in _init_schedules(ms, steps, hi, lo).items():
+        u0 = _initial_u(ve, log_hi, log_lo)
+        for base_order in range(1, min(order, 3) + 1):
+            with torch.no_grad():
+                value = float(loss_of(student(u0, base_order, None, fit_idx)[2], fit_idx))
+            if math.isfinite(value):
+                starts.append((value, name, base_order, u0))
+    if not starts:
+        raise FloatingPointError("calibration: every starting schedule diverged on the fitting noise; check the model")
+    start_loss, init_name, base_order, u0 = min(starts, key=lambda t: t[0])
+    u = u0.clone().requires_grad_(True)
+    params = [u]
+    delta = None
+    if order > 1 and fit_coefficients:
+        delta = torch.zeros(steps, order - 1, dtype=torch.float64, requires_grad=True)
+        params.append(delta)
+    opt = _Adam(params, lr, max(iterations, 1))
+    with torch.no_grad():
+        sel0 = float(loss_of(student(u, base_order, delta, sel_idx)[2], sel_idx))
+    best = (sel0, u.detach().clone(), None if delta is None else delta.detach().clone())
+    if gradient not in ("auto", "autograd", "spsa"):
+        raise ValueError(f"gradient: must be 'auto', 'autograd' or 'spsa', got {gradient!r}")
+    mode = gradient
+    if mode == "auto":
+        gives_gradient = _model_differentiable(counted, x0, 4 * s_min) and \
+            _differentiable(lambda: loss_of(student(u, base_order, delta, fit_idx)[2], fit_idx))
+        mode = "autograd" if gives_gradient else "spsa"
+        if mode == "spsa":
+            say("calibration: the model gives no gradient here (no_grad or inference tensors, as inside ComfyUI); "
+                "fitting with SPSA (two evaluations per iteration) instead of autograd")
+    say(f"calibration: fitting {steps} steps (order {order}) from {init_name} with order-{base_order} weights "
+        f"by {mode}; start RMS to the teacher {start_loss:.4g} (selection {sel0:.4g})")
+    gen = torch.Generator().manual_seed(0)
+    for it in range(iterations):
+        for p in params:
+            p.grad = None
+        if mode == "autograd":
+            with torch.enable_grad():
+                loss = loss_of(student(u, base_order, delta, fit_idx)[2], fit_idx)
+                if not torch.isfinite(loss):
+                    break
+                loss.backward()
+            calls["backward_passes"] += steps
+        else:  # simultaneous-perturbation gradient estimate (Spall 1992)
+            c_k = 0.05 / (it + 1) ** 0.101
+            signs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
+            with torch.no_grad():
+                for p, d in zip(params, signs):
+                    p.add_(c_k * d)
+                plus = float(loss_of(student(u, base_order, delta, fit_idx)[2], fit_idx))
+                for p, d in zip(params, signs):
+                    p.sub_(2 * c_k * d)
+                minus = float(loss_of(student(u, base_order, delta, fit_idx)[2], fit_idx))
+                for p, d in zip(params, signs):
+                    p.add_(c_k * d)
+            if not (math.isfinite(plus) and math.isfinite(minus)):
+                continue
+            for p, d in zip(params, signs):
+                p.grad = (plus - minus) / (2 * c_k) * d
+        opt.step()
+        if it % 10 == 9 or it == iterations - 1:
+            with torch.no_grad():
+                sel = float(loss_of(student(u, base_order, delta, sel_idx)[2], sel_idx))
+            if math.isfinite(sel) and sel < best[0]:
+                best = (sel, u.detach().clone(), None if delta is None else delta.detach().clone())
+    _, u_best, d_best = best
+    with torch.no_grad():
+        sig, c, out = student(u_best, base_order, d_best, slice(None))
+        final = float(loss_of(out, slice(None)))
+    seconds = time.perf_counter() - t_start
+    sig32 = sig.detach().to(torch.float32)
+    for k in range(len(sig32) - 2, -1, -1):  # strictly descending in float32
+        if sig32[k] <= sig32[k + 1]:
+            sig32[k] = torch.nextafter(sig32[k + 1], torch.tensor(math.inf))
+    meta = dict(info or {})
+    meta.update({"steps": steps, "order": order, "init": f"{init_name}+ab{base_order}",
+                 "fit_coefficients": bool(fit_coefficients and order > 1), "iterations": iterations,
+                 "teacher_steps": teacher_steps, "teacher_sigma_min": t_min, "fit_noises": int(noise.shape[0]),
+                 "gradient": mode, "model_calls": calls["forward"], "backward_passes": calls["backward_passes"],
+                 "seconds": round(seconds, 3), "rms_start": start_loss, "rms_fitted": final,
+                 "sigma_min": s_min, "sigma_max": s_max})
+    say(f"calibration: done in {seconds:.1f}s, {calls['forward']} model calls + {calls['backward_passes']} "
+        f"backward passes; RMS to the teacher {start_loss:.4g} -> {final:.4g}")
+    cal = Calibration(sig32, c.detach().to(torch.float64), meta)
+    cal.validate()
+    return cal
+
+
+# ---- fitting once: keys, the cache, files ------------------------------------------------------
+FIT_SALT = 0x5EEDCA11B  # the fitting noise stream: never the KSampler's noise of the same seed
+_CACHE: "dict[str, Calibration]" = {}
+
+
+def default_log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def model_token(model) -> str:
+    """A stable identity for a model object (a token attached to it; ComfyUI patches add their uuid)."""
+    target = getattr(model, "model", model) if hasattr(model, "get_model_object") else model
+    token = getattr(target, "_ksampler_calibration_token", None)
+    if token is None:
+        import uuid
+        token = uuid.uuid4().hex
+        try:
+            setattr(target, "_ksampler_calibration_token", token)
+        except AttributeError as exc:
+            raise ValueError(f"model: cannot tag a {type(target).__name__} for the calibration cache") from exc
+    patches = getattr(model, "patches_uuid", None)
+    return token + (f"/{patches}" if patches is not None else "")
+
+
+def conditioning_digest(conditioning) -> str:
+    """A digest of ComfyUI-style conditioning ([[tensor, {options}], ...]): tensors by content, the rest by repr."""
+    import hashlib
+    h = hashlib.sha1()
+
+    def feed(v):
+        if isinstance(v, Tensor):
+            t = v.detach().to("cpu", torch.float32).contiguous()
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+        elif isinstance(v, dict):
+            for k in sorted(v, key=str):
+                h.update(str(k).encode())
+                feed(v[k])
+        elif isinstance(v, (list, tuple)):
+            h.update(b"[")
+            for item in v:
+                feed(item)
+            h.update(b"]")
+        else:
+            h.update(repr(v).encode())
+    feed(conditioning)
+    return h.hexdigest()
+
+
+def calibration_key(model, positive, negative, latent_shape, steps: int, cfg: float, settings: dict) -> str:
+    """The cache key: model, conditioning, latent shape, sampler settings, steps and cfg."""
+    import hashlib
+    parts = [model_token(model), conditioning_digest(positive), conditioning_digest(negative),
+             str(tuple(latent_shape[1:])), str(int(steps)), repr(float(cfg)), json.dumps(settings, sort_keys=True)]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()
+
+
+def fitting_noise(seed: int, count: int, shape, dtype=torch.float32) -> Tensor:
+    """``count`` unit noises shaped like one latent item, from the salted fitting stream of ``seed``."""
+    gen = torch.Generator().manual_seed((int(seed) ^ FIT_SALT) % (1 << 63))
+    return torch.randn((count,) + tuple(shape), generator=gen, dtype=dtype)
+
+
+def cached_calibration(key: str, fit: Callable[[], Calibration], path: Optional[str] = None,
+                       log: Callable[[str], None] = default_log) -> Calibration:
+    """The calibration for ``key``: from memory, else from ``path`` (checked to be for the same key), else fitted
+    (once, saying so) and stored in memory and at ``path``."""
+    import os
+    cal = _CACHE.get(key)
+    if cal is not None:
+        log(f"calibration: reusing the fitted schedule ({cal.steps} steps, key {key[:10]})")
+        return cal
+    if path and os.path.exists(path):
+        cal = Calibration.load(path)
+        if cal.info.get("key") != key:
+            raise ValueError(f"calibration_file: {path!r} holds a calibration fitted for other inputs (model, "
+                             "conditioning, steps, cfg or settings); delete it or choose another file name")
+        log(f"calibration: loaded {path}")
+        _CACHE[key] = cal
+        return cal
+    log(f"calibration: fitting once for these inputs (key {key[:10]}) ...")
+    cal = fit()
+    cal.info["key"] = key
+    _CACHE[key] = cal
+    if path:
+        cal.save(path)
+        log(f"calibration: saved {path}")
+    return cal
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *, order: int = 3,
+              fit_noises: int = 8, seed: int = 0, iterations: int = 100, teacher_steps: int = 100,
+              path: Optional[str] = None, log: Callable[[str], None] = default_log) -> Calibration:
+    """Fit (once; cached per model, conditioning, latent shape, steps, cfg and settings) a calibration for one of
+    our models (``models.DiffusionModel``) sampling txt2img with this conditioning.
+
+    Use it with ``ksample(..., calibration=cal)`` or ``sample(..., sigmas=cal.sigmas, sampler=cal.sampler())``.
+    ``path``: a .safetensors file to load the calibration from (if it exists and is for these inputs) or save
+    it to.  The fitting noise comes from a stream of ``seed`` salted apart from the sampling noise.
+    """
+    from .conditioning.cfg import Guidance
+    from .validation import check_latent, check_model
+
+    check_model(model)
+    samples, _, _ = check_latent(latent, model.latent_format.latent_channels,
+                                 dims=getattr(model.latent_format, "latent_dimensions", 2) + 2)
+    if isinstance(fit_noises, bool) or not isinstance(fit_noises, int) or fit_noises < 4:
+        raise ValueError(f"fit_noises: expected an int >= 4, got {fit_noises!r}")
+    settings = {"order": order, "fit_noises": fit_noises, "seed": int(seed), "iterations": iterations,
+                "teacher_steps": teacher_steps}
+    key = calibration_key(model, positive, negative, samples.shape, steps, cfg, settings)
+
+    def fit() -> Calibration:
+        ms = model.model_sampling
+        device = getattr(model, "device", torch.device("cpu"))
+        noise = fitting_noise(seed, fit_noises, samples.shape[1:]).to(device)
+        guided = Guidance(positive, negative, cfg).bind(model, ms, noise.shape, device)
+        return fit_calibration(guided, ms, noise, steps, order=order, iterations=iterations,
+                               teacher_steps=teacher_steps, log=log,
+                               info={"cfg": float(cfg), **settings})
+    return cached_calibration(key, fit, path, log)
+
+
+def run_sigmas(calibration: "Calibration", steps: int, cfg: float, denoise: float = 1.0) -> Tensor:
+    """The sigmas a KSampler run uses with ``calibration``, after checking that the run is the one it was fitted for."""
+    if not isinstance(calibration, Calibration):
+        raise ValueError(f"calibration: expected a Calibration (from the Calibrated Scheduler node or "
+                         f"ksampler.calibration.calibrate), got {type(calibration).__name__}")
+    if int(steps) != calibration.steps:
+        raise ValueError(f"steps: the calibration was fitted for {calibration.steps} steps, the run asks for {steps}; "
+                         f"set steps to {calibration.steps} or fit a calibration for {steps}")
+    fitted_cfg = calibration.info.get("cfg")
+    if fitted_cfg is not None and not math.isclose(float(fitted_cfg), float(cfg), rel_tol=1e-6, abs_tol=1e-9):
+        raise ValueError(f"cfg: the calibration was fitted at cfg {fitted_cfg:g}, the run uses {float(cfg):g}; "
+                         "use the same cfg or fit a calibration for this one")
+    if not math.isclose(float(denoise), 1.0):
+        raise ValueError(f"denoise: calibrations are fitted for txt2img (denoise 1.0), got {denoise}; set denoise to "
+                         "1.0 or disconnect the calibration")
+    return calibration.sigmas.clone()

@@ -1,0 +1,87 @@
+"""The "Calibrated Scheduler+" node (ksampler_CalibratedScheduler): sigmas (and a sampler) fitted once to the model and conditioning.
+
+Outputs SIGMAS and SAMPLER for SamplerCustom, and a KSAMPLER_CALIBRATION for our KSampler's optional
+``calibration`` input.  Works on ComfyUI models (through the host's own sampling code) and on ours.
+"""
+from __future__ import annotations
+
+import os
+
+from .node_schema import In, NodeSpec, Out, v1_node
+from .validation import MAX_SEED, KSamplerInputError, check_int
+
+__all__ = ["CalibratedScheduler", "CALIBRATION_NODES"]
+
+
+@v1_node(NodeSpec(
+    function="calibrate", category="sampling/custom_sampling/schedulers",
+    search_aliases=("calibrate", "calibrated", "sigmas", "schedule", "few steps", "ld3"),
+    description="Fits the sigmas and a multistep sampler to this model and conditioning once (cached; it says "
+                "when it fits) for SamplerCustom or the ksampler KSampler's calibration input.",
+    inputs=(
+        In("model", "MODEL", "The model to calibrate to."),
+        In("positive", "CONDITIONING", "The positive conditioning the sampler will use."),
+        In("negative", "CONDITIONING", "The negative conditioning the sampler will use."),
+        In("latent_image", "LATENT", "The (empty) latent to sample: only its shape is used."),
+        In("steps", "INT", "Steps (= model calls) to fit.", default=8, min=1, max=100),
+        In("cfg", "FLOAT", "The guidance scale the sampler will use.", default=5.0, min=0.0, max=100.0, step=0.1,
+           round=0.01),
+        In("order", "INT", "Past estimates each step blends (1: schedule only).", default=3, min=1, max=3,
+           optional=True),
+        In("fit_noises", "INT", "Fitting noises (a batch).", default=8, min=4, max=256, optional=True),
+        In("fit_seed", "INT", "Seed of the fitting noise (drawn apart from any sampling noise).", default=0, min=0,
+           max=MAX_SEED, optional=True),
+        In("iterations", "INT", "Optimiser iterations.", default=100, min=0, max=5000, optional=True),
+        In("teacher_steps", "INT", "Steps of the fine reference solve the fit matches.", default=100, min=10,
+           max=1000, optional=True),
+        In("calibration_file", "STRING", "Optional .safetensors path: loaded when it holds this calibration, else "
+           "written after fitting.", default="", optional=True)),
+    outputs=(Out("SIGMAS", "The fitted sigmas, descending, ending in 0.", "sigmas"),
+             Out("SAMPLER", "The fitted multistep sampler (for SamplerCustom).", "sampler"),
+             Out("KSAMPLER_CALIBRATION", "The calibration, for the KSampler's calibration input.",
+                 "calibration"))))
+class CalibratedScheduler:
+    """Fits a step schedule and multistep coefficients to this model, conditioning, steps and cfg (cached)."""
+
+    def calibrate(self, model, positive, negative, latent_image, steps, cfg, order=3, fit_noises=8, fit_seed=0,
+                  iterations=100, teacher_steps=100, calibration_file=""):
+        from .nodes import is_comfy_model
+
+        check_int("steps", steps, 1, 100)
+        check_int("order", order, 1, 3)
+        check_int("fit_noises", fit_noises, 4, 256)
+        check_int("fit_seed", fit_seed, 0, MAX_SEED)
+        check_int("iterations", iterations, 0, 5000)
+        check_int("teacher_steps", teacher_steps, 10, 1000)
+        if not isinstance(cfg, (int, float)) or isinstance(cfg, bool) or not 0 <= cfg <= 100:
+            raise KSamplerInputError(f"cfg: expected a number in 0..100, got {cfg!r}")
+        if not isinstance(calibration_file, str):
+            raise KSamplerInputError("calibration_file: expected a path string (or empty)")
+        path = calibration_file.strip() or None
+        if path is not None:
+            if not path.endswith(".safetensors"):
+                raise KSamplerInputError(f"calibration_file: {path!r} must end in .safetensors")
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise KSamplerInputError(f"calibration_file: folder {folder!r} does not exist; create it first")
+        options = {"order": order, "fit_noises": fit_noises, "seed": fit_seed, "iterations": iterations,
+                   "teacher_steps": teacher_steps, "path": path}
+        try:
+            if is_comfy_model(model):
+                from .comfy_calibration import CalibratedSampler, calibrate_host
+                cal = calibrate_host(model, positive, negative, latent_image, steps, float(cfg), **options)
+                return cal.sigmas.clone(), CalibratedSampler(cal), cal
+            from .calibration import calibrate
+            cal = calibrate(model, positive, negative, latent_image, steps, float(cfg), **options)
+        except ValueError as exc:
+            raise KSamplerInputError(str(exc)) from exc
+        sampler = cal.sampler()
+        if "comfy.samplers" in __import__("sys").modules:
+            from .comfy_calibration import CalibratedSampler
+            sampler = CalibratedSampler(cal)
+        return cal.sigmas.clone(), sampler, cal
+
+
+CALIBRATION_NODES = {
+    "ksampler_CalibratedScheduler": (CalibratedScheduler, "Calibrated Scheduler+"),
+}

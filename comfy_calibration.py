@@ -1,0 +1,88 @@
+"""Calibration inside ComfyUI: fitting through the host's own model and guidance, and a SAMPLER that runs a fit.
+
+The fit runs inside a ``comfy.samplers.Sampler`` handed to ComfyUI's ``CFGGuider``, so the model, its patches
+and the conditioning go through ComfyUI's own code.  ComfyUI runs nodes in inference mode, where its weights
+give no gradient: the fit then says so and uses SPSA (``calibration.fit_calibration``).
+"""
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import torch
+
+from .calibration import (Calibration, cached_calibration, calibration_key, default_log, fit_calibration,
+                          fitting_noise, sample_calibrated)
+from .comfy_adapter import HostDenoiser, host_model_sampling
+
+__all__ = ["CalibratedSampler", "calibrate_host"]
+
+
+class CalibratedSampler(comfy.samplers.Sampler):
+    """A ComfyUI SAMPLER running a calibration's multistep solver (for SamplerCustom with the calibration's SIGMAS)."""
+
+    def __init__(self, calibration: Calibration):
+        self.calibration = calibration
+        self.batch_index = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        extra_args["denoise_mask"] = denoise_mask
+        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        model_k.latent_image, model_k.noise = latent_image, noise
+        host_ms = model_wrap.inner_model.model_sampling
+        x = host_ms.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
+        denoiser = HostDenoiser(model_k, host_model_sampling(host_ms), extra_args)
+        total = len(sigmas) - 1
+
+        def on_step(info):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if callback is not None:
+                callback(info["i"], info["denoised"], info["x"], total)
+        samples = sample_calibrated(denoiser, x, sigmas, extra_args=extra_args, callback=on_step,
+                                    disable=disable_pbar, coefficients=self.calibration.coefficients)
+        return host_ms.inverse_noise_scaling(sigmas[-1], samples)
+
+
+class _FittingSampler(comfy.samplers.Sampler):
+    """Runs ``fit_calibration`` on the host's guided denoiser; the 'sample' it returns is the unchanged latent."""
+
+    def __init__(self, steps: int, options: dict):
+        self.steps, self.options, self.result = steps, options, None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        extra_args["denoise_mask"] = denoise_mask
+        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        model_k.latent_image, model_k.noise = latent_image, noise
+        ms = host_model_sampling(model_wrap.inner_model.model_sampling)
+        host = HostDenoiser(model_k, ms, extra_args)
+
+        def denoiser(x, sigma):
+            return host(x, sigma, **extra_args)
+        self.result = fit_calibration(denoiser, ms, noise, self.steps, **self.options)
+        return latent_image
+
+
+def calibrate_host(model, positive, negative, latent: dict, steps: int, cfg: float, *, order: int = 3,
+                   fit_noises: int = 8, seed: int = 0, iterations: int = 100, teacher_steps: int = 100,
+                   path: str | None = None, log=default_log) -> Calibration:
+    """``calibration.calibrate`` for a ComfyUI MODEL (a ModelPatcher): fitted once per inputs, cached."""
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    settings = {"order": order, "fit_noises": fit_noises, "seed": int(seed), "iterations": iterations,
+                "teacher_steps": teacher_steps}
+    key = calibration_key(model, positive, negative, samples.shape, steps, cfg, settings)
+
+    def fit() -> Calibration:
+        with torch.inference_mode(False):
+            noise = fitting_noise(seed, fit_noises, samples.shape[1:])
+            ms = model.get_model_object("model_sampling")
+            guider = comfy.samplers.CFGGuider(model)
+            guider.set_conds(positive, negative)
+            guider.set_cfg(cfg)
+            fitter = _FittingSampler(steps, {"order": order, "iterations": iterations, "teacher_steps": teacher_steps,
+                                             "log": log, "info": {"cfg": float(cfg), **settings}})
+            sigmas = torch.tensor([float(ms.sigma_max), 0.0])
+            guider.sample(noise, torch.zeros_like(noise), fitter, sigmas, seed=seed, disable_pbar=True)
+        return fitter.result
+    return cached_calibration(key, fit, path, log)

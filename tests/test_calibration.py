@@ -1,0 +1,171 @@
+"""Calibration: fitting helps on noise it never saw, files round-trip, the cache never refits, the node's outputs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from analytic import analytic_model, conditioning
+from ksampler.calibration import (Calibration, cached_calibration, calibrate, clear_cache, fit_calibration,
+                                  multistep_coefficients, run_sigmas, sample_calibrated, teacher_solve)
+from ksampler.calibration_nodes import CalibratedScheduler
+from ksampler.models import EPS, Flow
+from ksampler.nodes import KSampler
+from ksampler.samplers import SAMPLERS
+from ksampler.validation import KSamplerInputError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Mixture2D:
+    """Exact denoiser of a 2-D mixture of three sharp Gaussians (VE or flow frame), counting its calls."""
+
+    def __init__(self, model_sampling):
+        self.model_sampling = model_sampling
+        self.mu = torch.tensor([[1.5, 0.0], [-1.0, 1.2], [-0.6, -1.4]], dtype=torch.float64)
+        self.s = torch.tensor([0.3, 0.5, 0.4], dtype=torch.float64)
+        self.logw = torch.log(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
+        self.calls = 0
+
+    def __call__(self, x, sigma, **kw):
+        self.calls += 1
+        a = torch.as_tensor(self.model_sampling.alpha(sigma), dtype=x.dtype).reshape(-1, 1, 1)
+        sig = sigma.to(x.dtype).reshape(-1, 1, 1)
+        var = a ** 2 * self.s[:, None] ** 2 + sig ** 2                   # [B, K, 1]: x | component k
+        diff = x[:, None, :] - a * self.mu                                # [B, K, 2]
+        w = torch.softmax(self.logw - torch.log(var[..., 0]) - 0.5 * (diff ** 2).sum(-1) / var[..., 0], dim=-1)
+        comp = self.mu + a * self.s[:, None] ** 2 / var * diff
+        return (w[..., None] * comp).sum(1)
+
+
+def _rms(a, b):
+    return float((a - b).pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("ms", [EPS(), Flow(shift=3.0)], ids=["eps", "flow"])
+def test_fitting_beats_its_start_on_unseen_noise(ms):
+    model = Mixture2D(ms)
+    fit_noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cal = fit_calibration(model, ms, fit_noise, 4, iterations=60, lr=0.05, teacher_steps=60)
+    assert cal.info["gradient"] == "autograd" and cal.info["model_calls"] > 0
+
+    noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x0 = ms.noise_scaling(torch.tensor(float(ms.sigma_max)), noise, torch.zeros_like(noise), True)
+    ref = teacher_solve(model, ms, x0, float(ms.sigma_max), float(ms.sigma_min), 200)
+    fitted = sample_calibrated(model, x0, cal.sigmas.double(), coefficients=cal.coefficients)
+    # the start: the same schedule family and weights the fit began from, before any iteration
+    start = fit_calibration(model, ms, fit_noise, 4, iterations=0, teacher_steps=60)
+    started = sample_calibrated(model, x0, start.sigmas.double(), coefficients=start.coefficients)
+    assert _rms(fitted, ref) < 0.8 * _rms(started, ref), (_rms(fitted, ref), _rms(started, ref))
+    euler = SAMPLERS["euler"](model, x0, start.sigmas.double(), disable=True)
+    assert _rms(fitted, ref) < _rms(euler, ref)
+
+
+def test_multistep_weights_integrate_polynomials_exactly():
+    ve = torch.tensor([10.0, 4.0, 1.5, 0.6, 0.2, 0.0], dtype=torch.float64)
+    c = multistep_coefficients(ve, 3, 3)
+    assert torch.allclose(c.sum(1), torch.ones(5, dtype=torch.float64))
+    # D linear in lambda: step 2 (three estimates) reproduces x' = e^-h x + int e^(s-h) D(s) ds exactly
+    lam = -torch.log(ve[:5])
+    h = float(lam[3] - lam[2])
+    d = lam.clone()                                  # D(lambda) = lambda (a scalar state)
+    integral = -math.expm1(-h) * float(lam[2]) + (h + math.expm1(-h))   # int_0^h e^(s-h) (lam_2 + s) ds
+    blend = float((c[2, :3] * torch.stack([d[2], d[1], d[0]])).sum())
+    assert blend * -math.expm1(-h) == pytest.approx(integral, rel=1e-10)
+
+
+def test_save_load_round_trip_is_bit_identical(tmp_path):
+    ms = EPS()
+    cal = fit_calibration(Mixture2D(ms), ms, torch.randn(8, 2, dtype=torch.float64), 3, iterations=2,
+                          teacher_steps=20, info={"cfg": 1.0})
+    path = str(tmp_path / "cal.safetensors")
+    cal.save(path)
+    back = Calibration.load(path)
+    assert torch.equal(back.sigmas, cal.sigmas) and back.sigmas.dtype == cal.sigmas.dtype
+    assert torch.equal(back.coefficients, cal.coefficients)
+    assert back.info == cal.info
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(Exception):
+        Calibration.load(str(tmp_path / "bad.safetensors"))
+
+
+def test_cache_hit_does_not_call_the_model(tmp_path):
+    clear_cache()
+    model = analytic_model()
+    pos, neg = conditioning(1.0), conditioning(-0.5)
+    latent = {"samples": torch.zeros(1, 4, 4, 4)}
+    opts = {"fit_noises": 4, "iterations": 2, "teacher_steps": 10}
+    messages = []
+    cal = calibrate(model, pos, neg, latent, 3, 3.0, log=messages.append, **opts)
+    assert any("fitting once" in m for m in messages)
+    net = model.network
+    before = len(net.calls)
+    assert before > 0
+    messages.clear()
+    again = calibrate(model, pos, neg, latent, 3, 3.0, log=messages.append, **opts)
+    assert again is cal and len(net.calls) == before and any("reusing" in m for m in messages)
+    # another cfg or conditioning is another calibration
+    other = calibrate(model, pos, neg, latent, 3, 4.0, log=messages.append, **opts)
+    assert other is not cal and len(net.calls) > before
+    # a file for other inputs is refused, not silently refitted
+    path = str(tmp_path / "c.safetensors")
+    cal.save(path)
+    clear_cache()
+    with pytest.raises(ValueError, match="calibration_file"):
+        calibrate(model, pos, conditioning(0.3), latent, 3, 3.0, path=path, log=messages.append, **opts)
+    fit = []
+    assert cached_calibration(cal.info["key"], lambda: fit.append(1), path, messages.append).steps == 3
+    assert not fit
+
+
+def test_node_outputs_descending_sigmas_and_ksampler_uses_them():
+    clear_cache()
+    model = analytic_model()
+    pos, neg = conditioning(1.0), conditioning(-0.5)
+    latent = {"samples": torch.zeros(1, 4, 4, 4)}
+    sigmas, sampler, cal = CalibratedScheduler().calibrate(model, pos, neg, latent, 4, 3.0, fit_noises=4,
+                                                           iterations=2)
+    assert sigmas.ndim == 1 and len(sigmas) == 5 and float(sigmas[-1]) == 0
+    assert bool((sigmas[1:] < sigmas[:-1]).all()) and callable(sampler)
+    out = KSampler().sample(model, 7, 4, 3.0, "euler", "karras", pos, neg, latent, calibration=cal)[0]
+    assert out["samples"].shape == (1, 4, 4, 4) and bool(torch.isfinite(out["samples"]).all())
+    with pytest.raises(KSamplerInputError, match="steps"):
+        KSampler().sample(model, 7, 5, 3.0, "euler", "karras", pos, neg, latent, calibration=cal)
+    with pytest.raises(KSamplerInputError, match="cfg"):
+        KSampler().sample(model, 7, 4, 5.0, "euler", "karras", pos, neg, latent, calibration=cal)
+    with pytest.raises(KSamplerInputError, match="denoise"):
+        KSampler().sample(model, 7, 4, 3.0, "euler", "karras", pos, neg, latent, 0.5, calibration=cal)
+    with pytest.raises(KSamplerInputError, match="order"):
+        CalibratedScheduler().calibrate(model, pos, neg, latent, 4, 3.0, order=7)
+    with pytest.raises(KSamplerInputError, match="calibration_file"):
+        CalibratedScheduler().calibrate(model, pos, neg, latent, 4, 3.0, calibration_file="/nonexistent/x.safetensors")
+    assert torch.equal(run_sigmas(cal, 4, 3.0), cal.sigmas)
+
+
+def test_bad_inputs_are_named():
+    ms = EPS()
+    model = Mixture2D(ms)
+    with pytest.raises(ValueError, match="steps"):
+        fit_calibration(model, ms, torch.randn(8, 2), 0)
+    with pytest.raises(ValueError, match="noise"):
+        fit_calibration(model, ms, torch.randn(2, 2), 3)
+    with pytest.raises(ValueError, match="noise"):
+        fit_calibration(model, ms, torch.full((8, 2), math.nan), 3)
+    with pytest.raises(ValueError, match="order"):
+        fit_calibration(model, ms, torch.randn(8, 2), 3, order=9)
+
+
+def test_a_model_without_gradient_is_fitted_by_spsa_and_says_so():
+    ms = EPS()
+    inner = Mixture2D(ms)
+
+    @torch.no_grad()
+    def no_grad_model(x, sigma, **kw):  # like ComfyUI's weights under inference mode
+        return inner(x, sigma)
+    messages = []
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cal = fit_calibration(no_grad_model, ms, noise, 4, iterations=30, teacher_steps=40, log=messages.append)
+    assert cal.info["gradient"] == "spsa" and any("SPSA" in m for m in messages)
+    assert cal.info["backward_passes"] == 0
+    assert cal.info["rms_fitted"] <= cal.info["rms_start"] * 1.05

@@ -1,0 +1,85 @@
+"""Check the calibration node inside the real ComfyUI, in-process, with its tiny checkpoints.
+
+    /tmp/comfy/venv/bin/python tools/comfy_calibration_check.py [--comfyui-dir DIR] [--steps 5]
+
+For each tiny model (SD1.5 eps, SD3 flow) and under torch.inference_mode (as ComfyUI's executor runs nodes):
+our "Calibrated Scheduler (ksampler)" fits through the host's model (CFGGuider, ModelPatcher); ComfyUI's own
+SamplerCustom node then samples with its SIGMAS and SAMPLER; our KSampler samples with the calibration; a
+second node call must reuse the fit without a model call.  ComfyUI is imported as a library (../shared/comfyui
+harness); nothing of it is copied here.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HARNESS = next((os.path.join(d, "shared", "comfyui") for d in (os.path.dirname(ROOT),
+                                                                 os.path.dirname(os.path.dirname(ROOT)))
+                if os.path.isdir(os.path.join(d, "shared", "comfyui"))), "../shared/comfyui")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--comfyui-dir", default=None)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--teacher-steps", type=int, default=100)
+    args = ap.parse_args()
+    sys.path.insert(0, HARNESS)
+    import harness_env
+    comfyui_dir = harness_env.env_path("COMFYUI_DIR", args.comfyui_dir)
+    models_dir = harness_env.env_path("COMFY_MODELS")
+    manifest = harness_env.load_manifest(models_dir)
+    nodes = harness_env.bootstrap_comfy(comfyui_dir, models_dir)
+    import torch
+    import comfy_extras.nodes_custom_sampler as custom
+    from harness_nodes import random_conditioning
+
+    spec = importlib.util.spec_from_file_location("ksampler_pack", os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["ksampler_pack"] = pack
+    spec.loader.exec_module(pack)
+    classes = pack.NODE_CLASS_MAPPINGS
+    torch.set_num_threads(1)
+    failures = 0
+    for key in ("sd15_eps", "sd3_flow"):
+        m = manifest["models"][key]
+        model = nodes.CheckpointLoaderSimple().load_checkpoint(m["checkpoint"])[0]
+        pos = random_conditioning(101, m["cond_tokens"], m["cond_dim"], m["pooled_dim"])
+        neg = random_conditioning(202, m["cond_tokens"], m["cond_dim"], m["pooled_dim"])
+        latent = {"samples": torch.zeros((1, m["latent_channels"], 4, 4))}
+        with torch.inference_mode():
+            t = time.time()
+            sigmas, sampler, cal = classes["ksampler_CalibratedScheduler"]().calibrate(
+                model, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
+                teacher_steps=args.teacher_steps)
+            fit_s = time.time() - t
+            ok = (sigmas.ndim == 1 and len(sigmas) == args.steps + 1 and float(sigmas[-1]) == 0
+                  and bool((sigmas[1:] < sigmas[:-1]).all()))
+            out = custom.SamplerCustom().sample(model, True, 3, 5.0, pos, neg, sampler, sigmas, latent)
+            out = out[0] if isinstance(out, tuple) else out.result[0]
+            ok &= bool(torch.isfinite(out["samples"]).all())
+            ours = classes["ksampler_KSampler"]().sample(model, 3, args.steps, 5.0, "euler", "karras", pos, neg,
+                                                         latent, calibration=cal)[0]
+            same = torch.allclose(ours["samples"], out["samples"], atol=1e-5)
+            t = time.time()
+            again = classes["ksampler_CalibratedScheduler"]().calibrate(
+                model, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
+                teacher_steps=args.teacher_steps)
+            cached = again[2] is cal and time.time() - t < 1.0
+        print(f"{key}: sigmas {[round(float(s), 4) for s in sigmas]}; fit {fit_s:.1f}s "
+              f"({cal.info['model_calls']} model calls, gradient: {cal.info['gradient']}); RMS to the teacher "
+              f"{cal.info['rms_start']:.4g} -> {cal.info['rms_fitted']:.4g}; SamplerCustom finite: {ok}; "
+              f"KSampler(calibration) == SamplerCustom: {same}; second call cached: {cached}")
+        failures += not (ok and same and cached)
+    print("PASS" if not failures else f"FAIL ({failures})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
