@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .graph_checks import BUNDLED_MODEL_TYPE
 from .samplers import SAMPLERS
 from .samplers.reference import default_reference_mode, reference_mode_from_input
 from .schedulers import SCHEDULERS
@@ -20,6 +21,8 @@ __all__ = ["KSampler", "KSamplerAdvanced", "NODES", "NODE_TABLE", "NODE_CLASS_MA
            "is_comfy_model"]
 
 CATEGORY = "sampling"
+# ComfyUI's MODEL or the bundled one (a comma-separated list: the editor and the server accept either)
+MODEL_TYPES = f"MODEL,{BUNDLED_MODEL_TYPE}"
 
 TOOLTIPS = {
     "model": "The model used for denoising the input latent.",
@@ -107,7 +110,7 @@ class KSampler:
         common = _common_inputs()
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": TOOLTIPS["model"]}),
+                "model": (MODEL_TYPES, {"tooltip": TOOLTIPS["model"]}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": TOOLTIPS["seed"]}),
                 "steps": common["steps"],
@@ -142,7 +145,7 @@ class KSamplerAdvanced:
         common = _common_inputs()
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": TOOLTIPS["model"]}),
+                "model": (MODEL_TYPES, {"tooltip": TOOLTIPS["model"]}),
                 "add_noise": (["enable", "disable"], {"tooltip": TOOLTIPS["add_noise"]}),
                 "noise_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                        "tooltip": TOOLTIPS["noise_seed"]}),

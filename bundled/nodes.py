@@ -20,6 +20,8 @@ import sys
 __all__ = ["CheckpointLoader", "TextEncode", "EmptyLatentImage", "LoadImage", "VAEEncode",
            "VAEDecode", "SaveImage"]
 
+from ..graph_checks import BUNDLED_CLIP_TYPE, BUNDLED_LATENT_KEY, BUNDLED_MODEL_TYPE, BUNDLED_VAE_TYPE
+
 CATEGORY = "ksampler/bundled"
 MODEL_KINDS = ["flow", "eps"]   # the first is the default (see DEFAULT_KIND in loader.py)
 SIZE_MULTIPLE = 16              # the bundled UNet's patch (4) times its two downsamplings
@@ -50,7 +52,7 @@ class CheckpointLoader:
                                                    "(epsilon prediction on SD1.x's discrete schedule)."}),
         }}
 
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_TYPES = (BUNDLED_MODEL_TYPE, BUNDLED_CLIP_TYPE, BUNDLED_VAE_TYPE)
     OUTPUT_TOOLTIPS = ("The model used for denoising latents.",
                        "The text encoder used for encoding text prompts.",
                        "The VAE model used for encoding and decoding images to and from latent space.")
@@ -75,7 +77,7 @@ class TextEncode:
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
                                 "tooltip": "The text to be encoded (words outside the model's vocabulary are "
                                            "ignored as unknown tokens)."}),
-            "clip": ("CLIP", {"tooltip": "The CLIP model used for encoding the text."}),
+            "clip": (BUNDLED_CLIP_TYPE, {"tooltip": "The CLIP model used for encoding the text."}),
         }}
 
     RETURN_TYPES = ("CONDITIONING",)
@@ -128,7 +130,7 @@ class EmptyLatentImage:
         _check_size("height", height)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
             raise _input_error(f"batch_size: must be an integer between 1 and 4096, got {batch_size!r}")
-        return ({"samples": torch.zeros(batch_size, 3, height, width)},)
+        return ({"samples": torch.zeros(batch_size, 3, height, width), BUNDLED_LATENT_KEY: True},)
 
 
 def _resolve(path: str, base_dir, kind: str) -> str:
@@ -196,7 +198,7 @@ class VAEEncode:
     def INPUT_TYPES(cls):
         return {"required": {
             "pixels": ("IMAGE", {"tooltip": "The image to be encoded."}),
-            "vae": ("VAE", {"tooltip": "The VAE model used for encoding the image."}),
+            "vae": (BUNDLED_VAE_TYPE, {"tooltip": "The VAE model used for encoding the image."}),
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -217,7 +219,7 @@ class VAEEncode:
         if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
             raise _input_error(f"pixels: the image is {w}x{h}; the bundled model needs sides that are multiples "
                                f"of {SIZE_MULTIPLE} (resize it, e.g. to 32x32)")
-        return ({"samples": samples},)
+        return ({"samples": samples, BUNDLED_LATENT_KEY: True},)
 
 
 class VAEDecode:
@@ -227,7 +229,7 @@ class VAEDecode:
     def INPUT_TYPES(cls):
         return {"required": {
             "samples": ("LATENT", {"tooltip": "The latent to be decoded."}),
-            "vae": ("VAE", {"tooltip": "The VAE model used for decoding the latent."}),
+            "vae": (BUNDLED_VAE_TYPE, {"tooltip": "The VAE model used for decoding the latent."}),
         }}
 
     RETURN_TYPES = ("IMAGE",)

@@ -27,7 +27,7 @@ def test_ksampler_input_contract():
     assert list(req) == ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
                          "latent_image", "denoise"]
     assert set(spec) == {"required"}
-    assert req["model"][0] == "MODEL"
+    assert req["model"][0] == "MODEL,KSAMPLER_BUNDLED_MODEL"  # ComfyUI's MODEL or the bundled one
     assert req["seed"][0] == "INT"
     assert req["seed"][1] == {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                               "tooltip": req["seed"][1]["tooltip"]}
