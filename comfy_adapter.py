@@ -35,7 +35,9 @@ from .nodes import FLOW_GEOMETRY_CHOICES, NOISE_OPTION_INPUTS, SAMPLER_NAME_TOOL
 from .samplers.reference import default_reference_mode, reference_mode_from_input
 from .sampling_pass import NoiseOptions, run_sampler
 from .schedulers import SCHEDULERS, ksampler_sigmas, sampling_sigmas
-from .validation import MAX_STEPS, KSamplerInputError, check_latent
+from .comfy_checks import HostOutputGuard, check_host_graph, model_label
+from .guard import StepGuard
+from .validation import MAX_STEPS, KSamplerInputError
 
 __all__ = ["RegistrySampler", "host_model_sampling", "common_ksampler", "SamplerSelect", "Scheduler", "core_callback"]
 
@@ -99,9 +101,10 @@ def host_model_sampling(host) -> ModelSampling:
 class HostDenoiser:
     """The host's denoiser (KSamplerX0Inpaint) seen through our protocol: ``.model_sampling`` and CFG++ access."""
 
-    def __init__(self, model_k, model_sampling, extra_args: dict):
+    def __init__(self, model_k, model_sampling, extra_args: dict, guard: StepGuard):
         self.model_k = model_k
         self.model_sampling = model_sampling
+        self.guard = guard
         self._uncond = None
         options = extra_args.get("model_options", {}).copy()
         self._cfg_pp_options = comfy.model_patcher.set_model_options_post_cfg_function(
@@ -112,13 +115,13 @@ class HostDenoiser:
         return args["denoised"]
 
     def __call__(self, x, sigma, **extra_args):
-        return self.model_k(x, sigma, **extra_args)
+        return self.guard.check(self.model_k(x, sigma, **extra_args), x, sigma)
 
     def denoise_with_uncond(self, x, sigma, **extra_args):
         extra = dict(extra_args)
         extra["model_options"] = self._cfg_pp_options
         self._uncond = None
-        denoised = self.model_k(x, sigma, **extra)
+        denoised = self.guard.check(self.model_k(x, sigma, **extra), x, sigma)
         uncond = self._uncond if self._uncond is not None else denoised
         return denoised, uncond
 
@@ -150,15 +153,22 @@ class RegistrySampler(comfy.samplers.Sampler):
         host_ms = model_wrap.inner_model.model_sampling
         x = host_ms.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
 
+        label = model_label(model_wrap.inner_model)
+        step_guard = StepGuard(len(sigmas) - 1, self.name, f"the {label} model")
+        output_guard = HostOutputGuard(model_wrap.inner_model, noise.shape[1], label)
+        extra_args["model_options"] = output_guard.model_options(extra_args.get("model_options", {}))
+
         def on_step(i, denoised, x_i, total_steps):
+            step_guard.step = i + 1
             comfy.model_management.throw_exception_if_processing_interrupted()
             if callback is not None:
                 callback(i, denoised, x_i, total_steps)
 
-        samples, final_sigma = run_sampler(
-            self.name, HostDenoiser(model_k, host_model_sampling(host_ms), extra_args), x, sigmas, seed=seed,
-            extra_args=extra_args, noise_options=self.noise_options, batch_index=self.batch_index,
-            reference_mode=self.reference_mode, options=self.options, on_step=on_step, disable=disable_pbar)
+        with output_guard:
+            samples, final_sigma = run_sampler(
+                self.name, HostDenoiser(model_k, host_model_sampling(host_ms), extra_args, step_guard), x, sigmas,
+                seed=seed, extra_args=extra_args, noise_options=self.noise_options, batch_index=self.batch_index,
+                reference_mode=self.reference_mode, options=self.options, on_step=on_step, disable=disable_pbar)
         last = sigmas[-1] if final_sigma is None else torch.tensor(final_sigma, device=sigmas.device,
                                                                    dtype=sigmas.dtype)
         return host_ms.inverse_noise_scaling(last, samples)
@@ -176,7 +186,8 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
     import latent_preview
 
     noise_options = noise_options or NoiseOptions()
-    samples, batch_index, noise_mask = check_latent(latent)
+    samples, batch_index, noise_mask = check_host_graph(model, positive, negative, latent, cfg, sampler_name)
+    negative = [] if negative is None else negative  # allowed at cfg 1, where the host never evaluates it
     latent_image = comfy.sample.fix_empty_latent_channels(model, samples)
     noise = initial_noise(latent_image, seed, batch_index, add_noise, noise_options.batch_invariant)
     tr = sampler_traits(sampler_name)
@@ -266,6 +277,9 @@ class Scheduler:
         from .validation import check_float, check_sampler_args
         check_sampler_args(steps=steps, scheduler=scheduler, denoise=denoise)
         check_float("karras_rho", karras_rho, 0.5, 30.0)
+        if not hasattr(model, "get_model_object"):
+            raise KSamplerInputError(f"model: expected a ComfyUI MODEL, got {type(model).__name__}; the bundled "
+                                     "model's sigmas come with KSampler (ksampler), which takes it directly")
         ms = model.get_model_object("model_sampling")
         options = {"rho": float(karras_rho)} if scheduler == "karras" else {}
         return (sampling_sigmas(ms, scheduler, steps, denoise, **options),)

@@ -15,6 +15,7 @@ import importlib
 import sys
 
 from .node_schema import In, NodeSpec, Out, v1_node, v3_node
+from .graph_checks import BUNDLED_MODEL_TYPE
 from .samplers import COMFY_SAMPLER_NAMES, SAMPLERS
 from .samplers.reference import default_reference_mode, reference_mode_from_input
 from .schedulers import COMFY_SCHEDULER_NAMES, SCHEDULERS
@@ -24,6 +25,8 @@ __all__ = ["KSampler", "KSamplerAdvanced", "NODES", "NODE_TABLE", "NODE_CLASS_MA
            "is_comfy_model", "v3_nodes"]
 
 CATEGORY = "sampling"
+# ComfyUI's MODEL or the bundled one (a comma-separated list: the editor and the server accept either)
+MODEL_TYPES = f"MODEL,{BUNDLED_MODEL_TYPE}"
 
 
 def _extras_note(names, comfy_names, what: str) -> str:
@@ -100,7 +103,7 @@ def _common_inputs() -> tuple:
 
 SEARCH_ALIASES = ("sampler", "sample", "generate", "denoise", "txt2img", "img2img", "ksampler")
 LATENT_OUT = Out("LATENT", "The denoised latent.")
-MODEL_IN = In("model", "MODEL", TOOLTIPS["model"])
+MODEL_IN = In("model", MODEL_TYPES, TOOLTIPS["model"])
 
 
 def _run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0, **kw):

@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 
 from .conditioning import Guidance, KSamplerInputError
-from .validation import (LATENT_LAYOUTS, MAX_SEED, check_int, check_latent, check_model, check_noise_mask,
+from .graph_checks import check_graph, headless_spec
+from .guard import all_finite, check_output_shape, nonfinite_error
+from .validation import (LATENT_LAYOUTS, MAX_SEED, check_int, check_model, check_noise_mask,
                          check_sampler_args)
 from .models.sampling import ModelSampling
 from .samplers import sampler_traits
@@ -61,8 +63,9 @@ class _Denoiser:
     """What samplers call: the (guided) model, with inpainting, progress and NaN checks around it."""
 
     def __init__(self, inner, model_sampling, sigmas: list[float], *, mask=None, latent=None, inpaint_noise=None,
-                 check_finite=True):
+                 check_finite=True, sampler_name: str = "custom", model_name: str = "the model"):
         self.inner, self.model_sampling = inner, model_sampling
+        self.sampler_name, self.model_name = sampler_name, model_name
         self.sigmas, self.mask, self.latent, self.inpaint_noise = sigmas, mask, latent, inpaint_noise
         self.check_finite = check_finite
         self.steps_done = 0
@@ -82,24 +85,20 @@ class _Denoiser:
         return out * self.mask + self.latent * (1.0 - self.mask)
 
     def _check(self, out: Tensor, sigma: Tensor, what: str) -> None:
-        # one reduction pass: NaN and Inf propagate into the (float64) sum
-        if self.check_finite and not math.isfinite(float(out.sum(dtype=torch.float64))):
+        if self.check_finite and not all_finite(out):
             total = len(self.sigmas) - 1
-            raise FloatingPointError(
-                f"model: the {what} contains NaN or Inf at step {min(self.steps_done + 1, total)}/{total} "
-                f"(sigma={float(sigma.reshape(-1)[0]):.6g}); check the model's weights and dtype (fp16 overflow is "
-                "a common cause) and the conditioning")
+            raise nonfinite_error(what, min(self.steps_done + 1, total), total, float(sigma.reshape(-1)[0]),
+                                  self.sampler_name, self.model_name)
 
     def __call__(self, x, sigma, **extra):
         out = self.inner(self._blend_in(x, sigma), sigma, **extra)
-        if not isinstance(out, Tensor) or out.shape != x.shape:
-            raise RuntimeError(f"model: returned {getattr(out, 'shape', type(out).__name__)} for input shape "
-                               f"{tuple(x.shape)}; the denoiser must return a tensor shaped like its input")
+        check_output_shape(out, x, self.model_name)
         self._check(out, sigma, "denoised estimate")
         return self._blend_out(out)
 
     def _denoise_with_uncond(self, x, sigma, **extra):
         out, uncond = self.inner.denoise_with_uncond(self._blend_in(x, sigma), sigma, **extra)
+        check_output_shape(out, x, self.model_name)
         self._check(out, sigma, "denoised estimate")
         return self._blend_out(out), self._blend_out(uncond)
 
@@ -206,7 +205,9 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
     mask = prepare_mask(noise_mask, latent.shape, device) if noise_mask is not None else None
     inpaint_noise = _inpaint_noise(noise, seed, mask is not None and tr.random_inpaint_noise, device)
     denoiser = _Denoiser(inner, model_sampling, [float(s) for s in sigmas.tolist()], mask=mask, latent=latent,
-                         inpaint_noise=inpaint_noise, check_finite=check_finite)
+                         inpaint_noise=inpaint_noise, check_finite=check_finite,
+                         sampler_name=resolve_sampler(sampler)[0] or "custom",
+                         model_name=repr(getattr(model, "name", None) or type(model).__name__))
     x = model_sampling.noise_scaling(sigmas.to(device)[0], noise, latent, max_denoise(model_sampling, sigmas))
 
     def on_step(i, denoised, x_i, total):
@@ -245,10 +246,10 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
     """
     reference_mode = bool(compat) if compat is not None else reference_mode
     check_model(model)
-    samples, batch_index, noise_mask = check_latent(latent, model.latent_format.latent_channels,
-                                                    dims=getattr(model.latent_format, "latent_dimensions", 2) + 2)
     check_sampler_args(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                        denoise=denoise)
+    samples, batch_index, noise_mask = check_graph(headless_spec(model), positive, negative, latent, cfg,
+                                                   sampler_traits(sampler_name).cfg_pp)
     noise_options = noise_options or NoiseOptions()
     samples = fix_empty_latent_channels(samples, model.latent_format.latent_channels)
 
@@ -270,7 +271,8 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
         return out
 
     fmt = model.latent_format
-    latent_in = fmt.process_in(samples.float()) if torch.count_nonzero(samples) > 0 else samples.float()
+    # in the latent's own dtype, then float32, as ComfyUI does (a float16 latent is scaled in float16)
+    latent_in = fmt.process_in(samples).float() if torch.count_nonzero(samples) > 0 else samples.float()
     guidance = Guidance(positive, negative, cfg)
     result = sample(model, ms, noise, latent_in, sigmas, guidance, sampler, seed, noise_mask=noise_mask,
                     callback=callback, disable=disable, sampler_options=sampler_options,

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .conditioning.validate import KSamplerInputError
+from .conditioning.validate import KSamplerInputError, check_mask_values
 
 __all__ = ["KSamplerInputError", "check_latent", "check_noise_mask", "check_model", "check_sampler_args",
            "LATENT_LAYOUTS", "MAX_SEED", "MAX_STEPS"]
@@ -64,6 +64,16 @@ def check_sampler_args(**given) -> None:
 
 
 def check_model(model) -> None:
+    """A model our own pipeline can sample: a ComfyUI object gets an error naming what it is and what to connect."""
+    module = type(model).__module__ or ""
+    if module == "comfy" or module.startswith("comfy."):
+        what = type(model).__name__
+        if hasattr(model, "diffusion_model"):
+            raise KSamplerInputError(f"model: got ComfyUI's bare {what} (the network inside a MODEL), not a MODEL; "
+                                     "connect the MODEL output of a checkpoint loader (Load Checkpoint, Load "
+                                     "Diffusion Model) directly, or pass the ModelPatcher that holds it")
+        raise KSamplerInputError(f"model: got a ComfyUI {what} ({module}), not a MODEL; connect the MODEL output "
+                                 "of a checkpoint loader")
     missing = [a for a in ("model_sampling", "latent_format", "apply_model") if not hasattr(model, a)]
     if missing:
         raise KSamplerInputError(f"model: expected a MODEL (from a checkpoint loader), got {type(model).__name__} "
@@ -157,8 +167,5 @@ def check_noise_mask(mask, latent_shape, name: str = "noise_mask") -> int:
     if batch not in (1, latent_shape[0]):
         raise KSamplerInputError(f"{name}: batch {batch} does not match the latent batch {latent_shape[0]}; "
                                  "give one mask or one per latent")
-    if mask.is_complex():
-        raise KSamplerInputError(f"{name}: is complex; use real values in [0, 1]")
-    if not bool(torch.isfinite(mask.float()).all()):
-        raise KSamplerInputError(f"{name}: contains NaN or Inf")
+    check_mask_values(mask, name)
     return batch

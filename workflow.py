@@ -70,6 +70,15 @@ def _input_specs(cls) -> tuple:
     return spec.get("required", {}), spec.get("optional", {}), spec.get("hidden", {})
 
 
+def types_match(received: str, expected: str) -> bool:
+    """ComfyUI's rule for a link: '*' matches anything; comma-separated lists match when they share a type."""
+    if not isinstance(received, str) or not isinstance(expected, str):
+        return received == expected
+    got = {t.strip() for t in received.split(",")}
+    want = {t.strip() for t in expected.split(",")}
+    return "*" in got or "*" in want or bool(got & want)
+
+
 def _label(node_id: str, graph: dict) -> str:
     return f"node {node_id} ({graph[node_id].get('class_type', '?')})"
 
@@ -135,7 +144,7 @@ class Executor:
                     raise WorkflowError(f"{label}: input {name!r} links to output {index} of {_label(src, graph)}, "
                                         f"which has {len(outputs)} output(s) ({', '.join(outputs) or 'none'})")
                 got = outputs[index]
-                if isinstance(kind, str) and "*" not in (kind, got) and got != kind:
+                if isinstance(kind, str) and not types_match(got, kind):
                     raise WorkflowError(f"{label}: input {name!r} expects {kind} but is linked to output {index} "
                                         f"of {_label(src, graph)}, which is {got}")
             elif isinstance(kind, list):

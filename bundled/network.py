@@ -274,11 +274,21 @@ class TinyUNet(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
+    @property
+    def context_dim(self) -> int:
+        """The width of the conditioning (text encoder output) this network reads."""
+        return self.cfg.text_dim
+
+    @property
+    def size_multiple(self) -> int:
+        """Latent heights and widths must be multiples of this (the patch times the downsamplings)."""
+        return self.cfg.patch * 2 ** (len(self.cfg.channels) - 1)
+
     def forward(self, x: Tensor, timestep: Tensor, context: Optional[Tensor] = None,
                 pooled: Optional[Tensor] = None, return_aux: bool = False):
         cfg = self.cfg
         b, _, height, width = x.shape
-        multiple = cfg.patch * 2 ** (len(cfg.channels) - 1)
+        multiple = self.size_multiple
         if height % multiple or width % multiple:
             raise ValueError(f"latent: height and width must be multiples of {multiple} pixels, got "
                              f"{height}x{width}; use a width and height that are multiples of {multiple}")

@@ -22,6 +22,8 @@ from ..node_schema import In, NodeSpec, Out, v1_node
 __all__ = ["CheckpointLoader", "TextEncode", "EmptyLatentImage", "LoadImage", "VAEEncode",
            "VAEDecode", "SaveImage"]
 
+from ..graph_checks import BUNDLED_CLIP_TYPE, BUNDLED_LATENT_KEY, BUNDLED_MODEL_TYPE, BUNDLED_VAE_TYPE
+
 CATEGORY = "ksampler/bundled"
 MODEL_KINDS = ["flow", "eps"]   # the first is the default (see DEFAULT_KIND in loader.py)
 SIZE_MULTIPLE = 16              # the bundled UNet's patch (4) times its two downsamplings
@@ -49,9 +51,10 @@ def _comfy_dir(kind: str):
     description="Loads the pack's bundled 32x32 text-to-image model (no download needed).",
     inputs=(In("ckpt_name", "COMBO", "The bundled checkpoint: 'flow' (rectified flow) or 'eps' (epsilon prediction "
                "on SD1.x's discrete schedule).", choices=MODEL_KINDS),),
-    outputs=(Out("MODEL", "The model used for denoising latents."),
-             Out("CLIP", "The text encoder used for encoding text prompts."),
-             Out("VAE", "The VAE model used for encoding and decoding images to and from latent space."))))
+    outputs=(Out(BUNDLED_MODEL_TYPE, "The model used for denoising latents.", "MODEL"),
+             Out(BUNDLED_CLIP_TYPE, "The text encoder used for encoding text prompts.", "CLIP"),
+             Out(BUNDLED_VAE_TYPE, "The VAE model used for encoding and decoding images to and from latent space.",
+                 "VAE"))))
 class CheckpointLoader:
     """Load the bundled model (trained by this pack on its procedural shapes dataset)."""
 
@@ -68,7 +71,7 @@ class CheckpointLoader:
     description="Encodes a text prompt into CONDITIONING for the bundled model.",
     inputs=(In("text", "STRING", "The text to be encoded (words outside the model's vocabulary are ignored as "
                "unknown tokens).", multiline=True, dynamic_prompts=True),
-            In("clip", "CLIP", "The CLIP model used for encoding the text.")),
+            In("clip", BUNDLED_CLIP_TYPE, "The CLIP model used for encoding the text.")),
     outputs=(Out("CONDITIONING", "A conditioning containing the embedded text used to guide the diffusion model."),)))
 class TextEncode:
     """Encode a prompt with the bundled text encoder."""
@@ -109,7 +112,7 @@ class EmptyLatentImage:
         _check_size("height", height)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
             raise _input_error(f"batch_size: must be an integer between 1 and 4096, got {batch_size!r}")
-        return ({"samples": torch.zeros(batch_size, 3, height, width)},)
+        return ({"samples": torch.zeros(batch_size, 3, height, width), BUNDLED_LATENT_KEY: True},)
 
 
 IMAGE_TOOLTIP = ("The image to load: pick a file of ComfyUI's input folder or upload one. Headless "
@@ -181,7 +184,7 @@ class LoadImage:
     function="encode", category=CATEGORY, search_aliases=("vae encode", "encode image", "img2img", "bundled"),
     description="Encodes an image into a latent for image-to-image sampling (denoise < 1).",
     inputs=(In("pixels", "IMAGE", "The image to be encoded."),
-            In("vae", "VAE", "The VAE model used for encoding the image.")),
+            In("vae", BUNDLED_VAE_TYPE, "The VAE model used for encoding the image.")),
     outputs=(Out("LATENT", "The encoded latent image."),)))
 class VAEEncode:
     """Encode an IMAGE into the bundled model's latent space."""
@@ -198,14 +201,14 @@ class VAEEncode:
         if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
             raise _input_error(f"pixels: the image is {w}x{h}; the bundled model needs sides that are multiples "
                                f"of {SIZE_MULTIPLE} (resize it, e.g. to 32x32)")
-        return ({"samples": samples},)
+        return ({"samples": samples, BUNDLED_LATENT_KEY: True},)
 
 
 @v1_node(NodeSpec(
     function="decode", category=CATEGORY, search_aliases=("vae decode", "decode latent", "bundled"),
     description="Decodes latents into images.",
     inputs=(In("samples", "LATENT", "The latent to be decoded."),
-            In("vae", "VAE", "The VAE model used for decoding the latent.")),
+            In("vae", BUNDLED_VAE_TYPE, "The VAE model used for decoding the latent.")),
     outputs=(Out("IMAGE", "The decoded image."),)))
 class VAEDecode:
     """Decode a latent of the bundled model into an IMAGE."""

@@ -3,11 +3,28 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_conditioning", "KSamplerInputError"]
+__all__ = ["check_conditioning", "check_mask_values", "KSamplerInputError"]
 
 
 class KSamplerInputError(ValueError):
     """A node or API input is invalid; the message names the input and the fix."""
+
+
+def check_mask_values(mask: torch.Tensor, name: str) -> None:
+    """A mask's values must be real, finite and in [0, 1]."""
+    if mask.is_complex():
+        raise KSamplerInputError(f"{name}: is complex; use real values in [0, 1]")
+    if mask.device.type == "meta":
+        raise KSamplerInputError(f"{name}: the tensor is on the 'meta' device and holds no data")
+    if mask.numel() == 0:
+        raise KSamplerInputError(f"{name}: is empty (shape {tuple(mask.shape)})")
+    values = mask.float()
+    if not bool(torch.isfinite(values).all()):
+        raise KSamplerInputError(f"{name}: contains NaN or Inf; masks hold values in [0, 1]")
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > 1:
+        raise KSamplerInputError(f"{name}: values must be in [0, 1], got values from {low:g} to {high:g}; use a "
+                                 "MASK output (Load Image's mask, Solid Mask, ...) or clamp it into [0, 1]")
 
 
 def check_conditioning(cond, name: str, allow_empty: bool = False) -> list:
@@ -41,6 +58,9 @@ def check_conditioning(cond, name: str, allow_empty: bool = False) -> list:
                                      "move it to the model's device with .to(device)")
         if tensor.numel() == 0:
             raise KSamplerInputError(f"{name}[{k}]: context is empty (shape {tuple(tensor.shape)})")
+        if not bool(torch.isfinite(tensor).all()):
+            raise KSamplerInputError(f"{name}[{k}]: the conditioning tensor contains NaN or Inf; re-encode the "
+                                     "prompt (a broken text encoder, embedding or conditioning node upstream)")
         if width is not None and tensor.shape[-1] != width:
             raise KSamplerInputError(f"{name}[{k}]: context width {tensor.shape[-1]} differs from {name}[0]'s "
                                      f"{width}; all entries must come from the same text encoder")
@@ -57,6 +77,15 @@ def check_conditioning(cond, name: str, allow_empty: bool = False) -> list:
             if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
                 raise KSamplerInputError(f"{name}[{k}]['mask']: expected a [batch, height, width] tensor, got "
                                          f"{getattr(mask, 'shape', type(mask).__name__)}")
+            check_mask_values(mask, f"{name}[{k}]['mask']")
+        pooled = opts.get("pooled_output")
+        if pooled is not None:
+            if not isinstance(pooled, torch.Tensor) or not pooled.is_floating_point():
+                raise KSamplerInputError(f"{name}[{k}]['pooled_output']: expected a float tensor [batch, dim], got "
+                                         f"{getattr(pooled, 'dtype', type(pooled).__name__)}; re-encode the prompt")
+            if pooled.device.type == "meta" or not bool(torch.isfinite(pooled).all()):
+                raise KSamplerInputError(f"{name}[{k}]['pooled_output']: contains NaN or Inf (or no data); "
+                                         "re-encode the prompt")
         if "area" in opts and opts["area"] is not None:
             area = opts["area"]
             if not isinstance(area, (list, tuple)) or len(area) not in (4, 5):

@@ -6,6 +6,7 @@ what comfy_adapter documents it uses (see its module docstring):
 * comfy.samplers.Sampler (``max_denoise``), KSamplerX0Inpaint, sample()
 * comfy.model_sampling.CONST / EPS marker classes
 * comfy.model_patcher.set_model_options_post_cfg_function
+* ``model_options['model_function_wrapper']`` (a model patch around apply_model)
 * comfy.sample.fix_empty_latent_channels
 * comfy.model_management (interrupt check, intermediate device)
 * comfy.utils (ProgressBar, PROGRESS_BAR_ENABLED)
@@ -87,11 +88,21 @@ def build_standin_modules():
 
         def __call__(self, x, sigma, model_options={}, seed=None):
             calls["model"] += 1
-            cond = self._d(x, sigma, self.mu_c)
+            wrapper = model_options.get("model_function_wrapper")
+
+            def apply_model(x, sigma, mu):
+                return self._d(x, sigma, mu)
+
+            def run(mu):  # the host calls a model patch's wrapper around apply_model, as ComfyUI does
+                if wrapper is None:
+                    return apply_model(x, sigma, mu)
+                return wrapper(apply_model, {"input": x, "timestep": sigma, "c": {"mu": mu}, "cond_or_uncond": [0]})
+
+            cond = run(self.mu_c)
             if self.cfg == 1.0 and not model_options.get("disable_cfg1_optimization"):
                 uncond = cond
             else:
-                uncond = self._d(x, sigma, self.mu_u)
+                uncond = run(self.mu_u)
             out = uncond + self.cfg * (cond - uncond)
             for fn in model_options.get("sampler_post_cfg_function", []):
                 calls["post_cfg"] += 1
@@ -102,7 +113,7 @@ def build_standin_modules():
                denoise_mask=None, callback=None, disable_pbar=False, seed=None):
         calls["sample"] += 1
         inner = types.SimpleNamespace(model_sampling=model.model_sampling_object)
-        wrap = CFGWrap(inner, cfg, positive[0][0].mean(), negative[0][0].mean())
+        wrap = CFGWrap(inner, cfg, positive[0][0].mean(), negative[0][0].mean() if negative else torch.tensor(0.0))
         wrap.inner_model = inner
         if denoise_mask is not None and latent_image.ndim == 5:  # video: frames-stacked mask, resized in 3-D
             frames = denoise_mask.reshape(1, 1, -1, *denoise_mask.shape[-2:]).float()
@@ -197,18 +208,70 @@ def make_model_sampling(modules, kind="eps"):
     return cls(kind)
 
 
-class StandInModelPatcher:
-    """Just enough of a ModelPatcher: get_model_object, model_options, load_device, latent channels."""
+class UNetModel(torch.nn.Module):
+    """Stand-in network, named like SD's so that the host spec reads its width from ``unet_config``."""
 
-    def __init__(self, modules, kind="eps"):
+
+class OpenAISignatureMMDITWrapper(torch.nn.Module):
+    """Stand-in SD3 network: the conditioning width is its context embedder's input."""
+
+    def __init__(self, context_dim):
+        super().__init__()
+        self.context_embedder = torch.nn.Linear(context_dim, 2)
+
+
+class SD15:
+    """Stand-in model config (its class name is the family's)."""
+
+    def __init__(self, context_dim):
+        self.unet_config = {"context_dim": context_dim}
+
+
+class SD3(SD15):
+    pass
+
+
+class BaseModel:
+    """Stand-in ComfyUI BaseModel: model_config, adm_channels, diffusion_model, model_sampling."""
+
+    def __init__(self, model_sampling, family="SD15", context_dim=8, adm_channels=0):
+        self.model_config = {"SD15": SD15, "SD3": SD3}[family](context_dim)
+        self.adm_channels = adm_channels
+        self.diffusion_model = UNetModel() if family == "SD15" else OpenAISignatureMMDITWrapper(context_dim)
+        self.model_sampling = model_sampling
+
+
+class StandInSD3(BaseModel):
+    pass
+
+
+StandInSD3.__name__ = "SD3"  # the host spec looks the model class up by name
+
+
+class StandInLatentFormat:
+    def __init__(self, channels=4, dims=2):
+        self.latent_channels, self.latent_dimensions = channels, dims
+
+
+class StandInModelPatcher:
+    """Just enough of a ModelPatcher: get_model_object, model_options, load_device, a model with its config.
+
+    ``family`` "SD15" (4 channels, conditioning 8 wide, no pooled output) or "SD3" (16 channels, conditioning
+    8 wide, a 6-wide pooled output required); ``latent_dims`` 3 for a video model, 1 for an audio one.
+    """
+
+    def __init__(self, modules, kind="eps", family="SD15", latent_dims=2):
         self.model_sampling_object = make_model_sampling(modules, kind)
         self.model_options = {"transformer_options": {}}
         self.load_device = torch.device("cpu")
-        self.latent_channels = 4
+        self.latent_channels = 4 if family == "SD15" else 16
+        cls = BaseModel if family == "SD15" else StandInSD3
+        self.model = cls(self.model_sampling_object, family, 8, 0 if family == "SD15" else 6)
+        self.latent_format = StandInLatentFormat(self.latent_channels, latent_dims)
 
     def get_model_object(self, name):
-        assert name == "model_sampling"
-        return self.model_sampling_object
+        assert name in ("model_sampling", "latent_format")
+        return self.model_sampling_object if name == "model_sampling" else self.latent_format
 
 
 def install(monkeypatch):

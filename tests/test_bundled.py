@@ -159,7 +159,9 @@ def test_bundled_nodes_are_registered_with_comfy_contract():
             for inp, value in spec.get(section, {}).items():
                 assert value[1].get("tooltip"), f"{node_id}.{inp} needs a tooltip"
         assert isinstance(cls.RETURN_TYPES, tuple) and hasattr(cls, cls.FUNCTION) and cls.CATEGORY
-    assert CheckpointLoader.RETURN_TYPES == ("MODEL", "CLIP", "VAE")
+    # types of their own: the editor refuses to link them into ComfyUI's nodes, which expect other objects
+    assert CheckpointLoader.RETURN_TYPES == ("KSAMPLER_BUNDLED_MODEL", "KSAMPLER_BUNDLED_CLIP",
+                                             "KSAMPLER_BUNDLED_VAE")
     assert SaveImage.OUTPUT_NODE is True
 
 

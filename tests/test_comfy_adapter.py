@@ -114,7 +114,7 @@ def test_video_latent_through_the_host(host, sampler):
     mask = torch.ones(3, 8, 8)
     mask[0] = 0.0
     latent = {"samples": samples, "noise_mask": mask}
-    out = adapter.common_ksampler(StandInModelPatcher(modules), 2, 6, 3.0, sampler, "karras", _cond(1.0),
+    out = adapter.common_ksampler(StandInModelPatcher(modules, latent_dims=3), 2, 6, 3.0, sampler, "karras", _cond(1.0),
                                   _cond(-1.0), latent)["samples"]
     assert out.shape == samples.shape and torch.isfinite(out).all()
     assert torch.allclose(out[:, :, 0], samples[:, :, 0], atol=1e-5)
@@ -126,7 +126,7 @@ def test_audio_latent_through_the_host(host):
     """3-D latents [B, C, L] (Stable Audio) sample as in ComfyUI."""
     modules, adapter = host
     latent = {"samples": torch.zeros(2, 4, 16)}
-    out = adapter.common_ksampler(StandInModelPatcher(modules), 2, 6, 3.0, "dpmpp_2m", "karras", _cond(1.0),
+    out = adapter.common_ksampler(StandInModelPatcher(modules, latent_dims=1), 2, 6, 3.0, "dpmpp_2m", "karras", _cond(1.0),
                                   _cond(-1.0), latent)["samples"]
     assert out.shape == (2, 4, 16) and torch.isfinite(out).all()
 

@@ -250,9 +250,10 @@ def test_pack_nodes_validate_shipped_workflows():
     bad = load_workflow(os.path.join(root, "workflows", "text_to_image.json"))
     bad["5"]["inputs"]["positive"] = ["1", 0]
     with pytest.raises(WorkflowError, match="expects CONDITIONING but is linked to output 0 of node 1 "
-                                            r"\(ksampler_CheckpointLoader\), which is MODEL"):
+                                            r"\(ksampler_CheckpointLoader\), which is KSAMPLER_BUNDLED_MODEL"):
         ex.validate(bad)
     bad = load_workflow(os.path.join(root, "workflows", "text_to_image.json"))
     bad["5"]["inputs"]["model"] = "flow"
-    with pytest.raises(WorkflowError, match=r"input 'model' \(MODEL\) must be linked to a node output"):
+    with pytest.raises(WorkflowError,
+                       match=r"input 'model' \(MODEL,KSAMPLER_BUNDLED_MODEL\) must be linked to a node output"):
         ex.validate(bad)
