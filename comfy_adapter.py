@@ -101,20 +101,26 @@ class HostDenoiser:
         self.model_k = model_k
         self.model_sampling = model_sampling
         self._uncond = None
-        options = extra_args.get("model_options", {}).copy()
         self._cfg_pp_options = comfy.model_patcher.set_model_options_post_cfg_function(
-            options, self._capture_uncond, disable_cfg1_optimization=True)
+            extra_args.get("model_options", {}).copy(), self._capture_uncond, disable_cfg1_optimization=True)
+        # with the host's cfg = 1 shortcut kept, no unconditional pass runs and the conditional one stands in
+        self._cfg_pp_shortcut_options = comfy.model_patcher.set_model_options_post_cfg_function(
+            extra_args.get("model_options", {}).copy(), self._capture_uncond_or_cond)
 
     def _capture_uncond(self, args):
         self._uncond = args["uncond_denoised"]
         return args["denoised"]
 
+    def _capture_uncond_or_cond(self, args):
+        self._uncond = args["uncond_denoised"] if args["uncond"] is not None else args["cond_denoised"]
+        return args["denoised"]
+
     def __call__(self, x, sigma, **extra_args):
         return self.model_k(x, sigma, **extra_args)
 
-    def denoise_with_uncond(self, x, sigma, **extra_args):
+    def denoise_with_uncond(self, x, sigma, cfg1_shortcut=False, **extra_args):
         extra = dict(extra_args)
-        extra["model_options"] = self._cfg_pp_options
+        extra["model_options"] = self._cfg_pp_shortcut_options if cfg1_shortcut else self._cfg_pp_options
         self._uncond = None
         denoised = self.model_k(x, sigma, **extra)
         uncond = self._uncond if self._uncond is not None else denoised

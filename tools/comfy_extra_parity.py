@@ -20,7 +20,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HARNESS = os.path.join(os.path.dirname(ROOT), "shared", "comfyui")
+HARNESS = os.environ.get("COMFY_HARNESS") or os.path.join(os.path.dirname(ROOT), "shared", "comfyui")
 
 
 def load_pack():
