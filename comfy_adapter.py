@@ -29,7 +29,7 @@ import comfy.utils
 
 from .models.sampling import Flow, ModelSampling
 from .samplers import SAMPLERS, sampler_traits
-from .samplers.noise import initial_noise
+from .samplers.noise import initial_noise, initial_noise_streams
 from .samplers.reference import reference_mode_from_input
 from .sampling_pass import NoiseOptions, run_sampler
 from .schedulers import SCHEDULERS, ksampler_sigmas, sampling_sigmas
@@ -180,9 +180,15 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
     import latent_preview
 
     noise_options = noise_options or NoiseOptions()
-    samples, batch_index, noise_mask = check_latent(latent)
+    samples, batch_index, noise_mask = check_latent(latent, nested=True)
     latent_image = comfy.sample.fix_empty_latent_channels(model, samples)
-    noise = initial_noise(latent_image, seed, batch_index, add_noise, noise_options.batch_invariant)
+    if getattr(latent_image, "is_nested", False):
+        # several streams (LTX-2: video + audio): the host packs them, and unpacks the result, around the sampler
+        from comfy.nested_tensor import NestedTensor
+        noise = NestedTensor(initial_noise_streams(
+            latent_image.unbind(), seed, batch_index, add_noise, noise_options.batch_invariant))
+    else:
+        noise = initial_noise(latent_image, seed, batch_index, add_noise, noise_options.batch_invariant)
     tr = sampler_traits(sampler_name)
     sigmas = ksampler_sigmas(model.get_model_object("model_sampling"), scheduler, steps, denoise,
                              tr.discard_penultimate_sigma, start_step, last_step, force_full_denoise,
