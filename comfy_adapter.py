@@ -168,6 +168,46 @@ class RegistrySampler(comfy.samplers.Sampler):
         return host_ms.inverse_noise_scaling(last, samples)
 
 
+# ------------------------------------------------------------------------------------------------
+# names the host knows and we do not (a newer ComfyUI's, or another pack's): listed after ours and run by
+# the host's own implementation, never by a stand-in of ours
+# ------------------------------------------------------------------------------------------------
+def host_only_samplers() -> list[str]:
+    """Sampler names the host's KSampler lists that our registry lacks, in the host's order."""
+    names = getattr(getattr(comfy.samplers, "KSampler", None), "SAMPLERS", None) or \
+        getattr(comfy.samplers, "SAMPLER_NAMES", ())
+    return [n for n in names if isinstance(n, str) and n not in SAMPLERS]
+
+
+def host_only_schedulers() -> list[str]:
+    """Scheduler names the host has (its SCHEDULER_HANDLERS) that our registry lacks, in the host's order."""
+    names = getattr(comfy.samplers, "SCHEDULER_HANDLERS", None) or \
+        getattr(getattr(comfy.samplers, "KSampler", None), "SCHEDULERS", ())
+    return [n for n in names if isinstance(n, str) and n not in SCHEDULERS]
+
+
+def host_schedule(name: str):
+    """``schedule(model_sampling, steps)`` running the host's own scheduler ``name``."""
+    def schedule(model_sampling, steps):
+        return comfy.samplers.calculate_sigmas(model_sampling, name, steps)
+    return schedule
+
+
+def resolve_names(sampler_name: str, scheduler: str) -> tuple[bool, bool]:
+    """(sampler is the host's, scheduler is the host's); a clear error for a name neither side has."""
+    for key, name in (("sampler_name", sampler_name), ("scheduler", scheduler)):
+        if not isinstance(name, str):
+            raise KSamplerInputError(f"{key}: expected a name (str), got {type(name).__name__}")
+    host_sampler = sampler_name not in SAMPLERS and sampler_name in host_only_samplers()
+    host_scheduler = scheduler not in SCHEDULERS and scheduler in host_only_schedulers()
+    for key, name, ours, host, found in (("sampler_name", sampler_name, SAMPLERS, host_only_samplers, host_sampler),
+                                         ("scheduler", scheduler, SCHEDULERS, host_only_schedulers, host_scheduler)):
+        if name not in ours and not found:
+            raise KSamplerInputError(f"{key}: unknown name {name!r}; choose one of: "
+                                     f"{', '.join(list(ours) + host())}")
+    return host_sampler, host_scheduler
+
+
 def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0,
                     add_noise=True, start_step=None, last_step=None, force_full_denoise=False,
                     noise_options: NoiseOptions | None = None, reference_mode: bool = False,
@@ -189,10 +229,15 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
             latent_image.unbind(), seed, batch_index, add_noise, noise_options.batch_invariant))
     else:
         noise = initial_noise(latent_image, seed, batch_index, add_noise, noise_options.batch_invariant)
-    tr = sampler_traits(sampler_name)
-    sigmas = ksampler_sigmas(model.get_model_object("model_sampling"), scheduler, steps, denoise,
-                             tr.discard_penultimate_sigma, start_step, last_step, force_full_denoise,
-                             **(scheduler_options or {}))
+    host_sampler, host_scheduler = resolve_names(sampler_name, scheduler)
+    if host_sampler:
+        discard = sampler_name in getattr(comfy.samplers.KSampler, "DISCARD_PENULTIMATE_SIGMA_SAMPLERS", ())
+    else:
+        discard = sampler_traits(sampler_name).discard_penultimate_sigma
+    sigmas = ksampler_sigmas(model.get_model_object("model_sampling"), scheduler, steps, denoise, discard,
+                             start_step, last_step, force_full_denoise,
+                             schedule=host_schedule(scheduler) if host_scheduler else None,
+                             **({} if host_scheduler else scheduler_options or {}))
     out = latent.copy()
     if len(sigmas) <= 1:
         out["samples"] = latent_image
@@ -200,8 +245,11 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
 
     callback = latent_preview.prepare_callback(model, steps)
     disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
-    sampler = RegistrySampler(sampler_name, noise_options, reference_mode)
-    sampler.batch_index = batch_index
+    if host_sampler:  # the host's own implementation: our noise options do not apply to it
+        sampler = comfy.samplers.sampler_object(sampler_name)
+    else:
+        sampler = RegistrySampler(sampler_name, noise_options, reference_mode)
+        sampler.batch_index = batch_index
     result = comfy.samplers.sample(model, noise, positive, negative, cfg, model.load_device, sampler,
                                    sigmas.to(model.load_device), model_options=model.model_options,
                                    latent_image=latent_image, denoise_mask=noise_mask, callback=callback,
@@ -223,13 +271,23 @@ def core_callback(steps: int):
 # ------------------------------------------------------------------------------------------------
 # interop nodes: our registries as ComfyUI SAMPLER and SIGMAS (ids and names: nodes.NODE_TABLE)
 # ------------------------------------------------------------------------------------------------
+def host_names_tooltip(text: str, host_names: list[str]) -> str:
+    """A combo's tooltip, naming the entries that run ComfyUI's own implementation."""
+    if not host_names:
+        return text
+    return (f"{text} Run by ComfyUI's own implementation, not ksampler's (the host lists them and ksampler does "
+            f"not have them; ksampler's noise options do not apply): {', '.join(host_names)}.")
+
+
 class SamplerSelect:
     """A ComfyUI SAMPLER from any entry of our sampler registry (for SamplerCustom / SamplerCustomAdvanced)."""
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {"sampler_name": (list(SAMPLERS), {"tooltip": "A sampler from the ksampler registry."})},
+            "required": {"sampler_name": (list(SAMPLERS) + host_only_samplers(),
+                                          {"tooltip": host_names_tooltip("A sampler from the ksampler registry.",
+                                                                         host_only_samplers())})},
             "optional": {
                 "batch_invariant_noise": ("BOOLEAN", {"default": False, "tooltip": "Noise of each image depends "
                                                       "only on the seed and its index."}),
@@ -249,8 +307,10 @@ class SamplerSelect:
     def get_sampler(self, sampler_name, batch_invariant_noise=False, cpu_noise=False, brownian_noise="tree",
                     flow_geometry="exact"):
         if sampler_name not in SAMPLERS:
+            if sampler_name in host_only_samplers():
+                return (comfy.samplers.sampler_object(sampler_name),)
             raise KSamplerInputError(f"sampler_name: unknown sampler {sampler_name!r}; choose one of: "
-                                     f"{', '.join(SAMPLERS)}")
+                                     f"{', '.join(list(SAMPLERS) + host_only_samplers())}")
         options = NoiseOptions(bool(batch_invariant_noise), bool(cpu_noise), brownian_noise)
         return (RegistrySampler(sampler_name, options, bool(reference_mode_from_input(flow_geometry))),)
 
@@ -262,7 +322,9 @@ class Scheduler:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model whose noise schedule the sigmas follow."}),
-            "scheduler": (list(SCHEDULERS), {"tooltip": "A scheduler from the ksampler registry."}),
+            "scheduler": (list(SCHEDULERS) + host_only_schedulers(),
+                          {"tooltip": host_names_tooltip("A scheduler from the ksampler registry.",
+                                                         host_only_schedulers())}),
             "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS, "tooltip": "Number of steps."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "Fraction of the schedule to run (img2img below 1)."}),
@@ -278,8 +340,11 @@ class Scheduler:
 
     def get_sigmas(self, model, scheduler, steps, denoise, karras_rho=7.0):
         from .validation import check_float, check_sampler_args
-        check_sampler_args(steps=steps, scheduler=scheduler, denoise=denoise)
+        check_sampler_args(steps=steps, denoise=denoise)
+        _, host_scheduler = resolve_names("euler", scheduler)
         check_float("karras_rho", karras_rho, 0.5, 30.0)
         ms = model.get_model_object("model_sampling")
+        if host_scheduler:
+            return (sampling_sigmas(ms, scheduler, steps, denoise, schedule=host_schedule(scheduler)),)
         options = {"rho": float(karras_rho)} if scheduler == "karras" else {}
         return (sampling_sigmas(ms, scheduler, steps, denoise, **options),)

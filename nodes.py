@@ -54,12 +54,27 @@ TOOLTIPS = {
 }
 
 
+def _host_only_names() -> tuple[list[str], list[str]]:
+    """Inside ComfyUI: the (sampler, scheduler) names the host has and our registries lack."""
+    if "comfy.samplers" not in sys.modules:
+        return [], []
+    from .comfy_adapter import host_only_samplers, host_only_schedulers
+    return host_only_samplers(), host_only_schedulers()
+
+
 def _sampler_names() -> list[str]:
-    return list(SAMPLERS)
+    return list(SAMPLERS) + _host_only_names()[0]
 
 
 def _scheduler_names() -> list[str]:
-    return list(SCHEDULERS)
+    return list(SCHEDULERS) + _host_only_names()[1]
+
+
+def _combo_tooltip(key: str, host_names: list[str]) -> str:
+    if not host_names:
+        return TOOLTIPS[key]
+    from .comfy_adapter import host_names_tooltip
+    return host_names_tooltip(TOOLTIPS[key], host_names)
 
 
 def is_comfy_model(model) -> bool:
@@ -72,8 +87,8 @@ def _common_inputs():
         "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS, "tooltip": TOOLTIPS["steps"]}),
         "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                           "tooltip": TOOLTIPS["cfg"]}),
-        "sampler_name": (_sampler_names(), {"tooltip": TOOLTIPS["sampler_name"]}),
-        "scheduler": (_scheduler_names(), {"tooltip": TOOLTIPS["scheduler"]}),
+        "sampler_name": (_sampler_names(), {"tooltip": _combo_tooltip("sampler_name", _host_only_names()[0])}),
+        "scheduler": (_scheduler_names(), {"tooltip": _combo_tooltip("scheduler", _host_only_names()[1])}),
         "positive": ("CONDITIONING", {"tooltip": TOOLTIPS["positive"]}),
         "negative": ("CONDITIONING", {"tooltip": TOOLTIPS["negative"]}),
         "latent_image": ("LATENT", {"tooltip": TOOLTIPS["latent_image"]}),
@@ -82,8 +97,16 @@ def _common_inputs():
 
 def _run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0, **kw):
     """Dispatch to ComfyUI's host path for a ComfyUI model, else to our core."""
-    check_sampler_args(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
-                       denoise=denoise)
+    host_samplers, host_schedulers = _host_only_names()
+    names = {}
+    for key, name, host in (("sampler_name", sampler_name, host_samplers), ("scheduler", scheduler, host_schedulers)):
+        if isinstance(name, str) and name in host:
+            if not is_comfy_model(model):
+                raise KSamplerInputError(f"{key}: {name!r} is ComfyUI's own, which runs only with a ComfyUI MODEL "
+                                         "(from a checkpoint loader); pick one of ksampler's names for this model")
+        else:
+            names[key] = name  # the host runs its own names; ours are checked here
+    check_sampler_args(seed=seed, steps=steps, cfg=cfg, denoise=denoise, **names)
     if kw.get("reference_mode") is None:
         kw["reference_mode"] = default_reference_mode()
     if is_comfy_model(model):

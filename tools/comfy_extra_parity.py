@@ -8,6 +8,8 @@
 * audio + video: a tiny random-weight LTX-2 (LTXAV) model samples a nested latent (video [1, 128, 2, 4, 4] +
   audio [1, 8, 5, 16], ComfyUI's NestedTensor) through both KSamplers: txt2av, av2av at denoise 0.6, and a nested
   noise mask, for 12 samplers and 3 schedulers;
+* host names: the host patched with a sampler and a scheduler name we lack (its own dpmpp_2m and beta under new
+  names); our KSampler lists them after ours and runs the host's implementations (run last: it patches the host);
 * SamplerCustom: ComfyUI's SamplerCustom node driven by our SamplerSelect + Scheduler nodes against
   KSamplerSelect + BasicScheduler, on the harness's tiny SD1.5 (eps) and SD3 (flow) checkpoints.
 
@@ -167,13 +169,56 @@ def custom_sampler_cases(nodes, ours, models_dir, quick):
                 yield f"SamplerCustom {key} {sampler} {scheduler}", relative_diff(ref, out)
 
 
+def host_name_cases(nodes, ours, models_dir, quick):
+    """Names the host has and we do not: the host is patched with an extra sampler (its own dpmpp_2m under a new
+    name) and an extra scheduler (its own beta under a new name). Our node must list them, label them in the
+    tooltip, and run the host's implementations: the same latent as the built-in KSampler given those names."""
+    import functools
+    import torch
+    import comfy.k_diffusion.sampling as kds
+    import comfy.samplers
+    sys.path.insert(0, HARNESS)
+    from harness_nodes import random_conditioning
+    kds.sample_host_only_dpmpp_2m = kds.sample_dpmpp_2m
+    for names in (comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES):
+        if "host_only_dpmpp_2m" not in names:
+            names.append("host_only_dpmpp_2m")
+    comfy.samplers.SCHEDULER_HANDLERS["host_only_beta"] = comfy.samplers.SchedulerHandler(
+        functools.partial(comfy.samplers.beta_scheduler))
+    if "host_only_beta" not in comfy.samplers.SCHEDULER_NAMES:
+        comfy.samplers.SCHEDULER_NAMES.append("host_only_beta")
+    required = ours["ksampler_KSampler"].INPUT_TYPES()["required"]
+    listed = required["sampler_name"][0][-1] == "host_only_dpmpp_2m" and \
+        required["scheduler"][0][-1] == "host_only_beta" and \
+        "host_only_dpmpp_2m" in required["sampler_name"][1]["tooltip"] and \
+        "host_only_beta" in required["scheduler"][1]["tooltip"]
+    yield "host names listed after ours and named in the tooltips", 0.0 if listed else float("inf")
+    with open(os.path.join(models_dir, "tiny_models.json")) as f:
+        manifest = json.load(f)["models"]
+    for key in ("sd15_eps", "sd3_flow"):
+        spec = manifest[key]
+        model = nodes.CheckpointLoaderSimple().load_checkpoint(spec["checkpoint"])[0]
+        pos = random_conditioning(101, spec["cond_tokens"], spec["cond_dim"], spec["pooled_dim"])
+        neg = random_conditioning(202, spec["cond_tokens"], spec["cond_dim"], spec["pooled_dim"])
+        image = torch.randn(1, spec["latent_channels"], 8, 8, generator=torch.Generator().manual_seed(5))
+        for sampler, scheduler in (("host_only_dpmpp_2m", "karras"), ("euler", "host_only_beta"),
+                                   ("host_only_dpmpp_2m", "host_only_beta")):
+            for mode, latent, denoise in (("t2i", {"samples": torch.zeros(1, spec["latent_channels"], 8, 8)}, 1.0),
+                                          ("i2i", {"samples": image}, 0.6)):
+                args = (model, 7, 6, 4.0, sampler, scheduler, pos, neg, latent, denoise)
+                ref = nodes.KSampler().sample(*args)[0]["samples"]
+                out = ours["ksampler_KSampler"]().sample(*args)[0]["samples"]
+                yield f"host names {key} {sampler} {scheduler} {mode}", relative_diff(ref, out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--comfyui-dir", default=os.environ.get("COMFYUI_DIR", "/tmp/comfy/ComfyUI"))
     ap.add_argument("--models-dir", default=os.environ.get("COMFY_MODELS", "/tmp/comfy/models"))
     ap.add_argument("--tol", type=float, default=1e-4, help="max |ours - built-in| / std(built-in)")
     ap.add_argument("--quick", action="store_true", help="a few samplers and one scheduler")
-    ap.add_argument("--cases", default="wan,ltxav,custom", help="comma list of: wan, ltxav, custom")
+    ap.add_argument("--cases", default="wan,ltxav,custom,hostnames",
+                    help="comma list of: wan, ltxav, custom, hostnames (the last patches the host: keep it last)")
     a = ap.parse_args(argv)
     sys.path.insert(0, HARNESS)
     import harness_env
@@ -184,7 +229,8 @@ def main(argv=None) -> int:
     comfy.utils.PROGRESS_BAR_ENABLED = False
     ours = load_pack()
     groups = {"wan": lambda: video_cases(nodes, ours, a.quick), "ltxav": lambda: ltxav_cases(nodes, ours, a.quick),
-              "custom": lambda: custom_sampler_cases(nodes, ours, a.models_dir, a.quick)}
+              "custom": lambda: custom_sampler_cases(nodes, ours, a.models_dir, a.quick),
+              "hostnames": lambda: host_name_cases(nodes, ours, a.models_dir, a.quick)}
     results = []
     for label, diff in (case for group in a.cases.split(",") for case in groups[group.strip()]()):
         results.append((label, diff))
