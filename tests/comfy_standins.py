@@ -116,14 +116,13 @@ def build_standin_modules():
         def __call__(self, x, sigma, model_options={}, seed=None):
             calls["model"] += 1
             cond = self._d(x, sigma, self.mu_c)
-            if self.cfg == 1.0 and not model_options.get("disable_cfg1_optimization"):
-                uncond = cond
-            else:
-                uncond = self._d(x, sigma, self.mu_u)
-            out = uncond + self.cfg * (cond - uncond)
+            skipped = self.cfg == 1.0 and not model_options.get("disable_cfg1_optimization")
+            uncond = torch.zeros_like(cond) if skipped else self._d(x, sigma, self.mu_u)  # the host's unused zeros
+            out = cond if skipped else uncond + self.cfg * (cond - uncond)
             for fn in model_options.get("sampler_post_cfg_function", []):
                 calls["post_cfg"] += 1
-                out = fn({"denoised": out, "uncond_denoised": uncond, "cond_denoised": cond})
+                out = fn({"denoised": out, "uncond_denoised": uncond, "cond_denoised": cond,
+                          "uncond": None if skipped else "negative"})
             return out
 
     def sample(model, noise, positive, negative, cfg, device, sampler, sigmas, model_options={}, latent_image=None,

@@ -343,3 +343,22 @@ def test_nested_latent_is_refused_headless_and_checked_stream_by_stream(host):
     with pytest.raises(KSamplerInputError, match="different batch sizes"):
         adapter.common_ksampler(StandInModelPatcher(modules), 1, 4, 3.0, "euler", "karras", _cond(1.0), _cond(-1.0),
                                 two)
+
+
+@pytest.mark.parametrize("cfg", [3.0, 1.0])
+def test_cfgpp_ud10_ab_through_the_host_equals_the_core(host, cfg):
+    """cfgpp_ud10_ab reads the unconditional estimate through the host's post-CFG hook; at cfg 1 it keeps the
+    host's shortcut (no negative pass; the conditional estimate stands in), like the core."""
+    modules, adapter = host
+    from ksampler.pipeline import sample
+    from analytic import GaussianCFGDenoiser
+    patcher = StandInModelPatcher(modules, "eps")
+    out = adapter.common_ksampler(patcher, 9, 8, cfg, "cfgpp_ud10_ab", "normal", _cond(1.0), _cond(-1.0),
+                                  {"samples": torch.zeros(1, 4, 8, 8)})["samples"]
+    model = GaussianCFGDenoiser(mu_c=1.0, mu_u=-1.0 if cfg != 1.0 else 1.0, s0=0.8, cfg=cfg)
+    ms = patcher.model_sampling_object.ours
+    model.model_sampling = ms
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    ref = sample(model, ms, noise, torch.zeros_like(noise), sampling_sigmas(ms, "normal", 8), None,
+                 "cfgpp_ud10_ab", 9)
+    assert torch.allclose(out, ref, atol=1e-5)
