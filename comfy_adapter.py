@@ -29,9 +29,10 @@ import comfy.utils
 
 from .models.sampling import Flow, ModelSampling
 from .samplers import SAMPLERS, sampler_traits
-from .samplers.noise import initial_noise
 from .node_schema import In, NodeSpec, Out, v1_node
-from .nodes import FLOW_GEOMETRY_CHOICES, NOISE_OPTION_INPUTS, SAMPLER_NAME_TOOLTIP, SCHEDULER_TOOLTIP
+from .nodes import (FLOW_GEOMETRY_CHOICES, NOISE_OPTION_INPUTS, sampler_choices, sampler_name_tooltip,
+                    scheduler_choices, scheduler_tooltip)
+from .samplers.noise import initial_noise, initial_noise_streams
 from .samplers.reference import default_reference_mode, reference_mode_from_input
 from .sampling_pass import NoiseOptions, run_sampler
 from .schedulers import SCHEDULERS, ksampler_sigmas, sampling_sigmas
@@ -106,20 +107,26 @@ class HostDenoiser:
         self.model_sampling = model_sampling
         self.guard = guard
         self._uncond = None
-        options = extra_args.get("model_options", {}).copy()
         self._cfg_pp_options = comfy.model_patcher.set_model_options_post_cfg_function(
-            options, self._capture_uncond, disable_cfg1_optimization=True)
+            extra_args.get("model_options", {}).copy(), self._capture_uncond, disable_cfg1_optimization=True)
+        # with the host's cfg = 1 shortcut kept, no unconditional pass runs and the conditional one stands in
+        self._cfg_pp_shortcut_options = comfy.model_patcher.set_model_options_post_cfg_function(
+            extra_args.get("model_options", {}).copy(), self._capture_uncond_or_cond)
 
     def _capture_uncond(self, args):
         self._uncond = args["uncond_denoised"]
         return args["denoised"]
 
+    def _capture_uncond_or_cond(self, args):
+        self._uncond = args["uncond_denoised"] if args["uncond"] is not None else args["cond_denoised"]
+        return args["denoised"]
+
     def __call__(self, x, sigma, **extra_args):
         return self.guard.check(self.model_k(x, sigma, **extra_args), x, sigma)
 
-    def denoise_with_uncond(self, x, sigma, **extra_args):
+    def denoise_with_uncond(self, x, sigma, cfg1_shortcut=False, **extra_args):
         extra = dict(extra_args)
-        extra["model_options"] = self._cfg_pp_options
+        extra["model_options"] = self._cfg_pp_shortcut_options if cfg1_shortcut else self._cfg_pp_options
         self._uncond = None
         denoised = self.guard.check(self.model_k(x, sigma, **extra), x, sigma)
         uncond = self._uncond if self._uncond is not None else denoised
@@ -174,6 +181,46 @@ class RegistrySampler(comfy.samplers.Sampler):
         return host_ms.inverse_noise_scaling(last, samples)
 
 
+# ------------------------------------------------------------------------------------------------
+# names the host knows and we do not (a newer ComfyUI's, or another pack's): listed after ours and run by
+# the host's own implementation, never by a stand-in of ours
+# ------------------------------------------------------------------------------------------------
+def host_only_samplers() -> list[str]:
+    """Sampler names the host's KSampler lists that our registry lacks, in the host's order."""
+    names = getattr(getattr(comfy.samplers, "KSampler", None), "SAMPLERS", None) or \
+        getattr(comfy.samplers, "SAMPLER_NAMES", ())
+    return [n for n in names if isinstance(n, str) and n not in SAMPLERS]
+
+
+def host_only_schedulers() -> list[str]:
+    """Scheduler names the host has (its SCHEDULER_HANDLERS) that our registry lacks, in the host's order."""
+    names = getattr(comfy.samplers, "SCHEDULER_HANDLERS", None) or \
+        getattr(getattr(comfy.samplers, "KSampler", None), "SCHEDULERS", ())
+    return [n for n in names if isinstance(n, str) and n not in SCHEDULERS]
+
+
+def host_schedule(name: str):
+    """``schedule(model_sampling, steps)`` running the host's own scheduler ``name``."""
+    def schedule(model_sampling, steps):
+        return comfy.samplers.calculate_sigmas(model_sampling, name, steps)
+    return schedule
+
+
+def resolve_names(sampler_name: str, scheduler: str) -> tuple[bool, bool]:
+    """(sampler is the host's, scheduler is the host's); a clear error for a name neither side has."""
+    for key, name in (("sampler_name", sampler_name), ("scheduler", scheduler)):
+        if not isinstance(name, str):
+            raise KSamplerInputError(f"{key}: expected a name (str), got {type(name).__name__}")
+    host_sampler = sampler_name not in SAMPLERS and sampler_name in host_only_samplers()
+    host_scheduler = scheduler not in SCHEDULERS and scheduler in host_only_schedulers()
+    for key, name, ours, host, found in (("sampler_name", sampler_name, SAMPLERS, host_only_samplers, host_sampler),
+                                         ("scheduler", scheduler, SCHEDULERS, host_only_schedulers, host_scheduler)):
+        if name not in ours and not found:
+            raise KSamplerInputError(f"{key}: unknown name {name!r}; choose one of: "
+                                     f"{', '.join(list(ours) + host())}")
+    return host_sampler, host_scheduler
+
+
 def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0,
                     add_noise=True, start_step=None, last_step=None, force_full_denoise=False,
                     noise_options: NoiseOptions | None = None, reference_mode: bool = False,
@@ -186,14 +233,26 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
     import latent_preview
 
     noise_options = noise_options or NoiseOptions()
-    samples, batch_index, noise_mask = check_host_graph(model, positive, negative, latent, cfg, sampler_name)
+    host_sampler, host_scheduler = resolve_names(sampler_name, scheduler)
+    reads_uncond = False if host_sampler else sampler_traits(sampler_name).cfg_pp
+    samples, batch_index, noise_mask = check_host_graph(model, positive, negative, latent, cfg, reads_uncond)
     negative = [] if negative is None else negative  # allowed at cfg 1, where the host never evaluates it
     latent_image = comfy.sample.fix_empty_latent_channels(model, samples)
-    noise = initial_noise(latent_image, seed, batch_index, add_noise, noise_options.batch_invariant)
-    tr = sampler_traits(sampler_name)
-    sigmas = ksampler_sigmas(model.get_model_object("model_sampling"), scheduler, steps, denoise,
-                             tr.discard_penultimate_sigma, start_step, last_step, force_full_denoise,
-                             **(scheduler_options or {}))
+    if getattr(latent_image, "is_nested", False):
+        # several streams (LTX-2: video + audio): the host packs them, and unpacks the result, around the sampler
+        from comfy.nested_tensor import NestedTensor
+        noise = NestedTensor(initial_noise_streams(
+            latent_image.unbind(), seed, batch_index, add_noise, noise_options.batch_invariant))
+    else:
+        noise = initial_noise(latent_image, seed, batch_index, add_noise, noise_options.batch_invariant)
+    if host_sampler:
+        discard = sampler_name in getattr(comfy.samplers.KSampler, "DISCARD_PENULTIMATE_SIGMA_SAMPLERS", ())
+    else:
+        discard = sampler_traits(sampler_name).discard_penultimate_sigma
+    sigmas = ksampler_sigmas(model.get_model_object("model_sampling"), scheduler, steps, denoise, discard,
+                             start_step, last_step, force_full_denoise,
+                             schedule=host_schedule(scheduler) if host_scheduler else None,
+                             **({} if host_scheduler else scheduler_options or {}))
     if calibration is not None:
         from .calibration import run_sigmas
         try:
@@ -210,6 +269,8 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
     if calibration is not None:
         from .comfy_calibration import CalibratedSampler
         sampler = CalibratedSampler(calibration)
+    elif host_sampler:  # the host's own implementation: our noise options do not apply to it
+        sampler = comfy.samplers.sampler_object(sampler_name)
     else:
         sampler = RegistrySampler(sampler_name, noise_options, reference_mode)
     sampler.batch_index = batch_index
@@ -234,11 +295,19 @@ def core_callback(steps: int):
 # ------------------------------------------------------------------------------------------------
 # interop nodes: our registries as ComfyUI SAMPLER and SIGMAS (ids and names: nodes.NODE_TABLE)
 # ------------------------------------------------------------------------------------------------
+def host_names_tooltip(text: str, host_names: list[str]) -> str:
+    """A combo's tooltip, naming the entries that run ComfyUI's own implementation."""
+    if not host_names:
+        return text
+    return (f"{text} Run by ComfyUI's own implementation, not ksampler's (the host lists them and ksampler does "
+            f"not have them; ksampler's noise options do not apply): {', '.join(host_names)}.")
+
+
 @v1_node(NodeSpec(
     function="get_sampler", category="sampling/custom_sampling/samplers",
     search_aliases=("sampler", "sampler select", "custom sampler", "ksampler"),
     description="A sampler from the ksampler registry, for SamplerCustom and SamplerCustomAdvanced.",
-    inputs=(In("sampler_name", "COMBO", SAMPLER_NAME_TOOLTIP, choices=lambda: list(SAMPLERS)),
+    inputs=(In("sampler_name", "COMBO", sampler_name_tooltip, choices=sampler_choices),
             *NOISE_OPTION_INPUTS),
     outputs=(Out("SAMPLER", "The sampler, for the sampler input of SamplerCustom or SamplerCustomAdvanced."),)))
 class SamplerSelect:
@@ -247,8 +316,10 @@ class SamplerSelect:
     def get_sampler(self, sampler_name, batch_invariant_noise=False, cpu_noise=False, brownian_noise="tree",
                     flow_geometry="default"):
         if sampler_name not in SAMPLERS:
+            if sampler_name in host_only_samplers():
+                return (comfy.samplers.sampler_object(sampler_name),)
             raise KSamplerInputError(f"sampler_name: unknown sampler {sampler_name!r}; choose one of: "
-                                     f"{', '.join(SAMPLERS)}")
+                                     f"{', '.join(list(SAMPLERS) + host_only_samplers())}")
         if flow_geometry not in FLOW_GEOMETRY_CHOICES:
             raise KSamplerInputError(f"flow_geometry: must be one of {', '.join(FLOW_GEOMETRY_CHOICES)}, got "
                                      f"{flow_geometry!r}")
@@ -262,7 +333,7 @@ class SamplerSelect:
     search_aliases=("scheduler", "sigmas", "noise schedule", "custom sampler", "ksampler"),
     description="Sigmas from the ksampler scheduler registry, over the model's own noise schedule.",
     inputs=(In("model", "MODEL", "The model whose noise schedule the sigmas follow."),
-            In("scheduler", "COMBO", SCHEDULER_TOOLTIP, choices=lambda: list(SCHEDULERS)),
+            In("scheduler", "COMBO", scheduler_tooltip, choices=scheduler_choices),
             In("steps", "INT", "Number of steps.", default=20, min=1, max=MAX_STEPS),
             In("denoise", "FLOAT", "Fraction of the schedule to run (img2img below 1).", default=1.0, min=0.0,
                max=1.0, step=0.01),
@@ -275,11 +346,14 @@ class Scheduler:
 
     def get_sigmas(self, model, scheduler, steps, denoise, karras_rho=7.0):
         from .validation import check_float, check_sampler_args
-        check_sampler_args(steps=steps, scheduler=scheduler, denoise=denoise)
+        check_sampler_args(steps=steps, denoise=denoise)
+        _, host_scheduler = resolve_names("euler", scheduler)
         check_float("karras_rho", karras_rho, 0.5, 30.0)
         if not hasattr(model, "get_model_object"):
             raise KSamplerInputError(f"model: expected a ComfyUI MODEL, got {type(model).__name__}; the bundled "
                                      "model's sigmas come with KSampler (ksampler), which takes it directly")
         ms = model.get_model_object("model_sampling")
+        if host_scheduler:
+            return (sampling_sigmas(ms, scheduler, steps, denoise, schedule=host_schedule(scheduler)),)
         options = {"rho": float(karras_rho)} if scheduler == "karras" else {}
         return (sampling_sigmas(ms, scheduler, steps, denoise, **options),)

@@ -15,7 +15,6 @@ import torch
 
 from .graph_checks import ModelSpec, check_graph
 from .guard import ModelOutputError, check_output_shape
-from .samplers import sampler_traits
 from .validation import KSamplerInputError
 
 __all__ = ["check_host_model", "host_spec", "check_host_graph", "model_label", "HostOutputGuard", "CONTEXT_WIDTH"]
@@ -78,10 +77,14 @@ def host_spec(model) -> ModelSpec:
                      vae_hint="VAE Encode with this checkpoint's VAE")
 
 
-def check_host_graph(model, positive, negative, latent, cfg, sampler_name: str):
-    """The MODEL, then the graph against it; returns ``check_latent``'s (samples, batch_index, noise_mask)."""
+def check_host_graph(model, positive, negative, latent, cfg, reads_uncond: bool):
+    """The MODEL, then the graph against it; returns ``check_latent``'s (samples, batch_index, noise_mask).
+
+    ``reads_uncond``: the sampler reads the unconditional estimate (CFG++), so ``negative`` is needed even at cfg 1.
+    Nested latents (several streams: LTX-2's video + audio) are checked stream by stream.
+    """
     check_host_model(model)
-    return check_graph(host_spec(model), positive, negative, latent, cfg, sampler_traits(sampler_name).cfg_pp)
+    return check_graph(host_spec(model), positive, negative, latent, cfg, reads_uncond, nested=True)
 
 
 class HostOutputGuard:

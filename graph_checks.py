@@ -147,14 +147,17 @@ def check_conditioning_fits(spec: ModelSpec, cond, name: str, allow_empty: bool 
     return entries
 
 
-def check_graph(spec: ModelSpec, positive, negative, latent, cfg: float, reads_uncond: bool = False):
+def check_graph(spec: ModelSpec, positive, negative, latent, cfg: float, reads_uncond: bool = False,
+                nested: bool = False):
     """Every graph-against-model check; returns ``check_latent``'s (samples, batch_index, noise_mask).
 
     ``negative`` may be empty (or None) only at cfg 1 with a sampler that does not read the unconditional
-    estimate (``reads_uncond``: the CFG++ samplers), where it is never evaluated.
+    estimate (``reads_uncond``: the CFG++ samplers), where it is never evaluated.  ``nested``: accept a nested
+    latent (ComfyUI's streams, checked stream by stream by ``check_latent``); its streams' layouts are the host's.
     """
-    samples, batch_index, mask = check_latent(latent)
-    check_latent_fits(spec, samples, latent)
+    samples, batch_index, mask = check_latent(latent, nested=nested)
+    if not getattr(samples, "is_nested", False):
+        check_latent_fits(spec, samples, latent)
     check_conditioning_fits(spec, positive, "positive")
     optional = isinstance(cfg, (int, float)) and math.isclose(float(cfg), 1.0) and not reads_uncond
     if negative is None and optional:

@@ -29,7 +29,7 @@ class In:
     """One input. ``type`` is a ComfyUI type name ("MODEL", "INT", ...) or ``"COMBO"`` with ``choices``."""
     name: str
     type: str
-    tooltip: str
+    tooltip: Union[str, Callable[[], str]]   # a callable is asked at each schema request (host-dependent text)
     default: Any = None
     min: Optional[float] = None
     max: Optional[float] = None
@@ -44,6 +44,9 @@ class In:
 
     def options(self) -> Optional[list]:
         return self.choices() if callable(self.choices) else self.choices
+
+    def text(self) -> str:
+        return self.tooltip() if callable(self.tooltip) else self.tooltip
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class NodeSpec:
 # ------------------------------------------------------------------------------------------------
 def v1_input(spec: In) -> tuple:
     """The classic ``(type or choices, options)`` pair of one input."""
-    options = {"tooltip": spec.tooltip}
+    options = {"tooltip": spec.text()}
     for key in ("default", "min", "max", "step", "round"):
         value = getattr(spec, key)
         if value is not None:
@@ -146,7 +149,7 @@ def _io_class(io, type_name: str):
 
 
 def v3_input(io, spec: In):
-    common = {"tooltip": spec.tooltip, "optional": spec.optional}
+    common = {"tooltip": spec.text(), "optional": spec.optional}
     if spec.type == "COMBO":
         extra = {"upload": io.UploadType.image, "image_folder": io.FolderType.input} if spec.image_upload else {}
         default = None if spec.image_upload else spec.default   # a picked file, as in V1

@@ -83,6 +83,38 @@ NOISE_OPTION_INPUTS = (
 )
 
 
+def _host_only_names() -> tuple[list[str], list[str]]:
+    """Inside ComfyUI: the (sampler, scheduler) names the host has and our registries lack."""
+    if "comfy.samplers" not in sys.modules:
+        return [], []
+    from .comfy_adapter import host_only_samplers, host_only_schedulers
+    return host_only_samplers(), host_only_schedulers()
+
+
+def sampler_choices() -> list[str]:
+    return list(SAMPLERS) + _host_only_names()[0]
+
+
+def scheduler_choices() -> list[str]:
+    return list(SCHEDULERS) + _host_only_names()[1]
+
+
+def _combo_tooltip(text: str, host_names: list[str]) -> str:
+    if not host_names:
+        return text
+    from .comfy_adapter import host_names_tooltip
+    return host_names_tooltip(text, host_names)
+
+
+def sampler_name_tooltip() -> str:
+    """The sampler_name tooltip: our extra entries, and inside ComfyUI the entries run by the host's own code."""
+    return _combo_tooltip(SAMPLER_NAME_TOOLTIP, _host_only_names()[0])
+
+
+def scheduler_tooltip() -> str:
+    return _combo_tooltip(SCHEDULER_TOOLTIP, _host_only_names()[1])
+
+
 def is_comfy_model(model) -> bool:
     """True for a ComfyUI ModelPatcher (duck-typed: the core never imports comfy)."""
     return "comfy.samplers" in sys.modules and hasattr(model, "get_model_object") and hasattr(model, "model_options")
@@ -93,8 +125,8 @@ def _common_inputs() -> tuple:
     return (
         In("steps", "INT", TOOLTIPS["steps"], default=20, min=1, max=MAX_STEPS),
         In("cfg", "FLOAT", TOOLTIPS["cfg"], default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
-        In("sampler_name", "COMBO", TOOLTIPS["sampler_name"], choices=lambda: list(SAMPLERS)),
-        In("scheduler", "COMBO", TOOLTIPS["scheduler"], choices=lambda: list(SCHEDULERS)),
+        In("sampler_name", "COMBO", sampler_name_tooltip, choices=sampler_choices),
+        In("scheduler", "COMBO", scheduler_tooltip, choices=scheduler_choices),
         In("positive", "CONDITIONING", TOOLTIPS["positive"]),
         In("negative", "CONDITIONING", TOOLTIPS["negative"]),
         In("latent_image", "LATENT", TOOLTIPS["latent_image"]),
@@ -108,8 +140,16 @@ MODEL_IN = In("model", MODEL_TYPES, TOOLTIPS["model"])
 
 def _run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0, **kw):
     """Dispatch to ComfyUI's host path for a ComfyUI model, else to our core."""
-    check_sampler_args(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
-                       denoise=denoise)
+    host_samplers, host_schedulers = _host_only_names()
+    names = {}
+    for key, name, host in (("sampler_name", sampler_name, host_samplers), ("scheduler", scheduler, host_schedulers)):
+        if isinstance(name, str) and name in host:
+            if not is_comfy_model(model):
+                raise KSamplerInputError(f"{key}: {name!r} is ComfyUI's own, which runs only with a ComfyUI MODEL "
+                                         "(from a checkpoint loader); pick one of ksampler's names for this model")
+        else:
+            names[key] = name  # the host runs its own names; ours are checked here
+    check_sampler_args(seed=seed, steps=steps, cfg=cfg, denoise=denoise, **names)
     if kw.get("reference_mode") is None:
         kw["reference_mode"] = default_reference_mode()
     if is_comfy_model(model):

@@ -84,11 +84,13 @@ LATENT_LAYOUTS = {3: "[batch, channels, length] (audio)", 4: "[batch, channels, 
                   5: "[batch, channels, frames, height, width] (video)"}
 
 
-def check_latent(latent, channels: Optional[int] = None, name: str = "latent_image", dims: Optional[int] = None):
+def check_latent(latent, channels: Optional[int] = None, name: str = "latent_image", dims: Optional[int] = None,
+                 nested: bool = False):
     """Validate a LATENT dict; returns (samples, batch_index or None, noise_mask or None). Never mutates it.
 
     ``dims``: the number of dimensions the model's latents have (4 for an image model); by default any of
-    ComfyUI's layouts (3, 4 or 5) is accepted.
+    ComfyUI's layouts (3, 4 or 5) is accepted. ``nested``: accept a nested latent (ComfyUI's NestedTensor of
+    several streams, e.g. LTX-2's video + audio), which only the ComfyUI path samples.
     """
     if not isinstance(latent, dict):
         raise KSamplerInputError(f"{name}: expected a LATENT dict with a 'samples' tensor, got {type(latent).__name__}")
@@ -97,43 +99,83 @@ def check_latent(latent, channels: Optional[int] = None, name: str = "latent_ima
                                  "or VAE Encode node")
     samples = latent["samples"]
     if getattr(samples, "is_nested", False):
-        raise KSamplerInputError(f"{name}['samples']: is a nested latent (several streams, e.g. audio + video), "
-                                 "which ksampler does not sample yet; use ComfyUI's built-in KSampler for this model")
-    if not isinstance(samples, torch.Tensor):
-        raise KSamplerInputError(f"{name}['samples']: expected a tensor, got {type(samples).__name__}")
-    if samples.device.type == "meta":
-        raise KSamplerInputError(f"{name}['samples']: the tensor is on the 'meta' device and holds no data; "
-                                 "move it to the CPU or the model's device")
-    allowed = (dims,) if dims is not None else tuple(LATENT_LAYOUTS)
-    if samples.ndim not in allowed:
-        layouts = " or ".join(LATENT_LAYOUTS.get(d, f"{d} dims") for d in allowed)
-        raise KSamplerInputError(f"{name}['samples']: expected {layouts}, got shape {tuple(samples.shape)}")
-    if samples.numel() == 0:
-        raise KSamplerInputError(f"{name}['samples']: is empty (shape {tuple(samples.shape)})")
-    if not samples.is_floating_point():
-        raise KSamplerInputError(f"{name}['samples']: dtype {samples.dtype} is not floating point; use float32")
-    if not bool(torch.isfinite(samples).all()):
-        raise KSamplerInputError(f"{name}['samples']: contains NaN or Inf; re-encode the image or create a new "
-                                 "empty latent")
+        if not nested:
+            raise KSamplerInputError(f"{name}['samples']: is a nested latent (several streams, e.g. LTX-2's audio + "
+                                     "video); ksampler samples those only inside ComfyUI, with a ComfyUI MODEL")
+        return _check_nested_latent(latent, samples, name)
+    _check_samples(samples, f"{name}['samples']", dims)
     if channels is not None and samples.shape[1] != channels and bool(torch.count_nonzero(samples)):
         raise KSamplerInputError(f"{name}['samples']: has {samples.shape[1]} channels but the model expects "
                                  f"{channels}; encode the image with this model's VAE")
-
-    batch_index = latent.get("batch_index")
-    if batch_index is not None:
-        if not isinstance(batch_index, (list, tuple)) or not all(_is_int(i) for i in batch_index):
-            raise KSamplerInputError(f"{name}['batch_index']: expected a list of ints, got {batch_index!r}")
-        if len(batch_index) != samples.shape[0]:
-            raise KSamplerInputError(f"{name}['batch_index']: has {len(batch_index)} entries for a batch of "
-                                     f"{samples.shape[0]}; give one index per latent")
-        if any(i < 0 for i in batch_index):
-            raise KSamplerInputError(f"{name}['batch_index']: indices must be >= 0, got {list(batch_index)}")
-        batch_index = [int(i) for i in batch_index]
-
+    batch_index = _check_batch_index(latent, samples.shape[0], name)
     mask = latent.get("noise_mask")
     if mask is not None:
         check_noise_mask(mask, samples.shape, f"{name}['noise_mask']")
     return samples, batch_index, mask
+
+
+def _check_batch_index(latent: dict, batch: int, name: str):
+    batch_index = latent.get("batch_index")
+    if batch_index is not None:
+        if not isinstance(batch_index, (list, tuple)) or not all(_is_int(i) for i in batch_index):
+            raise KSamplerInputError(f"{name}['batch_index']: expected a list of ints, got {batch_index!r}")
+        if len(batch_index) != batch:
+            raise KSamplerInputError(f"{name}['batch_index']: has {len(batch_index)} entries for a batch of "
+                                     f"{batch}; give one index per latent")
+        if any(i < 0 for i in batch_index):
+            raise KSamplerInputError(f"{name}['batch_index']: indices must be >= 0, got {list(batch_index)}")
+        batch_index = [int(i) for i in batch_index]
+    return batch_index
+
+
+def _streams(nested) -> list:
+    return list(nested.unbind()) if hasattr(nested, "unbind") else list(getattr(nested, "tensors", []))
+
+
+def _check_nested_latent(latent: dict, samples, name: str):
+    """A nested latent: every stream a latent tensor, one batch size; a nested mask has one entry per stream (or
+    fewer: ComfyUI does not mask the rest), a plain mask applies to the first stream."""
+    streams = _streams(samples)
+    if not streams:
+        raise KSamplerInputError(f"{name}['samples']: the nested latent holds no streams")
+    for i, stream in enumerate(streams):
+        _check_samples(stream, f"{name}['samples'][{i}]")
+    if len({int(t.shape[0]) for t in streams}) != 1:
+        raise KSamplerInputError(f"{name}['samples']: the streams of the nested latent have different batch sizes "
+                                 f"({', '.join(str(int(t.shape[0])) for t in streams)}); give them one batch size")
+    batch_index = _check_batch_index(latent, int(streams[0].shape[0]), name)
+    mask = latent.get("noise_mask")
+    if mask is not None:
+        masks = _streams(mask) if getattr(mask, "is_nested", False) else [mask]
+        if len(masks) > len(streams):
+            raise KSamplerInputError(f"{name}['noise_mask']: has {len(masks)} masks for {len(streams)} streams")
+        for i, (m, stream) in enumerate(zip(masks, streams)):
+            label = f"{name}['noise_mask'][{i}]"
+            if isinstance(m, torch.Tensor) and tuple(m.shape) == tuple(stream.shape):  # a full-shape mask
+                if not bool(torch.isfinite(m.float()).all()) or m.is_complex():
+                    raise KSamplerInputError(f"{label}: must hold finite real values in [0, 1]")
+            else:
+                check_noise_mask(m, stream.shape, label)
+    return samples, batch_index, mask
+
+
+def _check_samples(samples, name: str, dims: Optional[int] = None) -> None:
+    if not isinstance(samples, torch.Tensor):
+        raise KSamplerInputError(f"{name}: expected a tensor, got {type(samples).__name__}")
+    if samples.device.type == "meta":
+        raise KSamplerInputError(f"{name}: the tensor is on the 'meta' device and holds no data; "
+                                 "move it to the CPU or the model's device")
+    allowed = (dims,) if dims is not None else tuple(LATENT_LAYOUTS)
+    if samples.ndim not in allowed:
+        layouts = " or ".join(LATENT_LAYOUTS.get(d, f"{d} dims") for d in allowed)
+        raise KSamplerInputError(f"{name}: expected {layouts}, got shape {tuple(samples.shape)}")
+    if samples.numel() == 0:
+        raise KSamplerInputError(f"{name}: is empty (shape {tuple(samples.shape)})")
+    if not samples.is_floating_point():
+        raise KSamplerInputError(f"{name}: dtype {samples.dtype} is not floating point; use float32")
+    if not bool(torch.isfinite(samples).all()):
+        raise KSamplerInputError(f"{name}: contains NaN or Inf; re-encode the image or create a new "
+                                 "empty latent")
 
 
 # per latent layout (its number of spatial dims): the mask shapes accepted (as ComfyUI resizes masks)

@@ -246,8 +246,9 @@ class GuidedDenoiser:
     def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
         return self.predict(x, sigma)[0]
 
-    def denoise_with_uncond(self, x: Tensor, sigma: Tensor, **extra) -> tuple[Tensor, Tensor]:
-        return self.predict(x, sigma, need_uncond=True)
+    def denoise_with_uncond(self, x: Tensor, sigma: Tensor, cfg1_shortcut: bool = False,
+                            **extra) -> tuple[Tensor, Tensor]:
+        return self.predict(x, sigma, need_uncond=not cfg1_shortcut)
 
 
 def _repeat_batch(t: Tensor, batch: int) -> Tensor:

@@ -3,7 +3,7 @@
 Every entry has the signature ``fn(model, x, sigmas, extra_args=None,
 callback=None, disable=None, **options)`` where ``model(x, sigma, **extra_args)``
 returns the denoised estimate and ``sigmas`` is a 1-D tensor ending in 0.
-ComfyUI's 44 names come first, in ComfyUI's order; ours follow.
+ComfyUI's 45 names come first, in ComfyUI's order; ours follow.
 
 To add a sampler, write the function in its family's file, state its facts
 with ``@traits(...)`` (``traits.py``) and add one line to ``SAMPLERS``, or call
@@ -20,9 +20,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .cfgpp import (sample_dpmpp_2m_cfg_pp, sample_dpmpp_2s_ancestral_cfg_pp, sample_euler_ancestral_cfg_pp,
-                    sample_euler_cfg_pp, sample_gradient_estimation_cfg_pp, sample_res_multistep_ancestral_cfg_pp,
-                    sample_res_multistep_cfg_pp)
+from .cfgpp import (sample_cfgpp_ud10_ab, sample_dpmpp_2m_cfg_pp, sample_dpmpp_2s_ancestral_cfg_pp,
+                    sample_euler_ancestral_cfg_pp, sample_euler_cfg_pp, sample_gradient_estimation_cfg_pp,
+                    sample_res_multistep_ancestral_cfg_pp, sample_res_multistep_cfg_pp)
 from .discrete import sample_ddpm, sample_lcm, sample_tcd
 from .dpmsolver import (sample_dpm_adaptive, sample_dpm_fast, sample_dpmpp_2m, sample_dpmpp_2s_ancestral,
                         sample_res_multistep, sample_res_multistep_ancestral)
@@ -43,7 +43,7 @@ __all__ = ["SAMPLERS", "COMFY_SAMPLER_NAMES", "register_sampler", "sampler_trait
 SamplerFn = Callable[..., torch.Tensor]
 
 SAMPLERS: "OrderedDict[str, SamplerFn]" = OrderedDict([
-    # ---- ComfyUI's 44, in ComfyUI's order ----
+    # ---- ComfyUI's 45, in ComfyUI's order (cfgpp_ud10_ab since ComfyUI 0.35) ----
     ("euler", sample_euler),
     ("euler_cfg_pp", sample_euler_cfg_pp),
     ("euler_ancestral", sample_euler_ancestral),
@@ -74,6 +74,7 @@ SAMPLERS: "OrderedDict[str, SamplerFn]" = OrderedDict([
     ("ipndm", sample_ipndm),
     ("ipndm_v", sample_ipndm_v),
     ("deis", sample_deis),
+    ("cfgpp_ud10_ab", sample_cfgpp_ud10_ab),
     ("res_multistep", sample_res_multistep),
     ("res_multistep_cfg_pp", sample_res_multistep_cfg_pp),
     ("res_multistep_ancestral", sample_res_multistep_ancestral),
@@ -94,15 +95,15 @@ SAMPLERS: "OrderedDict[str, SamplerFn]" = OrderedDict([
     ("tcd", sample_tcd),
 ])
 
-# ComfyUI's sampler list (January 2026), in its order: the KSampler node offers these names first.
+# ComfyUI's sampler list (45 names: cfgpp_ud10_ab since 0.35), in its order: the KSampler offers these first.
 COMFY_SAMPLER_NAMES = (
     "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "exp_heun_2_x0",
     "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
     "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde",
     "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm",
-    "lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
-    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2",
-    "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
+    "lcm", "ipndm", "ipndm_v", "deis", "cfgpp_ud10_ab", "res_multistep", "res_multistep_cfg_pp",
+    "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp",
+    "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
 )
 
 

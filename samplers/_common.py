@@ -54,14 +54,19 @@ def emit(callback: Optional[Callable], x: Tensor, i: int, sigma: float, denoised
                   "denoised": denoised})
 
 
-def denoise_with_uncond(model, x: Tensor, sigma: float, extra_args: dict) -> tuple[Tensor, Tensor]:
+def denoise_with_uncond(model, x: Tensor, sigma: float, extra_args: dict,
+                        cfg1_shortcut: bool = False) -> tuple[Tensor, Tensor]:
     """Guided and unconditional denoised estimates, for the CFG++ samplers (Chung et al. 2024).
 
     A guided denoiser exposes ``denoise_with_uncond``; a bare denoiser has no
     guidance, so its unconditional estimate is the estimate itself.
+    ``cfg1_shortcut``: at cfg = 1 skip the unconditional pass and return the
+    guided estimate as the unconditional one (ComfyUI's cfgpp_ud10_ab does).
     """
     fn = getattr(model, "denoise_with_uncond", None)
     if fn is not None:
+        if cfg1_shortcut:
+            return fn(x, sigma_batch(x, sigma), cfg1_shortcut=True, **extra_args)
         return fn(x, sigma_batch(x, sigma), **extra_args)
     denoised = model(x, sigma_batch(x, sigma), **extra_args)
     return denoised, denoised

@@ -19,6 +19,7 @@ from ._common import (as_float_list, denoise_with_uncond, emit, get_model_sampli
 from .dpmsolver import res_multistep
 from .frames import in_ve_frame
 from .euler import sample_gradient_estimation
+from .multistep import lms_coefficients
 from .traits import traits
 
 
@@ -142,3 +143,44 @@ sample_dpmpp_2m_cfg_pp = torch.no_grad()(in_ve_frame(dpmpp_2m_cfg_pp_ve))
 sample_res_multistep_cfg_pp = torch.no_grad()(in_ve_frame(res_multistep_cfg_pp_ve))
 sample_res_multistep_ancestral_cfg_pp = torch.no_grad()(in_ve_frame(res_multistep_ancestral_cfg_pp_ve))
 sample_gradient_estimation_cfg_pp = torch.no_grad()(in_ve_frame(gradient_estimation_cfg_pp_ve))
+
+
+UD10_HISTORY_WEIGHT = 0.25          # the blend towards the Adams-Bashforth step
+UD10_UNCOND_HISTORY_WEIGHT = 0.1    # the extrapolation of the unconditional derivative
+UD10_ZERO_WEIGHT = 1.0              # the final step's blend towards the sigma = 0 extrapolation
+
+
+@torch.no_grad()
+@traits(cfg_pp=True)
+def sample_cfgpp_ud10_ab(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """CFG++ Euler (Chung et al. 2024) with an AB2 history and a sigma-0 extrapolation (ComfyUI's cfgpp_ud10_ab)."""
+    extra_args = {} if extra_args is None else extra_args
+    ms = get_model_sampling(model)
+    sig = as_float_list(sigmas)
+    step_derivatives, d_uncond_prev, denoised_prev = [], None, None
+    for i in step_range(len(sig) - 1, disable):
+        sigma, sigma_next = sig[i], sig[i + 1]
+        # ComfyUI's reference keeps the cfg = 1 shortcut here: the unconditional estimate is then the guided one
+        denoised, uncond = denoise_with_uncond(model, x, sigma, extra_args, cfg1_shortcut=True)
+        emit(callback, x, i, sigma, denoised)
+        alpha_next = ms.alpha(sigma_next) if sigma_next > 0 else 1.0
+        d_uncond = (x - uncond * ms.alpha(sigma)) / sigma
+        dt = sigma_next - sigma
+        d_used = d_uncond
+        if d_uncond_prev is not None:
+            # variable-step extrapolation of the unconditional derivative
+            d_used = d_uncond + (d_uncond - d_uncond_prev) * (UD10_UNCOND_HISTORY_WEIGHT * dt / (sigma - sig[i - 1]))
+        euler_step = denoised * alpha_next + d_used * sigma_next - x
+        step_derivatives = (step_derivatives + [euler_step / dt])[-2:]
+        if len(step_derivatives) == 2:
+            c_new, c_old = lms_coefficients(sig, i, 2)  # exact; the order-2 basis is linear, so quadrature is too
+            ab2_step = step_derivatives[1] * c_new + step_derivatives[0] * c_old
+            euler_step = torch.lerp(euler_step, ab2_step, UD10_HISTORY_WEIGHT)
+        x = x + euler_step
+        if sigma_next == 0 and denoised_prev is not None:
+            # the last two denoised estimates, extrapolated linearly to sigma = 0
+            slope = (denoised - denoised_prev) / (sigma - sig[i - 1])
+            x = torch.lerp(x, denoised - slope * sigma, UD10_ZERO_WEIGHT)
+        denoised_prev, d_uncond_prev = denoised, d_uncond
+    return x
+

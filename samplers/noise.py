@@ -32,8 +32,10 @@ NoiseSampler = Callable[[object, object], Tensor]
 _U64 = 1 << 64
 # Odd constant (2^64 / golden ratio) spacing the per-item streams far apart in seed space.
 _ITEM_STRIDE = 0x9E3779B97F4A7C15
+# Another odd constant for the per-stream generators of nested latents under batch-invariant noise.
+_STREAM_STRIDE = 0xD1B54A32D192ED03
 
-__all__ = ["prepare_noise", "initial_noise", "default_noise_sampler", "BrownianTreeNoiseSampler", "BrownianPathNoiseSampler",
+__all__ = ["prepare_noise", "initial_noise", "initial_noise_streams", "default_noise_sampler", "BrownianTreeNoiseSampler", "BrownianPathNoiseSampler",
            "item_seed", "NoiseSampler"]
 
 
@@ -56,7 +58,11 @@ def prepare_noise(latent: Tensor, seed: int, batch_index: Optional[Sequence[int]
     draw numbers 0..max, and item *k* gets draw ``batch_index[k]``.  ``per_item``
     makes item-by-item draws the rule (batch-invariant noise).
     """
-    gen = _generator("cpu", seed)
+    return _draw_initial_noise(latent, _generator("cpu", seed), batch_index, per_item)
+
+
+def _draw_initial_noise(latent: Tensor, gen: torch.Generator, batch_index: Optional[Sequence[int]],
+                        per_item: bool) -> Tensor:
     shape = list(latent.shape)
     if batch_index is None and not per_item:
         return torch.randn(shape, dtype=latent.dtype, generator=gen, device="cpu")
@@ -75,6 +81,26 @@ def initial_noise(latent: Tensor, seed: int, batch_index: Optional[Sequence[int]
     if not add_noise:
         return torch.zeros(latent.shape, dtype=latent.dtype, device="cpu")
     return prepare_noise(latent, seed, batch_index, per_item)
+
+
+def initial_noise_streams(latents: Sequence[Tensor], seed: int, batch_index: Optional[Sequence[int]] = None,
+                          add_noise: bool = True, per_item: bool = False) -> list[Tensor]:
+    """Initial noise of a nested latent (several streams, e.g. LTX-2's video + audio), one tensor per stream.
+
+    As ComfyUI does, the streams are drawn one after another from one generator
+    seeded with ``seed``, each as ``prepare_noise`` draws a single latent.  With
+    ``per_item`` (batch-invariant noise) each stream after the first has its own
+    generator, so that its items do not depend on how many the earlier streams drew.
+    """
+    if not add_noise:
+        return [torch.zeros(t.shape, dtype=t.dtype, device="cpu") for t in latents]
+    gen = _generator("cpu", seed)
+    streams = []
+    for j, latent in enumerate(latents):
+        if per_item and j > 0:
+            gen = _generator("cpu", (int(seed) + j * _STREAM_STRIDE) % _U64)
+        streams.append(_draw_initial_noise(latent, gen, batch_index, per_item))
+    return streams
 
 
 def default_noise_sampler(x: Tensor, seed: Optional[int] = None, *, cpu: bool = False,

@@ -191,7 +191,8 @@ def calculate_sigmas(model_sampling, name: str, steps: int, **options) -> Tensor
 
 
 def sampling_sigmas(model_sampling, scheduler: str, steps: int, denoise: float = 1.0,
-                    discard_penultimate_sigma: bool = False, **options) -> Tensor:
+                    discard_penultimate_sigma: bool = False, schedule: Optional[Callable] = None,
+                    **options) -> Tensor:
     """The sigmas a KSampler run uses: ComfyUI's denoise rule and penultimate-sigma rule applied.
 
     denoise >= 0.9999 uses the full schedule; denoise <= 0 gives an empty tensor
@@ -200,13 +201,20 @@ def sampling_sigmas(model_sampling, scheduler: str, steps: int, denoise: float =
     Repeated sigmas (a table scheduler asked for more steps than its 1000-entry
     table holds) are merged, so no step has zero length.  A tiny denoise is
     capped at a ``MAX_SCHEDULE_STEPS``-step schedule (its tail is already far
-    below any sigma that changes an image).
+    below any sigma that changes an image).  ``schedule(model_sampling, n)``, when
+    given, computes the n-step schedule instead of the registry's ``scheduler``
+    (inside ComfyUI: a scheduler only the host has).
     """
+    def raw(n: int) -> Tensor:
+        if schedule is not None:
+            return torch.as_tensor(schedule(model_sampling, n), dtype=torch.float32).cpu()
+        return calculate_sigmas(model_sampling, scheduler, n, **options)
+
     def compute(n: int) -> Tensor:
         if discard_penultimate_sigma:
-            sigmas = calculate_sigmas(model_sampling, scheduler, n + 1, **options)
+            sigmas = raw(n + 1)
             return torch.cat([sigmas[:-2], sigmas[-1:]])
-        return calculate_sigmas(model_sampling, scheduler, n, **options)
+        return raw(n)
 
     if denoise is None or denoise > 0.9999:
         return _drop_repeats(compute(steps))
@@ -218,14 +226,16 @@ def sampling_sigmas(model_sampling, scheduler: str, steps: int, denoise: float =
 
 def ksampler_sigmas(model_sampling, scheduler: str, steps: int, denoise: float = 1.0,
                     discard_penultimate_sigma: bool = False, start_step: Optional[int] = None,
-                    last_step: Optional[int] = None, force_full_denoise: bool = False, **options) -> Tensor:
+                    last_step: Optional[int] = None, force_full_denoise: bool = False,
+                    schedule: Optional[Callable] = None, **options) -> Tensor:
     """The sigmas of a KSampler / KSampler Advanced run; fewer than 2 means there is nothing to sample.
 
     ``last_step`` keeps ``sigmas[:last_step + 1]`` (ending at 0 with
     ``force_full_denoise``, else with the leftover noise); ``start_step`` keeps
     ``sigmas[start_step:]``.
     """
-    sigmas = sampling_sigmas(model_sampling, scheduler, steps, denoise, discard_penultimate_sigma, **options)
+    sigmas = sampling_sigmas(model_sampling, scheduler, steps, denoise, discard_penultimate_sigma, schedule,
+                             **options)
     if last_step is not None and last_step < len(sigmas) - 1:
         sigmas = sigmas[:last_step + 1].clone()
         if force_full_denoise:

@@ -4,6 +4,8 @@ These are NOT ComfyUI: they are minimal fakes written for tests, implementing on
 what comfy_adapter documents it uses (see its module docstring):
 
 * comfy.samplers.Sampler (``max_denoise``), KSamplerX0Inpaint, sample()
+* comfy.samplers.KSampler's name lists, SCHEDULER_HANDLERS, calculate_sigmas and sampler_object (the host's
+  own samplers and schedulers, for names the host has and we do not)
 * comfy.model_sampling.CONST / EPS marker classes
 * comfy.model_patcher.set_model_options_post_cfg_function
 * ``model_options['model_function_wrapper']`` (a model patch around apply_model)
@@ -23,6 +25,32 @@ import torch
 
 class StandInInterrupt(Exception):
     pass
+
+
+class NestedTensor:
+    """Stand-in for ComfyUI's NestedTensor: several latent streams (LTX-2: video + audio)."""
+
+    def __init__(self, tensors):
+        self.tensors, self.is_nested = list(tensors), True
+
+    def unbind(self):
+        return self.tensors
+
+    def to(self, *args, **kwargs):
+        return NestedTensor([t.to(*args, **kwargs) for t in self.tensors])
+
+
+def _pack(tensors):
+    return torch.cat([t.reshape(t.shape[0], 1, -1) for t in tensors], dim=-1)
+
+
+def _unpack(packed, shapes):
+    out, start = [], 0
+    for shape in shapes:
+        size = math.prod(shape[1:])
+        out.append(packed[:, :, start:start + size].reshape(shape))
+        start += size
+    return out
 
 
 def build_standin_modules():
@@ -99,18 +127,29 @@ def build_standin_modules():
                 return wrapper(apply_model, {"input": x, "timestep": sigma, "c": {"mu": mu}, "cond_or_uncond": [0]})
 
             cond = run(self.mu_c)
-            if self.cfg == 1.0 and not model_options.get("disable_cfg1_optimization"):
-                uncond = cond
-            else:
-                uncond = run(self.mu_u)
-            out = uncond + self.cfg * (cond - uncond)
+            skipped = self.cfg == 1.0 and not model_options.get("disable_cfg1_optimization")
+            uncond = torch.zeros_like(cond) if skipped else run(self.mu_u)  # the host's unused zeros
+            out = cond if skipped else uncond + self.cfg * (cond - uncond)
             for fn in model_options.get("sampler_post_cfg_function", []):
                 calls["post_cfg"] += 1
-                out = fn({"denoised": out, "uncond_denoised": uncond, "cond_denoised": cond})
+                out = fn({"denoised": out, "uncond_denoised": uncond, "cond_denoised": cond,
+                          "uncond": None if skipped else "negative"})
             return out
 
     def sample(model, noise, positive, negative, cfg, device, sampler, sigmas, model_options={}, latent_image=None,
                denoise_mask=None, callback=None, disable_pbar=False, seed=None):
+        if getattr(latent_image, "is_nested", False):  # the host packs the streams into [B, 1, N] and unpacks after
+            shapes = [t.shape for t in latent_image.unbind()]
+            masks = None
+            if denoise_mask is not None:
+                given = denoise_mask.unbind() if getattr(denoise_mask, "is_nested", False) else [denoise_mask]
+                masks = [m.expand(shape) if m.shape == shape else torch.ones(shape) for m, shape in
+                         zip(list(given) + [torch.ones(sh) for sh in shapes[len(given):]], shapes)]
+            calls["packed_shapes"] = shapes
+            out = sample(model, _pack(noise.unbind()), positive, negative, cfg, device, sampler, sigmas, model_options,
+                         _pack(latent_image.unbind()), None if masks is None else _pack(masks), callback,
+                         disable_pbar, seed)
+            return NestedTensor(_unpack(out, shapes))
         calls["sample"] += 1
         inner = types.SimpleNamespace(model_sampling=model.model_sampling_object)
         wrap = CFGWrap(inner, cfg, positive[0][0].mean(), negative[0][0].mean() if negative else torch.tensor(0.0))
@@ -119,6 +158,8 @@ def build_standin_modules():
             frames = denoise_mask.reshape(1, 1, -1, *denoise_mask.shape[-2:]).float()
             denoise_mask = torch.nn.functional.interpolate(frames, size=latent_image.shape[2:], mode="trilinear")
             denoise_mask = denoise_mask.expand_as(latent_image)
+        elif denoise_mask is not None and denoise_mask.shape == latent_image.shape:
+            pass
         elif denoise_mask is not None:
             denoise_mask = denoise_mask.reshape(-1, 1, *denoise_mask.shape[-2:]).expand_as(latent_image)
         extra_args = {"model_options": dict(model_options), "seed": seed}
@@ -128,7 +169,48 @@ def build_standin_modules():
     samplers.Sampler, samplers.KSamplerX0Inpaint, samplers.sample = Sampler, KSamplerX0Inpaint, sample
     samplers.STANDIN_CALLS = calls
 
+    # the host's own names and implementations (January 2026: 44 samplers, 9 schedulers); tests add more
+    from ksampler.samplers import COMFY_SAMPLER_NAMES
+    from ksampler.schedulers import COMFY_SCHEDULER_NAMES, SCHEDULERS
+    samplers.KSAMPLER_NAMES = [n for n in COMFY_SAMPLER_NAMES if n not in ("cfgpp_ud10_ab", "ddim", "uni_pc",
+                                                                           "uni_pc_bh2")]
+    samplers.SAMPLER_NAMES = samplers.KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"]
+    samplers.SCHEDULER_HANDLERS = {name: SCHEDULERS[name] for name in COMFY_SCHEDULER_NAMES}
+    samplers.SCHEDULER_NAMES = list(samplers.SCHEDULER_HANDLERS)
+    samplers.HOST_SAMPLER_FUNCTIONS = {}  # name -> k-diffusion-protocol function, for names tests add
+
+    class KSampler:
+        SAMPLERS = samplers.SAMPLER_NAMES
+        SCHEDULERS = samplers.SCHEDULER_NAMES
+        DISCARD_PENULTIMATE_SIGMA_SAMPLERS = {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"}
+
+    def calculate_sigmas(model_sampling, scheduler_name, steps):
+        calls.setdefault("host_schedules", []).append((scheduler_name, steps))
+        return samplers.SCHEDULER_HANDLERS[scheduler_name](model_sampling, steps)
+
+    class KSAMPLER(Sampler):
+        """The host's sampler object: its own function, its own noise handling."""
+
+        def __init__(self, name):
+            self.name, self.fn = name, samplers.HOST_SAMPLER_FUNCTIONS[name]
+
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                   disable_pbar=False):
+            calls.setdefault("host_samplers", []).append(self.name)
+            model_k = KSamplerX0Inpaint(model_wrap, sigmas)
+            model_k.latent_image, model_k.noise = latent_image, noise
+            extra_args["denoise_mask"] = denoise_mask
+            ms = model_wrap.inner_model.model_sampling
+            x = ms.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
+            out = self.fn(model_k, x, sigmas, extra_args=extra_args, disable=True)
+            return ms.inverse_noise_scaling(sigmas[-1], out)
+
+    samplers.KSampler, samplers.calculate_sigmas = KSampler, calculate_sigmas
+    samplers.sampler_object = KSAMPLER
+
     def fix_empty_latent_channels(model, latent):
+        if getattr(latent, "is_nested", False):
+            return latent
         channels = model.latent_channels
         if latent.shape[1] != channels and torch.count_nonzero(latent) == 0:
             reps = (1, math.ceil(channels / latent.shape[1])) + (1,) * (latent.ndim - 2)
@@ -167,13 +249,16 @@ def build_standin_modules():
         return callback
 
     preview.prepare_callback = prepare_callback
+    nested_tensor = types.ModuleType("comfy.nested_tensor")
+    nested_tensor.NestedTensor = NestedTensor
 
     for name, mod in (("samplers", samplers), ("model_sampling", model_sampling), ("model_patcher", model_patcher),
-                      ("sample", sample_mod), ("model_management", mm), ("utils", utils)):
+                      ("sample", sample_mod), ("model_management", mm), ("utils", utils),
+                      ("nested_tensor", nested_tensor)):
         setattr(comfy, name, mod)
     return {"comfy": comfy, "comfy.samplers": samplers, "comfy.model_sampling": model_sampling,
             "comfy.model_patcher": model_patcher, "comfy.sample": sample_mod, "comfy.model_management": mm,
-            "comfy.utils": utils, "latent_preview": preview}
+            "comfy.utils": utils, "comfy.nested_tensor": nested_tensor, "latent_preview": preview}
 
 
 class StandInModelSampling:

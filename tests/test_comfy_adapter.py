@@ -162,3 +162,203 @@ def test_node_dispatches_comfy_models_to_the_adapter(host):
     out = KSampler().sample(patcher, 2, 4, 3.0, "heun", "simple", _cond(1.0), _cond(-1.0),
                             {"samples": torch.zeros(1, 4, 8, 8)})[0]
     assert modules["comfy.samplers"].STANDIN_CALLS["sample"] == 1 and torch.isfinite(out["samples"]).all()
+
+
+# ---- names the host knows and we do not: listed after ours, run by the host's own implementation ----
+def _add_host_names(modules, monkeypatch):
+    """A host with one extra sampler (Euler, written here) and one extra scheduler (uniform in sigma)."""
+    samplers = modules["comfy.samplers"]
+
+    def host_euler(model, x, sigmas, extra_args=None, disable=None):
+        for i in range(len(sigmas) - 1):
+            denoised = model(x, sigmas[i] * x.new_ones([x.shape[0]]), **(extra_args or {}))
+            x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        return x
+
+    def host_uniform(model_sampling, steps):
+        return torch.cat([torch.linspace(float(model_sampling.sigma_max), float(model_sampling.sigma_min), steps),
+                          torch.zeros(1)])
+
+    samplers.HOST_SAMPLER_FUNCTIONS["standin_euler"] = host_euler
+    samplers.SAMPLER_NAMES.append("standin_euler")
+    samplers.SCHEDULER_HANDLERS["standin_uniform"] = host_uniform
+    monkeypatch.setattr(samplers.KSampler, "SCHEDULERS", list(samplers.SCHEDULER_HANDLERS))
+    return host_euler, host_uniform
+
+
+def test_host_only_names_are_listed_after_ours_and_labelled(host, monkeypatch):
+    modules, adapter = host
+    _add_host_names(modules, monkeypatch)
+    from ksampler.nodes import KSampler, KSamplerAdvanced
+    for node in (KSampler, KSamplerAdvanced):
+        required = node.INPUT_TYPES()["required"]
+        names, spec = required["sampler_name"]
+        assert names == list(SAMPLERS) + ["standin_euler"]
+        assert "ComfyUI's own implementation" in spec["tooltip"] and "standin_euler" in spec["tooltip"]
+        names, spec = required["scheduler"]
+        assert names == list(SCHEDULERS) + ["standin_uniform"] and "standin_uniform" in spec["tooltip"]
+    assert adapter.SamplerSelect.INPUT_TYPES()["required"]["sampler_name"][0][-1] == "standin_euler"
+    assert adapter.Scheduler.INPUT_TYPES()["required"]["scheduler"][0][-1] == "standin_uniform"
+
+
+def test_without_host_extras_the_lists_and_tooltips_are_ours(host):
+    from ksampler.nodes import KSampler, TOOLTIPS
+    required = KSampler.INPUT_TYPES()["required"]
+    assert required["sampler_name"][0] == list(SAMPLERS), "the January 2026 host's 44 names are all ours"
+    assert required["sampler_name"][1]["tooltip"] == TOOLTIPS["sampler_name"]
+
+
+def test_host_only_sampler_and_scheduler_run_the_hosts_implementation(host, monkeypatch):
+    modules, adapter = host
+    host_euler, host_uniform = _add_host_names(modules, monkeypatch)
+    from ksampler.nodes import KSampler
+    patcher = StandInModelPatcher(modules, "eps")
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    out = KSampler().sample(patcher, 9, 6, 3.0, "standin_euler", "standin_uniform", _cond(1.0), _cond(-1.0),
+                            latent)[0]["samples"]
+    calls = modules["comfy.samplers"].STANDIN_CALLS
+    assert calls["host_samplers"] == ["standin_euler"] and calls["host_schedules"] == [("standin_uniform", 6)]
+    # the same run with our euler over the host's sigmas: the host's function is Euler too, so they agree
+    ms = patcher.model_sampling_object
+    ours = adapter.common_ksampler(patcher, 9, 6, 3.0, "euler", "karras", _cond(1.0), _cond(-1.0), latent)
+    assert not torch.allclose(ours["samples"], out, atol=1e-3), "the host's scheduler, not karras, was used"
+    from ksampler.pipeline import sample
+    from analytic import GaussianCFGDenoiser
+    model = GaussianCFGDenoiser(mu_c=1.0, mu_u=-1.0, s0=0.8, cfg=3.0)
+    model.model_sampling = ms.ours
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    ref = sample(model, ms.ours, noise, torch.zeros_like(noise), host_uniform(ms, 6), None, "euler", 9)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_host_only_scheduler_follows_the_denoise_rule(host, monkeypatch):
+    modules, adapter = host
+    _add_host_names(modules, monkeypatch)
+    patcher = StandInModelPatcher(modules, "eps")
+    adapter.common_ksampler(patcher, 1, 6, 3.0, "dpm_2", "standin_uniform", _cond(1.0), _cond(-1.0),
+                            {"samples": torch.randn(1, 4, 8, 8)}, denoise=0.5)
+    # 12-step schedule (6 / 0.5), plus one for dpm_2's discarded penultimate sigma
+    assert modules["comfy.samplers"].STANDIN_CALLS["host_schedules"] == [("standin_uniform", 13)]
+    (sigmas,) = adapter.Scheduler().get_sigmas(patcher, "standin_uniform", 4, 1.0)
+    assert len(sigmas) == 5 and float(sigmas[-1]) == 0.0
+
+
+def test_host_only_sampler_from_the_interop_node_is_the_hosts_object(host, monkeypatch):
+    modules, adapter = host
+    _add_host_names(modules, monkeypatch)
+    (sampler,) = adapter.SamplerSelect().get_sampler("standin_euler")
+    assert type(sampler).__name__ == "KSAMPLER" and sampler.name == "standin_euler"
+
+
+def test_unknown_names_are_errors_and_host_names_need_a_comfy_model(host, monkeypatch):
+    modules, adapter = host
+    _add_host_names(modules, monkeypatch)
+    from analytic import analytic_model, conditioning
+    from ksampler.nodes import KSampler
+    from ksampler.validation import KSamplerInputError
+    patcher = StandInModelPatcher(modules, "eps")
+    with pytest.raises(KSamplerInputError, match="sampler_name: unknown"):
+        KSampler().sample(patcher, 1, 4, 3.0, "no_such_sampler", "karras", _cond(1.0), _cond(-1.0),
+                          {"samples": torch.zeros(1, 4, 8, 8)})
+    with pytest.raises(KSamplerInputError, match="scheduler: unknown"):
+        adapter.common_ksampler(patcher, 1, 4, 3.0, "euler", "no_such_scheduler", _cond(1.0), _cond(-1.0),
+                                {"samples": torch.zeros(1, 4, 8, 8)})
+    with pytest.raises(KSamplerInputError, match="runs only with a ComfyUI MODEL"):
+        KSampler().sample(analytic_model(), 1, 4, 3.0, "standin_euler", "karras", conditioning(1.0),
+                          conditioning(-1.0), {"samples": torch.zeros(1, 4, 8, 8)})
+
+
+def test_headless_unknown_name_stays_an_error():
+    """Outside ComfyUI there is no host to run a name we lack."""
+    from analytic import analytic_model, conditioning
+    from ksampler.nodes import KSampler
+    from ksampler.validation import KSamplerInputError
+    assert "comfy.samplers" not in sys.modules
+    with pytest.raises(KSamplerInputError, match="unknown sampler 'standin_euler'"):
+        KSampler().sample(analytic_model(), 1, 4, 3.0, "standin_euler", "karras", conditioning(1.0),
+                          conditioning(-1.0), {"samples": torch.zeros(1, 4, 8, 8)})
+
+
+# ---- nested latents (LTX-2 audio + video) through the host ----
+def _nested_latent(modules, mask=False):
+    nested = modules["comfy.nested_tensor"].NestedTensor
+    video = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    audio = torch.randn(1, 4, 5, 16, generator=torch.Generator().manual_seed(1))
+    latent = {"samples": nested((video, audio))}
+    if mask:
+        video_mask, audio_mask = torch.ones_like(video), torch.ones_like(audio)
+        video_mask[:, :, 0] = 0.0
+        audio_mask[:, :, :2] = 0.0
+        latent["noise_mask"] = nested((video_mask, audio_mask))
+    return latent, video, audio
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m_sde", "euler_ancestral"])
+def test_nested_latent_samples_stream_by_stream_with_masks(host, sampler):
+    modules, adapter = host
+    latent, video, audio = _nested_latent(modules, mask=True)
+    out = adapter.common_ksampler(StandInModelPatcher(modules), 3, 5, 3.0, sampler, "karras", _cond(1.0),
+                                  _cond(-1.0), latent)["samples"]
+    assert getattr(out, "is_nested", False) and [t.shape for t in out.unbind()] == [video.shape, audio.shape]
+    out_video, out_audio = out.unbind()
+    assert torch.allclose(out_video[:, :, 0], video[:, :, 0], atol=1e-5)
+    assert torch.allclose(out_audio[:, :, :2], audio[:, :, :2], atol=1e-5)
+    assert not torch.allclose(out_video[:, :, 1], video[:, :, 1], atol=1e-2)
+    assert torch.equal(latent["samples"].unbind()[0], video), "the input latent is not modified"
+
+
+def test_nested_initial_noise_is_drawn_stream_after_stream_from_one_generator(host):
+    """ComfyUI's prepare_noise: one generator seeded with the seed, the streams drawn in order."""
+    modules, adapter = host
+    latent, video, audio = _nested_latent(modules)
+    seen = {}
+    real_sample = modules["comfy.samplers"].sample
+
+    def spy(model, noise, *args, **kwargs):
+        seen["noise"] = [t.clone() for t in noise.unbind()]
+        return real_sample(model, noise, *args, **kwargs)
+    modules["comfy.samplers"].sample = spy
+    adapter.common_ksampler(StandInModelPatcher(modules), 11, 2, 3.0, "euler", "karras", _cond(1.0), _cond(-1.0),
+                            latent)
+    gen = torch.Generator().manual_seed(11)
+    assert torch.equal(seen["noise"][0], torch.randn(video.shape, generator=gen))
+    assert torch.equal(seen["noise"][1], torch.randn(audio.shape, generator=gen))
+
+
+def test_nested_latent_is_refused_headless_and_checked_stream_by_stream(host):
+    modules, adapter = host
+    from analytic import analytic_model, conditioning
+    from ksampler.nodes import KSampler
+    from ksampler.validation import KSamplerInputError
+    latent, video, audio = _nested_latent(modules)
+    with pytest.raises(KSamplerInputError, match="only inside ComfyUI"):
+        KSampler().sample(analytic_model(), 1, 4, 3.0, "euler", "karras", conditioning(1.0), conditioning(-1.0),
+                          latent)
+    nested = modules["comfy.nested_tensor"].NestedTensor
+    bad = {"samples": nested((video, audio.clone().fill_(float("nan"))))}
+    with pytest.raises(KSamplerInputError, match=r"\['samples'\]\[1\]: contains NaN"):
+        adapter.common_ksampler(StandInModelPatcher(modules), 1, 4, 3.0, "euler", "karras", _cond(1.0), _cond(-1.0),
+                                bad)
+    two = {"samples": nested((video, torch.zeros(2, 4, 5, 16)))}
+    with pytest.raises(KSamplerInputError, match="different batch sizes"):
+        adapter.common_ksampler(StandInModelPatcher(modules), 1, 4, 3.0, "euler", "karras", _cond(1.0), _cond(-1.0),
+                                two)
+
+
+@pytest.mark.parametrize("cfg", [3.0, 1.0])
+def test_cfgpp_ud10_ab_through_the_host_equals_the_core(host, cfg):
+    """cfgpp_ud10_ab reads the unconditional estimate through the host's post-CFG hook; at cfg 1 it keeps the
+    host's shortcut (no negative pass; the conditional estimate stands in), like the core."""
+    modules, adapter = host
+    from ksampler.pipeline import sample
+    from analytic import GaussianCFGDenoiser
+    patcher = StandInModelPatcher(modules, "eps")
+    out = adapter.common_ksampler(patcher, 9, 8, cfg, "cfgpp_ud10_ab", "normal", _cond(1.0), _cond(-1.0),
+                                  {"samples": torch.zeros(1, 4, 8, 8)})["samples"]
+    model = GaussianCFGDenoiser(mu_c=1.0, mu_u=-1.0 if cfg != 1.0 else 1.0, s0=0.8, cfg=cfg)
+    ms = patcher.model_sampling_object.ours
+    model.model_sampling = ms
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    ref = sample(model, ms, noise, torch.zeros_like(noise), sampling_sigmas(ms, "normal", 8), None,
+                 "cfgpp_ud10_ab", 9)
+    assert torch.allclose(out, ref, atol=1e-5)

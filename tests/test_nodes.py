@@ -42,7 +42,7 @@ def test_ksampler_input_contract():
         assert req[name][0] == "CONDITIONING"
     assert req["latent_image"][0] == "LATENT"
     samplers, schedulers = req["sampler_name"][0], req["scheduler"][0]
-    assert samplers[:44] == list(COMFY_SAMPLER_NAMES) and samplers == list(SAMPLERS)
+    assert samplers[:45] == list(COMFY_SAMPLER_NAMES) and samplers == list(SAMPLERS)
     assert schedulers[:9] == list(COMFY_SCHEDULER_NAMES) and schedulers == list(SCHEDULERS)
     for name, value in req.items():
         assert value[1].get("tooltip"), f"{name} needs a tooltip"

@@ -31,11 +31,11 @@ def test_comfy_names_first_in_order():
                 "exp_heun_2_x0_sde dpm_2 dpm_2_ancestral lms dpm_fast dpm_adaptive dpmpp_2s_ancestral "
                 "dpmpp_2s_ancestral_cfg_pp dpmpp_sde dpmpp_sde_gpu dpmpp_2m dpmpp_2m_cfg_pp dpmpp_2m_sde "
                 "dpmpp_2m_sde_gpu dpmpp_2m_sde_heun dpmpp_2m_sde_heun_gpu dpmpp_3m_sde dpmpp_3m_sde_gpu ddpm lcm "
-                "ipndm ipndm_v deis res_multistep res_multistep_cfg_pp res_multistep_ancestral "
+                "ipndm ipndm_v deis cfgpp_ud10_ab res_multistep res_multistep_cfg_pp res_multistep_ancestral "
                 "res_multistep_ancestral_cfg_pp gradient_estimation gradient_estimation_cfg_pp er_sde seeds_2 "
                 "seeds_3 sa_solver sa_solver_pece ddim uni_pc uni_pc_bh2").split()
     assert list(COMFY_SAMPLER_NAMES) == expected
-    assert ALL_SAMPLERS[:44] == expected
+    assert ALL_SAMPLERS[:45] == expected
     assert list(COMFY_SCHEDULER_NAMES) == ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta",
                                            "normal", "linear_quadratic", "kl_optimal"]
     assert ALL_SCHEDULERS[:9] == list(COMFY_SCHEDULER_NAMES)

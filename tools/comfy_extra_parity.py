@@ -5,6 +5,11 @@
 * video: a tiny random-weight Wan 2.1 model (built here, 2 blocks of width 128) samples a 5-D latent
   [1, 16, 3, 8, 8] through our KSampler and through the built-in one: txt2vid, vid2vid at denoise 0.6, and a
   per-frame noise mask, for several samplers and schedulers;
+* audio + video: a tiny random-weight LTX-2 (LTXAV) model samples a nested latent (video [1, 128, 2, 4, 4] +
+  audio [1, 8, 5, 16], ComfyUI's NestedTensor) through both KSamplers: txt2av, av2av at denoise 0.6, and a nested
+  noise mask, for 12 samplers and 3 schedulers;
+* host names: the host patched with a sampler and a scheduler name we lack (its own dpmpp_2m and beta under new
+  names); our KSampler lists them after ours and runs the host's implementations (run last: it patches the host);
 * SamplerCustom: ComfyUI's SamplerCustom node driven by our SamplerSelect + Scheduler nodes against
   KSamplerSelect + BasicScheduler, on the harness's tiny SD1.5 (eps) and SD3 (flow) checkpoints.
 
@@ -20,7 +25,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HARNESS = os.path.join(os.path.dirname(ROOT), "shared", "comfyui")
+HARNESS = os.environ.get("COMFY_HARNESS") or os.path.join(os.path.dirname(ROOT), "shared", "comfyui")
 
 
 def load_pack():
@@ -81,6 +86,60 @@ def video_cases(nodes, ours, quick):
                 yield f"wan21 {sampler} {scheduler} {mode} {tuple(out.shape)}", relative_diff(ref, out)
 
 
+LTXAV_CONFIG = dict(in_channels=128, audio_in_channels=128, cross_attention_dim=32, audio_cross_attention_dim=32,
+                    attention_head_dim=16, audio_attention_head_dim=16, num_attention_heads=2,
+                    audio_num_attention_heads=2, caption_channels=64, num_layers=1)
+
+
+def tiny_ltxav():
+    """A random-weight LTX-2 audio+video model patcher (LTXAV: 1 block, width 32 per stream; weights N(0, 0.02))."""
+    import torch
+    import comfy.ops
+    import comfy.sd
+    from comfy.ldm.lightricks.av_model import LTXAVModel
+    gen = torch.Generator().manual_seed(0)
+    net = LTXAVModel(**LTXAV_CONFIG, operations=comfy.ops.disable_weight_init)
+    state = {k: torch.randn(v.shape, generator=gen) * 0.02 if v.is_floating_point() else v
+             for k, v in net.state_dict().items()}
+    return comfy.sd.load_diffusion_model_state_dict(state, metadata={"config": json.dumps({"transformer": LTXAV_CONFIG})})
+
+
+def nested_relative_diff(ref, out) -> float:
+    """The worst stream's max |ours - built-in| / std(built-in stream) of two nested (audio + video) latents."""
+    if type(out).__name__ != "NestedTensor" or len(out.tensors) != len(ref.tensors):
+        return float("inf")
+    return max(relative_diff(r, o) for r, o in zip(ref.tensors, out.tensors))
+
+
+def ltxav_cases(nodes, ours, quick):
+    """LTX-2 nested latents (video [1, 128, 2, 4, 4] + audio [1, 8, 5, 16]): txt2av, av2av at denoise 0.6, and a
+    nested noise mask that keeps the first video frame and the first audio steps."""
+    import torch
+    import comfy.nested_tensor
+    nested = comfy.nested_tensor.NestedTensor
+    patcher = tiny_ltxav()
+    pos = [[torch.randn(1, 8, 2 * LTXAV_CONFIG["caption_channels"], generator=torch.Generator().manual_seed(1)), {}]]
+    neg = [[torch.randn(1, 8, 2 * LTXAV_CONFIG["caption_channels"], generator=torch.Generator().manual_seed(2)), {}]]
+    video = torch.randn(1, 128, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    audio = torch.randn(1, 8, 5, 16, generator=torch.Generator().manual_seed(4))
+    video_mask, audio_mask = torch.ones_like(video), torch.ones_like(audio)
+    video_mask[:, :, 0] = 0.0
+    audio_mask[:, :, :2] = 0.0
+    latents = [("txt2av", {"samples": nested((torch.zeros_like(video), torch.zeros_like(audio)))}, 1.0),
+               ("av2av", {"samples": nested((video, audio))}, 0.6),
+               ("mask", {"samples": nested((video, audio)), "noise_mask": nested((video_mask, audio_mask))}, 1.0)]
+    samplers = ["euler", "dpmpp_2m_sde", "uni_pc"] if quick else \
+        ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "res_multistep", "er_sde", "deis",
+         "lcm", "euler_cfg_pp", "ddim"]
+    for sampler in samplers:
+        for scheduler in (["karras"] if quick else ["simple", "karras", "beta"]):
+            for mode, latent, denoise in latents:
+                args = (patcher, 5, 4, 4.0, sampler, scheduler, pos, neg, latent, denoise)
+                ref = nodes.KSampler().sample(*args)[0]["samples"]
+                out = ours["ksampler_KSampler"]().sample(*args)[0]["samples"]
+                yield f"ltxav {sampler} {scheduler} {mode}", nested_relative_diff(ref, out)
+
+
 def custom_sampler_cases(nodes, ours, models_dir, quick):
     import torch
     import comfy_extras.nodes_custom_sampler as custom
@@ -112,12 +171,56 @@ def custom_sampler_cases(nodes, ours, models_dir, quick):
                 yield f"SamplerCustom {key} {sampler} {scheduler}", relative_diff(ref, out)
 
 
+def host_name_cases(nodes, ours, models_dir, quick):
+    """Names the host has and we do not: the host is patched with an extra sampler (its own dpmpp_2m under a new
+    name) and an extra scheduler (its own beta under a new name). Our node must list them, label them in the
+    tooltip, and run the host's implementations: the same latent as the built-in KSampler given those names."""
+    import functools
+    import torch
+    import comfy.k_diffusion.sampling as kds
+    import comfy.samplers
+    sys.path.insert(0, HARNESS)
+    from harness_nodes import random_conditioning
+    kds.sample_host_only_dpmpp_2m = kds.sample_dpmpp_2m
+    for names in (comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES):
+        if "host_only_dpmpp_2m" not in names:
+            names.append("host_only_dpmpp_2m")
+    comfy.samplers.SCHEDULER_HANDLERS["host_only_beta"] = comfy.samplers.SchedulerHandler(
+        functools.partial(comfy.samplers.beta_scheduler))
+    if "host_only_beta" not in comfy.samplers.SCHEDULER_NAMES:
+        comfy.samplers.SCHEDULER_NAMES.append("host_only_beta")
+    required = ours["ksampler_KSampler"].INPUT_TYPES()["required"]
+    listed = required["sampler_name"][0][-1] == "host_only_dpmpp_2m" and \
+        required["scheduler"][0][-1] == "host_only_beta" and \
+        "host_only_dpmpp_2m" in required["sampler_name"][1]["tooltip"] and \
+        "host_only_beta" in required["scheduler"][1]["tooltip"]
+    yield "host names listed after ours and named in the tooltips", 0.0 if listed else float("inf")
+    with open(os.path.join(models_dir, "tiny_models.json")) as f:
+        manifest = json.load(f)["models"]
+    for key in ("sd15_eps", "sd3_flow"):
+        spec = manifest[key]
+        model = nodes.CheckpointLoaderSimple().load_checkpoint(spec["checkpoint"])[0]
+        pos = random_conditioning(101, spec["cond_tokens"], spec["cond_dim"], spec["pooled_dim"])
+        neg = random_conditioning(202, spec["cond_tokens"], spec["cond_dim"], spec["pooled_dim"])
+        image = torch.randn(1, spec["latent_channels"], 8, 8, generator=torch.Generator().manual_seed(5))
+        for sampler, scheduler in (("host_only_dpmpp_2m", "karras"), ("euler", "host_only_beta"),
+                                   ("host_only_dpmpp_2m", "host_only_beta")):
+            for mode, latent, denoise in (("t2i", {"samples": torch.zeros(1, spec["latent_channels"], 8, 8)}, 1.0),
+                                          ("i2i", {"samples": image}, 0.6)):
+                args = (model, 7, 6, 4.0, sampler, scheduler, pos, neg, latent, denoise)
+                ref = nodes.KSampler().sample(*args)[0]["samples"]
+                out = ours["ksampler_KSampler"]().sample(*args)[0]["samples"]
+                yield f"host names {key} {sampler} {scheduler} {mode}", relative_diff(ref, out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--comfyui-dir", default=os.environ.get("COMFYUI_DIR", "/tmp/comfy/ComfyUI"))
     ap.add_argument("--models-dir", default=os.environ.get("COMFY_MODELS", "/tmp/comfy/models"))
     ap.add_argument("--tol", type=float, default=1e-4, help="max |ours - built-in| / std(built-in)")
     ap.add_argument("--quick", action="store_true", help="a few samplers and one scheduler")
+    ap.add_argument("--cases", default="wan,ltxav,custom,hostnames",
+                    help="comma list of: wan, ltxav, custom, hostnames (the last patches the host: keep it last)")
     a = ap.parse_args(argv)
     sys.path.insert(0, HARNESS)
     import harness_env
@@ -127,9 +230,11 @@ def main(argv=None) -> int:
     import comfy.utils
     comfy.utils.PROGRESS_BAR_ENABLED = False
     ours = load_pack()
+    groups = {"wan": lambda: video_cases(nodes, ours, a.quick), "ltxav": lambda: ltxav_cases(nodes, ours, a.quick),
+              "custom": lambda: custom_sampler_cases(nodes, ours, a.models_dir, a.quick),
+              "hostnames": lambda: host_name_cases(nodes, ours, a.models_dir, a.quick)}
     results = []
-    for label, diff in list(video_cases(nodes, ours, a.quick)) + \
-            list(custom_sampler_cases(nodes, ours, a.models_dir, a.quick)):
+    for label, diff in (case for group in a.cases.split(",") for case in groups[group.strip()]()):
         results.append((label, diff))
         print(f"{label:60s} {diff:.2e} {'OK' if diff <= a.tol else 'DIFF'}", flush=True)
     bad = [label for label, diff in results if not diff <= a.tol]
