@@ -28,8 +28,8 @@ def test_ksampler_input_contract():
                          "latent_image", "denoise"]
     assert set(spec) == {"required", "optional"}
     assert list(spec["optional"]) == ["calibration"]  # optional, after every ComfyUI input
+    assert spec["optional"]["calibration"][0] == "KSAMPLER_CALIBRATION"
     assert req["model"][0] == "MODEL,KSAMPLER_BUNDLED_MODEL"  # ComfyUI's MODEL or the bundled one
-    assert req["model"][0] == "MODEL"
     assert req["seed"][0] == "INT"
     assert req["seed"][1] == {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                               "tooltip": req["seed"][1]["tooltip"]}
