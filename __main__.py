@@ -68,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefix", default="ksampler", help="file name prefix (default ksampler)")
     g.add_argument("--scale", type=_positive_int, default=1, help="save PNGs enlarged this many times (nearest)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    c = g.add_argument_group("controls (all off by default: the plain KSampler's images)")
+    c.add_argument("--variation-seed", type=_seed, default=None,
+                   help="a second seed whose noise is mixed in (A1111-style variations)")
+    c.add_argument("--variation-strength", type=float, default=0.0,
+                   help="0..1, variance-preserving: 0 = the seed's image, 1 = the variation seed's (default 0)")
+    c.add_argument("--cfg-interval", type=float, nargs=2, metavar=("SIGMA_LOW", "SIGMA_HIGH"), default=None,
+                   help="apply cfg only while SIGMA_LOW <= sigma <= SIGMA_HIGH, cfg 1 (no negative pass) outside "
+                        "(Kynkaanniemi et al. 2024)")
+    c.add_argument("--cfg-ramp-end", type=float, default=None,
+                   help="ramp cfg linearly from --cfg at the first step to this value at the last")
+    c.add_argument("--cfg-stop-at", type=float, default=1.0,
+                   help="fraction of the steps after which cfg is 1 (default 1: never)")
+    c.add_argument("--sampler-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an option of the sampler, repeatable: eta=0.5, s_noise=1.02, s_churn=0.3, "
+                        "solver_type=ODE (er_sde), restart_k=3 ...")
+    c.add_argument("--preview-steps", default=None, metavar="PNG",
+                   help="also write a contact sheet of the denoised estimate at every step (rows: images, "
+                        "columns: steps)")
 
     r = sub.add_parser("run", help="run a ComfyUI API-format workflow JSON made of this pack's nodes")
     r.add_argument("workflow", help="e.g. workflows/text_to_image.json")
@@ -92,6 +110,55 @@ def _check_generate(args) -> None:
             raise KSamplerInputError(f"--{name}: must be a multiple of {SIZE_MULTIPLE}, got {value}")
     if args.batch_size > 256:
         raise KSamplerInputError(f"--batch-size: at most 256, got {args.batch_size}")
+    if not 0.0 <= args.variation_strength <= 1.0:
+        raise KSamplerInputError(f"--variation-strength: must be between 0 and 1, got {args.variation_strength}")
+    if args.variation_strength > 0 and args.variation_seed is None:
+        raise KSamplerInputError("--variation-strength: needs --variation-seed")
+
+
+def _controls(args) -> dict:
+    """ksample keyword arguments for the control flags (empty when none is given)."""
+    from .conditioning import GuidanceSchedule
+    from .samplers.options import parse_options, resolve_sampler_options
+    kw = {}
+    if args.variation_seed is not None and args.variation_strength > 0:
+        kw.update(variation_seed=args.variation_seed, variation_strength=args.variation_strength)
+    low, high = args.cfg_interval if args.cfg_interval else (0.0, 10000.0)
+    try:
+        schedule = GuidanceSchedule.from_inputs(low, high, "linear" if args.cfg_ramp_end is not None else "constant",
+                                                1.0 if args.cfg_ramp_end is None else args.cfg_ramp_end,
+                                                args.cfg_stop_at)
+    except KSamplerInputError as e:
+        flag = {"cfg_sigma_min": "--cfg-interval", "cfg_sigma_max": "--cfg-interval", "cfg_ramp_end": "--cfg-ramp-end",
+                "cfg_stop_at": "--cfg-stop-at"}
+        text = str(e)
+        for name, option in flag.items():
+            text = text.replace(name, option, 1) if text.startswith(name) else text
+        raise KSamplerInputError(text) from None
+    if schedule is not None:
+        kw["guidance_schedule"] = schedule
+    if args.sampler_option:
+        options = parse_options(args.sampler_option)
+        resolve_sampler_options(args.sampler, options)
+        kw["sampler_options"] = options
+    return kw
+
+
+class _StepSheet:
+    """Collects the denoised estimate of every step and writes them as one contact sheet (rows: images)."""
+
+    def __init__(self, path: str, vae, latent_format):
+        self.path, self.vae, self.fmt = path, vae, latent_format
+        self.frames: list = []
+
+    def __call__(self, step, denoised, x, total):
+        self.frames.append(denoised.detach().float().cpu().clone())
+
+    def write(self, scale: int) -> str:
+        from .bundled.images import image_grid, save_png
+        decoded = [self.vae.decode(self.fmt.process_out(frame)) for frame in self.frames]
+        rows = [[images[k] for images in decoded] for k in range(decoded[0].shape[0])]
+        return save_png(image_grid(rows), self.path, scale=scale)
 
 
 class _Progress:
@@ -142,19 +209,39 @@ def generate(args) -> list:
     latent = {"samples": samples}
     rng = random.Random(args.seed)   # randomize: reproducible from the starting seed
     seed, written = args.seed, []
+    controls = _controls(args)
     for run in range(args.runs):
         progress = _Progress(args.steps, f"run {run + 1}/{args.runs} seed {seed}", not args.no_progress)
+        callback = progress
+        sheet = None
+        if args.preview_steps:
+            sheet = _StepSheet(args.preview_steps if args.runs == 1 else
+                               args.preview_steps.replace(".png", "") + f"_{run + 1}.png", vae, model.latent_format)
+
+            def callback(step, denoised, x, total, sheet=sheet):
+                progress(step, denoised, x, total)
+                sheet(step, denoised, x, total)
         try:
             out = ksample(model, seed, args.steps, args.cfg, args.sampler, args.scheduler, positive, negative,
-                          latent, denoise, callback=progress, reference_mode=default_reference_mode())
+                          latent, denoise, callback=callback, reference_mode=default_reference_mode(),
+                          preview="denoised" if sheet else "default", **controls)
         finally:
             progress.close()
+        if sheet is not None and sheet.frames:
+            print(f"{sheet.write(args.scale)}  denoised estimate per step ({len(sheet.frames)} steps)", flush=True)
         images = vae.decode(out["samples"])
         for k, image in enumerate(images):
             path = next_free_path(args.out, args.prefix)
             meta = {"prompt": args.prompt, "negative": args.negative, "seed": seed, "batch_index": k,
                     "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "scheduler": args.scheduler,
                     "denoise": denoise, "model": kind, "init_image": args.init_image}
+            meta.update({k: v for k, v in (("variation_seed", args.variation_seed),
+                                           ("variation_strength", args.variation_strength),
+                                           ("cfg_interval", args.cfg_interval), ("cfg_ramp_end", args.cfg_ramp_end),
+                                           ("cfg_stop_at", args.cfg_stop_at),
+                                           ("sampler_options", controls.get("sampler_options")))
+                         if v is not None and not (k == "cfg_stop_at" and v == 1.0)
+                         and not (k == "variation_strength" and v == 0.0)})
             save_png(image, path, {"parameters": json.dumps(meta)}, args.scale)
             written.append((path, seed, k))
             print(f"{path}  seed={seed}  batch_index={k}", flush=True)

@@ -27,14 +27,16 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
+from .conditioning.schedule import CfgOfSigma, GuidanceSchedule
 from .models.sampling import Flow, ModelSampling
 from .samplers import SAMPLERS, sampler_traits
+from .samplers.options import resolve_sampler_options
 from .node_schema import In, NodeSpec, Out, v1_node
 from .nodes import (FLOW_GEOMETRY_CHOICES, NOISE_OPTION_INPUTS, sampler_choices, sampler_name_tooltip,
                     scheduler_choices, scheduler_tooltip)
-from .samplers.noise import initial_noise, initial_noise_streams
+from .samplers.noise import check_variation, initial_noise, initial_noise_streams, variation_noise
 from .samplers.reference import default_reference_mode, reference_mode_from_input
-from .sampling_pass import NoiseOptions, run_sampler
+from .sampling_pass import NoiseOptions, check_preview, run_sampler
 from .schedulers import SCHEDULERS, ksampler_sigmas, sampling_sigmas
 from .comfy_checks import HostOutputGuard, check_host_graph, model_label
 from .guard import StepGuard
@@ -107,6 +109,7 @@ class HostDenoiser:
         self.model_sampling = model_sampling
         self.guard = guard
         self._uncond = None
+        self.last_denoised = None   # the latest model evaluation's denoised estimate (previews)
         self._cfg_pp_options = comfy.model_patcher.set_model_options_post_cfg_function(
             extra_args.get("model_options", {}).copy(), self._capture_uncond, disable_cfg1_optimization=True)
         # with the host's cfg = 1 shortcut kept, no unconditional pass runs and the conditional one stands in
@@ -122,7 +125,8 @@ class HostDenoiser:
         return args["denoised"]
 
     def __call__(self, x, sigma, **extra_args):
-        return self.guard.check(self.model_k(x, sigma, **extra_args), x, sigma)
+        self.last_denoised = self.guard.check(self.model_k(x, sigma, **extra_args), x, sigma)
+        return self.last_denoised
 
     def denoise_with_uncond(self, x, sigma, cfg1_shortcut=False, **extra_args):
         extra = dict(extra_args)
@@ -130,6 +134,7 @@ class HostDenoiser:
         self._uncond = None
         denoised = self.guard.check(self.model_k(x, sigma, **extra), x, sigma)
         uncond = self._uncond if self._uncond is not None else denoised
+        self.last_denoised = denoised
         return denoised, uncond
 
 
@@ -143,7 +148,9 @@ class RegistrySampler(comfy.samplers.Sampler):
         self.noise_options = noise_options or NoiseOptions()
         self.reference_mode = reference_mode
         self.options = dict(options or {})
+        resolve_sampler_options(name, self.options)   # fail early, naming the option and the sampler
         self.batch_index = None  # per-item noise streams follow these indices (batch-invariant noise)
+        self.preview = "default"  # what the step callback shows: the sampler's report, "denoised" or "noisy"
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -175,7 +182,8 @@ class RegistrySampler(comfy.samplers.Sampler):
             samples, final_sigma = run_sampler(
                 self.name, HostDenoiser(model_k, host_model_sampling(host_ms), extra_args, step_guard), x, sigmas,
                 seed=seed, extra_args=extra_args, noise_options=self.noise_options, batch_index=self.batch_index,
-                reference_mode=self.reference_mode, options=self.options, on_step=on_step, disable=disable_pbar)
+                reference_mode=self.reference_mode, options=self.options, on_step=on_step, disable=disable_pbar,
+                preview=self.preview)
         last = sigmas[-1] if final_sigma is None else torch.tensor(final_sigma, device=sigmas.device,
                                                                    dtype=sigmas.dtype)
         return host_ms.inverse_noise_scaling(last, samples)
@@ -219,12 +227,61 @@ def resolve_names(sampler_name: str, scheduler: str) -> tuple[bool, bool]:
             raise KSamplerInputError(f"{key}: unknown name {name!r}; choose one of: "
                                      f"{', '.join(list(ours) + host())}")
     return host_sampler, host_scheduler
+class ScheduledCFGGuider(comfy.samplers.CFGGuider):
+    """The host's CFG guider with the scale read from a guidance schedule at every model call.
+
+    Where the schedule gives 1 the host's cfg-1 shortcut skips the negative pass.
+    """
+
+    def __init__(self, model_patcher, cfg_of: CfgOfSigma):
+        super().__init__(model_patcher)
+        self.cfg_of = cfg_of
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        cfg = self.cfg_of(float(timestep.reshape(-1)[0]))
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, self.conds.get("negative", None),
+                                                self.conds.get("positive", None), cfg, model_options=model_options,
+                                                seed=seed)
+
+
+def _host_sample(model, noise, positive, negative, cfg, sampler, sigmas, latent_image, noise_mask, callback,
+                 seed, guidance_schedule: GuidanceSchedule | None):
+    """comfy.samplers.sample, or a ScheduledCFGGuider's sample when the guidance schedule is not the default."""
+    disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
+    sigmas = sigmas.to(model.load_device)
+    if guidance_schedule is None or guidance_schedule.is_default:
+        return comfy.samplers.sample(model, noise, positive, negative, cfg, model.load_device, sampler, sigmas,
+                                     model_options=model.model_options, latent_image=latent_image,
+                                     denoise_mask=noise_mask, callback=callback, disable_pbar=disable_pbar, seed=seed)
+    guider = ScheduledCFGGuider(model, guidance_schedule.bind(sigmas.tolist(), cfg))
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider.sample(noise, latent_image, sampler, sigmas, denoise_mask=noise_mask, callback=callback,
+                         disable_pbar=disable_pbar, seed=seed)
+
+
+def _initial_noise(latent_image, seed, batch_index, add_noise, per_item, variation_seed, variation_strength):
+    """The seeded initial noise (one stream per nested latent stream), with the variation seed mixed in."""
+    if getattr(latent_image, "is_nested", False):
+        # several streams (LTX-2: video + audio): the host packs them, and unpacks the result, around the sampler
+        if variation_seed is not None and add_noise:
+            raise KSamplerInputError("variation_strength: variation seeds are not supported for nested (video + "
+                                     "audio) latents; set variation_strength to 0")
+        from comfy.nested_tensor import NestedTensor
+        return NestedTensor(initial_noise_streams(latent_image.unbind(), seed, batch_index, add_noise, per_item))
+    noise = initial_noise(latent_image, seed, batch_index, add_noise, per_item)
+    if not add_noise:
+        return noise
+    return variation_noise(noise, latent_image, variation_seed, variation_strength, batch_index, per_item)
 
 
 def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0,
                     add_noise=True, start_step=None, last_step=None, force_full_denoise=False,
                     noise_options: NoiseOptions | None = None, reference_mode: bool = False,
-                    scheduler_options: dict | None = None, compat: bool | None = None, calibration=None):
+                    scheduler_options: dict | None = None, compat: bool | None = None, calibration=None,
+                    sampler_options: dict | None = None, variation_seed: int | None = None,
+                    variation_strength: float = 0.0, guidance_schedule: GuidanceSchedule | None = None,
+                    preview: str = "default"):
     """The built-in KSampler's flow with our schedules, samplers and noise; returns a new latent dict.
 
     reference_mode (formerly ``compat``): run ComfyUI's own form of the samplers in ``samplers.reference``.
@@ -232,19 +289,15 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
     reference_mode = bool(compat) if compat is not None else reference_mode
     import latent_preview
 
+    check_preview(preview)
     noise_options = noise_options or NoiseOptions()
     host_sampler, host_scheduler = resolve_names(sampler_name, scheduler)
     reads_uncond = False if host_sampler else sampler_traits(sampler_name).cfg_pp
     samples, batch_index, noise_mask = check_host_graph(model, positive, negative, latent, cfg, reads_uncond)
     negative = [] if negative is None else negative  # allowed at cfg 1, where the host never evaluates it
     latent_image = comfy.sample.fix_empty_latent_channels(model, samples)
-    if getattr(latent_image, "is_nested", False):
-        # several streams (LTX-2: video + audio): the host packs them, and unpacks the result, around the sampler
-        from comfy.nested_tensor import NestedTensor
-        noise = NestedTensor(initial_noise_streams(
-            latent_image.unbind(), seed, batch_index, add_noise, noise_options.batch_invariant))
-    else:
-        noise = initial_noise(latent_image, seed, batch_index, add_noise, noise_options.batch_invariant)
+    noise = _initial_noise(latent_image, seed, batch_index, add_noise, noise_options.batch_invariant,
+                           check_variation(variation_seed, variation_strength), variation_strength)
     if host_sampler:
         discard = sampler_name in getattr(comfy.samplers.KSampler, "DISCARD_PENULTIMATE_SIGMA_SAMPLERS", ())
     else:
@@ -265,19 +318,17 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
         return out
 
     callback = latent_preview.prepare_callback(model, steps)
-    disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
     if calibration is not None:
         from .comfy_calibration import CalibratedSampler
         sampler = CalibratedSampler(calibration)
     elif host_sampler:  # the host's own implementation: our noise options do not apply to it
         sampler = comfy.samplers.sampler_object(sampler_name)
     else:
-        sampler = RegistrySampler(sampler_name, noise_options, reference_mode)
+        sampler = RegistrySampler(sampler_name, noise_options, reference_mode, sampler_options)
+        sampler.preview = preview
     sampler.batch_index = batch_index
-    result = comfy.samplers.sample(model, noise, positive, negative, cfg, model.load_device, sampler,
-                                   sigmas.to(model.load_device), model_options=model.model_options,
-                                   latent_image=latent_image, denoise_mask=noise_mask, callback=callback,
-                                   disable_pbar=disable_pbar, seed=seed)
+    result = _host_sample(model, noise, positive, negative, cfg, sampler, sigmas, latent_image, noise_mask, callback,
+                          seed, guidance_schedule)
     out["samples"] = result.to(comfy.model_management.intermediate_device())
     return out
 

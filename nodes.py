@@ -14,14 +14,20 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .conditioning.schedule import RAMPS, SIGMA_UNBOUNDED, GuidanceSchedule
 from .node_schema import In, NodeSpec, Out, v1_node, v3_node
 from .graph_checks import BUNDLED_MODEL_TYPE
 from .samplers import COMFY_SAMPLER_NAMES, SAMPLERS
 from .samplers.reference import default_reference_mode, reference_mode_from_input
+from .sampling_pass import PREVIEWS, check_preview
 from .schedulers import COMFY_SCHEDULER_NAMES, SCHEDULERS
+from .twomodel import SWITCH_MODES, WAN22_BOUNDARY
 from .validation import MAX_SEED, MAX_STEPS, KSamplerInputError, check_sampler_args
 
-__all__ = ["KSampler", "KSamplerAdvanced", "NODES", "NODE_TABLE", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS",
+SAMPLER_OPTIONS_TYPE = "KSAMPLER_OPTIONS"
+
+__all__ = ["KSampler", "KSamplerAdvanced", "KSamplerTwoModels", "SamplerOptions", "NODES", "NODE_TABLE",
+           "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS",
            "is_comfy_model", "v3_nodes"]
 
 CATEGORY = "sampling"
@@ -71,6 +77,19 @@ TOOLTIPS = {
                      "samplers the flow noise geometry; 'comfyui' reproduces ComfyUI, which runs them with VE "
                      "geometry (and also uses ComfyUI's lms weights and dpmpp_2s_ancestral_cfg_pp re-noising on "
                      "any model); 'default' follows KSAMPLER_FLOW_GEOMETRY (exact unless set).",
+    "variation_seed": "A second seed whose noise is mixed into the seed's (A1111-style variations of one image).",
+    "variation_strength": "How much of the variation seed's noise to mix in, variance-preserving: 0 is the seed's "
+                          "image, 1 the variation seed's; 0.05-0.3 gives small variations.",
+    "cfg_sigma_min": "Guidance interval: CFG applies only while sigma >= this (cfg 1 below it, which skips the "
+                     "negative pass and saves time). 0 = no lower bound.",
+    "cfg_sigma_max": "Guidance interval: CFG applies only while sigma <= this (cfg 1 above it). Kynkaanniemi et al. "
+                     "2024 limit guidance to the middle noise levels. 10000 = no upper bound.",
+    "cfg_ramp": "'linear' ramps cfg from the cfg input at the first step to cfg_ramp_end at the last.",
+    "cfg_ramp_end": "The cfg at the last step when cfg_ramp is 'linear'.",
+    "cfg_stop_at": "Fraction of the steps after which cfg drops to 1 (the negative pass is skipped). 1 = never.",
+    "sampler_options": "Options of the chosen sampler (eta, s_noise, s_churn, ...), from a Sampler Options+ node.",
+    "preview": "What the progress preview shows: 'default' (the sampler's report, the host's behaviour), "
+               "'denoised' (the latest denoised estimate of the model) or 'noisy' (the current noisy latent).",
 }
 
 
@@ -113,6 +132,22 @@ def sampler_name_tooltip() -> str:
 
 def scheduler_tooltip() -> str:
     return _combo_tooltip(SCHEDULER_TOOLTIP, _host_only_names()[1])
+# the optional controls of issue 12, appended after karras_rho on the Advanced node, in this order
+CONTROL_INPUTS = (
+    In("variation_seed", "INT", TOOLTIPS["variation_seed"], default=0, min=0, max=MAX_SEED, optional=True),
+    In("variation_strength", "FLOAT", TOOLTIPS["variation_strength"], default=0.0, min=0.0, max=1.0, step=0.01,
+       optional=True),
+    In("cfg_sigma_min", "FLOAT", TOOLTIPS["cfg_sigma_min"], default=0.0, min=0.0, max=SIGMA_UNBOUNDED, step=0.001,
+       optional=True),
+    In("cfg_sigma_max", "FLOAT", TOOLTIPS["cfg_sigma_max"], default=SIGMA_UNBOUNDED, min=0.0, max=SIGMA_UNBOUNDED,
+       step=0.001, optional=True),
+    In("cfg_ramp", "COMBO", TOOLTIPS["cfg_ramp"], choices=list(RAMPS), optional=True),
+    In("cfg_ramp_end", "FLOAT", TOOLTIPS["cfg_ramp_end"], default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+       optional=True),
+    In("cfg_stop_at", "FLOAT", TOOLTIPS["cfg_stop_at"], default=1.0, min=0.0, max=1.0, step=0.01, optional=True),
+    In("sampler_options", SAMPLER_OPTIONS_TYPE, TOOLTIPS["sampler_options"], optional=True),
+    In("preview", "COMBO", TOOLTIPS["preview"], choices=list(PREVIEWS), optional=True),
+)
 
 
 def is_comfy_model(model) -> bool:
@@ -150,6 +185,9 @@ def _run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, l
         else:
             names[key] = name  # the host runs its own names; ours are checked here
     check_sampler_args(seed=seed, steps=steps, cfg=cfg, denoise=denoise, **names)
+    if kw.get("sampler_options"):
+        from .samplers.options import resolve_sampler_options
+        resolve_sampler_options(sampler_name, kw["sampler_options"])
     if kw.get("reference_mode") is None:
         kw["reference_mode"] = default_reference_mode()
     if is_comfy_model(model):
@@ -189,8 +227,9 @@ class KSampler:
 @v1_node(NodeSpec(
     function="sample", category=CATEGORY,
     search_aliases=SEARCH_ALIASES + ("advanced", "refiner", "start at step", "end at step"),
-    description="KSampler with start/end steps for base-refiner chains, and noise options (batch-invariant, "
-                "CPU, fast Brownian noise, flow geometry, karras rho).",
+    description="KSampler with start/end steps for base-refiner chains, noise options (batch-invariant, CPU, fast "
+                "Brownian noise, flow geometry, karras rho), variation seeds, a guidance schedule, sampler options "
+                "and a choice of preview.",
     inputs=(MODEL_IN,
             In("add_noise", "COMBO", TOOLTIPS["add_noise"], choices=["enable", "disable"]),
             In("noise_seed", "INT", TOOLTIPS["noise_seed"], default=0, min=0, max=MAX_SEED,
@@ -202,14 +241,17 @@ class KSampler:
                choices=["disable", "enable"]),
             *NOISE_OPTION_INPUTS,
             In("karras_rho", "FLOAT", TOOLTIPS["karras_rho"], default=7.0, min=0.5, max=30.0, step=0.1,
-               optional=True)),
+               optional=True),
+            *CONTROL_INPUTS),
     outputs=(LATENT_OUT,)))
 class KSamplerAdvanced:
     """ComfyUI's KSamplerAdvanced surface, plus the noise options no peer has together (optional, at the end)."""
 
     def sample(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
                latent_image, start_at_step, end_at_step, return_with_leftover_noise, batch_invariant_noise=False,
-               cpu_noise=False, brownian_noise="tree", flow_geometry="default", karras_rho=7.0):
+               cpu_noise=False, brownian_noise="tree", flow_geometry="default", karras_rho=7.0, variation_seed=0,
+               variation_strength=0.0, cfg_sigma_min=0.0, cfg_sigma_max=SIGMA_UNBOUNDED, cfg_ramp="constant",
+               cfg_ramp_end=1.0, cfg_stop_at=1.0, sampler_options=None, preview="default"):
         from .pipeline import NoiseOptions
         for name, value, choices in (("add_noise", add_noise, ("enable", "disable")),
                                      ("return_with_leftover_noise", return_with_leftover_noise, ("enable", "disable")),
@@ -229,8 +271,136 @@ class KSamplerAdvanced:
                    add_noise=add_noise == "enable", start_step=start_at_step, last_step=end_at_step,
                    force_full_denoise=return_with_leftover_noise != "enable", noise_options=options,
                    reference_mode=reference_mode_from_input(flow_geometry),
-                   scheduler_options=scheduler_options)
+                   scheduler_options=scheduler_options,
+                   **_control_kwargs(variation_seed, variation_strength, cfg_sigma_min, cfg_sigma_max, cfg_ramp,
+                                     cfg_ramp_end, cfg_stop_at, sampler_options, preview))
         return (out,)
+
+
+def _control_kwargs(variation_seed, variation_strength, cfg_sigma_min, cfg_sigma_max, cfg_ramp, cfg_ramp_end,
+                    cfg_stop_at, sampler_options, preview) -> dict:
+    """The sampling keyword arguments of the Advanced node's controls, validated."""
+    from .samplers.noise import check_variation
+    check_preview(preview)
+    if sampler_options is not None and not isinstance(sampler_options, dict):
+        raise KSamplerInputError(f"sampler_options: expected the output of a Sampler Options+ node, got "
+                                 f"{type(sampler_options).__name__}")
+    check_variation(variation_seed, variation_strength)
+    return {"variation_seed": variation_seed, "variation_strength": float(variation_strength),
+            "guidance_schedule": GuidanceSchedule.from_inputs(cfg_sigma_min, cfg_sigma_max, cfg_ramp, cfg_ramp_end,
+                                                              cfg_stop_at),
+            "sampler_options": dict(sampler_options) if sampler_options else None, "preview": preview}
+
+
+def _option_names_tooltip() -> str:
+    from .samplers.options import all_option_names
+    return ("name=value pairs separated by commas or new lines. Known options: " + ", ".join(all_option_names())
+            + ". The KSampler rejects an option its sampler does not take.")
+
+
+@v1_node(NodeSpec(
+    function="build", category=CATEGORY, search_aliases=("sampler options", "eta", "s_noise", "churn"),
+    description="Options of the sampler (eta, s_noise, s_churn / s_tmin / s_tmax, er_sde, sa_solver, restart).",
+    inputs=(In("options", "STRING", _option_names_tooltip(), default="eta=1.0, s_noise=1.0", multiline=True),
+            In("base", SAMPLER_OPTIONS_TYPE, "Options to extend (these override them).", optional=True)),
+    outputs=(Out(SAMPLER_OPTIONS_TYPE, "Sampler options for the sampler_options input of KSampler+ (Advanced) "
+                                       "and KSampler+ (Two Models)."),)))
+class SamplerOptions:
+    """Per-sampler options (eta, s_noise, s_churn, ...) as one typed value for KSampler Advanced / two models."""
+
+    def build(self, options, base=None):
+        from .samplers.options import parse_options
+        if base is not None and not isinstance(base, dict):
+            raise KSamplerInputError(f"base: expected sampler options, got {type(base).__name__}")
+        if not isinstance(options, str):
+            raise KSamplerInputError(f"options: expected text such as 'eta=0.5', got {type(options).__name__}")
+        return (parse_options(options, base),)
+
+
+def _cfg_input(name: str, which: str) -> In:
+    return In(name, "FLOAT", f"CFG of the {which}-noise expert.", default=3.5, min=0.0, max=100.0, step=0.1,
+              round=0.01)
+
+
+@v1_node(NodeSpec(
+    function="sample", category=CATEGORY, search_aliases=SEARCH_ALIASES + ("two models", "wan 2.2", "experts"),
+    description="Samples with a high-noise model until the boundary noise level, then a low-noise model (Wan "
+                "2.2's two experts), each with its own cfg; the same latent as two chained KSampler Advanced "
+                "nodes with that switch step.",
+    inputs=(In("model_high", MODEL_TYPES, "The high-noise expert (runs the first steps)."),
+            In("model_low", MODEL_TYPES, "The low-noise expert (runs the steps below the boundary)."),
+            In("noise_seed", "INT", TOOLTIPS["noise_seed"], default=0, min=0, max=MAX_SEED,
+               control_after_generate=True),
+            _common_inputs()[0], _cfg_input("cfg_high", "high"), _cfg_input("cfg_low", "low"),
+            *_common_inputs()[2:],
+            In("boundary", "FLOAT", "Switch when the noise level falls below this: 0.875 for Wan 2.2 text-to-video, "
+                                    "0.9 for image-to-video (the level is sigma for flow models, whatever their "
+                                    "shift; timestep/1000 for SD-style models).",
+               default=WAN22_BOUNDARY["t2v"], min=0.0, max=1.0, step=0.001),
+            In("switch_by", "COMBO", "'sigma': switch at the boundary; 'step': switch at switch_at_step.",
+               choices=list(SWITCH_MODES)),
+            In("switch_at_step", "INT", "The first step of the low-noise expert when switch_by is 'step'.",
+               default=10, min=0, max=MAX_STEPS),
+            In("positive_low", "CONDITIONING", "Positive conditioning of the low-noise expert (default: positive).",
+               optional=True),
+            In("negative_low", "CONDITIONING", "Negative conditioning of the low-noise expert (default: negative).",
+               optional=True),
+            In("sampler_options", SAMPLER_OPTIONS_TYPE, TOOLTIPS["sampler_options"], optional=True)),
+    outputs=(LATENT_OUT, Out("INT", "The step at which the low-noise expert took over.", name="switch_step"))))
+class KSamplerTwoModels:
+    """Two experts in one sampler (Wan 2.2): a high-noise model until the boundary, then a low-noise model."""
+
+    def sample(self, model_high, model_low, noise_seed, steps, cfg_high, cfg_low, sampler_name, scheduler, positive,
+               negative, latent_image, boundary, switch_by, switch_at_step, positive_low=None, negative_low=None,
+               sampler_options=None):
+        from . import twomodel
+        from .validation import check_float
+        twomodel.check_switch(switch_by, switch_at_step)
+        check_sampler_args(seed=noise_seed, steps=steps, sampler_name=sampler_name, scheduler=scheduler)
+        check_float("cfg_high", cfg_high, 0.0, 100.0)
+        check_float("cfg_low", cfg_low, 0.0, 100.0)
+        switch = self._switch_step(model_high, model_low, steps, sampler_name, scheduler, boundary, switch_by,
+                                   switch_at_step)
+        kw = {"sampler_options": dict(sampler_options) if sampler_options else None}
+        latent = latent_image
+        if switch > 0:
+            latent = _run(model_high, noise_seed, steps, cfg_high, sampler_name, scheduler, positive, negative,
+                          latent, 1.0, add_noise=True, start_step=0, last_step=switch,
+                          force_full_denoise=switch >= steps, **kw)
+        if switch < steps:
+            latent = _run(model_low, noise_seed, steps, cfg_low, sampler_name, scheduler,
+                          positive if positive_low is None else positive_low,
+                          negative if negative_low is None else negative_low, latent, 1.0, add_noise=switch == 0,
+                          start_step=switch, last_step=10000, force_full_denoise=True, **kw)
+        return (latent, switch)
+
+    @staticmethod
+    def _switch_step(model_high, model_low, steps, sampler_name, scheduler, boundary, switch_by,
+                     switch_at_step) -> int:
+        from . import twomodel
+        from .samplers import sampler_traits
+        from .schedulers import ksampler_sigmas
+        if is_comfy_model(model_high) != is_comfy_model(model_low):
+            raise KSamplerInputError("model_low: one model is a ComfyUI model and the other this pack's bundled "
+                                     "model; use two models of the same kind")
+        ms_high, ms_low = _model_sampling(model_high), _model_sampling(model_low)
+        twomodel.check_same_sampling(ms_high, ms_low)
+        if switch_by != "sigma":
+            return min(int(switch_at_step), steps)
+        raw = model_high.get_model_object("model_sampling") if is_comfy_model(model_high) \
+            else model_high.model_sampling
+        sigmas = ksampler_sigmas(raw, scheduler, steps, 1.0, sampler_traits(sampler_name).discard_penultimate_sigma)
+        return twomodel.switch_step(ms_high, sigmas, boundary)
+
+
+def _model_sampling(model):
+    """Our model-sampling view of a model (ComfyUI's via the adapter)."""
+    if is_comfy_model(model):
+        from .comfy_adapter import host_model_sampling
+        return host_model_sampling(model.get_model_object("model_sampling"))
+    from .validation import check_model
+    check_model(model)
+    return model.model_sampling
 
 
 # The one table of node ids and display names: id -> (module, class, display name).  Ids are public API
@@ -238,6 +408,8 @@ class KSamplerAdvanced:
 NODE_TABLE = {
     "ksampler_KSampler": ("nodes", "KSampler", "KSampler+"),
     "ksampler_KSamplerAdvanced": ("nodes", "KSamplerAdvanced", "KSampler+ (Advanced)"),
+    "ksampler_KSamplerTwoModels": ("nodes", "KSamplerTwoModels", "KSampler+ (Two Models)"),
+    "ksampler_SamplerOptions": ("nodes", "SamplerOptions", "Sampler Options+"),
     "ksampler_CheckpointLoader": ("bundled.nodes", "CheckpointLoader", "Load Bundled Model"),
     "ksampler_TextEncode": ("bundled.nodes", "TextEncode", "Bundled Text Encode"),
     "ksampler_EmptyLatentImage": ("bundled.nodes", "EmptyLatentImage", "Bundled Empty Latent"),

@@ -16,14 +16,14 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .conditioning import Guidance, KSamplerInputError
+from .conditioning import Guidance, GuidanceSchedule, KSamplerInputError
 from .graph_checks import check_graph, headless_spec
 from .guard import all_finite, check_output_shape, nonfinite_error
 from .validation import (LATENT_LAYOUTS, MAX_SEED, check_int, check_model, check_noise_mask,
                          check_sampler_args)
 from .models.sampling import ModelSampling
 from .samplers import sampler_traits
-from .samplers.noise import initial_noise
+from .samplers.noise import check_variation, initial_noise, variation_noise
 from .sampling_pass import NoiseOptions, StepCallback, resolve_sampler, run_sampler
 from .schedulers import ksampler_sigmas
 
@@ -69,6 +69,7 @@ class _Denoiser:
         self.sigmas, self.mask, self.latent, self.inpaint_noise = sigmas, mask, latent, inpaint_noise
         self.check_finite = check_finite
         self.steps_done = 0
+        self.last_denoised = None   # the latest model evaluation's denoised estimate (previews)
         if hasattr(inner, "denoise_with_uncond"):
             self.denoise_with_uncond = self._denoise_with_uncond
 
@@ -94,13 +95,15 @@ class _Denoiser:
         out = self.inner(self._blend_in(x, sigma), sigma, **extra)
         check_output_shape(out, x, self.model_name)
         self._check(out, sigma, "denoised estimate")
-        return self._blend_out(out)
+        self.last_denoised = self._blend_out(out)
+        return self.last_denoised
 
     def _denoise_with_uncond(self, x, sigma, **extra):
         out, uncond = self.inner.denoise_with_uncond(self._blend_in(x, sigma), sigma, **extra)
         check_output_shape(out, x, self.model_name)
         self._check(out, sigma, "denoised estimate")
-        return self._blend_out(out), self._blend_out(uncond)
+        self.last_denoised = self._blend_out(out)
+        return self.last_denoised, self._blend_out(uncond)
 
 
 def _as_sigmas(sigmas) -> Tensor:
@@ -153,6 +156,23 @@ def _checked_options(sampler, sampler_options, noise_options, seed) -> tuple:
     return tr, noise_options or NoiseOptions(), 0 if seed is None else check_int("seed", seed, 0, MAX_SEED)
 
 
+def _guided(model, model_sampling, guidance: Optional[Guidance], schedule: Optional[GuidanceSchedule],
+            sigmas: Tensor, shape, device):
+    """The denoiser to sample: ``guidance`` bound to the model (its scale read from ``schedule``), or ``model``."""
+    if schedule is not None and not isinstance(schedule, GuidanceSchedule):
+        raise KSamplerInputError(f"guidance_schedule: expected a GuidanceSchedule, got {type(schedule).__name__}")
+    scheduled = schedule is not None and not schedule.is_default
+    if guidance is None:
+        if scheduled:
+            raise KSamplerInputError("guidance_schedule: needs guidance (positive/negative conditioning and a cfg); "
+                                     "a bare denoiser has no CFG to schedule")
+        return model
+    inner = guidance.bind(model, model_sampling, shape, device)
+    if scheduled:
+        inner.cfg_of = schedule.bind(sigmas.tolist(), guidance.cfg)
+    return inner
+
+
 def _inpaint_noise(noise: Tensor, seed: int, random: bool, device) -> Tensor:
     """The noise that re-noises the kept region: the initial noise, or a fresh seeded draw (``random_inpaint_noise``)."""
     if not random:
@@ -166,7 +186,8 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
            noise_mask: Optional[Tensor] = None, callback: Optional[StepCallback] = None, disable: bool = True,
            sampler_options: Optional[dict] = None, noise_options: Optional[NoiseOptions] = None,
            batch_index: Optional[Sequence[int]] = None, reference_mode: bool = False, check_finite: bool = True,
-           compat: Optional[bool] = None) -> Tensor:
+           compat: Optional[bool] = None, guidance_schedule: Optional[GuidanceSchedule] = None,
+           preview: str = "default") -> Tensor:
     """Run one sampling pass and return the final latent (in the model's latent space, float32).
 
     model: with ``guidance``, an object with ``apply_model(x, sigma, context=..., pooled=...)``
@@ -181,6 +202,7 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
     callback: ``callback(step, denoised, x, total_steps)`` after every step; raising aborts the run.
     reference_mode: run the samplers listed in ``samplers.reference.REFERENCE_VARIANTS`` exactly as
         ComfyUI does (``compat`` is its former name).
+    sampler_options (validated: ``samplers.options``), guidance_schedule (``conditioning.schedule``), preview (PREVIEWS).
     """
     reference_mode = bool(compat) if compat is not None else reference_mode
     model_sampling, mask_batch, sigmas = _checked_inputs(model, model_sampling, noise, latent, noise_mask, sigmas)
@@ -192,16 +214,14 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
         items = [sample(model, model_sampling, noise[k:k + 1], latent[k:k + 1], sigmas, guidance, sampler, seed,
                         noise_mask=noise_mask[k:k + 1] if mask_batch > 1 else noise_mask, callback=callback,
                         disable=disable, sampler_options=sampler_options, noise_options=noise_options,
-                        batch_index=[indices[k]], reference_mode=reference_mode, check_finite=check_finite)
-                 for k in range(latent.shape[0])]
+                        batch_index=[indices[k]], reference_mode=reference_mode, check_finite=check_finite,
+                        guidance_schedule=guidance_schedule, preview=preview) for k in range(latent.shape[0])]
         return torch.cat(items)
 
-    device = getattr(model, "device", None)
-    if not isinstance(device, torch.device):
-        device = latent.device
+    device = model.device if isinstance(getattr(model, "device", None), torch.device) else latent.device
     noise = noise.to(device=device, dtype=torch.float32)
     latent = latent.to(device=device, dtype=torch.float32)
-    inner = guidance.bind(model, model_sampling, latent.shape, device) if guidance is not None else model
+    inner = _guided(model, model_sampling, guidance, guidance_schedule, sigmas, latent.shape, device)
     mask = prepare_mask(noise_mask, latent.shape, device) if noise_mask is not None else None
     inpaint_noise = _inpaint_noise(noise, seed, mask is not None and tr.random_inpaint_noise, device)
     denoiser = _Denoiser(inner, model_sampling, [float(s) for s in sigmas.tolist()], mask=mask, latent=latent,
@@ -218,7 +238,7 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
     samples, final_sigma = run_sampler(sampler, denoiser, x, sigmas.to(device), seed=seed, extra_args={},
                                        noise_options=noise_options, batch_index=batch_index,
                                        reference_mode=reference_mode, options=sampler_options, on_step=on_step,
-                                       disable=disable)
+                                       disable=disable, preview=preview)
     last = float(sigmas[-1]) if final_sigma is None else final_sigma
     return model_sampling.inverse_noise_scaling(torch.tensor(last, device=device), samples).float()
 
@@ -237,10 +257,15 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
             callback: Optional[StepCallback] = None, disable: bool = True,
             noise_options: Optional[NoiseOptions] = None, reference_mode: bool = False,
             sampler_options: Optional[dict] = None, scheduler_options: Optional[dict] = None,
-            compat: Optional[bool] = None, calibration=None) -> dict:
+            compat: Optional[bool] = None, calibration=None, variation_seed: Optional[int] = None,
+            variation_strength: float = 0.0, guidance_schedule: Optional[GuidanceSchedule] = None,
+            preview: str = "default") -> dict:
     """The KSampler node's behaviour on one of our models; returns a new latent dict.
 
     calibration: a ``calibration.Calibration`` whose sigmas and sampler replace ``sampler_name`` and ``scheduler``.
+    variation_seed, variation_strength: mix the variation seed's initial noise into the seed's
+        (variance-preserving; 0 is the seed's latent, 1 the variation seed's); ignored without added noise.
+    guidance_schedule, preview: see ``sample``.
 
     reference_mode (formerly ``compat``): see ``sample``.
     """
@@ -254,6 +279,9 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
     samples = fix_empty_latent_channels(samples, model.latent_format.latent_channels)
 
     noise = initial_noise(samples, seed, batch_index, add_noise, noise_options.batch_invariant)
+    if add_noise:
+        noise = variation_noise(noise, samples, check_variation(variation_seed, variation_strength),
+                                variation_strength, batch_index, noise_options.batch_invariant)
     tr = sampler_traits(sampler_name)
     ms = model.model_sampling
     sigmas = ksampler_sigmas(ms, scheduler, steps, denoise, tr.discard_penultimate_sigma, start_step, last_step,
@@ -276,6 +304,7 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
     guidance = Guidance(positive, negative, cfg)
     result = sample(model, ms, noise, latent_in, sigmas, guidance, sampler, seed, noise_mask=noise_mask,
                     callback=callback, disable=disable, sampler_options=sampler_options,
-                    noise_options=noise_options, batch_index=batch_index, reference_mode=reference_mode)
+                    noise_options=noise_options, batch_index=batch_index, reference_mode=reference_mode,
+                    guidance_schedule=guidance_schedule, preview=preview)
     out["samples"] = fmt.process_out(result).float().cpu()
     return out

@@ -17,13 +17,34 @@ from torch import Tensor
 from .conditioning import KSamplerInputError
 from .samplers import get_sampler, get_traits, sampler_name, sampler_traits
 from .samplers.noise import BrownianPathNoiseSampler, BrownianTreeNoiseSampler, default_noise_sampler, item_seed
+from .samplers.options import resolve_sampler_options
 from .samplers.reference import VEGeometryView, select
 from .samplers.traits import SamplerTraits
 
-__all__ = ["NoiseOptions", "resolve_sampler", "noise_sampler_for", "run_sampler", "StepCallback"]
+__all__ = ["NoiseOptions", "resolve_sampler", "noise_sampler_for", "run_sampler", "StepCallback", "PREVIEWS",
+           "check_preview", "preview_of"]
 
 # on_step(step, denoised, x, total_steps), ComfyUI's callback signature
 StepCallback = Callable[[int, Tensor, Tensor, int], None]
+# what a step callback's second argument (the preview) shows: the sampler's own report of its denoised
+# estimate, the latest model evaluation's denoised estimate, or the noisy state
+PREVIEWS = ("default", "denoised", "noisy")
+
+
+def check_preview(preview: str) -> str:
+    """``preview`` if it is one of PREVIEWS, else a KSamplerInputError naming the choices."""
+    if preview not in PREVIEWS:
+        raise KSamplerInputError(f"preview: must be one of {', '.join(PREVIEWS)}, got {preview!r}")
+    return preview
+
+
+def preview_of(mode: str, info: dict, last_denoised: Optional[Tensor]) -> Tensor:
+    """The tensor a step's preview shows for ``mode`` (one of PREVIEWS)."""
+    if mode == "denoised" and last_denoised is not None:
+        return last_denoised
+    if mode == "noisy":
+        return info["x"]
+    return info["denoised"]
 
 
 @dataclass(frozen=True)
@@ -81,16 +102,23 @@ def noise_sampler_for(kind: str, x: Tensor, sigmas: Tensor, seed: int, options: 
 def run_sampler(sampler: Union[str, Callable], denoiser, x: Tensor, sigmas: Tensor, *, seed: int,
                 extra_args: dict, noise_options: NoiseOptions, batch_index: Optional[Sequence[int]] = None,
                 reference_mode: bool = False, options: Optional[dict] = None,
-                on_step: Optional[StepCallback] = None, disable: bool = True) -> tuple[Tensor, Optional[float]]:
+                on_step: Optional[StepCallback] = None, disable: bool = True,
+                preview: str = "default") -> tuple[Tensor, Optional[float]]:
     """Run ``sampler`` from state ``x`` over ``sigmas``; returns (final state, the sigma it sits at if not the last).
 
     denoiser: ``denoiser(x, sigma, **extra_args) -> denoised`` with ``.model_sampling`` (and
         ``denoise_with_uncond`` for CFG++).
     reference_mode: run the samplers of ``samplers.reference.REFERENCE_VARIANTS`` as ComfyUI does.
-    options: the sampler's own options; a ``noise_sampler`` given there is used as is.
+    options: the sampler's own options (``samplers.options``, validated against what the sampler
+        takes); a ``noise_sampler`` given there is used as is.
+    preview: what ``on_step`` gets as ``denoised`` (PREVIEWS); "denoised" reads the denoiser's
+        ``last_denoised``.
     """
     name, fn, tr = resolve_sampler(sampler)
-    options = dict(options or {})
+    check_preview(preview)
+    options, option_builder = resolve_sampler_options(name, options, fn) if name else (dict(options or {}), None)
+    options = dict(options)
+    evaluated = denoiser   # the denoiser that records ``last_denoised`` (before any geometry view)
     comfy_noise = "noise_sampler" not in options and noise_options.brownian == "tree"
     fn, ve_geometry = select(name, fn, reference_mode, comfy_noise)
     if ve_geometry:
@@ -100,11 +128,13 @@ def run_sampler(sampler: Union[str, Callable], denoiser, x: Tensor, sigmas: Tens
         kind = tr.noise if tr.noise != "none" else "ancestral"
         options["noise_sampler"] = noise_sampler_for(kind, x, sigmas.detach().cpu(), seed, noise_options,
                                                      batch_index)
+    if option_builder is not None:
+        options.update(option_builder(denoiser, sigmas))
     total = len(sigmas) - 1
 
     def k_callback(info):
         if on_step is not None:
-            on_step(info["i"], info["denoised"], info["x"], total)
+            on_step(info["i"], preview_of(preview, info, getattr(evaluated, "last_denoised", None)), info["x"], total)
 
     samples = fn(denoiser, x, sigmas, extra_args=extra_args, callback=k_callback, disable=disable, **options)
     final = tr.final_sigma if float(sigmas[-1]) == 0 else None

@@ -187,6 +187,7 @@ class GuidedDenoiser:
         self.positive, self.negative = positive, negative
         self.cfg = float(cfg)
         self.max_batch = max_batch
+        self.cfg_of = None         # optional guidance schedule: sigma -> cfg (conditioning.schedule)
         self.model_calls = 0       # batched forward passes
         self.items_evaluated = 0   # conditioning entries evaluated (cond + uncond)
 
@@ -237,11 +238,12 @@ class GuidedDenoiser:
 
     def predict(self, x: Tensor, sigma: Tensor, need_uncond: bool = False) -> tuple[Tensor, Tensor]:
         """(guided, unconditional) estimates; at cfg = 1 the negative pass is skipped unless ``need_uncond``."""
-        if math.isclose(self.cfg, 1.0) and not need_uncond:
+        cfg = self.cfg if self.cfg_of is None else self.cfg_of(float(sigma.reshape(-1)[0]))
+        if math.isclose(cfg, 1.0) and not need_uncond:
             cond = self._evaluate(x, sigma, [self.positive])[0]
             return cond, cond
         cond, uncond = self._evaluate(x, sigma, [self.positive, self.negative])
-        return torch.lerp(uncond, cond, self.cfg), uncond
+        return torch.lerp(uncond, cond, cfg), uncond
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
         return self.predict(x, sigma)[0]

@@ -35,8 +35,9 @@ _ITEM_STRIDE = 0x9E3779B97F4A7C15
 # Another odd constant for the per-stream generators of nested latents under batch-invariant noise.
 _STREAM_STRIDE = 0xD1B54A32D192ED03
 
-__all__ = ["prepare_noise", "initial_noise", "initial_noise_streams", "default_noise_sampler", "BrownianTreeNoiseSampler", "BrownianPathNoiseSampler",
-           "item_seed", "NoiseSampler"]
+__all__ = ["prepare_noise", "initial_noise", "initial_noise_streams", "default_noise_sampler",
+           "BrownianTreeNoiseSampler", "BrownianPathNoiseSampler", "item_seed", "NoiseSampler", "mix_variation",
+           "variation_noise", "check_variation"]
 
 
 def item_seed(seed: int, index: int) -> int:
@@ -101,6 +102,49 @@ def initial_noise_streams(latents: Sequence[Tensor], seed: int, batch_index: Opt
             gen = _generator("cpu", (int(seed) + j * _STREAM_STRIDE) % _U64)
         streams.append(_draw_initial_noise(latent, gen, batch_index, per_item))
     return streams
+def mix_variation(noise: Tensor, variation: Tensor, strength: float) -> Tensor:
+    """Variance-preserving mix ``cos(a) noise + sin(a) variation``, ``a = strength * pi / 2`` (A1111's variation seeds).
+
+    For independent unit-variance noises the mix has unit variance at every
+    strength (a plain linear mix loses variance towards 0.5 and blurs the
+    image).  Strength 0 returns ``noise`` and 1 returns ``variation``, bit for
+    bit.
+    """
+    strength = float(strength)
+    if not 0.0 <= strength <= 1.0 or math.isnan(strength):
+        raise ValueError(f"variation_strength: must be between 0 and 1, got {strength}")
+    if variation.shape != noise.shape:
+        raise ValueError(f"variation noise: shape {tuple(variation.shape)} differs from noise {tuple(noise.shape)}")
+    if strength == 0.0:
+        return noise
+    if strength == 1.0:
+        return variation.to(dtype=noise.dtype, device=noise.device)
+    angle = strength * math.pi / 2
+    return noise * math.cos(angle) + variation.to(dtype=noise.dtype, device=noise.device) * math.sin(angle)
+
+
+def check_variation(variation_seed, variation_strength) -> Optional[int]:
+    """The validated variation seed (None when the strength is 0: no variation)."""
+    from ..validation import MAX_SEED, KSamplerInputError, check_float, check_int
+    strength = check_float("variation_strength", variation_strength, 0.0, 1.0)
+    if variation_seed is None:
+        if strength != 0.0:
+            raise KSamplerInputError("variation_seed: a variation_strength above 0 needs a variation_seed")
+        return None
+    return check_int("variation_seed", variation_seed, 0, MAX_SEED) if strength != 0.0 else None
+
+
+def variation_noise(noise: Tensor, latent: Tensor, variation_seed: Optional[int], strength: float,
+                    batch_index: Optional[Sequence[int]] = None, per_item: bool = False) -> Tensor:
+    """The initial noise with a variation seed mixed in (``noise`` itself when there is no variation).
+
+    The variation seed's noise is drawn exactly as the main seed's (same batch
+    rule), so strength 1 is the variation seed's own run.
+    """
+    if variation_seed is None or float(strength) == 0.0:
+        return noise
+    variation = prepare_noise(latent, int(variation_seed), batch_index, per_item)
+    return mix_variation(noise, variation, strength)
 
 
 def default_noise_sampler(x: Tensor, seed: Optional[int] = None, *, cpu: bool = False,

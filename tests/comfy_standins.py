@@ -99,7 +99,7 @@ def build_standin_modules():
                 out = out * denoise_mask + self.latent_image * (1 - denoise_mask)
             return out
 
-    calls = {"sample": 0, "model": 0, "post_cfg": 0, "interrupt_checks": 0}
+    calls = {"sample": 0, "model": 0, "uncond": 0, "post_cfg": 0, "interrupt_checks": 0}
 
     class CFGWrap:
         """Guided denoiser of the stand-in host: cond/uncond are analytic Gaussian denoisers."""
@@ -128,6 +128,7 @@ def build_standin_modules():
 
             cond = run(self.mu_c)
             skipped = self.cfg == 1.0 and not model_options.get("disable_cfg1_optimization")
+            calls["uncond"] += 0 if skipped else 1
             uncond = torch.zeros_like(cond) if skipped else run(self.mu_u)  # the host's unused zeros
             out = cond if skipped else uncond + self.cfg * (cond - uncond)
             for fn in model_options.get("sampler_post_cfg_function", []):
@@ -154,6 +155,44 @@ def build_standin_modules():
         inner = types.SimpleNamespace(model_sampling=model.model_sampling_object)
         wrap = CFGWrap(inner, cfg, positive[0][0].mean(), negative[0][0].mean() if negative else torch.tensor(0.0))
         wrap.inner_model = inner
+        return run_sampler(wrap, sampler, sigmas, model_options, noise, latent_image, denoise_mask, callback,
+                           disable_pbar, seed)
+
+    def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_options={}, seed=None):
+        return CFGWrap(model, cond_scale, cond[0][0].mean(), uncond[0][0].mean())(x, timestep, model_options, seed)
+
+    class CFGGuider:
+        """The host's guider protocol: conds, a cfg, and predict_noise as the one place guidance is applied."""
+
+        def __init__(self, model_patcher):
+            self.model_patcher, self.model_options = model_patcher, model_patcher.model_options
+
+        def set_conds(self, positive, negative):
+            self.conds = {"positive": positive, "negative": negative}
+
+        def set_cfg(self, cfg):
+            self.cfg = cfg
+
+        def predict_noise(self, x, timestep, model_options={}, seed=None):
+            return sampling_function(self.inner_model, x, timestep, self.conds.get("negative"),
+                                     self.conds.get("positive"), self.cfg, model_options=model_options, seed=seed)
+
+        def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False,
+                   seed=None):
+            self.inner_model = types.SimpleNamespace(model_sampling=self.model_patcher.model_sampling_object)
+            guider = self
+
+            class Wrap:
+                inner_model = self.inner_model
+
+                def __call__(self, x, sigma, model_options={}, seed=None):
+                    return guider.predict_noise(x, sigma, model_options, seed)
+            return run_sampler(Wrap(), sampler, sigmas, self.model_options, noise, latent_image, denoise_mask,
+                               callback, disable_pbar, seed)
+
+    def run_sampler(wrap, sampler, sigmas, model_options, noise, latent_image, denoise_mask, callback, disable_pbar,
+                    seed):
+        calls["sample"] += 1
         if denoise_mask is not None and latent_image.ndim == 5:  # video: frames-stacked mask, resized in 3-D
             frames = denoise_mask.reshape(1, 1, -1, *denoise_mask.shape[-2:]).float()
             denoise_mask = torch.nn.functional.interpolate(frames, size=latent_image.shape[2:], mode="trilinear")
@@ -167,6 +206,7 @@ def build_standin_modules():
         return out.float()
 
     samplers.Sampler, samplers.KSamplerX0Inpaint, samplers.sample = Sampler, KSamplerX0Inpaint, sample
+    samplers.CFGGuider, samplers.sampling_function = CFGGuider, sampling_function
     samplers.STANDIN_CALLS = calls
 
     # the host's own names and implementations (January 2026: 44 samplers, 9 schedulers); tests add more

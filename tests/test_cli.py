@@ -125,3 +125,35 @@ def test_run_reports_workflow_errors(tmp_path, capsys):
     bad.write_text('{"1": {"class_type": "CheckpointLoaderSimple", "inputs": {}}}')
     assert main(["run", str(bad)]) == 2
     assert "unknown node type 'CheckpointLoaderSimple'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampler-option", "eta=0.5"], "sampler 'dpmpp_2m' does not take 'eta'"),
+    (["--sampler-option", "eta"], "not name=value"),
+    (["--variation-strength", "0.5"], "--variation-strength: needs --variation-seed"),
+    (["--variation-seed", "3", "--variation-strength", "2"], "--variation-strength: must be between 0 and 1"),
+    (["--cfg-interval", "2", "1"], "--cfg-interval: 2 is above"),
+    (["--cfg-stop-at", "1.5"], "--cfg-stop-at: must be"),
+])
+def test_control_flags_give_a_clear_error(tmp_path, capsys, args, message):
+    code, _, err = _generate(tmp_path, capsys, *args)
+    assert code == 2 and message in err, err
+
+
+def test_control_flags_change_the_image_and_the_contact_sheet_is_written(tmp_path, capsys):
+    from ksampler.bundled.images import load_image
+    _, out, _ = _generate(tmp_path / "a", capsys, "--seed", "3")
+    plain = load_image(str(tmp_path / "a" / "ksampler_00001_.png"))[0]
+    sheet = tmp_path / "sheet.png"
+    code, out, _ = _generate(tmp_path / "b", capsys, "--seed", "3", "--variation-seed", "9", "--variation-strength",
+                             "0.5", "--cfg-interval", "0.1", "0.9", "--sampler", "euler_ancestral",
+                             "--sampler-option", "eta=0.5", "--preview-steps", str(sheet))
+    assert code == 0 and "denoised estimate per step (2 steps)" in out
+    varied = load_image(str(tmp_path / "b" / "ksampler_00001_.png"))[0]
+    assert not torch.equal(plain, varied)
+    grid = load_image(str(sheet))[0]
+    assert grid.shape[1:3] == (2 * 33 + 1, 2 * 33 + 1)      # 2 images x 2 steps of 32 px with 1 px gaps
+    # defaults: the same image as without the flags
+    _generate(tmp_path / "c", capsys, "--seed", "3", "--variation-seed", "9", "--variation-strength", "0",
+              "--cfg-stop-at", "1")
+    assert torch.equal(plain, load_image(str(tmp_path / "c" / "ksampler_00001_.png"))[0])

@@ -62,7 +62,9 @@ def test_ksampler_advanced_input_contract():
     assert spec["required"]["end_at_step"][1]["default"] == 10000
     # our additions are optional and come last, so saved workflows keep their widget positions
     assert list(spec["optional"]) == ["batch_invariant_noise", "cpu_noise", "brownian_noise", "flow_geometry",
-                                      "karras_rho"]
+                                      "karras_rho", "variation_seed", "variation_strength", "cfg_sigma_min",
+                                      "cfg_sigma_max", "cfg_ramp", "cfg_ramp_end", "cfg_stop_at", "sampler_options",
+                                      "preview"]
 
 
 def _latent(batch=2, channels=4, size=8, value=0.0):

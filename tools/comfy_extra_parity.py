@@ -11,7 +11,13 @@
 * host names: the host patched with a sampler and a scheduler name we lack (its own dpmpp_2m and beta under new
   names); our KSampler lists them after ours and runs the host's implementations (run last: it patches the host);
 * SamplerCustom: ComfyUI's SamplerCustom node driven by our SamplerSelect + Scheduler nodes against
-  KSamplerSelect + BasicScheduler, on the harness's tiny SD1.5 (eps) and SD3 (flow) checkpoints.
+  KSamplerSelect + BasicScheduler, on the harness's tiny SD1.5 (eps) and SD3 (flow) checkpoints;
+* two models: our KSampler (two models) on two tiny Wan 2.1 models with different random weights (a high-
+  and a low-noise "expert") against ComfyUI's own chain of two KSamplerAdvanced nodes with the switch step our
+  node reports (switching by sigma at Wan 2.2's boundary 0.875, and by step);
+* controls: the guidance interval in the real host (no unconditional pass outside the interval, counted with a
+  model_function_wrapper; with euler it equals the built-in chain cfg 1 / cfg / cfg 1 over the same steps), and
+  variation seeds (strength 0 = the built-in's latent, strength 1 = the built-in's with the variation seed).
 
 Prints max |ours - built-in| / std(built-in) per case and exits 1 if any exceeds --tol. Needs the set-up of
 ../shared/comfyui (setup.sh); ComfyUI is imported as a library, nothing of it is copied here.
@@ -25,7 +31,11 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HARNESS = os.environ.get("COMFY_HARNESS") or os.path.join(os.path.dirname(ROOT), "shared", "comfyui")
+# the shared harness: $COMFY_HARNESS, else shared/comfyui beside the checkout (or beside a worktrees folder)
+HARNESS = os.environ.get("COMFY_HARNESS") or next(
+    (p for p in (os.path.join(os.path.dirname(ROOT), "shared", "comfyui"),
+                 os.path.join(os.path.dirname(os.path.dirname(ROOT)), "shared", "comfyui")) if os.path.isdir(p)),
+    os.path.join(os.path.dirname(ROOT), "shared", "comfyui"))
 
 
 def load_pack():
@@ -50,13 +60,13 @@ def relative_diff(ref, out) -> float:
     return float((ref - out).abs().max() / ref.std())
 
 
-def tiny_wan():
-    """A random-weight Wan 2.1 text-to-video model patcher (weights N(0, 0.02), seed 0)."""
+def tiny_wan(seed: int = 0):
+    """A random-weight Wan 2.1 text-to-video model patcher (weights N(0, 0.02) drawn with ``seed``)."""
     import torch
     import comfy.ops
     import comfy.sd
     from comfy.ldm.wan.model import WanModel
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     net = WanModel(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=4096, in_dim=16, out_dim=16,
                    freq_dim=256, operations=comfy.ops.disable_weight_init)
     state = {k: torch.randn(v.shape, generator=gen) * 0.02 if v.is_floating_point() else v
@@ -211,6 +221,76 @@ def host_name_cases(nodes, ours, models_dir, quick):
                 ref = nodes.KSampler().sample(*args)[0]["samples"]
                 out = ours["ksampler_KSampler"]().sample(*args)[0]["samples"]
                 yield f"host names {key} {sampler} {scheduler} {mode}", relative_diff(ref, out)
+def _wan_inputs():
+    import torch
+    pos = [[torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(1)), {}]]
+    neg = [[torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(2)), {}]]
+    return pos, neg, {"samples": torch.zeros(1, 16, 3, 8, 8)}
+
+
+def two_model_cases(nodes, ours, quick):
+    """Our two-model node against ComfyUI's two chained KSamplerAdvanced nodes with the reported switch step."""
+    high, low = tiny_wan(0), tiny_wan(7)
+    pos, neg, latent = _wan_inputs()
+    steps = 8
+    samplers = ["euler", "dpmpp_2m"] if quick else ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc",
+                                                   "res_multistep"]
+    adv = nodes.KSamplerAdvanced()
+    for sampler in samplers:
+        for scheduler in (["simple"] if quick else ["simple", "karras", "beta"]):
+            for switch_by, boundary, at_step in (("sigma", 0.875, 0), ("step", 0.875, 3)):
+                out, switch = ours["ksampler_KSamplerTwoModels"]().sample(
+                    high, low, 11, steps, 5.0, 3.0, sampler, scheduler, pos, neg, latent, boundary, switch_by,
+                    at_step)
+                first = adv.sample(high, "enable", 11, steps, 5.0, sampler, scheduler, pos, neg, latent, 0, switch,
+                                   "enable")[0]
+                ref = adv.sample(low, "disable", 11, steps, 3.0, sampler, scheduler, pos, neg, first, switch, 10000,
+                                 "disable")[0]["samples"]
+                label = f"two models {sampler} {scheduler} by {switch_by} (switch step {switch}/{steps})"
+                if sampler.startswith("uni_pc") and switch == 1:
+                    # ComfyUI's uni_pc takes order min(3, steps - 1) = 0 for a one-step pass and then never
+                    # updates the latent (it only evaluates the model); ours steps.  A sampler difference, not the
+                    # two-model node's: printed, not counted.
+                    label = "KNOWN " + label + " [ComfyUI's uni_pc does not move on a 1-step pass]"
+                yield label, relative_diff(ref, out["samples"])
+
+
+def control_cases(nodes, ours):
+    """Guidance interval and variation seeds in the real host."""
+    import torch
+    import comfy.samplers
+    patcher = tiny_wan(0)
+    pos, neg, latent = _wan_inputs()
+    steps = 8
+    model_sampling = patcher.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "simple", steps)
+    first, last = 2, 5                       # guided steps 2, 3, 4 (sigmas[2] .. sigmas[4])
+    low, high = float(sigmas[last - 1]), float(sigmas[first])
+    seen = []
+
+    def counting(apply_model, args):
+        seen.append((float(args["timestep"].reshape(-1)[0]), list(args["cond_or_uncond"])))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    counted = patcher.clone()
+    counted.set_model_unet_function_wrapper(counting)
+    ours_adv = ours["ksampler_KSamplerAdvanced"]()
+    req = ("enable", 5, steps, 6.0, "euler", "simple", pos, neg, latent, 0, 10000, "disable")
+    out = ours_adv.sample(counted, *req, cfg_sigma_min=low, cfg_sigma_max=high)[0]["samples"]
+    outside = [c for t, c in seen if not low <= t <= high and 1 in c]   # the wrapper sees sigma
+    inside = [c for t, c in seen if low <= t <= high]
+    yield f"interval: uncond passes outside [{low:.3f}, {high:.3f}] ({len(outside)}; inside: " \
+          f"{sum(1 in c for c in inside)}/{len(inside)})", float(len(outside) + (len(inside) - sum(1 in c for c in inside)))
+    adv = nodes.KSamplerAdvanced()
+    a = adv.sample(patcher, "enable", 5, steps, 1.0, "euler", "simple", pos, neg, latent, 0, first, "enable")[0]
+    b = adv.sample(patcher, "disable", 5, steps, 6.0, "euler", "simple", pos, neg, a, first, last, "enable")[0]
+    c = adv.sample(patcher, "disable", 5, steps, 1.0, "euler", "simple", pos, neg, b, last, 10000, "disable")[0]
+    yield "interval (euler) = built-in chain cfg 1 / 6 / 1", relative_diff(c["samples"], out)
+    plain = adv.sample(patcher, *req)[0]["samples"]
+    other = adv.sample(patcher, "enable", 99, *req[2:])[0]["samples"]
+    yield "variation strength 0 = built-in", relative_diff(
+        plain, ours_adv.sample(patcher, *req, variation_seed=99, variation_strength=0.0)[0]["samples"])
+    yield "variation strength 1 = built-in with the variation seed", relative_diff(
+        other, ours_adv.sample(patcher, *req, variation_seed=99, variation_strength=1.0)[0]["samples"])
 
 
 def main(argv=None) -> int:
@@ -219,8 +299,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models-dir", default=os.environ.get("COMFY_MODELS", "/tmp/comfy/models"))
     ap.add_argument("--tol", type=float, default=1e-4, help="max |ours - built-in| / std(built-in)")
     ap.add_argument("--quick", action="store_true", help="a few samplers and one scheduler")
-    ap.add_argument("--cases", default="wan,ltxav,custom,hostnames",
-                    help="comma list of: wan, ltxav, custom, hostnames (the last patches the host: keep it last)")
+    ap.add_argument("--cases", default="wan,ltxav,custom,two_models,controls,hostnames",
+                    help="comma list of: wan, ltxav, custom, two_models, controls, hostnames (the last patches the host: keep it last)")
+    ap.add_argument("--only", default=None, help="the same comma list; replaces --cases")
     a = ap.parse_args(argv)
     sys.path.insert(0, HARNESS)
     import harness_env
@@ -234,12 +315,20 @@ def main(argv=None) -> int:
               "custom": lambda: custom_sampler_cases(nodes, ours, a.models_dir, a.quick),
               "hostnames": lambda: host_name_cases(nodes, ours, a.models_dir, a.quick)}
     results = []
-    for label, diff in (case for group in a.cases.split(",") for case in groups[group.strip()]()):
+    groups.update({"two_models": lambda: two_model_cases(nodes, ours, a.quick),
+                   "controls": lambda: control_cases(nodes, ours)})
+    chosen = [g.strip() for g in (a.only or a.cases).split(",")]
+    unknown = [g for g in chosen if g not in groups]
+    if unknown:
+        ap.error(f"--cases/--only: unknown group(s) {', '.join(unknown)}; choose from {', '.join(groups)}")
+    for label, diff in (case for group in chosen for case in groups[group]()):
         results.append((label, diff))
         print(f"{label:60s} {diff:.2e} {'OK' if diff <= a.tol else 'DIFF'}", flush=True)
+    known = [(label, diff) for label, diff in results if label.startswith("KNOWN ")]
+    results = [(label, diff) for label, diff in results if not label.startswith("KNOWN ")]
     bad = [label for label, diff in results if not diff <= a.tol]
     print(f"{len(results) - len(bad)}/{len(results)} cases within {a.tol:g} x std; worst "
-          f"{max(d for _, d in results):.2e}")
+          f"{max(d for _, d in results):.2e}" + (f"; {len(known)} known difference(s) not counted" if known else ""))
     return 1 if bad else 0
 
 

@@ -1,0 +1,124 @@
+"""The controls and the two-model node through the real ComfyUI server (API-format graphs posted to /prompt).
+
+    /tmp/comfy/venv/bin/python tools/comfy_server_check.py --comfyui-dir /tmp/comfy/ComfyUI-<branch> --port 8193
+
+Uses the shared harness (../shared/comfyui: its Server, run_graph and random-conditioning nodes, imported at run
+time) and the tiny sd15_eps / sd3_flow checkpoints.  Checks that /object_info serves KSampler Advanced with the
+new optional inputs at the end, KSampler (two models) and Sampler Options; then runs:
+* KSampler Advanced with every control set (variation seed, guidance interval, ramp, stop, sampler options from a
+  Sampler Options node, preview 'denoised') on both models;
+* KSampler (two models) on two loads of the flow checkpoint (switch by sigma), and its switch_step output;
+* the same node on an eps and a flow model, which must fail with an error naming model_low;
+* a sampler option the sampler does not take, which must fail naming the option and the sampler.
+Exit status 0 when every expectation holds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HARNESS = os.environ.get("COMFY_HARNESS") or next(
+    (p for p in (os.path.join(os.path.dirname(ROOT), "shared", "comfyui"),
+                 os.path.join(os.path.dirname(os.path.dirname(ROOT)), "shared", "comfyui")) if os.path.isdir(p)),
+    os.path.join(os.path.dirname(ROOT), "shared", "comfyui"))
+
+NEW_INPUTS = ["variation_seed", "variation_strength", "cfg_sigma_min", "cfg_sigma_max", "cfg_ramp", "cfg_ramp_end",
+              "cfg_stop_at", "sampler_options", "preview"]
+
+
+def conditioning(m):
+    return {nid: {"class_type": "HarnessRandomConditioning",
+                  "inputs": {"seed": seed, "tokens": m["cond_tokens"], "dim": m["cond_dim"],
+                             "pooled_dim": m["pooled_dim"], "scale": 1.0}} for nid, seed in (("2", 101), ("3", 202))}
+
+
+def advanced_graph(m, options_text, sampler):
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": m["checkpoint"]}}, **conditioning(m)}
+    g["4"] = {"class_type": m["empty_latent_node"], "inputs": {"width": 64, "height": 64, "batch_size": 2}}
+    g["11"] = {"class_type": "ksampler_SamplerOptions", "inputs": {"options": options_text}}
+    g["5"] = {"class_type": "ksampler_KSamplerAdvanced", "inputs": {
+        "model": ["1", 0], "add_noise": "enable", "noise_seed": 7, "steps": 6, "cfg": 5.0, "sampler_name": sampler,
+        "scheduler": "karras", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+        "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable",
+        "batch_invariant_noise": True, "variation_seed": 8, "variation_strength": 0.25, "cfg_sigma_min": 0.05,
+        "cfg_sigma_max": 5.0, "cfg_ramp": "linear", "cfg_ramp_end": 2.0, "cfg_stop_at": 0.9,
+        "sampler_options": ["11", 0], "preview": "denoised"}}
+    g["9"] = {"class_type": "HarnessLatentStats", "inputs": {"samples": ["5", 0]}}
+    return g
+
+
+def two_model_graph(m_high, m_low):
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": m_high["checkpoint"]}},
+         "12": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": m_low["checkpoint"]}},
+         **conditioning(m_high)}
+    g["4"] = {"class_type": m_high["empty_latent_node"], "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    g["5"] = {"class_type": "ksampler_KSamplerTwoModels", "inputs": {
+        "model_high": ["1", 0], "model_low": ["12", 0], "noise_seed": 3, "steps": 8, "cfg_high": 5.0, "cfg_low": 2.0,
+        "sampler_name": "euler", "scheduler": "simple", "positive": ["2", 0], "negative": ["3", 0],
+        "latent_image": ["4", 0], "boundary": 0.875, "switch_by": "sigma", "switch_at_step": 4}}
+    g["9"] = {"class_type": "HarnessLatentStats", "inputs": {"samples": ["5", 0]}}
+    return g
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--comfyui-dir", default=os.environ.get("COMFYUI_DIR", "/tmp/comfy/ComfyUI"))
+    ap.add_argument("--models-dir", default=os.environ.get("COMFY_MODELS", "/tmp/comfy/models"))
+    ap.add_argument("--venv", default=os.environ.get("COMFY_VENV", "/tmp/comfy/venv"))
+    ap.add_argument("--port", type=int, default=8193)
+    a = ap.parse_args(argv)
+    sys.path.insert(0, HARNESS)
+    import e2e
+    import harness_env
+    manifest = harness_env.load_manifest(a.models_dir)
+    work = tempfile.mkdtemp(prefix="ksampler_server_check_")
+    custom_nodes = os.path.join(a.comfyui_dir, "custom_nodes")
+    made, server, failures = [], None, []
+
+    def expect(what, ok, detail=""):
+        print(f"{'PASS' if ok else 'FAIL'}  {what}" + (f"  ({detail})" if detail else ""), flush=True)
+        if not ok:
+            failures.append(what)
+    try:
+        e2e.link_into(custom_nodes, os.path.join(HARNESS, "harness_nodes"), e2e.HARNESS_LINK, made)
+        e2e.link_into(custom_nodes, ROOT, "ksampler", made)
+        server = e2e.Server(a.comfyui_dir, os.path.join(a.venv, "bin", "python"), a.port, work, a.models_dir)
+        print(f"server up in {server.start(300):.0f}s (log {server.log_path})", flush=True)
+        st, info = e2e.http("GET", f"{server.base}/object_info")
+        adv = info.get("ksampler_KSamplerAdvanced", {})
+        optional = list(adv.get("input", {}).get("optional", {}))
+        order = adv.get("input_order", {}).get("optional", optional)
+        expect("KSampler Advanced serves the new optional inputs last, in order", order[-len(NEW_INPUTS):] == NEW_INPUTS,
+               str(order))
+        for node in ("ksampler_KSamplerTwoModels", "ksampler_SamplerOptions"):
+            expect(f"{node} is served from the pack", str(info.get(node, {}).get("python_module", "")).startswith(
+                "custom_nodes."), info.get(node, {}).get("display_name", "missing"))
+        models = manifest["models"]
+        for key, sampler, options in (("sd15_eps", "euler_ancestral", "eta=0.6, s_noise=1.01"),
+                                      ("sd3_flow", "dpmpp_2m_sde", "eta=0.5\nsolver_type=heun")):
+            res = e2e.run_graph(server.base, advanced_graph(models[key], options, sampler), 300)
+            expect(f"KSampler Advanced with every control, {key} {sampler}", res["ok"], res.get("error", ""))
+        res = e2e.run_graph(server.base, two_model_graph(models["sd3_flow"], models["sd3_flow"]), 300)
+        expect("KSampler (two models), two flow models, switch by sigma", res["ok"], res.get("error", ""))
+        res = e2e.run_graph(server.base, two_model_graph(models["sd3_flow"], models["sd15_eps"]), 300)
+        message = str((res.get("error") or {}).get("exception_message", ""))
+        expect("KSampler (two models), flow + eps: clear error naming model_low", not res["ok"] and
+               "model_low" in message, message[:160])
+        res = e2e.run_graph(server.base, advanced_graph(models["sd15_eps"], "s_churn=0.5", "dpmpp_2m"), 300)
+        message = str((res.get("error") or {}).get("exception_message", ""))
+        expect("an option the sampler ignores: error naming both", not res["ok"] and "'dpmpp_2m' does not take "
+               "'s_churn'" in message, message[:160])
+    finally:
+        if server is not None:
+            server.stop()
+        for link in made:
+            os.unlink(link)
+    print(f"{'all checks passed' if not failures else f'{len(failures)} check(s) failed'}; work folder {work}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
