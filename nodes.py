@@ -27,8 +27,7 @@ from .validation import MAX_SEED, MAX_STEPS, KSamplerInputError, check_sampler_a
 SAMPLER_OPTIONS_TYPE = "KSAMPLER_OPTIONS"
 
 __all__ = ["KSampler", "KSamplerAdvanced", "KSamplerTwoModels", "SamplerOptions", "NODES", "NODE_TABLE",
-           "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS",
-           "is_comfy_model", "v3_nodes"]
+           "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "is_comfy_model", "v3_nodes"]
 
 CATEGORY = "sampling"
 # ComfyUI's MODEL or the bundled one (a comma-separated list: the editor and the server accept either)
@@ -78,8 +77,8 @@ TOOLTIPS = {
                      "geometry (and also uses ComfyUI's lms weights and dpmpp_2s_ancestral_cfg_pp re-noising on "
                      "any model); 'default' follows KSAMPLER_FLOW_GEOMETRY (exact unless set).",
     "variation_seed": "A second seed whose noise is mixed into the seed's (A1111-style variations of one image).",
-    "variation_strength": "How much of the variation seed's noise to mix in, variance-preserving: 0 is the seed's "
-                          "image, 1 the variation seed's; 0.05-0.3 gives small variations.",
+    "variation_strength": "How much of the variation seed's noise to mix in, variance-preserving: 0 is the "
+                          "seed's image, 1 the variation seed's; 0.05-0.3 gives small variations.",
     "cfg_sigma_min": "Guidance interval: CFG applies only while sigma >= this (cfg 1 below it, which skips the "
                      "negative pass and saves time). 0 = no lower bound.",
     "cfg_sigma_max": "Guidance interval: CFG applies only while sigma <= this (cfg 1 above it). Kynkaanniemi et al. "

@@ -63,6 +63,17 @@ def two_model_graph(m_high, m_low):
     return g
 
 
+def _node_table() -> dict:
+    """nodes.NODE_TABLE read from the source (the tool runs outside the package)."""
+    import ast
+    with open(os.path.join(ROOT, "nodes.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "NODE_TABLE":
+            return ast.literal_eval(node.value)
+    raise RuntimeError("nodes.py has no NODE_TABLE")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--comfyui-dir", default=os.environ.get("COMFYUI_DIR", "/tmp/comfy/ComfyUI"))
@@ -91,21 +102,28 @@ def main(argv=None) -> int:
         adv = info.get("ksampler_KSamplerAdvanced", {})
         optional = list(adv.get("input", {}).get("optional", {}))
         order = adv.get("input_order", {}).get("optional", optional)
-        expect("KSampler Advanced serves the new optional inputs last, in order", order[-len(NEW_INPUTS):] == NEW_INPUTS,
+        expect("KSampler+ (Advanced) serves the new optional inputs last, in order",
+               order[-len(NEW_INPUTS):] == NEW_INPUTS,
                str(order))
-        for node in ("ksampler_KSamplerTwoModels", "ksampler_SamplerOptions"):
-            expect(f"{node} is served from the pack", str(info.get(node, {}).get("python_module", "")).startswith(
-                "custom_nodes."), info.get(node, {}).get("display_name", "missing"))
+        for node, title in (("ksampler_KSamplerTwoModels", "KSampler+ (Two Models)"),
+                            ("ksampler_SamplerOptions", "Sampler Options+")):
+            expect(f"{node} is served from the pack as {title!r}",
+                   str(info.get(node, {}).get("python_module", "")).startswith("custom_nodes.")
+                   and info.get(node, {}).get("display_name") == title,
+                   info.get(node, {}).get("display_name", "missing"))
+        table = _node_table()
+        missing = [node for node in table if node not in info]
+        expect("every node of NODE_TABLE is served (the pack loaded whole)", not missing, ", ".join(missing))
         models = manifest["models"]
         for key, sampler, options in (("sd15_eps", "euler_ancestral", "eta=0.6, s_noise=1.01"),
                                       ("sd3_flow", "dpmpp_2m_sde", "eta=0.5\nsolver_type=heun")):
             res = e2e.run_graph(server.base, advanced_graph(models[key], options, sampler), 300)
-            expect(f"KSampler Advanced with every control, {key} {sampler}", res["ok"], res.get("error", ""))
+            expect(f"KSampler+ (Advanced) with every control, {key} {sampler}", res["ok"], res.get("error", ""))
         res = e2e.run_graph(server.base, two_model_graph(models["sd3_flow"], models["sd3_flow"]), 300)
-        expect("KSampler (two models), two flow models, switch by sigma", res["ok"], res.get("error", ""))
+        expect("KSampler+ (Two Models), two flow models, switch by sigma", res["ok"], res.get("error", ""))
         res = e2e.run_graph(server.base, two_model_graph(models["sd3_flow"], models["sd15_eps"]), 300)
         message = str((res.get("error") or {}).get("exception_message", ""))
-        expect("KSampler (two models), flow + eps: clear error naming model_low", not res["ok"] and
+        expect("KSampler+ (Two Models), flow + eps: clear error naming model_low", not res["ok"] and
                "model_low" in message, message[:160])
         res = e2e.run_graph(server.base, advanced_graph(models["sd15_eps"], "s_churn=0.5", "dpmpp_2m"), 300)
         message = str((res.get("error") or {}).get("exception_message", ""))
