@@ -12,7 +12,7 @@
   names); our KSampler lists them after ours and runs the host's implementations (run last: it patches the host);
 * SamplerCustom: ComfyUI's SamplerCustom node driven by our SamplerSelect + Scheduler nodes against
   KSamplerSelect + BasicScheduler, on the harness's tiny SD1.5 (eps) and SD3 (flow) checkpoints;
-* two models: our KSampler (two models) on two tiny Wan 2.1 models with different random weights (a high-
+* two models: our KSampler+ (Two Models) on two tiny Wan 2.1 models with different random weights (a high-
   and a low-noise "expert") against ComfyUI's own chain of two KSamplerAdvanced nodes with the switch step our
   node reports (switching by sigma at Wan 2.2's boundary 0.875, and by step);
 * controls: the guidance interval in the real host (no unconditional pass outside the interval, counted with a

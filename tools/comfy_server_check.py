@@ -4,10 +4,10 @@
 
 Uses the shared harness (../shared/comfyui: its Server, run_graph and random-conditioning nodes, imported at run
 time) and the tiny sd15_eps / sd3_flow checkpoints.  Checks that /object_info serves KSampler Advanced with the
-new optional inputs at the end, KSampler (two models) and Sampler Options; then runs:
+new optional inputs at the end, KSampler+ (Two Models) and Sampler Options+; then runs:
 * KSampler Advanced with every control set (variation seed, guidance interval, ramp, stop, sampler options from a
   Sampler Options node, preview 'denoised') on both models;
-* KSampler (two models) on two loads of the flow checkpoint (switch by sigma), and its switch_step output;
+* KSampler+ (Two Models) on two loads of the flow checkpoint (switch by sigma), and its switch_step output;
 * the same node on an eps and a flow model, which must fail with an error naming model_low;
 * a sampler option the sampler does not take, which must fail naming the option and the sampler.
 Exit status 0 when every expectation holds.
