@@ -185,6 +185,9 @@ def _run(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, l
             names[key] = name  # the host runs its own names; ours are checked here
     check_sampler_args(seed=seed, steps=steps, cfg=cfg, denoise=denoise, **names)
     if kw.get("sampler_options"):
+        if sampler_name not in SAMPLERS:
+            raise KSamplerInputError(f"sampler_options: {sampler_name!r} runs as ComfyUI's own sampler, which takes no "
+                                     "options from here; remove the Sampler Options+ input or pick a ksampler sampler")
         from .samplers.options import resolve_sampler_options
         resolve_sampler_options(sampler_name, kw["sampler_options"])
     if kw.get("reference_mode") is None:

@@ -362,3 +362,16 @@ def test_cfgpp_ud10_ab_through_the_host_equals_the_core(host, cfg):
     ref = sample(model, ms, noise, torch.zeros_like(noise), sampling_sigmas(ms, "normal", 8), None,
                  "cfgpp_ud10_ab", 9)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_sampler_options_with_a_host_only_sampler_is_a_clear_error(host, monkeypatch):
+    modules, _ = host
+    _add_host_names(modules, monkeypatch)
+    from ksampler.nodes import KSamplerAdvanced
+    from ksampler.validation import KSamplerInputError
+    patcher = StandInModelPatcher(modules, "eps")
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with pytest.raises(KSamplerInputError, match="sampler_options: 'standin_euler' runs as ComfyUI's own sampler"):
+        KSamplerAdvanced().sample(patcher, "enable", 9, 4, 3.0, "standin_euler", "simple", _cond(1.0), _cond(-1.0),
+                                  latent, 0, 10000, "disable", sampler_options={"eta": 0.5})
+    assert modules["comfy.samplers"].STANDIN_CALLS.get("host_samplers", []) == []   # nothing ran
