@@ -375,3 +375,18 @@ def test_sampler_options_with_a_host_only_sampler_is_a_clear_error(host, monkeyp
         KSamplerAdvanced().sample(patcher, "enable", 9, 4, 3.0, "standin_euler", "simple", _cond(1.0), _cond(-1.0),
                                   latent, 0, 10000, "disable", sampler_options={"eta": 0.5})
     assert modules["comfy.samplers"].STANDIN_CALLS.get("host_samplers", []) == []   # nothing ran
+
+
+def test_variation_seed_on_a_nested_latent_is_a_clear_error(host):
+    modules, adapter = host
+    latent, _, _ = _nested_latent(modules)
+    from ksampler.validation import KSamplerInputError
+    with pytest.raises(KSamplerInputError, match="variation_strength: variation seeds are not supported for nested"):
+        adapter.common_ksampler(StandInModelPatcher(modules), 3, 5, 3.0, "euler", "karras", _cond(1.0), _cond(-1.0),
+                                latent, variation_seed=4, variation_strength=0.3)
+    # strength 0 is no variation: the plain run
+    plain = adapter.common_ksampler(StandInModelPatcher(modules), 3, 5, 3.0, "euler", "karras", _cond(1.0),
+                                    _cond(-1.0), latent)["samples"]
+    same = adapter.common_ksampler(StandInModelPatcher(modules), 3, 5, 3.0, "euler", "karras", _cond(1.0),
+                                   _cond(-1.0), latent, variation_seed=4, variation_strength=0.0)["samples"]
+    assert all(torch.equal(a, b) for a, b in zip(plain.unbind(), same.unbind()))
