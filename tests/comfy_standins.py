@@ -151,7 +151,6 @@ def build_standin_modules():
                          _pack(latent_image.unbind()), None if masks is None else _pack(masks), callback,
                          disable_pbar, seed)
             return NestedTensor(_unpack(out, shapes))
-        calls["sample"] += 1
         inner = types.SimpleNamespace(model_sampling=model.model_sampling_object)
         wrap = CFGWrap(inner, cfg, positive[0][0].mean(), negative[0][0].mean() if negative else torch.tensor(0.0))
         wrap.inner_model = inner
