@@ -11,7 +11,7 @@ from ..models.sampling import get_model_sampling
 from .noise import default_noise_sampler
 
 __all__ = ["to_d", "step_range", "sigma_batch", "denoise_with_uncond", "resolve_noise_sampler",
-           "get_model_sampling", "as_float_list", "emit", "renoise", "neg_expm1", "h_phi_2"]
+           "get_model_sampling", "as_float_list", "emit", "renoise", "neg_expm1", "h_phi_2", "run_steps"]
 
 
 def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
@@ -52,6 +52,21 @@ def emit(callback: Optional[Callable], x: Tensor, i: int, sigma: float, denoised
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma if sigma_hat is None else sigma_hat,
                   "denoised": denoised})
+
+
+def run_steps(model, x: Tensor, sigmas, extra_args: dict, callback: Optional[Callable], disable: Optional[bool],
+              step: Callable[[Tensor, Tensor, int], Tensor]) -> Tensor:
+    """The step loop of the one-estimate-per-step samplers (k-diffusion's protocol).
+
+    Step i denoises at ``sigmas[i]`` and reports it to ``callback``; a step to sigma 0 ends at that
+    estimate, any other step is ``x = step(x, denoised, i)``.
+    """
+    for i in step_range(len(sigmas) - 1, disable):
+        sigma = float(sigmas[i])
+        denoised = model(x, sigma_batch(x, sigma), **extra_args)
+        emit(callback, x, i, sigma, denoised)
+        x = denoised if sigmas[i + 1] == 0 else step(x, denoised, i)
+    return x
 
 
 def denoise_with_uncond(model, x: Tensor, sigma: float, extra_args: dict,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (as_float_list, denoise_with_uncond, emit, get_model_sampling, renoise, resolve_noise_sampler,
-                      sigma_batch, step_range)
+                      run_steps, sigma_batch, step_range)
 from .traits import traits
 
 
@@ -74,18 +74,15 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     ms = get_model_sampling(model)
     noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
     sig = as_float_list(sigmas)
-    for i in step_range(len(sig) - 1, disable):
+
+    def step(x, denoised, i):
         sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = model(x, sigma_batch(x, sigma), **extra_args)
-        emit(callback, x, i, sigma, denoised)
-        if sigma_next == 0:
-            x = denoised
-            continue
         sigma_down, sigma_up, scale = ms.ancestral_step(sigma, sigma_next, eta)
         x = _euler_to(x, denoised, sigma, sigma_down)
         if eta > 0:
             x = renoise(x, scale, noise_sampler(sigma, sigma_next), s_noise * sigma_up)
-    return x
+        return x
+    return run_steps(model, x, sig, extra_args, callback, disable, step)
 
 
 @torch.no_grad()

@@ -39,28 +39,24 @@ def brownian_noise(noise_sampler, x, sigmas, extra_args, cpu=True):
 
 
 
-@torch.no_grad()
-@traits(noise="brownian")
-def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                     noise_sampler=None, r=1 / 2):
-    """DPM-Solver++ (stochastic, 2 stages per step) with Brownian noise (Lu et al. 2022b; k-diffusion)."""
-    if len(sigmas) <= 1:
-        return x
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = brownian_noise(noise_sampler, x, sigmas, extra_args)
-    return _dpmpp_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r)
+def _dpmpp_sde_sampler(name: str, tree_on_cpu: bool, doc: str):
+    """A dpmpp_sde entry; ``tree_on_cpu`` says where its default Brownian tree lives (the ``_gpu`` variant: not)."""
+    @torch.no_grad()
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
+                r=1 / 2):
+        if len(sigmas) <= 1:
+            return x
+        extra_args = {} if extra_args is None else extra_args
+        noise_sampler = brownian_noise(noise_sampler, x, sigmas, extra_args, cpu=tree_on_cpu)
+        return _dpmpp_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r)
+    return _named(sampler, name, doc, "brownian" if tree_on_cpu else "brownian_device")
 
 
-@torch.no_grad()
-@traits(noise="brownian_device")
-def sample_dpmpp_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                         noise_sampler=None, r=1 / 2):
-    """dpmpp_sde with its Brownian tree built on the sampling device."""
-    if len(sigmas) <= 1:
-        return x
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = brownian_noise(noise_sampler, x, sigmas, extra_args, cpu=False)
-    return _dpmpp_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r)
+def _named(sampler, name: str, doc: str, noise: str):
+    """Give a factory-made sampler its public name, its one-line docstring and its traits."""
+    sampler.__name__ = sampler.__qualname__ = name
+    sampler.__doc__ = doc
+    return traits(noise=noise)(sampler)
 
 
 def _dpmpp_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r):
@@ -176,58 +172,32 @@ def _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_s
                                 solver_type, step_update)
 
 
-@torch.no_grad()
-@traits(noise="brownian")
-def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
-                        solver_type="midpoint", step_update=fused_msde_update):
-    """DPM-Solver++(2M) SDE, midpoint correction (Lu et al. 2022b)."""
-    return _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 2, solver_type, True,
-                 step_update)
+def _msde_sampler(name: str, order: int, default_solver: str, tree_on_cpu: bool, doc: str):
+    """A DPM-Solver++ multistep SDE entry of the given order and default correction (see ``_msde``)."""
+    @torch.no_grad()
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
+                solver_type=default_solver, step_update=fused_msde_update):
+        return _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order, solver_type,
+                     tree_on_cpu, step_update)
+    return _named(sampler, name, doc, "brownian" if tree_on_cpu else "brownian_device")
 
 
-@torch.no_grad()
-@traits(noise="brownian_device")
-def sample_dpmpp_2m_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
-                            solver_type="midpoint", step_update=fused_msde_update):
-    """dpmpp_2m_sde with its Brownian tree on the sampling device."""
-    return _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 2, solver_type, False,
-                 step_update)
-
-
-@torch.no_grad()
-@traits(noise="brownian")
-def sample_dpmpp_2m_sde_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
-                             solver_type="heun", step_update=fused_msde_update):
-    """DPM-Solver++(2M) SDE, Heun correction (Lu et al. 2022b)."""
-    return _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 2, solver_type, True,
-                 step_update)
-
-
-@torch.no_grad()
-@traits(noise="brownian_device")
-def sample_dpmpp_2m_sde_heun_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
-                                 solver_type="heun", step_update=fused_msde_update):
-    """dpmpp_2m_sde_heun with its Brownian tree on the sampling device."""
-    return _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 2, solver_type, False,
-                 step_update)
-
-
-@torch.no_grad()
-@traits(noise="brownian")
-def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
-                        solver_type="heun", step_update=fused_msde_update):
-    """DPM-Solver++(3M) SDE (Lu et al. 2022b; third-order multistep, k-diffusion)."""
-    return _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 3, solver_type, True,
-                 step_update)
-
-
-@torch.no_grad()
-@traits(noise="brownian_device")
-def sample_dpmpp_3m_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
-                            solver_type="heun", step_update=fused_msde_update):
-    """dpmpp_3m_sde with its Brownian tree on the sampling device."""
-    return _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 3, solver_type, False,
-                 step_update)
+sample_dpmpp_sde = _dpmpp_sde_sampler(
+    "sample_dpmpp_sde", True, "DPM-Solver++ (stochastic, 2 stages per step) with Brownian noise (Lu et al. 2022b; k-diffusion).")
+sample_dpmpp_sde_gpu = _dpmpp_sde_sampler(
+    "sample_dpmpp_sde_gpu", False, "dpmpp_sde with its Brownian tree built on the sampling device.")
+sample_dpmpp_2m_sde = _msde_sampler(
+    "sample_dpmpp_2m_sde", 2, "midpoint", True, "DPM-Solver++(2M) SDE, midpoint correction (Lu et al. 2022b).")
+sample_dpmpp_2m_sde_gpu = _msde_sampler(
+    "sample_dpmpp_2m_sde_gpu", 2, "midpoint", False, "dpmpp_2m_sde with its Brownian tree on the sampling device.")
+sample_dpmpp_2m_sde_heun = _msde_sampler(
+    "sample_dpmpp_2m_sde_heun", 2, "heun", True, "DPM-Solver++(2M) SDE, Heun correction (Lu et al. 2022b).")
+sample_dpmpp_2m_sde_heun_gpu = _msde_sampler(
+    "sample_dpmpp_2m_sde_heun_gpu", 2, "heun", False, "dpmpp_2m_sde_heun with its Brownian tree on the sampling device.")
+sample_dpmpp_3m_sde = _msde_sampler(
+    "sample_dpmpp_3m_sde", 3, "heun", True, "DPM-Solver++(3M) SDE (Lu et al. 2022b; third-order multistep, k-diffusion).")
+sample_dpmpp_3m_sde_gpu = _msde_sampler(
+    "sample_dpmpp_3m_sde_gpu", 3, "heun", False, "dpmpp_3m_sde with its Brownian tree on the sampling device.")
 
 
 @torch.no_grad()
