@@ -182,22 +182,23 @@ def _msde_sampler(name: str, order: int, default_solver: str, tree_on_cpu: bool,
     return _named(sampler, name, doc, "brownian" if tree_on_cpu else "brownian_device")
 
 
-sample_dpmpp_sde = _dpmpp_sde_sampler(
-    "sample_dpmpp_sde", True, "DPM-Solver++ (stochastic, 2 stages per step) with Brownian noise (Lu et al. 2022b; k-diffusion).")
-sample_dpmpp_sde_gpu = _dpmpp_sde_sampler(
-    "sample_dpmpp_sde_gpu", False, "dpmpp_sde with its Brownian tree built on the sampling device.")
-sample_dpmpp_2m_sde = _msde_sampler(
-    "sample_dpmpp_2m_sde", 2, "midpoint", True, "DPM-Solver++(2M) SDE, midpoint correction (Lu et al. 2022b).")
-sample_dpmpp_2m_sde_gpu = _msde_sampler(
-    "sample_dpmpp_2m_sde_gpu", 2, "midpoint", False, "dpmpp_2m_sde with its Brownian tree on the sampling device.")
-sample_dpmpp_2m_sde_heun = _msde_sampler(
-    "sample_dpmpp_2m_sde_heun", 2, "heun", True, "DPM-Solver++(2M) SDE, Heun correction (Lu et al. 2022b).")
-sample_dpmpp_2m_sde_heun_gpu = _msde_sampler(
-    "sample_dpmpp_2m_sde_heun_gpu", 2, "heun", False, "dpmpp_2m_sde_heun with its Brownian tree on the sampling device.")
-sample_dpmpp_3m_sde = _msde_sampler(
-    "sample_dpmpp_3m_sde", 3, "heun", True, "DPM-Solver++(3M) SDE (Lu et al. 2022b; third-order multistep, k-diffusion).")
-sample_dpmpp_3m_sde_gpu = _msde_sampler(
-    "sample_dpmpp_3m_sde_gpu", 3, "heun", False, "dpmpp_3m_sde with its Brownian tree on the sampling device.")
+def _cpu_and_device(factory, name: str, doc: str, *config):
+    """A Brownian sampler and its ``_gpu`` variant: the same sampler with its Brownian tree on the sampling device."""
+    device_doc = f"{name.removeprefix('sample_')} with its Brownian tree on the sampling device."
+    return factory(name, *config, True, doc), factory(name + "_gpu", *config, False, device_doc)
+
+
+sample_dpmpp_sde, sample_dpmpp_sde_gpu = _cpu_and_device(
+    _dpmpp_sde_sampler, "sample_dpmpp_sde",
+    "DPM-Solver++ (stochastic, 2 stages per step) with Brownian noise (Lu et al. 2022b; k-diffusion).")
+(sample_dpmpp_2m_sde, sample_dpmpp_2m_sde_gpu, sample_dpmpp_2m_sde_heun, sample_dpmpp_2m_sde_heun_gpu,
+ sample_dpmpp_3m_sde, sample_dpmpp_3m_sde_gpu) = (
+    *_cpu_and_device(_msde_sampler, "sample_dpmpp_2m_sde", "DPM-Solver++(2M) SDE, midpoint correction (Lu et al. 2022b).",
+                     2, "midpoint"),
+    *_cpu_and_device(_msde_sampler, "sample_dpmpp_2m_sde_heun", "DPM-Solver++(2M) SDE, Heun correction (Lu et al. 2022b).",
+                     2, "heun"),
+    *_cpu_and_device(_msde_sampler, "sample_dpmpp_3m_sde",
+                     "DPM-Solver++(3M) SDE (Lu et al. 2022b; third-order multistep, k-diffusion).", 3, "heun"))
 
 
 @torch.no_grad()
