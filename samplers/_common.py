@@ -12,7 +12,7 @@ from .noise import default_noise_sampler
 
 __all__ = ["to_d", "step_range", "sigma_batch", "denoise_with_uncond", "resolve_noise_sampler",
            "get_model_sampling", "as_float_list", "emit", "renoise", "neg_expm1", "h_phi_2", "run_steps",
-           "ancestral_schedule"]
+           "ancestral_schedule", "denoise_at"]
 
 
 def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
@@ -55,6 +55,14 @@ def emit(callback: Optional[Callable], x: Tensor, i: int, sigma: float, denoised
                   "denoised": denoised})
 
 
+def denoise_at(model, x: Tensor, i: int, sigma: float, extra_args: dict,
+               callback: Optional[Callable]) -> Tensor:
+    """The model's denoised estimate at step i's sigma, reported to ``callback``."""
+    denoised = model(x, sigma_batch(x, sigma), **extra_args)
+    emit(callback, x, i, sigma, denoised)
+    return denoised
+
+
 def run_steps(model, x: Tensor, sigmas, extra_args: dict, callback: Optional[Callable], disable: Optional[bool],
               step: Callable[[Tensor, Tensor, int], Tensor]) -> Tensor:
     """The step loop of the one-estimate-per-step samplers (k-diffusion's protocol).
@@ -63,9 +71,7 @@ def run_steps(model, x: Tensor, sigmas, extra_args: dict, callback: Optional[Cal
     estimate, any other step is ``x = step(x, denoised, i)``.
     """
     for i in step_range(len(sigmas) - 1, disable):
-        sigma = float(sigmas[i])
-        denoised = model(x, sigma_batch(x, sigma), **extra_args)
-        emit(callback, x, i, sigma, denoised)
+        denoised = denoise_at(model, x, i, float(sigmas[i]), extra_args, callback)
         x = denoised if sigmas[i + 1] == 0 else step(x, denoised, i)
     return x
 

@@ -11,8 +11,8 @@ import math
 import torch
 
 from ..models.sampling import ve_ancestral_split
-from ._common import (ancestral_schedule, as_float_list, denoise_with_uncond, emit, get_model_sampling, renoise,
-                      resolve_noise_sampler, sigma_batch, step_range)
+from ._common import (ancestral_schedule, as_float_list, denoise_at, denoise_with_uncond, emit, get_model_sampling,
+                      renoise, resolve_noise_sampler, sigma_batch, step_range)
 from .traits import traits
 
 
@@ -237,8 +237,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     old_denoised = None
     for i in step_range(len(sigmas) - 1, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma_batch(x, float(sigma)), **extra_args)
-        emit(callback, x, i, float(sigma), denoised)
+        denoised = denoise_at(model, x, i, float(sigma), extra_args, callback)
         if sigma_next == 0:
             x = denoised
         else:

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..models.sampling import ve_ancestral_split
-from ._common import as_float_list, emit, get_model_sampling, neg_expm1, resolve_noise_sampler, sigma_batch, step_range
+from ._common import (as_float_list, denoise_at, emit, get_model_sampling, neg_expm1, resolve_noise_sampler, sigma_batch,
+                      step_range)
 from .noise import BrownianTreeNoiseSampler
 from .traits import traits
 
@@ -67,8 +68,7 @@ def _dpmpp_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, no
     fac = 1 / (2 * r)
     for i in step_range(len(sigmas) - 1, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma_batch(x, float(sigma)), **extra_args)
-        emit(callback, x, i, float(sigma), denoised)
+        denoised = denoise_at(model, x, i, float(sigma), extra_args, callback)
         if sigma_next == 0:
             x = denoised
             continue
