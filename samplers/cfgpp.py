@@ -23,6 +23,13 @@ from .multistep import lms_coefficients
 from .traits import traits
 
 
+def _guided_at(model, x, i: int, sigma: float, extra_args: dict, callback):
+    """The guided and unconditional estimates at step i's sigma; the guided one is reported to ``callback``."""
+    denoised, uncond = denoise_with_uncond(model, x, sigma, extra_args)
+    emit(callback, x, i, sigma, denoised)
+    return denoised, uncond
+
+
 @torch.no_grad()
 @traits(noise="ancestral", cfg_pp=True)
 def sample_euler_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
@@ -35,8 +42,7 @@ def sample_euler_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=No
     sig = as_float_list(sigmas)
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_next = sig[i], sig[i + 1]
-        denoised, uncond = denoise_with_uncond(model, x, sigma, extra_args)
-        emit(callback, x, i, sigma, denoised)
+        denoised, uncond = _guided_at(model, x, i, sigma, extra_args, callback)
         if sigma_next == 0:
             x = denoised
             continue
@@ -99,8 +105,7 @@ def dpmpp_2m_cfg_pp_ve(model, x, sigmas, extra_args=None, callback=None, disable
     old_uncond = None
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_next = sig[i], sig[i + 1]
-        denoised, uncond = denoise_with_uncond(model, x, sigma, extra_args)
-        emit(callback, x, i, sigma, denoised)
+        denoised, uncond = _guided_at(model, x, i, sigma, extra_args, callback)
         if sigma_next == 0:
             x = denoised
         else:
