@@ -11,7 +11,8 @@ from ..models.sampling import get_model_sampling
 from .noise import default_noise_sampler
 
 __all__ = ["to_d", "step_range", "sigma_batch", "denoise_with_uncond", "resolve_noise_sampler",
-           "get_model_sampling", "as_float_list", "emit", "renoise", "neg_expm1", "h_phi_2"]
+           "get_model_sampling", "as_float_list", "emit", "renoise", "neg_expm1", "h_phi_2", "run_steps",
+           "ancestral_schedule", "denoise_at"]
 
 
 def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
@@ -52,6 +53,38 @@ def emit(callback: Optional[Callable], x: Tensor, i: int, sigma: float, denoised
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma if sigma_hat is None else sigma_hat,
                   "denoised": denoised})
+
+
+def denoise_at(model, x: Tensor, i: int, sigma: float, extra_args: dict,
+               callback: Optional[Callable]) -> Tensor:
+    """The model's denoised estimate at step i's sigma, reported to ``callback``."""
+    denoised = model(x, sigma_batch(x, sigma), **extra_args)
+    emit(callback, x, i, sigma, denoised)
+    return denoised
+
+
+def run_steps(model, x: Tensor, sigmas, extra_args: dict, callback: Optional[Callable], disable: Optional[bool],
+              step: Callable[[Tensor, Tensor, int], Tensor]) -> Tensor:
+    """The step loop of the one-estimate-per-step samplers (k-diffusion's protocol).
+
+    Step i denoises at ``sigmas[i]`` and reports it to ``callback``; a step to sigma 0 ends at that
+    estimate, any other step is ``x = step(x, denoised, i)``.
+    """
+    for i in step_range(len(sigmas) - 1, disable):
+        denoised = denoise_at(model, x, i, float(sigmas[i]), extra_args, callback)
+        x = denoised if sigmas[i + 1] == 0 else step(x, denoised, i)
+    return x
+
+
+def ancestral_schedule(model, x: Tensor, sigmas: Tensor, extra_args: dict, eta: float, noise_sampler):
+    """What the ancestral two-stage loops set up: the model sampling, the noise sampler, the sigmas (tensor
+    and floats), and per step sigma_down (0-d tensors), sigma_up and the re-noise scale (floats)."""
+    ms = get_model_sampling(model)
+    noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
+    sig_t = sigmas.detach().cpu()
+    sig = as_float_list(sigmas)
+    downs_t, ups, scales = ms.ancestral_steps(sig_t, eta)
+    return ms, noise_sampler, sig_t, sig, downs_t, as_float_list(ups), as_float_list(scales)
 
 
 def denoise_with_uncond(model, x: Tensor, sigma: float, extra_args: dict,

@@ -14,13 +14,20 @@ import math
 
 import torch
 
-from ._common import (as_float_list, denoise_with_uncond, emit, get_model_sampling, renoise, resolve_noise_sampler,
-                      step_range)
+from ._common import (ancestral_schedule, as_float_list, denoise_with_uncond, emit, get_model_sampling, renoise,
+                      resolve_noise_sampler, step_range)
 from .dpmsolver import res_multistep
 from .frames import in_ve_frame
 from .euler import sample_gradient_estimation
 from .multistep import lms_coefficients
 from .traits import traits
+
+
+def _guided_at(model, x, i: int, sigma: float, extra_args: dict, callback):
+    """The guided and unconditional estimates at step i's sigma; the guided one is reported to ``callback``."""
+    denoised, uncond = denoise_with_uncond(model, x, sigma, extra_args)
+    emit(callback, x, i, sigma, denoised)
+    return denoised, uncond
 
 
 @torch.no_grad()
@@ -35,8 +42,7 @@ def sample_euler_ancestral_cfg_pp(model, x, sigmas, extra_args=None, callback=No
     sig = as_float_list(sigmas)
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_next = sig[i], sig[i + 1]
-        denoised, uncond = denoise_with_uncond(model, x, sigma, extra_args)
-        emit(callback, x, i, sigma, denoised)
+        denoised, uncond = _guided_at(model, x, i, sigma, extra_args, callback)
         if sigma_next == 0:
             x = denoised
             continue
@@ -70,12 +76,8 @@ def dpmpp_2s_ancestral_cfg_pp_ve(model, x, sigmas, extra_args=None, callback=Non
     for a target of 0.50 in tests/test_convergence.py).
     """
     extra_args = {} if extra_args is None else extra_args
-    ms = get_model_sampling(model)
-    noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
-    sig_t = sigmas.detach().cpu()
-    sig = as_float_list(sigmas)
-    downs_t, ups, scales = ms.ancestral_steps(sig_t, eta)
-    ups, scales = as_float_list(ups), as_float_list(scales)
+    ms, noise_sampler, sig_t, sig, downs_t, ups, scales = ancestral_schedule(model, x, sigmas, extra_args, eta,
+                                                                             noise_sampler)
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_next = sig[i], sig[i + 1]
         denoised, uncond = denoise_with_uncond(model, x, sigma, extra_args)
@@ -103,8 +105,7 @@ def dpmpp_2m_cfg_pp_ve(model, x, sigmas, extra_args=None, callback=None, disable
     old_uncond = None
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_next = sig[i], sig[i + 1]
-        denoised, uncond = denoise_with_uncond(model, x, sigma, extra_args)
-        emit(callback, x, i, sigma, denoised)
+        denoised, uncond = _guided_at(model, x, i, sigma, extra_args, callback)
         if sigma_next == 0:
             x = denoised
         else:

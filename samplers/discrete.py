@@ -8,7 +8,8 @@ import math
 
 import torch
 
-from ._common import as_float_list, emit, get_model_sampling, resolve_noise_sampler, sigma_batch, step_range
+from ._common import (as_float_list, emit, get_model_sampling, resolve_noise_sampler, run_steps, sigma_batch,
+                      step_range)
 from .traits import traits
 
 
@@ -77,24 +78,19 @@ def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     ms = get_model_sampling(model)
     noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
     sig = as_float_list(sigmas)
-    for i in step_range(len(sig) - 1, disable):
+
+    def step(x, denoised, i):
         sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = model(x, sigma_batch(x, sigma), **extra_args)
-        emit(callback, x, i, sigma, denoised)
-        if sigma_next == 0:
-            x = denoised
-            continue
         t_next = float(ms.timestep(torch.tensor(sigma_next)))
         sigma_s = sigma_next if gamma == 0.0 else min(float(ms.sigma(torch.tensor((1 - gamma) * t_next))), sigma_next)
         eps = (x - denoised * ms.alpha(sigma)) / sigma
         x_s = denoised * ms.alpha(sigma_s) + eps * sigma_s
         if sigma_s >= sigma_next or gamma == 0.0:
-            x = x_s
-            continue
+            return x_s
         # forward-diffuse x_s from sigma_s to sigma_next (VP form keeps the marginal exact)
         vs, vn = _vp_norm(ms, sigma_s), _vp_norm(ms, sigma_next)
         ab_s, ab_n = (ms.alpha(sigma_s) / vs) ** 2, (ms.alpha(sigma_next) / vn) ** 2
         ratio = ab_n / ab_s
-        x = (x_s / vs * math.sqrt(ratio) + noise_sampler(sigma, sigma_next) * math.sqrt(1 - ratio)) * vn
-    return x
+        return (x_s / vs * math.sqrt(ratio) + noise_sampler(sigma, sigma_next) * math.sqrt(1 - ratio)) * vn
+    return run_steps(model, x, sig, extra_args, callback, disable, step)
 

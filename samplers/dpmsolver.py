@@ -11,8 +11,8 @@ import math
 import torch
 
 from ..models.sampling import ve_ancestral_split
-from ._common import (as_float_list, denoise_with_uncond, emit, get_model_sampling, renoise, resolve_noise_sampler,
-                      sigma_batch, step_range)
+from ._common import (ancestral_schedule, as_float_list, denoise_at, denoise_with_uncond, emit, get_model_sampling,
+                      renoise, resolve_noise_sampler, sigma_batch, step_range)
 from .traits import traits
 
 
@@ -205,12 +205,8 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
                               noise_sampler=None):
     """Ancestral DPM-Solver++(2S): a half-log-SNR midpoint step to sigma_down, then re-noise."""
     extra_args = {} if extra_args is None else extra_args
-    ms = get_model_sampling(model)
-    noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
-    sig_t = sigmas.detach().cpu()
-    sig = as_float_list(sigmas)
-    downs_t, ups, scales = ms.ancestral_steps(sig_t, eta)
-    ups, scales = as_float_list(ups), as_float_list(scales)
+    ms, noise_sampler, sig_t, sig, downs_t, ups, scales = ancestral_schedule(model, x, sigmas, extra_args, eta,
+                                                                             noise_sampler)
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_next = sig[i], sig[i + 1]
         denoised = model(x, sigma_batch(x, sigma), **extra_args)
@@ -241,8 +237,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     old_denoised = None
     for i in step_range(len(sigmas) - 1, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma_batch(x, float(sigma)), **extra_args)
-        emit(callback, x, i, float(sigma), denoised)
+        denoised = denoise_at(model, x, i, float(sigma), extra_args, callback)
         if sigma_next == 0:
             x = denoised
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (as_float_list, denoise_with_uncond, emit, get_model_sampling, renoise, resolve_noise_sampler,
-                      sigma_batch, step_range)
+                      run_steps, sigma_batch, step_range)
 from .traits import traits
 
 
@@ -49,20 +49,30 @@ def _churn(model, x, sigma, n_steps, s_churn, s_tmin, s_tmax, s_noise, noise_sam
     return x_ve * ms.alpha(sigma_hat), sigma_hat, noise_sampler
 
 
+def _churn_loop(model, x, sigmas, extra_args, callback, disable, churn, noise_sampler, step):
+    """The loop of the churn samplers: per step, raise the noise to sigma_hat (``_churn``), denoise there
+    and report it, then ``x = step(x, denoised, sigma_hat, i, sig)`` (``sig``: the sigmas as floats)."""
+    sig = as_float_list(sigmas)
+    n = len(sig) - 1
+    for i in step_range(n, disable):
+        x, sigma_hat, noise_sampler = _churn(model, x, sig[i], n, *churn, noise_sampler, extra_args)
+        denoised = model(x, sigma_batch(x, sigma_hat), **extra_args)
+        emit(callback, x, i, sig[i], denoised, sigma_hat)
+        x = step(x, denoised, sigma_hat, i, sig)
+    return x
+
+
 @torch.no_grad()
 @traits(takes_noise_sampler=True)
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float("inf"), s_noise=1., noise_sampler=None):
     """Euler steps, with optional churn (Karras et al. 2022, Alg. 2)."""
     extra_args = {} if extra_args is None else extra_args
-    sig = as_float_list(sigmas)
-    n = len(sig) - 1
-    for i in step_range(n, disable):
-        x, sigma_hat, noise_sampler = _churn(model, x, sig[i], n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, extra_args)
-        denoised = model(x, sigma_batch(x, sigma_hat), **extra_args)
-        emit(callback, x, i, sig[i], denoised, sigma_hat)
-        x = _euler_to(x, denoised, sigma_hat, sig[i + 1])
-    return x
+
+    def step(x, denoised, sigma_hat, i, sig):
+        return _euler_to(x, denoised, sigma_hat, sig[i + 1])
+    return _churn_loop(model, x, sigmas, extra_args, callback, disable, (s_churn, s_tmin, s_tmax, s_noise),
+                       noise_sampler, step)
 
 
 @torch.no_grad()
@@ -74,18 +84,15 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     ms = get_model_sampling(model)
     noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
     sig = as_float_list(sigmas)
-    for i in step_range(len(sig) - 1, disable):
+
+    def step(x, denoised, i):
         sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = model(x, sigma_batch(x, sigma), **extra_args)
-        emit(callback, x, i, sigma, denoised)
-        if sigma_next == 0:
-            x = denoised
-            continue
         sigma_down, sigma_up, scale = ms.ancestral_step(sigma, sigma_next, eta)
         x = _euler_to(x, denoised, sigma, sigma_down)
         if eta > 0:
             x = renoise(x, scale, noise_sampler(sigma, sigma_next), s_noise * sigma_up)
-    return x
+        return x
+    return run_steps(model, x, sig, extra_args, callback, disable, step)
 
 
 @torch.no_grad()
@@ -94,23 +101,19 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
                 s_tmax=float("inf"), s_noise=1., noise_sampler=None):
     """Heun's second-order method (Karras et al. 2022, Alg. 2); Euler on the last step to 0."""
     extra_args = {} if extra_args is None else extra_args
-    sig = as_float_list(sigmas)
-    n = len(sig) - 1
-    for i in step_range(n, disable):
-        x, sigma_hat, noise_sampler = _churn(model, x, sig[i], n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, extra_args)
+
+    def step(x, denoised, sigma_hat, i, sig):
         sigma_next = sig[i + 1]
-        denoised = model(x, sigma_batch(x, sigma_hat), **extra_args)
-        emit(callback, x, i, sig[i], denoised, sigma_hat)
         dt = sigma_next - sigma_hat
         d = (x - denoised) / sigma_hat
         if sigma_next == 0:
-            x = x + d * dt
-            continue
+            return x + d * dt
         x_2 = x + d * dt
         denoised_2 = model(x_2, sigma_batch(x, sigma_next), **extra_args)
         d_2 = (x_2 - denoised_2) / sigma_next
-        x = x + (d + d_2) * (dt / 2)
-    return x
+        return x + (d + d_2) * (dt / 2)
+    return _churn_loop(model, x, sigmas, extra_args, callback, disable, (s_churn, s_tmin, s_tmax, s_noise),
+                       noise_sampler, step)
 
 
 @torch.no_grad()
@@ -119,29 +122,24 @@ def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=Non
                    s_tmax=float("inf"), s_noise=1., noise_sampler=None):
     """Heun++: a three-stage Heun variant whose stage weights grow with sigma (sd-webui-samplers-scheduler, MIT)."""
     extra_args = {} if extra_args is None else extra_args
-    sig = as_float_list(sigmas)
-    n = len(sig) - 1
-    s_end = sig[-1]
-    for i in step_range(n, disable):
-        x, sigma_hat, noise_sampler = _churn(model, x, sig[i], n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, extra_args)
-        denoised = model(x, sigma_batch(x, sigma_hat), **extra_args)
-        emit(callback, x, i, sig[i], denoised, sigma_hat)
+    s_end = as_float_list(sigmas)[-1]
+
+    def step(x, denoised, sigma_hat, i, sig):
         d = (x - denoised) / sigma_hat
         dt = sig[i + 1] - sigma_hat
         if sig[i + 1] == s_end:
-            x = x + d * dt
-            continue
+            return x + d * dt
         x_2 = x + d * dt
         d_2 = (x_2 - model(x_2, sigma_batch(x, sig[i + 1]), **extra_args)) / sig[i + 1]
         if sig[i + 2] == s_end:
             w2 = sig[i + 1] / (2 * sig[0])
-            x = x + (d * (1 - w2) + d_2 * w2) * dt
-            continue
+            return x + (d * (1 - w2) + d_2 * w2) * dt
         x_3 = x_2 + d_2 * (sig[i + 2] - sig[i + 1])
         d_3 = (x_3 - model(x_3, sigma_batch(x, sig[i + 2]), **extra_args)) / sig[i + 2]
         w2, w3 = sig[i + 1] / (3 * sig[0]), sig[i + 2] / (3 * sig[0])
-        x = x + (d * (1 - w2 - w3) + d_2 * w2 + d_3 * w3) * dt
-    return x
+        return x + (d * (1 - w2 - w3) + d_2 * w2 + d_3 * w3) * dt
+    return _churn_loop(model, x, sigmas, extra_args, callback, disable, (s_churn, s_tmin, s_tmax, s_noise),
+                       noise_sampler, step)
 
 
 @torch.no_grad()
@@ -150,22 +148,18 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
                  s_tmax=float("inf"), s_noise=1., noise_sampler=None):
     """DPM-Solver-2 in sigma with a log-midpoint (Lu et al. 2022; Karras et al. 2022, Alg. 2)."""
     extra_args = {} if extra_args is None else extra_args
-    sig = as_float_list(sigmas)
-    n = len(sig) - 1
-    for i in step_range(n, disable):
-        x, sigma_hat, noise_sampler = _churn(model, x, sig[i], n, s_churn, s_tmin, s_tmax, s_noise, noise_sampler, extra_args)
+
+    def step(x, denoised, sigma_hat, i, sig):
         sigma_next = sig[i + 1]
-        denoised = model(x, sigma_batch(x, sigma_hat), **extra_args)
-        emit(callback, x, i, sig[i], denoised, sigma_hat)
         d = (x - denoised) / sigma_hat
         if sigma_next == 0:
-            x = x + d * (sigma_next - sigma_hat)
-            continue
+            return x + d * (sigma_next - sigma_hat)
         sigma_mid = _log_midpoint(sigma_hat, sigma_next, sigmas.dtype)
         x_2 = x + d * (sigma_mid - sigma_hat)
         d_2 = (x_2 - model(x_2, sigma_batch(x, sigma_mid), **extra_args)) / sigma_mid
-        x = x + d_2 * (sigma_next - sigma_hat)
-    return x
+        return x + d_2 * (sigma_next - sigma_hat)
+    return _churn_loop(model, x, sigmas, extra_args, callback, disable, (s_churn, s_tmin, s_tmax, s_noise),
+                       noise_sampler, step)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ._common import as_float_list, emit, sigma_batch, step_range
+from ._common import as_float_list, denoise_at, emit, sigma_batch, step_range
 
 
 def _lagrange_integral(nodes: list[float], j: int, a: float, b: float) -> float:
@@ -82,8 +82,7 @@ def _multistep_on_d(model, x, sigmas, extra_args, callback, disable, max_order, 
     history = []
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = model(x, sigma_batch(x, sigma), **extra_args)
-        emit(callback, x, i, sigma, denoised)
+        denoised = denoise_at(model, x, i, sigma, extra_args, callback)
         d = (x - denoised) / sigma
         history.insert(0, d)
         del history[max_order:]
@@ -205,8 +204,7 @@ def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     history = []
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = model(x, sigma_batch(x, sigma), **extra_args)
-        emit(callback, x, i, sigma, denoised)
+        denoised = denoise_at(model, x, i, sigma, extra_args, callback)
         d = (x - denoised) / sigma
         order = 1 if sigma_next <= 0 else min(max_order, i + 1)
         if order == 1:

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ..models.sampling import ve_ancestral_split
-from ._common import as_float_list, emit, get_model_sampling, neg_expm1, resolve_noise_sampler, sigma_batch, step_range
+from ._common import (as_float_list, denoise_at, emit, get_model_sampling, neg_expm1, resolve_noise_sampler, sigma_batch,
+                      step_range)
 from .noise import BrownianTreeNoiseSampler
 from .traits import traits
 
@@ -39,28 +40,24 @@ def brownian_noise(noise_sampler, x, sigmas, extra_args, cpu=True):
 
 
 
-@torch.no_grad()
-@traits(noise="brownian")
-def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                     noise_sampler=None, r=1 / 2):
-    """DPM-Solver++ (stochastic, 2 stages per step) with Brownian noise (Lu et al. 2022b; k-diffusion)."""
-    if len(sigmas) <= 1:
-        return x
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = brownian_noise(noise_sampler, x, sigmas, extra_args)
-    return _dpmpp_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r)
+def _dpmpp_sde_sampler(name: str, tree_on_cpu: bool, doc: str):
+    """A dpmpp_sde entry; ``tree_on_cpu`` says where its default Brownian tree lives (the ``_gpu`` variant: not)."""
+    @torch.no_grad()
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
+                r=1 / 2):
+        if len(sigmas) <= 1:
+            return x
+        extra_args = {} if extra_args is None else extra_args
+        noise_sampler = brownian_noise(noise_sampler, x, sigmas, extra_args, cpu=tree_on_cpu)
+        return _dpmpp_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r)
+    return _named(sampler, name, doc, "brownian" if tree_on_cpu else "brownian_device")
 
 
-@torch.no_grad()
-@traits(noise="brownian_device")
-def sample_dpmpp_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                         noise_sampler=None, r=1 / 2):
-    """dpmpp_sde with its Brownian tree built on the sampling device."""
-    if len(sigmas) <= 1:
-        return x
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = brownian_noise(noise_sampler, x, sigmas, extra_args, cpu=False)
-    return _dpmpp_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r)
+def _named(sampler, name: str, doc: str, noise: str):
+    """Give a factory-made sampler its public name, its one-line docstring and its traits."""
+    sampler.__name__ = sampler.__qualname__ = name
+    sampler.__doc__ = doc
+    return traits(noise=noise)(sampler)
 
 
 def _dpmpp_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r):
@@ -71,8 +68,7 @@ def _dpmpp_sde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, no
     fac = 1 / (2 * r)
     for i in step_range(len(sigmas) - 1, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma_batch(x, float(sigma)), **extra_args)
-        emit(callback, x, i, float(sigma), denoised)
+        denoised = denoise_at(model, x, i, float(sigma), extra_args, callback)
         if sigma_next == 0:
             x = denoised
             continue
@@ -176,58 +172,33 @@ def _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_s
                                 solver_type, step_update)
 
 
-@torch.no_grad()
-@traits(noise="brownian")
-def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
-                        solver_type="midpoint", step_update=fused_msde_update):
-    """DPM-Solver++(2M) SDE, midpoint correction (Lu et al. 2022b)."""
-    return _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 2, solver_type, True,
-                 step_update)
+def _msde_sampler(name: str, order: int, default_solver: str, tree_on_cpu: bool, doc: str):
+    """A DPM-Solver++ multistep SDE entry of the given order and default correction (see ``_msde``)."""
+    @torch.no_grad()
+    def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
+                solver_type=default_solver, step_update=fused_msde_update):
+        return _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, order, solver_type,
+                     tree_on_cpu, step_update)
+    return _named(sampler, name, doc, "brownian" if tree_on_cpu else "brownian_device")
 
 
-@torch.no_grad()
-@traits(noise="brownian_device")
-def sample_dpmpp_2m_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
-                            solver_type="midpoint", step_update=fused_msde_update):
-    """dpmpp_2m_sde with its Brownian tree on the sampling device."""
-    return _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 2, solver_type, False,
-                 step_update)
+def _cpu_and_device(factory, name: str, doc: str, *config):
+    """A Brownian sampler and its ``_gpu`` variant: the same sampler with its Brownian tree on the sampling device."""
+    device_doc = f"{name.removeprefix('sample_')} with its Brownian tree on the sampling device."
+    return factory(name, *config, True, doc), factory(name + "_gpu", *config, False, device_doc)
 
 
-@torch.no_grad()
-@traits(noise="brownian")
-def sample_dpmpp_2m_sde_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
-                             solver_type="heun", step_update=fused_msde_update):
-    """DPM-Solver++(2M) SDE, Heun correction (Lu et al. 2022b)."""
-    return _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 2, solver_type, True,
-                 step_update)
-
-
-@torch.no_grad()
-@traits(noise="brownian_device")
-def sample_dpmpp_2m_sde_heun_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
-                                 solver_type="heun", step_update=fused_msde_update):
-    """dpmpp_2m_sde_heun with its Brownian tree on the sampling device."""
-    return _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 2, solver_type, False,
-                 step_update)
-
-
-@torch.no_grad()
-@traits(noise="brownian")
-def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
-                        solver_type="heun", step_update=fused_msde_update):
-    """DPM-Solver++(3M) SDE (Lu et al. 2022b; third-order multistep, k-diffusion)."""
-    return _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 3, solver_type, True,
-                 step_update)
-
-
-@torch.no_grad()
-@traits(noise="brownian_device")
-def sample_dpmpp_3m_sde_gpu(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1., noise_sampler=None,
-                            solver_type="heun", step_update=fused_msde_update):
-    """dpmpp_3m_sde with its Brownian tree on the sampling device."""
-    return _msde(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, 3, solver_type, False,
-                 step_update)
+sample_dpmpp_sde, sample_dpmpp_sde_gpu = _cpu_and_device(
+    _dpmpp_sde_sampler, "sample_dpmpp_sde",
+    "DPM-Solver++ (stochastic, 2 stages per step) with Brownian noise (Lu et al. 2022b; k-diffusion).")
+(sample_dpmpp_2m_sde, sample_dpmpp_2m_sde_gpu, sample_dpmpp_2m_sde_heun, sample_dpmpp_2m_sde_heun_gpu,
+ sample_dpmpp_3m_sde, sample_dpmpp_3m_sde_gpu) = (
+    *_cpu_and_device(_msde_sampler, "sample_dpmpp_2m_sde", "DPM-Solver++(2M) SDE, midpoint correction (Lu et al. 2022b).",
+                     2, "midpoint"),
+    *_cpu_and_device(_msde_sampler, "sample_dpmpp_2m_sde_heun", "DPM-Solver++(2M) SDE, Heun correction (Lu et al. 2022b).",
+                     2, "heun"),
+    *_cpu_and_device(_msde_sampler, "sample_dpmpp_3m_sde",
+                     "DPM-Solver++(3M) SDE (Lu et al. 2022b; third-order multistep, k-diffusion).", 3, "heun"))
 
 
 @torch.no_grad()

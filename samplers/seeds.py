@@ -5,16 +5,17 @@ Holds: seeds_2, seeds_3, exp_heun_2_x0, exp_heun_2_x0_sde (the 2-stage SEEDS loo
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 
-from ._common import as_float_list, emit, get_model_sampling, h_phi_2, neg_expm1, resolve_noise_sampler, sigma_batch, step_range
+from ._common import (as_float_list, get_model_sampling, h_phi_2, neg_expm1, resolve_noise_sampler, run_steps,
+                      sigma_batch)
 from .traits import traits
 
 
-def _seeds_2(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r, solver_type):
-    if solver_type not in ("phi_1", "phi_2"):
-        raise ValueError(f"solver_type: must be 'phi_1' or 'phi_2', got {solver_type!r}")
+def _seeds_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, stages):
+    """The step loop of the SEEDS solvers: ``stages(x, denoised, s)`` takes one step, ``s`` holding its facts."""
     extra_args = {} if extra_args is None else extra_args
     ms = get_model_sampling(model)
     inject = eta > 0 and s_noise > 0
@@ -22,17 +23,28 @@ def _seeds_2(model, x, sigmas, extra_args, callback, disable, eta, s_noise, nois
         noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
     sig_t = ms.offset_first_sigma(sigmas.detach().cpu())
     sig = as_float_list(sig_t)
-    for i in step_range(len(sig) - 1, disable):
-        sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = model(x, sigma_batch(x, sigma), **extra_args)
-        emit(callback, x, i, sigma, denoised)
-        if sigma_next == 0:
-            x = denoised
-            continue
+
+    def step(x, denoised, i):
         lam_s_t, lam_t_t = ms.half_log_snr(sig_t[i]), ms.half_log_snr(sig_t[i + 1])
-        lambda_s, lambda_t = float(lam_s_t), float(lam_t_t)
-        h = lambda_t - lambda_s
-        h_eta = h * (eta + 1)
+        h = float(lam_t_t) - float(lam_s_t)
+        facts = SimpleNamespace(ms=ms, sigma=sig[i], sigma_next=sig[i + 1], lam_s_t=lam_s_t, lam_t_t=lam_t_t, h=h,
+                                h_eta=h * (eta + 1), inject=inject, noise_sampler=noise_sampler, extra_args=extra_args)
+        return stages(x, denoised, facts)
+    return run_steps(model, x, sig, extra_args, callback, disable, step)
+
+
+def _carry_noise(sde_noise, seg: float, fresh):
+    """The SDE noise carried across a stage whose exponent is ``seg``: decayed, topped up with fresh noise."""
+    return sde_noise * math.exp(seg) + fresh * math.sqrt(-math.expm1(2 * seg))
+
+
+def _seeds_2(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, r, solver_type):
+    if solver_type not in ("phi_1", "phi_2"):
+        raise ValueError(f"solver_type: must be 'phi_1' or 'phi_2', got {solver_type!r}")
+
+    def stages(x, denoised, s):
+        ms, sigma, sigma_next, lam_s_t, lam_t_t = s.ms, s.sigma, s.sigma_next, s.lam_s_t, s.lam_t_t
+        h, h_eta, inject, noise_sampler, extra_args = s.h, s.h_eta, s.inject, s.noise_sampler, s.extra_args
         sigma_s_1 = float(ms.sigma_from_half_log_snr(torch.lerp(lam_s_t, lam_t_t, r)))
         alpha_s_1, alpha_t = ms.alpha(sigma_s_1), ms.alpha(sigma_next)
 
@@ -51,10 +63,10 @@ def _seeds_2(model, x, sigmas, extra_args, callback, disable, eta, s_noise, nois
             b1 = math.expm1(v) - b2
             x = x * decay - denoised * (alpha_t * b1) - denoised_2 * (alpha_t * b2)
         if inject:
-            seg = (r - 1) * h * eta
-            sde_noise = sde_noise * math.exp(seg) + noise_sampler(sigma_s_1, sigma_next) * math.sqrt(-math.expm1(2 * seg))
+            sde_noise = _carry_noise(sde_noise, (r - 1) * h * eta, noise_sampler(sigma_s_1, sigma_next))
             x = x + sde_noise * (sigma_next * s_noise)
-    return x
+        return x
+    return _seeds_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, stages)
 
 
 @torch.no_grad()
@@ -85,24 +97,10 @@ def sample_exp_heun_2_x0_sde(model, x, sigmas, extra_args=None, callback=None, d
 def sample_seeds_3(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                    noise_sampler=None, r_1=1. / 3, r_2=2. / 3):
     """SEEDS-3: stochastic explicit exponential derivative-free solver, 3 stages (Gonzalez et al. 2023)."""
-    extra_args = {} if extra_args is None else extra_args
-    ms = get_model_sampling(model)
-    inject = eta > 0 and s_noise > 0
-    if inject:
-        noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
-    sig_t = ms.offset_first_sigma(sigmas.detach().cpu())
-    sig = as_float_list(sig_t)
-    for i in step_range(len(sig) - 1, disable):
-        sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = model(x, sigma_batch(x, sigma), **extra_args)
-        emit(callback, x, i, sigma, denoised)
-        if sigma_next == 0:
-            x = denoised
-            continue
-        lam_s_t, lam_t_t = ms.half_log_snr(sig_t[i]), ms.half_log_snr(sig_t[i + 1])
-        lambda_s, lambda_t = float(lam_s_t), float(lam_t_t)
-        h = lambda_t - lambda_s
-        h_eta = h * (eta + 1)
+
+    def stages(x, denoised, s):
+        ms, sigma, sigma_next, lam_s_t, lam_t_t = s.ms, s.sigma, s.sigma_next, s.lam_s_t, s.lam_t_t
+        h, h_eta, inject, noise_sampler, extra_args = s.h, s.h_eta, s.inject, s.noise_sampler, s.extra_args
         sigma_1 = float(ms.sigma_from_half_log_snr(torch.lerp(lam_s_t, lam_t_t, r_1)))
         sigma_2 = float(ms.sigma_from_half_log_snr(torch.lerp(lam_s_t, lam_t_t, r_2)))
         alpha_1, alpha_2, alpha_t = ms.alpha(sigma_1), ms.alpha(sigma_2), ms.alpha(sigma_next)
@@ -117,8 +115,7 @@ def sample_seeds_3(model, x, sigmas, extra_args=None, callback=None, disable=Non
         a3_1 = math.expm1(-r_2 * h_eta) - a3_2
         x_3 = x * (sigma_2 / sigma * math.exp(-r_2 * h * eta)) - denoised * (alpha_2 * a3_1) - denoised_2 * (alpha_2 * a3_2)
         if inject:
-            seg = (r_1 - r_2) * h * eta
-            sde_noise = sde_noise * math.exp(seg) + noise_sampler(sigma_1, sigma_2) * math.sqrt(-math.expm1(2 * seg))
+            sde_noise = _carry_noise(sde_noise, (r_1 - r_2) * h * eta, noise_sampler(sigma_1, sigma_2))
             x_3 = x_3 + sde_noise * (sigma_2 * s_noise)
         denoised_3 = model(x_3, sigma_batch(x, sigma_2), **extra_args)
 
@@ -126,8 +123,8 @@ def sample_seeds_3(model, x, sigmas, extra_args=None, callback=None, disable=Non
         b1 = math.expm1(-h_eta) - b3
         x = x * (sigma_next / sigma * math.exp(-h * eta)) - denoised * (alpha_t * b1) - denoised_3 * (alpha_t * b3)
         if inject:
-            seg = (r_2 - 1) * h * eta
-            sde_noise = sde_noise * math.exp(seg) + noise_sampler(sigma_2, sigma_next) * math.sqrt(-math.expm1(2 * seg))
+            sde_noise = _carry_noise(sde_noise, (r_2 - 1) * h * eta, noise_sampler(sigma_2, sigma_next))
             x = x + sde_noise * (sigma_next * s_noise)
-    return x
+        return x
+    return _seeds_loop(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, stages)
 
