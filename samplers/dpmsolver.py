@@ -11,7 +11,7 @@ import math
 import torch
 
 from ..models.sampling import ve_ancestral_split
-from ._common import (ancestral_schedule, as_float_list, denoise_at, denoise_with_uncond, emit, get_model_sampling,
+from ._common import (ancestral_schedule, denoise_at, denoise_with_uncond, emit, get_model_sampling,
                       renoise, resolve_noise_sampler, sigma_batch, step_range)
 from .traits import traits
 

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ._common import as_float_list, denoise_at, emit, sigma_batch, step_range
+from ._common import as_float_list, denoise_at, step_range
 
 
 def _lagrange_integral(nodes: list[float], j: int, a: float, b: float) -> float:

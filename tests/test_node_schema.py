@@ -1,5 +1,4 @@
 """One table per node -> the classic (V1) attributes and the V3 schema, checked equal with a fake comfy_api."""
-import asyncio
 import os
 import subprocess
 import sys
