@@ -56,6 +56,17 @@ def node_output(result):
     return result[0]
 
 
+def builtin_vs_ours(nodes, ours, patcher, pos, neg, latents, samplers, quick):
+    """(name, built-in latent, our latent) for every sampler x scheduler x (mode, latent, denoise), seed 5, 4 steps."""
+    for sampler in samplers:
+        for scheduler in (["karras"] if quick else ["simple", "karras", "beta"]):
+            for mode, latent, denoise in latents:
+                args = (patcher, 5, 4, 4.0, sampler, scheduler, pos, neg, latent, denoise)
+                ref = nodes.KSampler().sample(*args)[0]["samples"]
+                out = ours["ksampler_KSampler"]().sample(*args)[0]["samples"]
+                yield f"{sampler} {scheduler} {mode}", ref, out
+
+
 def relative_diff(ref, out) -> float:
     return float((ref - out).abs().max() / ref.std())
 
@@ -87,13 +98,8 @@ def video_cases(nodes, ours, quick):
     samplers = ["euler", "dpmpp_2m_sde", "uni_pc"] if quick else \
         ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "res_multistep", "er_sde", "deis",
          "lcm"]
-    for sampler in samplers:
-        for scheduler in (["karras"] if quick else ["simple", "karras", "beta"]):
-            for mode, latent, denoise in latents:
-                args = (patcher, 5, 4, 4.0, sampler, scheduler, pos, neg, latent, denoise)
-                ref = nodes.KSampler().sample(*args)[0]["samples"]
-                out = ours["ksampler_KSampler"]().sample(*args)[0]["samples"]
-                yield f"wan21 {sampler} {scheduler} {mode} {tuple(out.shape)}", relative_diff(ref, out)
+    for name, ref, out in builtin_vs_ours(nodes, ours, patcher, pos, neg, latents, samplers, quick):
+        yield f"wan21 {name} {tuple(out.shape)}", relative_diff(ref, out)
 
 
 LTXAV_CONFIG = dict(in_channels=128, audio_in_channels=128, cross_attention_dim=32, audio_cross_attention_dim=32,
@@ -141,13 +147,8 @@ def ltxav_cases(nodes, ours, quick):
     samplers = ["euler", "dpmpp_2m_sde", "uni_pc"] if quick else \
         ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "res_multistep", "er_sde", "deis",
          "lcm", "euler_cfg_pp", "ddim"]
-    for sampler in samplers:
-        for scheduler in (["karras"] if quick else ["simple", "karras", "beta"]):
-            for mode, latent, denoise in latents:
-                args = (patcher, 5, 4, 4.0, sampler, scheduler, pos, neg, latent, denoise)
-                ref = nodes.KSampler().sample(*args)[0]["samples"]
-                out = ours["ksampler_KSampler"]().sample(*args)[0]["samples"]
-                yield f"ltxav {sampler} {scheduler} {mode}", nested_relative_diff(ref, out)
+    for name, ref, out in builtin_vs_ours(nodes, ours, patcher, pos, neg, latents, samplers, quick):
+        yield f"ltxav {name}", nested_relative_diff(ref, out)
 
 
 def custom_sampler_cases(nodes, ours, models_dir, quick):
@@ -257,7 +258,6 @@ def two_model_cases(nodes, ours, quick):
 
 def control_cases(nodes, ours):
     """Guidance interval and variation seeds in the real host."""
-    import torch
     import comfy.samplers
     patcher = tiny_wan(0)
     pos, neg, latent = _wan_inputs()
