@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -54,13 +54,28 @@ def check_sampler_args(**given) -> None:
     if "denoise" in given:
         check_float("denoise", given["denoise"], 0.0, 1.0)
     for key, registry, kind in (("sampler_name", SAMPLERS, "sampler"), ("scheduler", SCHEDULERS, "scheduler")):
-        if key not in given:
-            continue
-        name = given[key]
-        if not isinstance(name, str):
-            raise KSamplerInputError(f"{key}: expected a name (str), got {type(name).__name__}")
-        if name not in registry:
-            raise KSamplerInputError(f"{key}: unknown {kind} {name!r}; choose one of: {', '.join(registry)}")
+        if key in given:
+            lookup_entry(registry, given[key], key, kind)
+
+
+def lookup_entry(registry: Mapping, name, key: str, kind: str):
+    """``registry[name]``, or an error naming the input ``key`` and the choices."""
+    if not isinstance(name, str):
+        raise KSamplerInputError(f"{key}: expected a name (str), got {type(name).__name__}")
+    entry = registry.get(name)
+    if entry is None:
+        raise KSamplerInputError(f"{key}: unknown {kind} {name!r}; choose one of: {', '.join(registry)}")
+    return entry
+
+
+def check_new_entry(registry: Mapping, name, fn, replace: bool, who: str) -> None:
+    """The checks ``who`` (a register function) makes before adding ``fn`` under ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{who}: name must be a non-empty string")
+    if not callable(fn):
+        raise TypeError(f"{who}: fn for {name!r} must be callable")
+    if name in registry and not replace:
+        raise ValueError(f"{who}: {name!r} is already registered; pass replace=True to override it")
 
 
 def check_model(model) -> None:

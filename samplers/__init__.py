@@ -36,6 +36,7 @@ from .sde import (sample_dpmpp_2m_sde, sample_dpmpp_2m_sde_gpu, sample_dpmpp_2m_
 from .seeds import sample_exp_heun_2_x0, sample_exp_heun_2_x0_sde, sample_seeds_2, sample_seeds_3
 from .traits import NOISE_KINDS, SamplerTraits, get_traits, traits
 from .unipc import sample_uni_pc, sample_uni_pc_bh2
+from ..validation import check_new_entry, lookup_entry
 
 __all__ = ["SAMPLERS", "COMFY_SAMPLER_NAMES", "register_sampler", "sampler_traits", "sampler_name", "get_sampler",
            "SamplerTraits", "traits"]
@@ -116,14 +117,9 @@ def register_sampler(name: str, fn: SamplerFn, *, noise: str = "none", discard_p
     "brownian" (Brownian increments through ``noise_sampler``).  The registry holds
     a thin wrapper carrying the traits, so ``fn`` itself is never modified.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError("register_sampler: name must be a non-empty string")
-    if not callable(fn):
-        raise TypeError(f"register_sampler: fn for {name!r} must be callable")
+    check_new_entry(SAMPLERS, name, fn, replace, "register_sampler")
     if noise not in NOISE_KINDS:
         raise ValueError(f"register_sampler: noise must be one of {NOISE_KINDS}, got {noise!r}")
-    if name in SAMPLERS and not replace:
-        raise ValueError(f"register_sampler: {name!r} is already registered; pass replace=True to override it")
 
     @functools.wraps(fn)
     def registered(*args, **kwargs):
@@ -137,12 +133,7 @@ def register_sampler(name: str, fn: SamplerFn, *, noise: str = "none", discard_p
 
 def get_sampler(name: str) -> SamplerFn:
     """The registered function for ``name``, with a clear error for unknown names."""
-    if not isinstance(name, str):
-        raise TypeError(f"sampler_name: expected a name (str), got {type(name).__name__}")
-    fn = SAMPLERS.get(name)
-    if fn is None:
-        raise ValueError(f"sampler_name: unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
-    return fn
+    return lookup_entry(SAMPLERS, name, "sampler_name", "sampler")
 
 
 def sampler_traits(name: str) -> SamplerTraits:

@@ -117,3 +117,11 @@ def resolve_noise_sampler(noise_sampler, x: Tensor, extra_args: dict):
     if noise_sampler is not None:
         return noise_sampler
     return default_noise_sampler(x, seed=extra_args.get("seed"))
+
+
+def ancestral_setup(model, x: Tensor, sigmas: Tensor, extra_args: Optional[dict], noise_sampler) -> tuple:
+    """The opening of an ancestral sampler: ``extra_args`` (a dict), the model sampling, the noise sampler
+    (``resolve_noise_sampler``) and the sigmas as floats."""
+    extra_args = {} if extra_args is None else extra_args
+    return (extra_args, get_model_sampling(model), resolve_noise_sampler(noise_sampler, x, extra_args),
+            as_float_list(sigmas))

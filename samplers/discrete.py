@@ -8,8 +8,7 @@ import math
 
 import torch
 
-from ._common import (as_float_list, emit, get_model_sampling, resolve_noise_sampler, run_steps, sigma_batch,
-                      step_range)
+from ._common import ancestral_setup, emit, run_steps, sigma_batch, step_range
 from .traits import traits
 
 
@@ -22,10 +21,7 @@ def _vp_norm(ms, sigma: float) -> float:
 @traits(noise="ancestral")
 def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
     """DDPM ancestral sampling (Ho et al. 2020, Alg. 2) on the VP form of the state."""
-    extra_args = {} if extra_args is None else extra_args
-    ms = get_model_sampling(model)
-    noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
-    sig = as_float_list(sigmas)
+    extra_args, ms, noise_sampler, sig = ancestral_setup(model, x, sigmas, extra_args, noise_sampler)
     for i in step_range(len(sig) - 1, disable):
         sigma, sigma_prev = sig[i], sig[i + 1]
         denoised = model(x, sigma_batch(x, sigma), **extra_args)
@@ -50,17 +46,11 @@ def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 @traits(noise="ancestral")
 def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
     """Latent-consistency multistep sampling (Luo et al. 2023): jump to the estimate, re-noise to the next sigma."""
-    extra_args = {} if extra_args is None else extra_args
-    ms = get_model_sampling(model)
-    noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
-    sig = as_float_list(sigmas)
-    for i in step_range(len(sig) - 1, disable):
-        denoised = model(x, sigma_batch(x, sig[i]), **extra_args)
-        emit(callback, x, i, sig[i], denoised)
-        x = denoised
-        if sig[i + 1] > 0:
-            x = ms.noise_scaling(sig[i + 1], noise_sampler(sig[i], sig[i + 1]), x)
-    return x
+    extra_args, ms, noise_sampler, sig = ancestral_setup(model, x, sigmas, extra_args, noise_sampler)
+
+    def step(x, denoised, i):
+        return ms.noise_scaling(sig[i + 1], noise_sampler(sig[i], sig[i + 1]), denoised)
+    return run_steps(model, x, sig, extra_args, callback, disable, step)
 
 
 @torch.no_grad()
@@ -72,12 +62,9 @@ def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     intermediate sigma_s with (1 - gamma) of the way's progress in time, then
     re-noises to sigma_next.  gamma = 0 is DDIM; gamma = 1 is LCM.
     """
-    extra_args = {} if extra_args is None else extra_args
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma: must lie in [0, 1], got {gamma}")
-    ms = get_model_sampling(model)
-    noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
-    sig = as_float_list(sigmas)
+    extra_args, ms, noise_sampler, sig = ancestral_setup(model, x, sigmas, extra_args, noise_sampler)
 
     def step(x, denoised, i):
         sigma, sigma_next = sig[i], sig[i + 1]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (as_float_list, denoise_with_uncond, emit, get_model_sampling, renoise, resolve_noise_sampler,
-                      run_steps, sigma_batch, step_range)
+from ._common import (ancestral_setup, as_float_list, denoise_with_uncond, emit, get_model_sampling, renoise,
+                      resolve_noise_sampler, run_steps, sigma_batch, step_range)
 from .traits import traits
 
 
@@ -51,15 +51,24 @@ def _churn(model, x, sigma, n_steps, s_churn, s_tmin, s_tmax, s_noise, noise_sam
 
 def _churn_loop(model, x, sigmas, extra_args, callback, disable, churn, noise_sampler, step):
     """The loop of the churn samplers: per step, raise the noise to sigma_hat (``_churn``), denoise there
-    and report it, then ``x = step(x, denoised, sigma_hat, i, sig)`` (``sig``: the sigmas as floats)."""
+    and report it, then ``x = step(x, denoised, sigma_hat, i, sig, denoise)`` (``sig``: the sigmas as
+    floats; ``denoise(x, sigma)``: the model's estimate, for steps with more stages)."""
+    extra_args = {} if extra_args is None else extra_args
+
+    def denoise(x_stage, sigma):
+        return model(x_stage, sigma_batch(x_stage, sigma), **extra_args)
     sig = as_float_list(sigmas)
     n = len(sig) - 1
     for i in step_range(n, disable):
         x, sigma_hat, noise_sampler = _churn(model, x, sig[i], n, *churn, noise_sampler, extra_args)
-        denoised = model(x, sigma_batch(x, sigma_hat), **extra_args)
+        denoised = denoise(x, sigma_hat)
         emit(callback, x, i, sig[i], denoised, sigma_hat)
-        x = step(x, denoised, sigma_hat, i, sig)
+        x = step(x, denoised, sigma_hat, i, sig, denoise)
     return x
+
+
+def _euler_churn_step(x, denoised, sigma_hat, i, sig, denoise):
+    return _euler_to(x, denoised, sigma_hat, sig[i + 1])
 
 
 @torch.no_grad()
@@ -67,12 +76,8 @@ def _churn_loop(model, x, sigmas, extra_args, callback, disable, churn, noise_sa
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float("inf"), s_noise=1., noise_sampler=None):
     """Euler steps, with optional churn (Karras et al. 2022, Alg. 2)."""
-    extra_args = {} if extra_args is None else extra_args
-
-    def step(x, denoised, sigma_hat, i, sig):
-        return _euler_to(x, denoised, sigma_hat, sig[i + 1])
     return _churn_loop(model, x, sigmas, extra_args, callback, disable, (s_churn, s_tmin, s_tmax, s_noise),
-                       noise_sampler, step)
+                       noise_sampler, _euler_churn_step)
 
 
 @torch.no_grad()
@@ -80,10 +85,7 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                            noise_sampler=None):
     """Ancestral sampling with Euler steps (k-diffusion; flow re-noising via the model sampling)."""
-    extra_args = {} if extra_args is None else extra_args
-    ms = get_model_sampling(model)
-    noise_sampler = resolve_noise_sampler(noise_sampler, x, extra_args)
-    sig = as_float_list(sigmas)
+    extra_args, ms, noise_sampler, sig = ancestral_setup(model, x, sigmas, extra_args, noise_sampler)
 
     def step(x, denoised, i):
         sigma, sigma_next = sig[i], sig[i + 1]
@@ -100,16 +102,15 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                 s_tmax=float("inf"), s_noise=1., noise_sampler=None):
     """Heun's second-order method (Karras et al. 2022, Alg. 2); Euler on the last step to 0."""
-    extra_args = {} if extra_args is None else extra_args
 
-    def step(x, denoised, sigma_hat, i, sig):
+    def step(x, denoised, sigma_hat, i, sig, denoise):
         sigma_next = sig[i + 1]
         dt = sigma_next - sigma_hat
         d = (x - denoised) / sigma_hat
         if sigma_next == 0:
             return x + d * dt
         x_2 = x + d * dt
-        denoised_2 = model(x_2, sigma_batch(x, sigma_next), **extra_args)
+        denoised_2 = denoise(x_2, sigma_next)
         d_2 = (x_2 - denoised_2) / sigma_next
         return x + (d + d_2) * (dt / 2)
     return _churn_loop(model, x, sigmas, extra_args, callback, disable, (s_churn, s_tmin, s_tmax, s_noise),
@@ -121,21 +122,20 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                    s_tmax=float("inf"), s_noise=1., noise_sampler=None):
     """Heun++: a three-stage Heun variant whose stage weights grow with sigma (sd-webui-samplers-scheduler, MIT)."""
-    extra_args = {} if extra_args is None else extra_args
     s_end = as_float_list(sigmas)[-1]
 
-    def step(x, denoised, sigma_hat, i, sig):
+    def step(x, denoised, sigma_hat, i, sig, denoise):
         d = (x - denoised) / sigma_hat
         dt = sig[i + 1] - sigma_hat
         if sig[i + 1] == s_end:
             return x + d * dt
         x_2 = x + d * dt
-        d_2 = (x_2 - model(x_2, sigma_batch(x, sig[i + 1]), **extra_args)) / sig[i + 1]
+        d_2 = (x_2 - denoise(x_2, sig[i + 1])) / sig[i + 1]
         if sig[i + 2] == s_end:
             w2 = sig[i + 1] / (2 * sig[0])
             return x + (d * (1 - w2) + d_2 * w2) * dt
         x_3 = x_2 + d_2 * (sig[i + 2] - sig[i + 1])
-        d_3 = (x_3 - model(x_3, sigma_batch(x, sig[i + 2]), **extra_args)) / sig[i + 2]
+        d_3 = (x_3 - denoise(x_3, sig[i + 2])) / sig[i + 2]
         w2, w3 = sig[i + 1] / (3 * sig[0]), sig[i + 2] / (3 * sig[0])
         return x + (d * (1 - w2 - w3) + d_2 * w2 + d_3 * w3) * dt
     return _churn_loop(model, x, sigmas, extra_args, callback, disable, (s_churn, s_tmin, s_tmax, s_noise),
@@ -147,16 +147,15 @@ def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=Non
 def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float("inf"), s_noise=1., noise_sampler=None):
     """DPM-Solver-2 in sigma with a log-midpoint (Lu et al. 2022; Karras et al. 2022, Alg. 2)."""
-    extra_args = {} if extra_args is None else extra_args
 
-    def step(x, denoised, sigma_hat, i, sig):
+    def step(x, denoised, sigma_hat, i, sig, denoise):
         sigma_next = sig[i + 1]
         d = (x - denoised) / sigma_hat
         if sigma_next == 0:
             return x + d * (sigma_next - sigma_hat)
         sigma_mid = _log_midpoint(sigma_hat, sigma_next, sigmas.dtype)
         x_2 = x + d * (sigma_mid - sigma_hat)
-        d_2 = (x_2 - model(x_2, sigma_batch(x, sigma_mid), **extra_args)) / sigma_mid
+        d_2 = (x_2 - denoise(x_2, sigma_mid)) / sigma_mid
         return x + d_2 * (sigma_next - sigma_hat)
     return _churn_loop(model, x, sigmas, extra_args, callback, disable, (s_churn, s_tmin, s_tmax, s_noise),
                        noise_sampler, step)

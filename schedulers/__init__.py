@@ -17,6 +17,7 @@ from torch import Tensor
 from ._common import append_zero, karras_ramp, sigma_range
 from ._special import beta_ppf
 from . import extra as _extra
+from ..validation import check_new_entry, lookup_entry
 
 __all__ = [
     "SCHEDULERS", "COMFY_SCHEDULER_NAMES", "calculate_sigmas", "sampling_sigmas", "ksampler_sigmas",
@@ -156,22 +157,8 @@ MAX_SCHEDULE_STEPS = 20000
 
 def register_scheduler(name: str, fn: SchedulerFn, *, replace: bool = False) -> SchedulerFn:
     """Add ``fn(model_sampling, steps, **options) -> sigmas`` to the registry under ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError("register_scheduler: name must be a non-empty string")
-    if not callable(fn):
-        raise TypeError(f"register_scheduler: fn for {name!r} must be callable")
-    if name in SCHEDULERS and not replace:
-        raise ValueError(f"register_scheduler: {name!r} is already registered; pass replace=True to override it")
+    check_new_entry(SCHEDULERS, name, fn, replace, "register_scheduler")
     SCHEDULERS[name] = fn
-    return fn
-
-
-def _check_name(name: str) -> SchedulerFn:
-    if not isinstance(name, str):
-        raise TypeError(f"scheduler: expected a name (str), got {type(name).__name__}")
-    fn = SCHEDULERS.get(name)
-    if fn is None:
-        raise ValueError(f"scheduler: unknown name {name!r}; choose one of: {', '.join(SCHEDULERS)}")
     return fn
 
 
@@ -181,7 +168,7 @@ def calculate_sigmas(model_sampling, name: str, steps: int, **options) -> Tensor
     (``ddim_uniform`` and ``beta`` follow ComfyUI and can return a few more or
     fewer, for step counts that do not divide the training schedule evenly.)
     """
-    fn = _check_name(name)
+    fn = lookup_entry(SCHEDULERS, name, "scheduler", "scheduler")
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"steps: expected an int, got {type(steps).__name__}")
     if steps < 1:

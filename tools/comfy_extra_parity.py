@@ -151,9 +151,8 @@ def ltxav_cases(nodes, ours, quick):
         yield f"ltxav {name}", nested_relative_diff(ref, out)
 
 
-def custom_sampler_cases(nodes, ours, models_dir, quick):
-    import torch
-    import comfy_extras.nodes_custom_sampler as custom
+def tiny_image_models(nodes, models_dir):
+    """(key, spec, model, positive, negative) for the harness's tiny SD1.5 (eps) and SD3 (flow) checkpoints."""
     sys.path.insert(0, HARNESS)
     from harness_nodes import random_conditioning
     with open(os.path.join(models_dir, "tiny_models.json")) as f:
@@ -163,6 +162,13 @@ def custom_sampler_cases(nodes, ours, models_dir, quick):
         model = nodes.CheckpointLoaderSimple().load_checkpoint(spec["checkpoint"])[0]
         pos = random_conditioning(101, spec["cond_tokens"], spec["cond_dim"], spec["pooled_dim"])
         neg = random_conditioning(202, spec["cond_tokens"], spec["cond_dim"], spec["pooled_dim"])
+        yield key, spec, model, pos, neg
+
+
+def custom_sampler_cases(nodes, ours, models_dir, quick):
+    import torch
+    import comfy_extras.nodes_custom_sampler as custom
+    for key, spec, model, pos, neg in tiny_image_models(nodes, models_dir):
         latent = {"samples": torch.zeros(1, spec["latent_channels"], 8, 8)}
         samplers = ["euler", "dpmpp_2m_sde"] if quick else \
             ["euler", "euler_ancestral", "dpmpp_2m_sde", "uni_pc", "lms", "res_multistep"]
@@ -190,8 +196,6 @@ def host_name_cases(nodes, ours, models_dir, quick):
     import torch
     import comfy.k_diffusion.sampling as kds
     import comfy.samplers
-    sys.path.insert(0, HARNESS)
-    from harness_nodes import random_conditioning
     kds.sample_host_only_dpmpp_2m = kds.sample_dpmpp_2m
     for names in (comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES):
         if "host_only_dpmpp_2m" not in names:
@@ -206,13 +210,7 @@ def host_name_cases(nodes, ours, models_dir, quick):
         "host_only_dpmpp_2m" in required["sampler_name"][1]["tooltip"] and \
         "host_only_beta" in required["scheduler"][1]["tooltip"]
     yield "host names listed after ours and named in the tooltips", 0.0 if listed else float("inf")
-    with open(os.path.join(models_dir, "tiny_models.json")) as f:
-        manifest = json.load(f)["models"]
-    for key in ("sd15_eps", "sd3_flow"):
-        spec = manifest[key]
-        model = nodes.CheckpointLoaderSimple().load_checkpoint(spec["checkpoint"])[0]
-        pos = random_conditioning(101, spec["cond_tokens"], spec["cond_dim"], spec["pooled_dim"])
-        neg = random_conditioning(202, spec["cond_tokens"], spec["cond_dim"], spec["pooled_dim"])
+    for key, spec, model, pos, neg in tiny_image_models(nodes, models_dir):
         image = torch.randn(1, spec["latent_channels"], 8, 8, generator=torch.Generator().manual_seed(5))
         for sampler, scheduler in (("host_only_dpmpp_2m", "karras"), ("euler", "host_only_beta"),
                                    ("host_only_dpmpp_2m", "host_only_beta")):
