@@ -38,8 +38,8 @@ from torch import Tensor
 
 from .samplers._common import emit, get_model_sampling, step_range
 
-__all__ = ["Calibration", "calibrate", "fit_calibration", "sample_calibrated", "teacher_solve", "multistep_coefficients",
-           "cached_calibration", "calibration_key", "fitting_noise", "clear_cache",
+__all__ = ["Calibration", "calibrate", "fit_calibration", "DEFAULT_FIT", "sample_calibrated", "teacher_solve",
+           "multistep_coefficients", "cached_calibration", "calibration_key", "fitting_noise", "clear_cache",
            "CALIBRATION_FORMAT"]
 
 CALIBRATION_FORMAT = "ksampler.calibration/1"
@@ -308,9 +308,135 @@ def _init_schedules(ms, steps: int, hi: float, lo: float) -> dict:
     return out
 
 
+# defaults of a fit, chosen on the tuning split of bench/heldout.py (never on held-out problems)
+DEFAULT_FIT = {"order": 3, "iterations": 300, "lr": 0.05, "teacher_steps": 100}
+
+
+class _Student:
+    """The calibrated sampler as a function of its parameters, run on the fitting batch against the teacher."""
+
+    def __init__(self, denoiser: Denoiser, ms, x0: Tensor, teacher: Tensor, s_max: float, hi: float, lo: float,
+                 order: int):
+        self.denoiser, self.ms, self.x0, self.teacher, self.s_max = denoiser, ms, x0, teacher, s_max
+        self.log_hi, self.log_lo, self.order = math.log(hi), math.log(lo), order
+
+    def run(self, u: Tensor, base_order: int, delta: Optional[Tensor], idx) -> tuple:
+        """(model sigmas, coefficients, final samples of the items ``idx``)."""
+        ve = _schedule(u, self.log_hi, self.log_lo)
+        sig = torch.cat([_model_sigma(self.ms, ve[:-1]), ve[-1:]])
+        sig = torch.cat([sig.new_full((1,), self.s_max), sig[1:]])  # the start is fixed (the noise is scaled to it)
+        c = multistep_coefficients(ve, base_order, self.order)
+        if delta is not None:
+            c = c + torch.cat([-delta.sum(1, keepdim=True), delta], 1)
+        return sig, c, _solve(self.denoiser, self.x0, sig, c, self.ms, {})[idx]
+
+    def loss(self, u: Tensor, base_order: int, delta: Optional[Tensor], idx) -> Tensor:
+        """RMS gap to the teacher's final samples over the items ``idx``."""
+        out = self.run(u, base_order, delta, idx)[2]
+        return (out - self.teacher[idx]).reshape(out.shape[0], -1).pow(2).mean().sqrt()
+
+
+def _best_start(student: _Student, ms, steps: int, hi: float, lo: float, idx) -> tuple:
+    """(loss, schedule name, base order, u) of the best registry schedule under order-1..3 Adams-Bashforth weights."""
+    starts = []
+    for name, ve in _init_schedules(ms, steps, hi, lo).items():
+        u0 = _initial_u(ve, student.log_hi, student.log_lo)
+        for base_order in range(1, min(student.order, 3) + 1):
+            with torch.no_grad():
+                value = float(student.loss(u0, base_order, None, idx))
+            if math.isfinite(value):
+                starts.append((value, name, base_order, u0))
+    if not starts:
+        raise FloatingPointError("calibration: every starting schedule diverged on the fitting noise; check the model")
+    return min(starts, key=lambda t: t[0])
+
+
+def _spsa_gradient(params: list, loss_fn: Callable[[], Tensor], it: int, gen: torch.Generator) -> None:
+    """Simultaneous-perturbation gradient estimate (Spall 1992) into ``p.grad``: two loss evaluations."""
+    c_k = 0.05 / (it + 1) ** 0.101
+    signs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
+    with torch.no_grad():
+        for p, d in zip(params, signs):
+            p.add_(c_k * d)
+        plus = float(loss_fn())
+        for p, d in zip(params, signs):
+            p.sub_(2 * c_k * d)
+        minus = float(loss_fn())
+        for p, d in zip(params, signs):
+            p.add_(c_k * d)
+    if math.isfinite(plus) and math.isfinite(minus):
+        for p, d in zip(params, signs):
+            p.grad = (plus - minus) / (2 * c_k) * d
+
+
+def _optimise(student: _Student, u: Tensor, delta: Optional[Tensor], base_order: int, iterations: int, lr: float,
+              mode: str, fit_idx, sel_idx, calls: dict, steps: int) -> tuple:
+    """Adam on (u, delta); returns the (u, delta) with the lowest loss on the selection items, checked every 10."""
+    params = [u] if delta is None else [u, delta]
+    opt = _Adam(params, lr, max(iterations, 1))
+    with torch.no_grad():
+        best = (float(student.loss(u, base_order, delta, sel_idx)), u.detach().clone(),
+                None if delta is None else delta.detach().clone())
+    gen = torch.Generator().manual_seed(0)
+    for it in range(iterations):
+        for p in params:
+            p.grad = None
+        if mode == "autograd":
+            with torch.enable_grad():
+                loss = student.loss(u, base_order, delta, fit_idx)
+                if not torch.isfinite(loss):
+                    break
+                loss.backward()
+            calls["backward_passes"] += steps
+        else:
+            _spsa_gradient(params, lambda: student.loss(u, base_order, delta, fit_idx), it, gen)
+        opt.step()
+        if it % 10 == 9 or it == iterations - 1:
+            with torch.no_grad():
+                sel = float(student.loss(u, base_order, delta, sel_idx))
+            if math.isfinite(sel) and sel < best[0]:
+                best = (sel, u.detach().clone(), None if delta is None else delta.detach().clone())
+    return best
+
+
+def _gradient_mode(gradient: str, student: _Student, u: Tensor, base_order: int, delta, fit_idx, s_min: float,
+                   say) -> str:
+    if gradient not in ("auto", "autograd", "spsa"):
+        raise ValueError(f"gradient: must be 'auto', 'autograd' or 'spsa', got {gradient!r}")
+    if gradient != "auto":
+        return gradient
+    if _model_differentiable(student.denoiser, student.x0, 4 * s_min) and \
+            _differentiable(lambda: student.loss(u, base_order, delta, fit_idx)):
+        return "autograd"
+    say("calibration: the model gives no gradient here (no_grad or inference tensors, as inside ComfyUI); "
+        "fitting with SPSA (two evaluations per iteration) instead of autograd")
+    return "spsa"
+
+
+def _check_fit_args(noise, steps, order) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
+        raise ValueError(f"order: expected an int in 1..4, got {order!r}")
+    if not isinstance(noise, Tensor) or noise.ndim < 2 or noise.shape[0] < 4:
+        raise ValueError("noise: expected a tensor [B, ...] with at least 4 fitting noises")
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise: contains NaN or Inf")
+
+
+def _descending_float32(sig: Tensor) -> Tensor:
+    """The fitted sigmas in float32, nudged up where rounding would make them not strictly descending."""
+    sig32 = sig.detach().to(torch.float32)
+    for k in range(len(sig32) - 2, -1, -1):
+        if sig32[k] <= sig32[k + 1]:
+            sig32[k] = torch.nextafter(sig32[k + 1], torch.tensor(math.inf))
+    return sig32
+
+
 def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: int, *, order: int = 3,
-                    iterations: int = 150, lr: float = 0.05, fit_coefficients: bool = True,
-                    teacher_steps: int = 200, sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
+                    iterations: int = DEFAULT_FIT["iterations"], lr: float = DEFAULT_FIT["lr"],
+                    fit_coefficients: bool = True, teacher_steps: int = DEFAULT_FIT["teacher_steps"],
+                    sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
                     teacher_sigma_min: Optional[float] = None, max_denoise: bool = True, gradient: str = "auto",
                     log: Optional[Callable[[str], None]] = None, info: Optional[dict] = None) -> Calibration:
     """Fit a step schedule (and multistep coefficients) to ``denoiser`` on ``noise`` (see the module docstring).
@@ -326,17 +452,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     gradient: "autograd" (through the model), "spsa" (derivative-free: two evaluations per iteration, for a model
         that gives no gradient) or "auto" (autograd when the model gives one, else SPSA, and it says so).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
-    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
-        raise ValueError(f"order: expected an int in 1..4, got {order!r}")
-    if not isinstance(noise, Tensor) or noise.ndim < 2 or noise.shape[0] < 4:
-        raise ValueError("noise: expected a tensor [B, ...] with at least 4 fitting noises")
-    if not bool(torch.isfinite(noise).all()):
-        raise ValueError("noise: contains NaN or Inf")
-    ms = model_sampling
-    say = log or (lambda msg: None)
-    t_start = time.perf_counter()
+    _check_fit_args(noise, steps, order)
+    ms, say, t_start = model_sampling, log or (lambda msg: None), time.perf_counter()
     calls = {"forward": 0, "backward_passes": 0}
 
     def counted(x, sigma, **kw):
@@ -347,120 +464,37 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     s_min = float(ms.sigma_min if sigma_min is None else sigma_min)
     if not 0 < s_min < s_max:
         raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {s_min}, {s_max}")
-    hi, lo = _ve_bounds(ms, s_max, s_min)
-    log_hi, log_lo = math.log(hi), math.log(lo)
-    dtype = noise.dtype
-    x0 = ms.noise_scaling(torch.tensor(s_max, dtype=dtype), noise, torch.zeros_like(noise), max_denoise)
     t_min = s_min if teacher_sigma_min is None else float(teacher_sigma_min)
     if not 0 < t_min <= s_min:
         raise ValueError(f"teacher_sigma_min: must be in (0, sigma_min={s_min}], got {teacher_sigma_min}")
-    teacher = teacher_solve(counted, ms, x0, s_max, t_min, teacher_steps).to(dtype)
+    hi, lo = _ve_bounds(ms, s_max, s_min)
+    x0 = ms.noise_scaling(torch.tensor(s_max, dtype=noise.dtype), noise, torch.zeros_like(noise), max_denoise)
+    teacher = teacher_solve(counted, ms, x0, s_max, t_min, teacher_steps).to(noise.dtype)
+    student = _Student(counted, ms, x0, teacher, s_max, hi, lo, order)
     n_sel = max(1, noise.shape[0] // 4)
     fit_idx, sel_idx = slice(n_sel, None), slice(0, n_sel)
-
-    def coefficients(ve, base_order, delta):
-        c = multistep_coefficients(ve, base_order, order)
-        if delta is not None:
-            c = c + torch.cat([-delta.sum(1, keepdim=True), delta], 1)
-        return c
-
-    def student(u, base_order, delta, idx):
-        ve = _schedule(u, log_hi, log_lo)
-        sig = torch.cat([_model_sigma(ms, ve[:-1]), ve[-1:]])
-        sig = torch.cat([sig.new_full((1,), s_max), sig[1:]])  # the start is fixed (the noise is scaled to it)
-        c = coefficients(ve, base_order, delta)
-        return sig, c, _solve(counted, x0, sig, c, ms, {})[idx]
-
-    def loss_of(out, idx):
-        d = (out - teacher[idx]).reshape(out.shape[0], -1)
-        return d.pow(2).mean().sqrt()
-
-    # the starting point: the best standard schedule under exponential Adams-Bashforth weights of order 1..3
-    starts = []
-    for name, ve in _init_schedules(ms, steps, hi, lo).items():
-        u0 = _initial_u(ve, log_hi, log_lo)
-        for base_order in range(1, min(order, 3) + 1):
-            with torch.no_grad():
-                value = float(loss_of(student(u0, base_order, None, fit_idx)[2], fit_idx))
-            if math.isfinite(value):
-                starts.append((value, name, base_order, u0))
-    if not starts:
-        raise FloatingPointError("calibration: every starting schedule diverged on the fitting noise; check the model")
-    start_loss, init_name, base_order, u0 = min(starts, key=lambda t: t[0])
+    start_loss, init_name, base_order, u0 = _best_start(student, ms, steps, hi, lo, fit_idx)
     u = u0.clone().requires_grad_(True)
-    params = [u]
-    delta = None
-    if order > 1 and fit_coefficients:
-        delta = torch.zeros(steps, order - 1, dtype=torch.float64, requires_grad=True)
-        params.append(delta)
-    opt = _Adam(params, lr, max(iterations, 1))
-    with torch.no_grad():
-        sel0 = float(loss_of(student(u, base_order, delta, sel_idx)[2], sel_idx))
-    best = (sel0, u.detach().clone(), None if delta is None else delta.detach().clone())
-    if gradient not in ("auto", "autograd", "spsa"):
-        raise ValueError(f"gradient: must be 'auto', 'autograd' or 'spsa', got {gradient!r}")
-    mode = gradient
-    if mode == "auto":
-        gives_gradient = _model_differentiable(counted, x0, 4 * s_min) and \
-            _differentiable(lambda: loss_of(student(u, base_order, delta, fit_idx)[2], fit_idx))
-        mode = "autograd" if gives_gradient else "spsa"
-        if mode == "spsa":
-            say("calibration: the model gives no gradient here (no_grad or inference tensors, as inside ComfyUI); "
-                "fitting with SPSA (two evaluations per iteration) instead of autograd")
+    delta = torch.zeros(steps, order - 1, dtype=torch.float64, requires_grad=True) \
+        if order > 1 and fit_coefficients else None
+    mode = _gradient_mode(gradient, student, u, base_order, delta, fit_idx, s_min, say)
     say(f"calibration: fitting {steps} steps (order {order}) from {init_name} with order-{base_order} weights "
-        f"by {mode}; start RMS to the teacher {start_loss:.4g} (selection {sel0:.4g})")
-    gen = torch.Generator().manual_seed(0)
-    for it in range(iterations):
-        for p in params:
-            p.grad = None
-        if mode == "autograd":
-            with torch.enable_grad():
-                loss = loss_of(student(u, base_order, delta, fit_idx)[2], fit_idx)
-                if not torch.isfinite(loss):
-                    break
-                loss.backward()
-            calls["backward_passes"] += steps
-        else:  # simultaneous-perturbation gradient estimate (Spall 1992)
-            c_k = 0.05 / (it + 1) ** 0.101
-            signs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
-            with torch.no_grad():
-                for p, d in zip(params, signs):
-                    p.add_(c_k * d)
-                plus = float(loss_of(student(u, base_order, delta, fit_idx)[2], fit_idx))
-                for p, d in zip(params, signs):
-                    p.sub_(2 * c_k * d)
-                minus = float(loss_of(student(u, base_order, delta, fit_idx)[2], fit_idx))
-                for p, d in zip(params, signs):
-                    p.add_(c_k * d)
-            if not (math.isfinite(plus) and math.isfinite(minus)):
-                continue
-            for p, d in zip(params, signs):
-                p.grad = (plus - minus) / (2 * c_k) * d
-        opt.step()
-        if it % 10 == 9 or it == iterations - 1:
-            with torch.no_grad():
-                sel = float(loss_of(student(u, base_order, delta, sel_idx)[2], sel_idx))
-            if math.isfinite(sel) and sel < best[0]:
-                best = (sel, u.detach().clone(), None if delta is None else delta.detach().clone())
-    _, u_best, d_best = best
+        f"by {mode}; start RMS to the teacher {start_loss:.4g}")
+    _, u_best, d_best = _optimise(student, u, delta, base_order, iterations, lr, mode, fit_idx, sel_idx, calls, steps)
     with torch.no_grad():
-        sig, c, out = student(u_best, base_order, d_best, slice(None))
-        final = float(loss_of(out, slice(None)))
+        sig, c, out = student.run(u_best, base_order, d_best, slice(None))
+        final = float((out - teacher).reshape(out.shape[0], -1).pow(2).mean().sqrt())
     seconds = time.perf_counter() - t_start
-    sig32 = sig.detach().to(torch.float32)
-    for k in range(len(sig32) - 2, -1, -1):  # strictly descending in float32
-        if sig32[k] <= sig32[k + 1]:
-            sig32[k] = torch.nextafter(sig32[k + 1], torch.tensor(math.inf))
     meta = dict(info or {})
     meta.update({"steps": steps, "order": order, "init": f"{init_name}+ab{base_order}",
-                 "fit_coefficients": bool(fit_coefficients and order > 1), "iterations": iterations,
+                 "fit_coefficients": delta is not None, "iterations": iterations, "lr": lr,
                  "teacher_steps": teacher_steps, "teacher_sigma_min": t_min, "fit_noises": int(noise.shape[0]),
                  "gradient": mode, "model_calls": calls["forward"], "backward_passes": calls["backward_passes"],
                  "seconds": round(seconds, 3), "rms_start": start_loss, "rms_fitted": final,
                  "sigma_min": s_min, "sigma_max": s_max})
     say(f"calibration: done in {seconds:.1f}s, {calls['forward']} model calls + {calls['backward_passes']} "
         f"backward passes; RMS to the teacher {start_loss:.4g} -> {final:.4g}")
-    cal = Calibration(sig32, c.detach().to(torch.float64), meta)
+    cal = Calibration(_descending_float32(sig), c.detach().to(torch.float64), meta)
     cal.validate()
     return cal
 
@@ -560,7 +594,8 @@ def clear_cache() -> None:
 
 
 def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *, order: int = 3,
-              fit_noises: int = 8, seed: int = 0, iterations: int = 100, teacher_steps: int = 100,
+              fit_noises: int = 8, seed: int = 0, iterations: int = DEFAULT_FIT["iterations"],
+              teacher_steps: int = DEFAULT_FIT["teacher_steps"],
               path: Optional[str] = None, log: Callable[[str], None] = default_log) -> Calibration:
     """Fit (once; cached per model, conditioning, latent shape, steps, cfg and settings) a calibration for one of
     our models (``models.DiffusionModel``) sampling txt2img with this conditioning.
