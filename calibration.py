@@ -286,12 +286,15 @@ def _initial_u(ve_init: Tensor, log_hi: float, log_lo: float) -> Tensor:
     return torch.log(inc.clamp_min(1e-6))
 
 
+START_SCHEDULES = ("karras", "exponential", "simple", "normal", "beta", "kl_optimal")
+
+
 def _init_schedules(ms, steps: int, hi: float, lo: float) -> dict:
     """Candidate starting schedules in VE sigmas (steps values, then 0): the registry's, over the model's range."""
     from .schedulers import sampling_sigmas
 
     out = {}
-    for name in ("karras", "exponential", "simple", "normal", "beta", "kl_optimal"):
+    for name in START_SCHEDULES:
         sig = sampling_sigmas(ms, name, steps).double()
         sig = sig[sig > 0]
         if len(sig) != steps:  # schedulers that merge or add points

@@ -1,0 +1,195 @@
+"""The calibrated sampler on the bundled networks, against ComfyUI's samplers: accuracy and prompt adherence.
+
+    python bench/heldout_bundled.py            # eps and flow, 5 and 8 steps, cfg 5
+    python bench/heldout_bundled.py --quick    # fewer prompts and ComfyUI samplers, for a smoke run
+
+For each bundled checkpoint: held-out prompts (``adherence.bench_prompts`` with a seed that no other bench
+uses) and held-out noise seeds, txt2img at cfg 5.
+
+- **Reference:** the same guided probability-flow ODE from the same noise, solved with 1,000 steps of the
+  order-3 exponential Adams-Bashforth integrator (``calibration.teacher_solve``).
+- **ComfyUI:** its samplers (every one that runs from sigmas alone: not the CFG++ ones, which need its CFG
+  guider, nor ``dpm_adaptive``, whose step count is its own) x its 9 schedulers at the same step count, run
+  from the real checkout in-process (``comfy.k_diffusion.sampling``, ``comfy.samplers``) on our guided
+  denoiser, with ComfyUI's model sampling for the checkpoint. Stochastic ones get the sampling seed.
+- **Ours:** the calibrated sampler, fitted (``fit_calibration``) on the same model and prompts with fitting
+  noise from a seed disjoint from the evaluation seeds, with the calibration's default settings.
+- **Scores:** latent RMS to the reference (the stored latent), decoded image RMS to the reference's image (RGB
+  0..1), and adherence (the share of images whose colour and shape match the prompt: ``adherence.Scorer``).
+  "ComfyUI best" is the best sampler + scheduler per score, picked after the fact (a favour to ComfyUI).
+
+Results go to bench/results/heldout_bundled.json.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import environment, require_ksampler, table, write_json  # noqa: E402
+
+require_ksampler()
+import adherence  # noqa: E402  (the scorer and the prompt grammar)
+from heldout import COMFYUI_DIR, Comfy  # noqa: E402
+from ksampler.bundled.loader import load_bundled  # noqa: E402
+from ksampler.calibration import DEFAULT_FIT, fit_calibration, sample_calibrated, teacher_solve  # noqa: E402
+from ksampler.conditioning.cfg import Guidance  # noqa: E402
+
+PROMPT_SEED = 7_301  # held out: the adherence bench uses seed 0, training draws prompts from the renderer
+EVAL_SEED, FIT_SEED = 31_000, 47_000
+STEPS = (5, 8)
+CFG = 5.0
+REFERENCE_STEPS = 1000
+QUICK_SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "ipndm", "deis")
+STOCHASTIC = ("euler_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "er_sde")  # the most used stochastic ones
+
+
+def comfy_samplers(comfy: Comfy, which: str) -> list[str]:
+    """ComfyUI's samplers that run from sigmas alone: "all" (the _gpu twins, identical on the CPU, left out),
+    "ode" (its deterministic ones plus the most used stochastic ones) or "quick"."""
+    names = [n for n in comfy.cs.KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"]
+             if "cfg_pp" not in n and n != "dpm_adaptive" and not n.endswith("_gpu")]
+    if which == "quick":
+        return [n for n in names if n in QUICK_SAMPLERS]
+    if which == "ode":
+        return [n for n in names if n in Comfy.DETERMINISTIC or n in STOCHASTIC]
+    return names
+
+
+class Setup:
+    """One checkpoint with its prompts, guided denoiser, evaluation and fitting noise, and reference."""
+
+    def __init__(self, kind: str, n: int, scorer, log):
+        self.kind = kind
+        self.model, self.clip, self.vae = load_bundled(kind)
+        self.ms = self.model.model_sampling
+        prompts = adherence.bench_prompts(n, seed=PROMPT_SEED)
+        self.targets = [t for _, t in prompts]
+        size = self.model.config["image_size"]
+        self.shape = (n, 3, size, size)
+        positive = [[self.clip.encode_context([p for p, _ in prompts]), {}]]
+        self.denoiser = Guidance(positive, self.clip.encode(""), CFG).bind(self.model, self.ms, self.shape,
+                                                                            torch.device("cpu"))
+        self.noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(EVAL_SEED))
+        self.fit_noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(FIT_SEED))
+        self.sigma_max, self.sigma_min = float(self.ms.sigma_max), float(self.ms.sigma_min)
+        self.scorer = scorer
+        t = time.perf_counter()
+        self.reference = teacher_solve(self.denoiser, self.ms, self.start(self.sigma_max), self.sigma_max,
+                                       self.sigma_min, REFERENCE_STEPS)
+        self.reference_image = self.decode(self.reference)
+        log(f"{kind}: reference ({REFERENCE_STEPS} steps) in {time.perf_counter() - t:.0f}s")
+
+    def start(self, sigma0: float) -> torch.Tensor:
+        """The txt2img start at sigma0 from the evaluation noise (ComfyUI's scaling, max_denoise)."""
+        return self.ms.noise_scaling(torch.tensor(sigma0), self.noise, torch.zeros(self.shape), True)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(self.model.latent_format.process_out(x)).permute(0, 3, 1, 2)
+
+    def scores(self, x: torch.Tensor) -> dict:
+        if x is None or not bool(torch.isfinite(x).all()):
+            return {"latent_rms": math.inf, "image_rms": math.inf, "adherence": 0.0}
+        latent = self.model.latent_format.process_out(x) - self.model.latent_format.process_out(self.reference)
+        image = self.decode(x)
+        return {"latent_rms": float(latent.pow(2).mean().sqrt()),
+                "image_rms": float((image - self.reference_image).pow(2).mean().sqrt()),
+                "adherence": self.scorer.score(image, self.targets)["both"]}
+
+
+def comfy_rows(setup: Setup, comfy: Comfy, samplers: list[str], steps: int, log) -> list[dict]:
+    rows = []
+    for sampler in samplers:
+        for scheduler in comfy.schedulers:
+            sigmas = comfy.sigmas(scheduler, steps, sampler)
+            try:
+                out = comfy.run(sampler, setup.denoiser, setup.start(float(sigmas[0])), sigmas, seed=EVAL_SEED)
+            except Exception as exc:  # a sampler that cannot run this schedule scores worst
+                log(f"  ! comfyui {sampler}/{scheduler}: {type(exc).__name__}: {exc}")
+                out = None
+            rows.append({"impl": "comfyui", "sampler": sampler, "scheduler": scheduler, "steps": steps,
+                         **setup.scores(out)})
+            log(f"  comfyui {sampler}/{scheduler} {steps} steps: " + ", ".join(
+                f"{k} {rows[-1][k]:.4g}" for k in ("latent_rms", "image_rms", "adherence")))
+    return rows
+
+
+def calibrated_row(setup: Setup, steps: int, log) -> dict:
+    t = time.perf_counter()
+    cal = fit_calibration(setup.denoiser, setup.ms, setup.fit_noise, steps, log=log, **DEFAULT_FIT)
+    seconds = time.perf_counter() - t
+    out = sample_calibrated(setup.denoiser, setup.start(float(cal.sigmas[0])), cal.sigmas, disable=True,
+                            coefficients=cal.coefficients)
+    return {"impl": "calibrated", "sampler": "calibrated", "scheduler": "calibrated", "steps": steps,
+            **setup.scores(out), "fit_model_calls": cal.info["model_calls"],
+            "fit_backward_passes": cal.info["backward_passes"], "fit_seconds": round(seconds, 1),
+            "fit_noises": cal.info["fit_noises"], "init": cal.info["init"]}
+
+
+def summarise(kind: str, rows: list[dict]) -> tuple[list, list[dict]]:
+    lines, summary = [], []
+    for steps in sorted({r["steps"] for r in rows}):
+        cal = next(r for r in rows if r["impl"] == "calibrated" and r["steps"] == steps)
+        com = [r for r in rows if r["impl"] == "comfyui" and r["steps"] == steps]
+        best = {"latent_rms": min(com, key=lambda r: r["latent_rms"]),
+                "image_rms": min(com, key=lambda r: r["image_rms"]),
+                "adherence": max(com, key=lambda r: r["adherence"])}
+        summary.append({"model": kind, "steps": steps, "calibrated": cal,
+                        "comfyui_best": {k: {"sampler": r["sampler"], "scheduler": r["scheduler"], "value": r[k]}
+                                         for k, r in best.items()}})
+        for key in ("latent_rms", "image_rms", "adherence"):
+            b = best[key]
+            lines.append([kind, steps, key, cal[key], b[key], f"{b['sampler']} + {b['scheduler']}",
+                          cal[key] / b[key] if key != "adherence" and b[key] > 0 else None])
+    return lines, summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="16 prompts, 8 ComfyUI samplers, nothing written")
+    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--models", default="flow,eps")
+    ap.add_argument("--comfy-samplers", choices=("all", "ode"), default="all",
+                    help="all of ComfyUI's samplers that run from sigmas, or its deterministic ones plus "
+                         f"{', '.join(STOCHASTIC)}")
+    ap.add_argument("--scorer", default=os.path.join(HERE, "results", "shape_scorer.safetensors"))
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    n = 16 if args.quick else args.prompts
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+    scorer = adherence.Scorer(adherence.train_shape_net(args.scorer))
+    t0 = time.perf_counter()
+    lines, summary, results = [], [], []
+    for kind in args.models.split(","):
+        setup = Setup(kind, n, scorer, log)
+        comfy = Comfy(COMFYUI_DIR, flow_shift=float(setup.ms.shift) if kind == "flow" else None)
+        rows = []
+        for steps in STEPS:
+            rows.append(calibrated_row(setup, steps, log))
+            log(f"{kind} {steps} steps calibrated: {rows[-1]}")
+            rows += comfy_rows(setup, comfy, comfy_samplers(comfy, "quick" if args.quick else args.comfy_samplers), steps, log)
+        more_lines, more_summary = summarise(kind, rows)
+        lines += more_lines
+        summary += more_summary
+        results.append({"model": kind, "prompts": n, "rows": rows})
+    print(table(["model", "steps", "score", "calibrated", "ComfyUI best", "ComfyUI's pick", "ratio"], lines,
+                f"bundled networks, cfg {CFG:g}, {n} held-out prompts (latent / image RMS: lower is better; "
+                "adherence: higher is better)"))
+    if not args.quick:
+        write_json("heldout_bundled.json", {"environment": environment(), "cfg": CFG, "prompts": n,
+                                            "comfy_samplers": args.comfy_samplers,
+                                            "reference_steps": REFERENCE_STEPS, "fit": DEFAULT_FIT,
+                                            "summary": summary, "results": results,
+                                            "seconds": time.perf_counter() - t0})
+
+
+if __name__ == "__main__":
+    main()
