@@ -16,7 +16,8 @@ and negative together (batch 2B); at cfg = 1 each pass carries B items and
 the negative is never evaluated.  The CFG++ samplers are the documented
 exception at cfg = 1: their update needs the unconditional estimate itself
 (as in ComfyUI, which disables its cfg = 1 shortcut for them), so they still
-run both halves in one batched call.
+run both halves in one batched call; except those whose traits say
+``cfg1_shortcut`` (cfgpp_ud10_ab, which keeps ComfyUI's shortcut).
 
 Usage: python bench/model_calls.py
 """
@@ -76,7 +77,7 @@ def check(name: str, cfg: float) -> dict:
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(3))
     sample(counting, ms, noise, latent, sigmas, None, name, 3)
 
-    need_negative = cfg != 1.0 or cfg_pp
+    need_negative = cfg != 1.0 or (cfg_pp and not sampler_traits(name).cfg1_shortcut)
     expected_batch = 2 * BATCH if need_negative else BATCH
     rec = {"sampler": name, "cfg": cfg, "steps": len(sigmas) - 1, "evaluations": counting.evaluations,
            "model_calls": guided.model_calls, "items_evaluated": guided.items_evaluated,
@@ -102,8 +103,8 @@ def main() -> None:
     records = [check(name, cfg) for cfg in (7.0, 1.0) for name in SAMPLERS]
     rows = [[r["sampler"], r["cfg"], r["steps"], r["evaluations"], r["model_calls"], r["items_evaluated"],
              r["ksample_forward_passes"], "/".join(map(str, r["ksample_batches"])),
-             "yes (CFG++ needs uncond)" if r["cfg_pp"] and r["cfg"] == 1.0 else
-             ("no" if r["cfg"] == 1.0 else "batched with positive"),
+             ("no" if r["negative_items"] == 0 else "yes (CFG++ needs uncond)") if r["cfg"] == 1.0 else
+             "batched with positive",
              "ok" if r["ok"] else "; ".join(r["problems"])] for r in records]
     print(table(["sampler", "cfg", "steps", "evaluations", "model_calls", "items", "ksample passes",
                  f"pass batch (B={BATCH})", "negative evaluated", "check"], rows,
@@ -112,7 +113,8 @@ def main() -> None:
     one_eval = [r for r in records if r["cfg"] == 7.0 and r["evaluations"] == r["steps"]]
     print(f"\n{len(records) - len(bad)}/{len(records)} checks pass; with CFG, {len(one_eval)} samplers make exactly "
           f"one batched call per step (the rest: one per evaluation, e.g. heun's two per step); at cfg = 1 the "
-          f"negative is never evaluated except by the CFG++ samplers.")
+          f"negative is never evaluated except by the CFG++ samplers (not cfgpp_ud10_ab, which keeps ComfyUI's "
+          f"shortcut).")
     path = write_json("model_calls.json", {"environment": environment(), "records": records})
     print(f"wrote {path}")
     assert not bad, f"model-call checks failed: {[(r['sampler'], r['cfg'], r['problems']) for r in bad]}"

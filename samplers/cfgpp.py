@@ -152,7 +152,7 @@ UD10_ZERO_WEIGHT = 1.0              # the final step's blend towards the sigma =
 
 
 @torch.no_grad()
-@traits(cfg_pp=True)
+@traits(cfg_pp=True, cfg1_shortcut=True)
 def sample_cfgpp_ud10_ab(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """CFG++ Euler (Chung et al. 2024) with an AB2 history and a sigma-0 extrapolation (ComfyUI's cfgpp_ud10_ab)."""
     extra_args = {} if extra_args is None else extra_args

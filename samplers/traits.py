@@ -31,6 +31,8 @@ class SamplerTraits:
     random_inpaint_noise: the inpainting re-noise uses a fresh seeded draw instead
         of the initial noise (ComfyUI's ``ddim``).
     cfg_pp: the sampler uses the unconditional estimate (CFG++).
+    cfg1_shortcut: a CFG++ sampler that, as ComfyUI's does, skips the unconditional
+        pass at cfg = 1 and uses the guided estimate in its place (cfgpp_ud10_ab).
     batch_coupled: the sampler's decisions depend on the whole batch (an adaptive
         step size from a batch-wide error norm); batch-invariant noise then runs it
         one item at a time.
@@ -42,6 +44,7 @@ class SamplerTraits:
     final_sigma: Optional[float] = None
     random_inpaint_noise: bool = False
     cfg_pp: bool = False
+    cfg1_shortcut: bool = False
     batch_coupled: bool = False
 
     def __post_init__(self):
