@@ -193,7 +193,7 @@ class GuidedDenoiser:
 
     # -- the model passes -------------------------------------------------------------------
     def _evaluate(self, x: Tensor, sigma: Tensor, lists: list[list[PreparedCond]]) -> list[Tensor]:
-        s = float(sigma.reshape(-1)[0])
+        s = float(sigma.detach().reshape(-1)[0])
         outs = [torch.zeros_like(x) for _ in lists]
         counts = [torch.full_like(x, 1e-37) for _ in lists]
         pending = []
