@@ -10,9 +10,10 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHES = ("model_calls.py", "import_time.py", "overhead.py", "accuracy.py", "heldout.py", "adherence.py",
-           "end_to_end.py", "unet_overhead.py", "guard.py")
+BENCHES = ("model_calls.py", "import_time.py", "overhead.py", "accuracy.py", "heldout.py", "heldout_bundled.py",
+           "adherence.py", "end_to_end.py", "unet_overhead.py", "guard.py")
 QUICK_FLAGS = {"overhead.py": ["--quick"], "accuracy.py": ["--quick"], "heldout.py": ["--quick"],
+               "heldout_bundled.py": ["--quick", "--models", "flow"],
                "import_time.py": ["--runs", "3"], "adherence.py": ["--quick"], "end_to_end.py": ["--runs", "1"],
                "unet_overhead.py": ["--repeats", "1"], "guard.py": ["--repeats", "3", "--skip-unet"]}
 
