@@ -25,24 +25,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import require_ksampler  # noqa: E402
 
-
-def _import_package():
-    try:
-        import ksampler  # noqa: F401
-        return "ksampler"
-    except ImportError:
-        root = os.path.dirname(HERE)
-        parent, name = os.path.split(root)
-        sys.path.insert(0, parent)
-        __import__(name)
-        return name
-
-
-PKG = _import_package()
-D = __import__(f"{PKG}.bundled.dataset", fromlist=["x"])
-bundled = __import__(f"{PKG}.bundled.loader", fromlist=["x"])
-pipeline = __import__(f"{PKG}.pipeline", fromlist=["x"])
+require_ksampler()
+import ksampler.bundled.dataset as D  # noqa: E402
+import ksampler.bundled.loader as bundled  # noqa: E402
+from ksampler import pipeline  # noqa: E402
 
 SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m")
 STEPS = (10, 20)
