@@ -427,6 +427,18 @@ def _check_fit_args(noise, steps, order) -> None:
         raise ValueError("noise: contains NaN or Inf")
 
 
+def _fit_range(ms, sigma_min, sigma_max, teacher_sigma_min) -> tuple[float, float, float]:
+    """(sigma_max, sigma_min, the teacher's sigma_min) of a fit, defaults from the model, checked."""
+    s_max = float(ms.sigma_max if sigma_max is None else sigma_max)
+    s_min = float(ms.sigma_min if sigma_min is None else sigma_min)
+    if not 0 < s_min < s_max:
+        raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {s_min}, {s_max}")
+    t_min = s_min if teacher_sigma_min is None else float(teacher_sigma_min)
+    if not 0 < t_min <= s_min:
+        raise ValueError(f"teacher_sigma_min: must be in (0, sigma_min={s_min}], got {teacher_sigma_min}")
+    return s_max, s_min, t_min
+
+
 def _descending_float32(sig: Tensor) -> Tensor:
     """The fitted sigmas in float32, nudged up where rounding would make them not strictly descending."""
     sig32 = sig.detach().to(torch.float32)
@@ -463,13 +475,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
         calls["forward"] += 1
         return denoiser(x, sigma, **kw)
 
-    s_max = float(ms.sigma_max if sigma_max is None else sigma_max)
-    s_min = float(ms.sigma_min if sigma_min is None else sigma_min)
-    if not 0 < s_min < s_max:
-        raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {s_min}, {s_max}")
-    t_min = s_min if teacher_sigma_min is None else float(teacher_sigma_min)
-    if not 0 < t_min <= s_min:
-        raise ValueError(f"teacher_sigma_min: must be in (0, sigma_min={s_min}], got {teacher_sigma_min}")
+    s_max, s_min, t_min = _fit_range(ms, sigma_min, sigma_max, teacher_sigma_min)
     hi, lo = _ve_bounds(ms, s_max, s_min)
     x0 = ms.noise_scaling(torch.tensor(s_max, dtype=noise.dtype), noise, torch.zeros_like(noise), max_denoise)
     teacher = teacher_solve(counted, ms, x0, s_max, t_min, teacher_steps).to(noise.dtype)
