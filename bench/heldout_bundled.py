@@ -24,6 +24,7 @@ Results go to bench/results/heldout_bundled.json.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -33,7 +34,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import environment, require_ksampler, table, write_json  # noqa: E402
+from _common import RESULTS as RESULTS_DIR, environment, require_ksampler, table, write_json  # noqa: E402
 
 require_ksampler()
 import adherence  # noqa: E402  (the scorer and the prompt grammar)
@@ -85,6 +86,7 @@ class Setup:
         self.reference = teacher_solve(self.denoiser, self.ms, self.start(self.sigma_max), self.sigma_max,
                                        self.sigma_min, REFERENCE_STEPS)
         self.reference_image = self.decode(self.reference)
+        self.reference_scores = {"adherence": scorer.score(self.reference_image, self.targets)["both"]}
         log(f"{kind}: reference ({REFERENCE_STEPS} steps) in {time.perf_counter() - t:.0f}s")
 
     def start(self, sigma0: float) -> torch.Tensor:
@@ -133,32 +135,57 @@ def calibrated_row(setup: Setup, steps: int, log) -> dict:
             "fit_noises": cal.info["fit_noises"], "init": cal.info["init"]}
 
 
-def summarise(kind: str, rows: list[dict]) -> tuple[list, list[dict]]:
+def summarise(entry: dict) -> tuple[list, list[dict]]:
+    """Per step count: the calibrated run against ComfyUI's best per score (adherence also among its
+    deterministic samplers, which follow the same ODE), and the reference's own adherence."""
+    kind, rows = entry["model"], entry["rows"]
     lines, summary = [], []
     for steps in sorted({r["steps"] for r in rows}):
         cal = next(r for r in rows if r["impl"] == "calibrated" and r["steps"] == steps)
         com = [r for r in rows if r["impl"] == "comfyui" and r["steps"] == steps]
+        det = [r for r in com if r["sampler"] in Comfy.DETERMINISTIC]
         best = {"latent_rms": min(com, key=lambda r: r["latent_rms"]),
                 "image_rms": min(com, key=lambda r: r["image_rms"]),
-                "adherence": max(com, key=lambda r: r["adherence"])}
-        summary.append({"model": kind, "steps": steps, "calibrated": cal,
-                        "comfyui_best": {k: {"sampler": r["sampler"], "scheduler": r["scheduler"], "value": r[k]}
-                                         for k, r in best.items()}})
-        for key in ("latent_rms", "image_rms", "adherence"):
-            b = best[key]
-            lines.append([kind, steps, key, cal[key], b[key], f"{b['sampler']} + {b['scheduler']}",
-                          cal[key] / b[key] if key != "adherence" and b[key] > 0 else None])
+                "adherence": max(com, key=lambda r: r["adherence"]),
+                "adherence (deterministic)": max(det, key=lambda r: r["adherence"])}
+        summary.append({"model": kind, "steps": steps, "calibrated": cal, "reference": entry.get("reference"),
+                        "comfyui_best": {k: {"sampler": r["sampler"], "scheduler": r["scheduler"],
+                                             "value": r[k.split(" ")[0]]} for k, r in best.items()}})
+        for key, b in best.items():
+            score = key.split(" ")[0]
+            lines.append([kind, steps, key, cal[score], b[score], f"{b['sampler']} + {b['scheduler']}",
+                          cal[score] / b[score] if score != "adherence" and b[score] > 0 else None])
+        if entry.get("reference"):
+            lines.append([kind, steps, "adherence of the reference", entry["reference"]["adherence"], None, None,
+                          None])
     return lines, summary
+
+
+def run_model(kind: str, n: int, scorer, which: str, reference_only: bool, log) -> dict:
+    setup = Setup(kind, n, scorer, log)
+    log(f"{kind}: reference adherence {setup.reference_scores['adherence']:.4g}")
+    if reference_only:
+        return {"model": kind, "prompts": n, "reference": setup.reference_scores}
+    comfy = Comfy(COMFYUI_DIR, flow_shift=float(setup.ms.shift) if kind == "flow" else None)
+    rows = []
+    for steps in STEPS:
+        rows.append(calibrated_row(setup, steps, log))
+        log(f"{kind} {steps} steps calibrated: {rows[-1]}")
+        rows += comfy_rows(setup, comfy, comfy_samplers(comfy, which), steps, log)
+    return {"model": kind, "prompts": n, "reference": setup.reference_scores, "rows": rows}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="16 prompts, 8 ComfyUI samplers, nothing written")
     ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--models", default="flow,eps")
+    ap.add_argument("--models", default="flow,eps", help="the models to run; the stored results of the others "
+                                                         "are kept")
     ap.add_argument("--comfy-samplers", choices=("all", "ode"), default="ode",
                     help="all of ComfyUI's samplers that run from sigmas, or its deterministic ones plus "
                          f"{', '.join(STOCHASTIC)}")
+    ap.add_argument("--reference-only", action="store_true", help="add the reference's own scores to the "
+                                                                  "stored results of --models")
     ap.add_argument("--scorer", default=os.path.join(HERE, "results", "shape_scorer.safetensors"))
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -167,20 +194,25 @@ def main() -> None:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
     scorer = adherence.Scorer(adherence.train_shape_net(args.scorer))
+    path = os.path.join(RESULTS_DIR, "heldout_bundled.json")
+    stored = {}
+    if os.path.isfile(path) and not args.quick:
+        with open(path) as f:
+            stored = {e["model"]: e for e in json.load(f)["results"]}
     t0 = time.perf_counter()
-    lines, summary, results = [], [], []
+    which = "quick" if args.quick else args.comfy_samplers
     for kind in args.models.split(","):
-        setup = Setup(kind, n, scorer, log)
-        comfy = Comfy(COMFYUI_DIR, flow_shift=float(setup.ms.shift) if kind == "flow" else None)
-        rows = []
-        for steps in STEPS:
-            rows.append(calibrated_row(setup, steps, log))
-            log(f"{kind} {steps} steps calibrated: {rows[-1]}")
-            rows += comfy_rows(setup, comfy, comfy_samplers(comfy, "quick" if args.quick else args.comfy_samplers), steps, log)
-        more_lines, more_summary = summarise(kind, rows)
-        lines += more_lines
-        summary += more_summary
-        results.append({"model": kind, "prompts": n, "rows": rows})
+        entry = run_model(kind, n, scorer, which, args.reference_only, log)
+        if args.reference_only:
+            stored.setdefault(kind, {"model": kind, "prompts": n, "rows": []})["reference"] = entry["reference"]
+        else:
+            stored[kind] = entry
+    lines, summary = [], []
+    for entry in stored.values():
+        if entry.get("rows"):
+            more_lines, more_summary = summarise(entry)
+            lines += more_lines
+            summary += more_summary
     print(table(["model", "steps", "score", "calibrated", "ComfyUI best", "ComfyUI's pick", "ratio"], lines,
                 f"bundled networks, cfg {CFG:g}, {n} held-out prompts (latent / image RMS: lower is better; "
                 "adherence: higher is better)"))
@@ -188,7 +220,7 @@ def main() -> None:
         write_json("heldout_bundled.json", {"environment": environment(), "cfg": CFG, "prompts": n,
                                             "comfy_samplers": args.comfy_samplers,
                                             "reference_steps": REFERENCE_STEPS, "fit": DEFAULT_FIT,
-                                            "summary": summary, "results": results,
+                                            "summary": summary, "results": list(stored.values()),
                                             "seconds": time.perf_counter() - t0})
 
 
