@@ -50,6 +50,11 @@ CFG = 5.0
 REFERENCE_STEPS = 1000
 QUICK_SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "ipndm", "deis")
 STOCHASTIC = ("euler_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "er_sde")  # the most used stochastic ones
+# ComfyUI samplers that call the model once per step, as the calibrated sampler does (the others, such as heun,
+# dpm_2 or exp_heun_2_x0, call it twice per step and so get up to twice the calls at the same step count)
+ONE_CALL_PER_STEP = ("euler", "euler_ancestral", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm", "lcm",
+                     "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_ancestral", "gradient_estimation",
+                     "er_sde", "ddim", "uni_pc", "uni_pc_bh2")
 
 
 def comfy_samplers(comfy: Comfy, which: str) -> list[str]:
@@ -144,8 +149,11 @@ def summarise(entry: dict) -> tuple[list, list[dict]]:
         cal = next(r for r in rows if r["impl"] == "calibrated" and r["steps"] == steps)
         com = [r for r in rows if r["impl"] == "comfyui" and r["steps"] == steps]
         det = [r for r in com if r["sampler"] in Comfy.DETERMINISTIC]
+        one = [r for r in com if r["sampler"] in ONE_CALL_PER_STEP]
         best = {"latent_rms": min(com, key=lambda r: r["latent_rms"]),
+                "latent_rms (one call per step)": min(one, key=lambda r: r["latent_rms"]),
                 "image_rms": min(com, key=lambda r: r["image_rms"]),
+                "image_rms (one call per step)": min(one, key=lambda r: r["image_rms"]),
                 "adherence": max(com, key=lambda r: r["adherence"]),
                 "adherence (deterministic)": max(det, key=lambda r: r["adherence"])}
         summary.append({"model": kind, "steps": steps, "calibrated": cal, "reference": entry.get("reference"),
@@ -179,8 +187,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="16 prompts, 8 ComfyUI samplers, nothing written")
     ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--models", default="flow,eps", help="the models to run; the stored results of the others "
-                                                         "are kept")
+    ap.add_argument("--models", default="flow,eps", help="the models to run (none: only re-summarise); the stored "
+                                                         "results of the others are kept")
     ap.add_argument("--comfy-samplers", choices=("all", "ode"), default="ode",
                     help="all of ComfyUI's samplers that run from sigmas, or its deterministic ones plus "
                          f"{', '.join(STOCHASTIC)}")
@@ -201,7 +209,7 @@ def main() -> None:
             stored = {e["model"]: e for e in json.load(f)["results"]}
     t0 = time.perf_counter()
     which = "quick" if args.quick else args.comfy_samplers
-    for kind in args.models.split(","):
+    for kind in [m for m in args.models.split(",") if m and m != "none"]:  # none: re-summarise the stored runs
         entry = run_model(kind, n, scorer, which, args.reference_only, log)
         if args.reference_only:
             stored.setdefault(kind, {"model": kind, "prompts": n, "rows": []})["reference"] = entry["reference"]
