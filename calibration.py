@@ -354,8 +354,9 @@ def _best_start(student: _Student, ms, steps: int, hi: float, lo: float, idx) ->
     return min(starts, key=lambda t: t[0])
 
 
-def _spsa_gradient(params: list, loss_fn: Callable[[], Tensor], it: int, gen: torch.Generator) -> None:
-    """Simultaneous-perturbation gradient estimate (Spall 1992) into ``p.grad``: two loss evaluations."""
+def _spsa_gradient(params: list, loss_fn: Callable[[], Tensor], it: int, gen: torch.Generator) -> bool:
+    """Simultaneous-perturbation gradient estimate (Spall 1992) into ``p.grad``: two loss evaluations.
+    False (and no gradient) where either evaluation is not finite."""
     c_k = 0.05 / (it + 1) ** 0.101
     signs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
     with torch.no_grad():
@@ -367,9 +368,11 @@ def _spsa_gradient(params: list, loss_fn: Callable[[], Tensor], it: int, gen: to
         minus = float(loss_fn())
         for p, d in zip(params, signs):
             p.add_(c_k * d)
-    if math.isfinite(plus) and math.isfinite(minus):
-        for p, d in zip(params, signs):
-            p.grad = (plus - minus) / (2 * c_k) * d
+    if not (math.isfinite(plus) and math.isfinite(minus)):
+        return False
+    for p, d in zip(params, signs):
+        p.grad = (plus - minus) / (2 * c_k) * d
+    return True
 
 
 def _optimise(student: _Student, u: Tensor, delta: Optional[Tensor], base_order: int, iterations: int, lr: float,
@@ -391,8 +394,8 @@ def _optimise(student: _Student, u: Tensor, delta: Optional[Tensor], base_order:
                     break
                 loss.backward()
             calls["backward_passes"] += steps
-        else:
-            _spsa_gradient(params, lambda: student.loss(u, base_order, delta, fit_idx), it, gen)
+        elif not _spsa_gradient(params, lambda: student.loss(u, base_order, delta, fit_idx), it, gen):
+            continue  # a perturbation left the stable region: skip this iteration
         opt.step()
         if it % 10 == 9 or it == iterations - 1:
             with torch.no_grad():
