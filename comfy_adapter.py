@@ -101,6 +101,19 @@ def host_model_sampling(host) -> ModelSampling:
     return HostVE(host)
 
 
+def guarded_host_denoiser(model_wrap, model_k, extra_args: dict, channels: int, total_steps: int,
+                          sampler: str, check_finite: bool = True) -> tuple["HostDenoiser", HostOutputGuard]:
+    """The host's denoiser with both guards: each denoised estimate checked (``.guard``, a StepGuard whose
+    ``step`` the caller advances) and the network's own outputs (the HostOutputGuard, a context manager;
+    its model option is added to ``extra_args``)."""
+    label = model_label(model_wrap.inner_model)
+    output_guard = HostOutputGuard(model_wrap.inner_model, channels, label)
+    extra_args["model_options"] = output_guard.model_options(extra_args.get("model_options", {}))
+    step_guard = StepGuard(total_steps, sampler, f"the {label} model", check_finite)
+    ms = host_model_sampling(model_wrap.inner_model.model_sampling)
+    return HostDenoiser(model_k, ms, extra_args, step_guard), output_guard
+
+
 class HostDenoiser:
     """The host's denoiser (KSamplerX0Inpaint) seen through our protocol: ``.model_sampling`` and CFG++ access."""
 
@@ -166,24 +179,20 @@ class RegistrySampler(comfy.samplers.Sampler):
             model_k.noise = noise
         host_ms = model_wrap.inner_model.model_sampling
         x = host_ms.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
-
-        label = model_label(model_wrap.inner_model)
-        step_guard = StepGuard(len(sigmas) - 1, self.name, f"the {label} model")
-        output_guard = HostOutputGuard(model_wrap.inner_model, noise.shape[1], label)
-        extra_args["model_options"] = output_guard.model_options(extra_args.get("model_options", {}))
+        denoiser, output_guard = guarded_host_denoiser(model_wrap, model_k, extra_args, noise.shape[1],
+                                                       len(sigmas) - 1, self.name)
 
         def on_step(i, denoised, x_i, total_steps):
-            step_guard.step = i + 1
+            denoiser.guard.step = i + 1
             comfy.model_management.throw_exception_if_processing_interrupted()
             if callback is not None:
                 callback(i, denoised, x_i, total_steps)
 
         with output_guard:
             samples, final_sigma = run_sampler(
-                self.name, HostDenoiser(model_k, host_model_sampling(host_ms), extra_args, step_guard), x, sigmas,
-                seed=seed, extra_args=extra_args, noise_options=self.noise_options, batch_index=self.batch_index,
-                reference_mode=self.reference_mode, options=self.options, on_step=on_step, disable=disable_pbar,
-                preview=self.preview)
+                self.name, denoiser, x, sigmas, seed=seed, extra_args=extra_args, noise_options=self.noise_options,
+                batch_index=self.batch_index, reference_mode=self.reference_mode, options=self.options,
+                on_step=on_step, disable=disable_pbar, preview=self.preview)
         last = sigmas[-1] if final_sigma is None else torch.tensor(final_sigma, device=sigmas.device,
                                                                    dtype=sigmas.dtype)
         return host_ms.inverse_noise_scaling(last, samples)

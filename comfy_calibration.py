@@ -13,7 +13,7 @@ import torch
 
 from .calibration import (Calibration, cached_calibration, calibration_key, default_log, fit_calibration,
                           fitting_noise, sample_calibrated)
-from .comfy_adapter import HostDenoiser, host_model_sampling
+from .comfy_adapter import guarded_host_denoiser
 
 __all__ = ["CalibratedSampler", "calibrate_host"]
 
@@ -32,15 +32,18 @@ class CalibratedSampler(comfy.samplers.Sampler):
         model_k.latent_image, model_k.noise = latent_image, noise
         host_ms = model_wrap.inner_model.model_sampling
         x = host_ms.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
-        denoiser = HostDenoiser(model_k, host_model_sampling(host_ms), extra_args)
         total = len(sigmas) - 1
+        denoiser, output_guard = guarded_host_denoiser(model_wrap, model_k, extra_args, noise.shape[1], total,
+                                                       "calibrated")
 
         def on_step(info):
+            denoiser.guard.step = info["i"] + 1
             comfy.model_management.throw_exception_if_processing_interrupted()
             if callback is not None:
                 callback(info["i"], info["denoised"], info["x"], total)
-        samples = sample_calibrated(denoiser, x, sigmas, extra_args=extra_args, callback=on_step,
-                                    disable=disable_pbar, coefficients=self.calibration.coefficients)
+        with output_guard:
+            samples = sample_calibrated(denoiser, x, sigmas, extra_args=extra_args, callback=on_step,
+                                        disable=disable_pbar, coefficients=self.calibration.coefficients)
         return host_ms.inverse_noise_scaling(sigmas[-1], samples)
 
 
@@ -55,12 +58,13 @@ class _FittingSampler(comfy.samplers.Sampler):
         extra_args["denoise_mask"] = denoise_mask
         model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
         model_k.latent_image, model_k.noise = latent_image, noise
-        ms = host_model_sampling(model_wrap.inner_model.model_sampling)
-        host = HostDenoiser(model_k, ms, extra_args)
+        host, output_guard = guarded_host_denoiser(model_wrap, model_k, extra_args, noise.shape[1], self.steps,
+                                                   "calibration fit", check_finite=False)
 
         def denoiser(x, sigma):
             return host(x, sigma, **extra_args)
-        self.result = fit_calibration(denoiser, ms, noise, self.steps, **self.options)
+        with output_guard:
+            self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, **self.options)
         return latent_image
 
 

@@ -390,3 +390,28 @@ def test_variation_seed_on_a_nested_latent_is_a_clear_error(host):
     same = adapter.common_ksampler(StandInModelPatcher(modules), 3, 5, 3.0, "euler", "karras", _cond(1.0),
                                    _cond(-1.0), latent, variation_seed=4, variation_strength=0.0)["samples"]
     assert all(torch.equal(a, b) for a, b in zip(plain.unbind(), same.unbind()))
+
+
+def test_calibration_fits_and_samples_through_the_host(host, monkeypatch):
+    """The Calibrated Scheduler's ComfyUI path: the fit runs inside the host's CFGGuider, its SAMPLER through
+    the host's sample() (as SamplerCustom runs it), both with the adapter's guarded denoiser; a second call for
+    the same inputs reuses the fit."""
+    modules, adapter = host
+    monkeypatch.delitem(sys.modules, "ksampler.comfy_calibration", raising=False)
+    import importlib
+    comfy_calibration = importlib.import_module("ksampler.comfy_calibration")
+    from ksampler.calibration import clear_cache
+    clear_cache()
+    patcher = StandInModelPatcher(modules, "flow")
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    messages = []
+    cal = comfy_calibration.calibrate_host(patcher, _cond(1.0), _cond(-1.0), latent, 3, 3.0, fit_noises=4,
+                                           iterations=2, teacher_steps=10, log=messages.append)
+    assert cal.steps == 3 and torch.isfinite(cal.sigmas).all()
+    again = comfy_calibration.calibrate_host(patcher, _cond(1.0), _cond(-1.0), latent, 3, 3.0, fit_noises=4,
+                                             iterations=2, teacher_steps=10, log=messages.append)
+    assert again is cal and any("reusing" in m for m in messages)
+    out = modules["comfy.samplers"].sample(patcher, torch.randn(1, 4, 8, 8), _cond(1.0), _cond(-1.0), 3.0, "cpu",
+                                           comfy_calibration.CalibratedSampler(cal), cal.sigmas,
+                                           latent_image=torch.zeros(1, 4, 8, 8), seed=3)
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
