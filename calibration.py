@@ -335,8 +335,12 @@ class _Student:
 
     def loss(self, u: Tensor, base_order: int, delta: Optional[Tensor], idx) -> Tensor:
         """RMS gap to the teacher's final samples over the items ``idx``."""
-        out = self.run(u, base_order, delta, idx)[2]
-        return (out - self.teacher[idx]).reshape(out.shape[0], -1).pow(2).mean().sqrt()
+        return _rms_gap(self.run(u, base_order, delta, idx)[2], self.teacher[idx])
+
+
+def _rms_gap(out: Tensor, target: Tensor) -> Tensor:
+    """RMS of ``out - target`` over all items and elements."""
+    return (out - target).reshape(out.shape[0], -1).pow(2).mean().sqrt()
 
 
 def _best_start(student: _Student, ms, steps: int, hi: float, lo: float, idx) -> tuple:
@@ -495,7 +499,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     _, u_best, d_best = _optimise(student, u, delta, base_order, iterations, lr, mode, fit_idx, sel_idx, calls, steps)
     with torch.no_grad():
         sig, c, out = student.run(u_best, base_order, d_best, slice(None))
-        final = float((out - teacher).reshape(out.shape[0], -1).pow(2).mean().sqrt())
+        final = float(_rms_gap(out, teacher))
     seconds = time.perf_counter() - t_start
     meta = dict(info or {})
     meta.update({"steps": steps, "order": order, "init": f"{init_name}+ab{base_order}",

@@ -90,7 +90,8 @@ class Setup:
         t = time.perf_counter()
         self.reference = teacher_solve(self.denoiser, self.ms, self.start(self.sigma_max), self.sigma_max,
                                        self.sigma_min, REFERENCE_STEPS)
-        self.reference_image = self.decode(self.reference)
+        self.reference_latent = self.model.latent_format.process_out(self.reference)
+        self.reference_image = self.image(self.reference_latent)
         self.reference_scores = {"adherence": scorer.score(self.reference_image, self.targets)["both"]}
         log(f"{kind}: reference ({REFERENCE_STEPS} steps) in {time.perf_counter() - t:.0f}s")
 
@@ -98,15 +99,16 @@ class Setup:
         """The txt2img start at sigma0 from the evaluation noise (ComfyUI's scaling, max_denoise)."""
         return self.ms.noise_scaling(torch.tensor(sigma0), self.noise, torch.zeros(self.shape), True)
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(self.model.latent_format.process_out(x)).permute(0, 3, 1, 2)
+    def image(self, latent: torch.Tensor) -> torch.Tensor:
+        """RGB [B, 3, H, W] in 0..1 of a stored latent."""
+        return self.vae.decode(latent).permute(0, 3, 1, 2)
 
     def scores(self, x: torch.Tensor) -> dict:
         if x is None or not bool(torch.isfinite(x).all()):
             return {"latent_rms": math.inf, "image_rms": math.inf, "adherence": 0.0}
-        latent = self.model.latent_format.process_out(x) - self.model.latent_format.process_out(self.reference)
-        image = self.decode(x)
-        return {"latent_rms": float(latent.pow(2).mean().sqrt()),
+        latent = self.model.latent_format.process_out(x)
+        image = self.image(latent)
+        return {"latent_rms": float((latent - self.reference_latent).pow(2).mean().sqrt()),
                 "image_rms": float((image - self.reference_image).pow(2).mean().sqrt()),
                 "adherence": self.scorer.score(image, self.targets)["both"]}
 
