@@ -9,18 +9,24 @@ serves eps, v and flow models alike)::
 with D_k the model's denoised estimate at step k and each row of c summing to
 one (consistency: a constant D is integrated exactly).  c = [1] is DDIM; the
 DPM-Solver++(2M) weights (Lu et al. 2022b) are ``[1 + 1/(2r), -1/(2r)]``.
+A calibration may also have a corrector (UniPC's arrangement, Zhao et al. 2023):
+the model call at step i + 1 also redoes step i with weights cc[i] over
+[D_{i+1}, D_i, ...] before step i + 1 is taken, at no extra call.
 
 ``fit_calibration`` fits the schedule and c to one model and conditioning, in
 the manner of LD3 (Tong et al. 2025, learned discretisation) and PAS / S4S
 (Wang et al. 2024; Frankel et al. 2025, learned solver coefficients): a
 teacher solves the probability-flow ODE finely from a few fitting noises; the
 ``steps`` log sigmas (a monotone softmax parametrisation between the model's
-sigma_max and sigma_min) and a correction to the 2M weights are then fitted by
-Adam, with autograd through the sampler and the model, to minimise the RMS gap
-between the student's and the teacher's final samples.  A quarter of the
-fitting noises are kept aside to pick the iterate (the fit never sees the
-evaluation noise).  The cost is ``teacher_steps`` model calls plus ``steps``
-forward and backward passes per iteration, all on the fitting batch.
+sigma_max and sigma_min) and corrections to Adams-Bashforth weights (and to
+the corrector's) are then fitted by Adam, with autograd through the sampler and
+the model, to minimise the RMS gap between the student's and the teacher's
+final samples.  The gradient comes from three quarters of the fitting noises;
+the iterate kept is the best on all of them (the fit never sees the evaluation
+noise).  With a corrector, the two forms (with and without) race for a third of
+the iterations and the better goes on.  The cost is ``teacher_steps`` model
+calls plus ``steps`` forward and backward passes per iteration, all on the
+fitting batch.
 
 A ``Calibration`` holds the sigmas, the coefficients and what it was fitted on;
 it saves to and loads from a small safetensors file (``save`` / ``load``).
@@ -40,9 +46,10 @@ from .samplers._common import emit, get_model_sampling, step_range
 
 __all__ = ["Calibration", "calibrate", "fit_calibration", "DEFAULT_FIT", "sample_calibrated", "teacher_solve",
            "multistep_coefficients", "cached_calibration", "calibration_key", "fitting_noise", "clear_cache",
-           "CALIBRATION_FORMAT"]
+           "CALIBRATION_FORMAT", "CALIBRATION_FORMATS"]
 
-CALIBRATION_FORMAT = "ksampler.calibration/1"
+CALIBRATION_FORMAT = "ksampler.calibration/1"  # without a corrector (what every earlier version reads)
+CALIBRATION_FORMATS = (CALIBRATION_FORMAT, "ksampler.calibration/2")  # [with a corrector]
 Denoiser = Callable[..., Tensor]
 
 
@@ -77,32 +84,33 @@ def _model_sigma(ms, sigma_ve: Tensor) -> Tensor:
                         for s in sigma_ve.reshape(-1)]).reshape(sigma_ve.shape)
 
 
-def multistep_coefficients(sigmas_ve: Tensor, base_order: int, order: int) -> Tensor:
-    """Exponential-integrator Adams-Bashforth weights in lambda = -log sigma_ve, per step, padded to ``order``.
+def multistep_coefficients(sigmas_ve: Tensor, base_order: int, width: int, corrector: bool = False) -> Tensor:
+    """Exponential-integrator Adams weights in lambda = -log sigma_ve, per step, padded to ``width``.
 
     Step i integrates x' = e^-h x + int_0^h e^(s-h) P(s) ds with P the polynomial through the last
-    ``base_order`` denoised estimates (fewer at the start); base_order 1 is DDIM, 2 is close to
-    DPM-Solver++(2M) (Lu et al. 2022b).  The step into sigma = 0 takes the newest estimate.
+    ``base_order`` denoised estimates (fewer at the start): Adams-Bashforth; base_order 1 is DDIM, 2 is close to
+    DPM-Solver++(2M) (Lu et al. 2022b).  ``corrector``: P's nodes start at the estimate at the step's end
+    (Adams-Moulton, the UniC form of Zhao et al. 2023): row i weighs [D_{i+1}, D_i, ...].  The step into
+    sigma = 0 takes the newest estimate.
     """
     n = len(sigmas_ve) - 1
     lam = -torch.log(sigmas_ve[:n])
+    first = torch.nn.functional.one_hot(torch.tensor(0), width).to(sigmas_ve.dtype)
     rows = []
     for i in range(n):
-        m = min(base_order, i + 1)
+        m = min(base_order, i + 1 + int(corrector))
         if float(sigmas_ve[i + 1].detach()) == 0 or m == 1:
-            row = torch.zeros(order, dtype=sigmas_ve.dtype)
-            rows.append(row + torch.nn.functional.one_hot(torch.tensor(0), order).to(sigmas_ve.dtype))
+            rows.append(first.clone())
             continue
         h = -torch.log(sigmas_ve[i + 1]) - lam[i]
-        nodes = torch.stack([lam[i - j] - lam[i] for j in range(m)])  # 0, then negative offsets
-        em = torch.expm1(-h)
-        w = [-em]  # int_0^h e^(s-h) s^k ds for k = 0, 1, 2
-        w.append(h + em)
-        w.append(h * h - 2 * h - 2 * em)
+        nodes = [lam[i - j] - lam[i] for j in range(m - int(corrector))]  # 0, then negative offsets
+        nodes = torch.stack(([h] if corrector else []) + nodes)
+        em = torch.expm1(-h)  # int_0^h e^(s-h) s^k ds for k = 0..3 (h^k - k times the one before)
+        w = [-em, h + em, h * h - 2 * h - 2 * em, h * h * h - 3 * h * h + 6 * h + 6 * em]
         rhs = torch.stack(w[:m]) / w[0]
         vander = torch.stack([nodes ** k for k in range(m)])
         c = torch.linalg.solve(vander, rhs)
-        rows.append(torch.cat([c, c.new_zeros(order - m)]))
+        rows.append(torch.cat([c, c.new_zeros(width - m)]))
     return torch.stack(rows)
 
 
@@ -120,39 +128,53 @@ def _row(coefficients: Optional[Tensor], i: int, available: int) -> list:
 
 
 def _solve(model, x: Tensor, sigmas: Tensor, coefficients: Optional[Tensor], ms, extra_args: dict,
-           callback=None, disable=True) -> Tensor:
-    """The calibrated multistep loop (differentiable in x, sigmas and coefficients)."""
+           callback=None, disable=True, corrector: Optional[Tensor] = None) -> Tensor:
+    """The calibrated multistep loop (differentiable in x, sigmas and coefficients).  With ``corrector``, each
+    model call also corrects the step that led to it (row i - 1 weighs [D_i, D_{i-1}, ...]), at no extra call."""
     alphas = torch.stack([_alpha(ms, s) for s in sigmas]).to(x.dtype)
     sigmas = sigmas.to(x.dtype)
     history: list[Tensor] = []
+    x_before = x
     for i in step_range(len(sigmas) - 1, disable):
         sigma = sigmas[i]
         denoised = model(x, sigma.reshape(1).expand(x.shape[0]).to(device=x.device, dtype=x.dtype), **extra_args)
-        emit(callback, x, i, float(sigma.detach()), denoised)
         history.insert(0, denoised)
-        weights = _row(coefficients, i, len(history))
-        blend = sum(w * d for w, d in zip(weights, history))
-        if float(sigmas[i + 1].detach()) == 0:
-            x = blend
-        else:  # the VE-frame step in the model's frame (no division by alpha, which is 0 at flow's sigma = 1)
-            ratio = sigmas[i + 1] / sigma
-            x = ratio * x + (alphas[i + 1] - ratio * alphas[i]) * blend
+        if corrector is not None and i > 0:
+            x = _step(x_before, sigmas[i - 1], sigma, alphas[i - 1], alphas[i], _row(corrector, i - 1, len(history)),
+                      history)
+        emit(callback, x, i, float(sigma.detach()), denoised)
+        x_before = x
+        x = _step(x, sigma, sigmas[i + 1], alphas[i], alphas[i + 1], _row(coefficients, i, len(history)), history)
         if coefficients is not None:
-            del history[coefficients.shape[1] - 1:]
+            del history[max(coefficients.shape[1], 0 if corrector is None else corrector.shape[1]) - 1:]
     return x
 
 
+def _step(x: Tensor, sigma: Tensor, sigma_next: Tensor, alpha: Tensor, alpha_next: Tensor, weights: list,
+          history: list) -> Tensor:
+    """One exponential-integrator step of the weighted estimates, in the VE frame written in the model's frame
+    (no division by alpha, which is 0 at flow's sigma = 1)."""
+    blend = sum(w * d for w, d in zip(weights, history))
+    if float(sigma_next.detach()) == 0:
+        return blend
+    ratio = sigma_next / sigma
+    return ratio * x + (alpha_next - ratio * alpha) * blend
+
+
 @torch.no_grad()
-def sample_calibrated(model, x, sigmas, extra_args=None, callback=None, disable=None, coefficients=None):
+def sample_calibrated(model, x, sigmas, extra_args=None, callback=None, disable=None, coefficients=None,
+                      corrector=None):
     """Calibrated linear multistep exponential integrator (LD3, Tong et al. 2025; PAS, Wang et al. 2024)."""
     ms = get_model_sampling(model)
-    c = None if coefficients is None else torch.as_tensor(coefficients, dtype=torch.float64)
-    if c is not None and c.shape[0] < len(sigmas) - 1:
-        raise ValueError(f"sigmas: {len(sigmas) - 1} steps but the calibration has coefficients for {c.shape[0]}; "
-                         "use the calibration's own sigmas")
-    if c is not None:
-        c = c[c.shape[0] - (len(sigmas) - 1):]  # a tail of the schedule (denoise < 1) uses the tail's rows
-    return _solve(model, x, sigmas.detach().cpu().to(torch.float64), c, ms, extra_args or {}, callback, disable)
+    rows = []
+    for name, c in (("coefficients", coefficients), ("corrector", corrector)):
+        c = None if c is None else torch.as_tensor(c, dtype=torch.float64)
+        if c is not None and c.shape[0] < len(sigmas) - 1:
+            raise ValueError(f"sigmas: {len(sigmas) - 1} steps but the calibration has {name} for {c.shape[0]}; "
+                             "use the calibration's own sigmas")
+        rows.append(None if c is None else c[c.shape[0] - (len(sigmas) - 1):])  # a tail (denoise < 1): its rows
+    return _solve(model, x, sigmas.detach().cpu().to(torch.float64), rows[0], ms, extra_args or {}, callback, disable,
+                  corrector=rows[1])
 
 
 # ---- the teacher ------------------------------------------------------------------------------
@@ -173,11 +195,13 @@ def teacher_solve(denoiser: Denoiser, model_sampling, x: Tensor, sigma_max: floa
 # ---- the calibration ----------------------------------------------------------------------------
 @dataclass
 class Calibration:
-    """Fitted sigmas (model frame, descending, ending in 0) and multistep coefficients [steps, order]."""
+    """Fitted sigmas (model frame, descending, ending in 0), multistep coefficients [steps, order] and, where the
+    fit has one, corrector coefficients [steps, order + 1] (row i weighs [D_{i+1}, D_i, ...])."""
 
     sigmas: Tensor
     coefficients: Tensor
     info: dict = field(default_factory=dict)
+    corrector: Optional[Tensor] = None
 
     @property
     def steps(self) -> int:
@@ -185,30 +209,36 @@ class Calibration:
 
     def sampler(self) -> Callable:
         """A k-diffusion-protocol sampler with this calibration's coefficients bound."""
-        coefficients = self.coefficients
+        coefficients, corrector = self.coefficients, self.corrector
 
         def sample_with_calibration(model, x, sigmas, extra_args=None, callback=None, disable=None):
             """Calibrated linear multistep exponential integrator (LD3, Tong et al. 2025; PAS, Wang et al. 2024)."""
-            return sample_calibrated(model, x, sigmas, extra_args, callback, disable, coefficients=coefficients)
+            return sample_calibrated(model, x, sigmas, extra_args, callback, disable, coefficients=coefficients,
+                                     corrector=corrector)
         return sample_with_calibration
 
     def save(self, path: str) -> None:
-        """A small safetensors file (sigmas, coefficients; the info as JSON metadata)."""
+        """A small safetensors file (sigmas, coefficients, corrector; the info as JSON metadata).  A calibration
+        without a corrector is written in the first format, which earlier versions read too."""
         from safetensors.torch import save_file
-        save_file({"sigmas": self.sigmas.detach().cpu().contiguous(),
-                   "coefficients": self.coefficients.detach().cpu().contiguous()}, path,
-                  metadata={"format": CALIBRATION_FORMAT, "info": json.dumps(self.info, sort_keys=True)})
+        tensors = {"sigmas": self.sigmas, "coefficients": self.coefficients}
+        if self.corrector is not None:
+            tensors["corrector"] = self.corrector
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
+                  metadata={"format": CALIBRATION_FORMATS[int(self.corrector is not None)],
+                            "info": json.dumps(self.info, sort_keys=True)})
 
     @classmethod
     def load(cls, path: str) -> "Calibration":
         from safetensors import safe_open
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != CALIBRATION_FORMAT:
-                raise ValueError(f"path: {path!r} is not a ksampler calibration (format "
-                                 f"{meta.get('format')!r}, expected {CALIBRATION_FORMAT!r})")
+            if meta.get("format") not in CALIBRATION_FORMATS:
+                raise ValueError(f"path: {path!r} is not a ksampler calibration this version reads (format "
+                                 f"{meta.get('format')!r}, expected one of {', '.join(CALIBRATION_FORMATS)})")
             sigmas, coefficients = f.get_tensor("sigmas"), f.get_tensor("coefficients")
-        cal = cls(sigmas, coefficients, json.loads(meta.get("info", "{}")))
+            corrector = f.get_tensor("corrector") if "corrector" in f.keys() else None
+        cal = cls(sigmas, coefficients, json.loads(meta.get("info", "{}")), corrector)
         cal.validate()
         return cal
 
@@ -216,9 +246,14 @@ class Calibration:
         s = self.sigmas
         if s.ndim != 1 or len(s) < 2 or float(s[-1]) != 0 or bool((s[1:] >= s[:-1]).any()):
             raise ValueError("calibration: sigmas must be a descending 1-D tensor ending in 0")
-        c = self.coefficients
-        if c.ndim != 2 or c.shape[0] != len(s) - 1 or not bool(torch.isfinite(c).all()):
-            raise ValueError(f"calibration: coefficients must be finite, shaped [steps={len(s) - 1}, order]")
+        for name, c in (("coefficients", self.coefficients), ("corrector", self.corrector)):
+            if c is None and name == "corrector":
+                continue
+            if c.ndim != 2 or c.shape[0] != len(s) - 1 or not bool(torch.isfinite(c).all()):
+                raise ValueError(f"calibration: {name} must be finite, shaped [steps={len(s) - 1}, order]")
+        if self.corrector is not None and self.corrector.shape[1] != self.coefficients.shape[1] + 1:
+            raise ValueError(f"calibration: corrector must be shaped [steps, {self.coefficients.shape[1] + 1}] (one "
+                             f"more column than the coefficients), got {tuple(self.corrector.shape)}")
 
 
 def _model_differentiable(denoiser, x: Tensor, sigma: float) -> bool:
@@ -312,7 +347,10 @@ def _init_schedules(ms, steps: int, hi: float, lo: float) -> dict:
 
 
 # defaults of a fit, chosen on the tuning split of bench/heldout.py (never on held-out problems)
-DEFAULT_FIT = {"order": 3, "iterations": 300, "lr": 0.05, "teacher_steps": 100}
+DEFAULT_FIT = {"order": 3, "iterations": 300, "lr": 0.05, "teacher_steps": 100, "corrector": True}
+
+
+CORRECTOR_STEP = 0.2  # the corrector's rows move at a fifth of the predictor's rate (tuning split: steadier fits)
 
 
 class _Student:
@@ -323,19 +361,28 @@ class _Student:
         self.denoiser, self.ms, self.x0, self.teacher, self.s_max = denoiser, ms, x0, teacher, s_max
         self.log_hi, self.log_lo, self.order = math.log(hi), math.log(lo), order
 
-    def run(self, u: Tensor, base_order: int, delta: Optional[Tensor], idx) -> tuple:
-        """(model sigmas, coefficients, final samples of the items ``idx``)."""
+    def run(self, u: Tensor, form: tuple, delta: Optional[list], idx) -> tuple:
+        """(model sigmas, coefficients, corrector or None, final samples of the items ``idx``).
+
+        form: the base orders (predictor, corrector); corrector None: none, 0: a no-op to start from (all weight
+        on the predictor's estimates, none on the new one).  delta: corrections to the rows of each."""
         ve = _schedule(u, self.log_hi, self.log_lo)
         sig = torch.cat([_model_sigma(self.ms, ve[:-1]), ve[-1:]])
         sig = torch.cat([sig.new_full((1,), self.s_max), sig[1:]])  # the start is fixed (the noise is scaled to it)
-        c = multistep_coefficients(ve, base_order, self.order)
+        c = multistep_coefficients(ve, form[0], self.order)
+        cc = None
+        if form[1] is not None:
+            cc = multistep_coefficients(ve, form[1], self.order + 1, corrector=True) if form[1] else \
+                torch.cat([c.new_zeros(len(c), 1), c], 1)
         if delta is not None:
-            c = c + torch.cat([-delta.sum(1, keepdim=True), delta], 1)
-        return sig, c, _solve(self.denoiser, self.x0, sig, c, self.ms, {})[idx]
+            c = c + torch.cat([-delta[0].sum(1, keepdim=True), delta[0]], 1)
+            if cc is not None:
+                cc = cc + CORRECTOR_STEP * torch.cat([-delta[1].sum(1, keepdim=True), delta[1]], 1)
+        return sig, c, cc, _solve(self.denoiser, self.x0, sig, c, self.ms, {}, corrector=cc)[idx]
 
-    def loss(self, u: Tensor, base_order: int, delta: Optional[Tensor], idx) -> Tensor:
+    def loss(self, u: Tensor, form: tuple, delta: Optional[list], idx) -> Tensor:
         """RMS gap to the teacher's final samples over the items ``idx``."""
-        return _rms_gap(self.run(u, base_order, delta, idx)[2], self.teacher[idx])
+        return _rms_gap(self.run(u, form, delta, idx)[3], self.teacher[idx])
 
 
 def _rms_gap(out: Tensor, target: Tensor) -> Tensor:
@@ -343,19 +390,32 @@ def _rms_gap(out: Tensor, target: Tensor) -> Tensor:
     return (out - target).reshape(out.shape[0], -1).pow(2).mean().sqrt()
 
 
-def _best_start(student: _Student, ms, steps: int, hi: float, lo: float, idx) -> tuple:
-    """(loss, schedule name, base order, u) of the best registry schedule under order-1..3 Adams-Bashforth weights."""
+def _best_start(student: _Student, ms, steps: int, hi: float, lo: float, idx, corrected: bool) -> tuple:
+    """(loss, schedule name, form, u) of the best registry schedule under order-1..3 Adams-Bashforth weights;
+    ``corrected``: each with a no-op corrector and with an Adams-Moulton corrector one order higher."""
     starts = []
     for name, ve in _init_schedules(ms, steps, hi, lo).items():
         u0 = _initial_u(ve, student.log_hi, student.log_lo)
         for base_order in range(1, min(student.order, 3) + 1):
-            with torch.no_grad():
-                value = float(student.loss(u0, base_order, None, idx))
-            if math.isfinite(value):
-                starts.append((value, name, base_order, u0))
+            for form in [(base_order, 0), (base_order, base_order + 1)] if corrected else [(base_order, None)]:
+                with torch.no_grad():
+                    value = float(student.loss(u0, form, None, idx))
+                if math.isfinite(value):
+                    starts.append((value, name, form, u0))
     if not starts:
         raise FloatingPointError("calibration: every starting schedule diverged on the fitting noise; check the model")
     return min(starts, key=lambda t: t[0])
+
+
+def _start(student: _Student, ms, steps: int, hi: float, lo: float, idx, corrected: bool, fit_coefficients: bool
+           ) -> dict:
+    """The best start of one form (with or without a corrector) and its zero corrections to fit."""
+    loss, name, form, u0 = _best_start(student, ms, steps, hi, lo, idx, corrected)
+    widths = [student.order - 1] + ([student.order] if corrected else [])
+    delta = [torch.zeros(steps, w, dtype=torch.float64, requires_grad=True) for w in widths] \
+        if fit_coefficients else None
+    return {"start": loss, "form": form, "u": u0.clone().requires_grad_(True), "delta": delta,
+            "name": f"{name}+ab{form[0]}" + ("" if form[1] is None else f"+am{form[1]}" if form[1] else "+corrector")}
 
 
 def _spsa_gradient(params: list, loss_fn: Callable[[], Tensor], it: int, gen: torch.Generator) -> bool:
@@ -379,44 +439,70 @@ def _spsa_gradient(params: list, loss_fn: Callable[[], Tensor], it: int, gen: to
     return True
 
 
-def _optimise(student: _Student, u: Tensor, delta: Optional[Tensor], base_order: int, iterations: int, lr: float,
+def _optimise(student: _Student, u: Tensor, delta: Optional[list], form: tuple, iterations: int, lr: float,
               mode: str, fit_idx, sel_idx, calls: dict, steps: int) -> tuple:
-    """Adam on (u, delta); returns the (u, delta) with the lowest loss on the selection items, checked every 10."""
-    params = [u] if delta is None else [u, delta]
+    """Adam on (u, delta) with the gradient from the items ``fit_idx``; returns (loss, u, delta) of the iterate with
+    the lowest loss on the items ``sel_idx``, checked every 10 iterations (the start included)."""
+    params = [u] + (delta or [])
+
+    def snapshot(loss: float) -> tuple:
+        return loss, u.detach().clone(), None if delta is None else [d.detach().clone() for d in delta]
+
     opt = _Adam(params, lr, max(iterations, 1))
     with torch.no_grad():
-        best = (float(student.loss(u, base_order, delta, sel_idx)), u.detach().clone(),
-                None if delta is None else delta.detach().clone())
+        best = snapshot(float(student.loss(u, form, delta, sel_idx)))
     gen = torch.Generator().manual_seed(0)
     for it in range(iterations):
         for p in params:
             p.grad = None
         if mode == "autograd":
             with torch.enable_grad():
-                loss = student.loss(u, base_order, delta, fit_idx)
+                loss = student.loss(u, form, delta, fit_idx)
                 if not torch.isfinite(loss):
                     break
                 loss.backward()
             calls["backward_passes"] += steps
-        elif not _spsa_gradient(params, lambda: student.loss(u, base_order, delta, fit_idx), it, gen):
+        elif not _spsa_gradient(params, lambda: student.loss(u, form, delta, fit_idx), it, gen):
             continue  # a perturbation left the stable region: skip this iteration
         opt.step()
         if it % 10 == 9 or it == iterations - 1:
             with torch.no_grad():
-                sel = float(student.loss(u, base_order, delta, sel_idx))
+                sel = float(student.loss(u, form, delta, sel_idx))
             if math.isfinite(sel) and sel < best[0]:
-                best = (sel, u.detach().clone(), None if delta is None else delta.detach().clone())
+                best = snapshot(sel)
     return best
 
 
-def _gradient_mode(gradient: str, student: _Student, u: Tensor, base_order: int, delta, fit_idx, s_min: float,
+def _race(student: _Student, runs: list, race: int, iterations: int, lr: float, mode: str, items: tuple,
+          calls: dict, steps: int, say) -> dict:
+    """Fit each run (a form's start) for ``race`` iterations, then the best on the items ``items[1]`` for the rest
+    (all ``iterations`` for a single run); returns that run with its result under "best"."""
+    fit_idx, sel_idx = items
+    for run in runs:
+        say(f"calibration: fitting {steps} steps (order {student.order}) from {run['name']} by {mode}"
+            + (f" ({race} iterations, then the better of the two forms goes on)" if race else "")
+            + f"; start RMS to the teacher {run['start']:.4g}")
+        run["best"] = _optimise(student, run["u"], run["delta"], run["form"], race or iterations, lr, mode, fit_idx,
+                                sel_idx, calls, steps)
+    won = min(runs, key=lambda r: r["best"][0])
+    if race:
+        _, u, delta = won["best"]
+        say(f"calibration: {won['name']} leads (RMS {won['best'][0]:.4g} against "
+            f"{max(r['best'][0] for r in runs):.4g}); {iterations - race} more iterations")
+        won["best"] = _optimise(student, u.clone().requires_grad_(True),
+                                None if delta is None else [d.clone().requires_grad_(True) for d in delta],
+                                won["form"], iterations - race, lr, mode, fit_idx, sel_idx, calls, steps)
+    return won
+
+
+def _gradient_mode(gradient: str, student: _Student, u: Tensor, form: tuple, delta, fit_idx, s_min: float,
                    say) -> str:
     if gradient not in ("auto", "autograd", "spsa"):
         raise ValueError(f"gradient: must be 'auto', 'autograd' or 'spsa', got {gradient!r}")
     if gradient != "auto":
         return gradient
     if _model_differentiable(student.denoiser, student.x0, 4 * s_min) and \
-            _differentiable(lambda: student.loss(u, base_order, delta, fit_idx)):
+            _differentiable(lambda: student.loss(u, form, delta, fit_idx)):
         return "autograd"
     say("calibration: the model gives no gradient here (no_grad or inference tensors, as inside ComfyUI); "
         "fitting with SPSA (two evaluations per iteration) instead of autograd")
@@ -457,7 +543,8 @@ def _descending_float32(sig: Tensor) -> Tensor:
 
 def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: int, *, order: int = 3,
                     iterations: int = DEFAULT_FIT["iterations"], lr: float = DEFAULT_FIT["lr"],
-                    fit_coefficients: bool = True, teacher_steps: int = DEFAULT_FIT["teacher_steps"],
+                    fit_coefficients: bool = True, corrector: bool = DEFAULT_FIT["corrector"],
+                    teacher_steps: int = DEFAULT_FIT["teacher_steps"],
                     sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
                     teacher_sigma_min: Optional[float] = None, max_denoise: bool = True, gradient: str = "auto",
                     log: Optional[Callable[[str], None]] = None, info: Optional[dict] = None) -> Calibration:
@@ -467,6 +554,10 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
         denoiser fits to guided sampling); it must be differentiable in x for the coefficient fit.
     noise: unit-variance fitting noise [B, ...] (B >= 4; 8-64 is typical); never the noise you evaluate on.
     order: how many past denoised estimates each step may blend (1: schedule only, DDIM steps).
+    corrector: also try a corrector (each model call corrects the step that led to it, as in UniPC, at no extra
+        call), started from a no-op or from Adams-Moulton weights, whichever is better on the fitting noise; the
+        forms with and without race for a third of the iterations, and the better one gets the rest (so a fit
+        costs 4/3 of ``iterations``).
     sigma_min, sigma_max: the range the schedule spans (default: the model's).
     teacher_sigma_min: where the teacher's fine solve stops and denoises (default sigma_min); lower it for a model
         that is valid below its sigma_min (an analytic one), so that the fit also learns the last stretch to 0.
@@ -487,30 +578,27 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     x0 = ms.noise_scaling(torch.tensor(s_max, dtype=noise.dtype), noise, torch.zeros_like(noise), max_denoise)
     teacher = teacher_solve(counted, ms, x0, s_max, t_min, teacher_steps).to(noise.dtype)
     student = _Student(counted, ms, x0, teacher, s_max, hi, lo, order)
-    n_sel = max(1, noise.shape[0] // 4)
-    fit_idx, sel_idx = slice(n_sel, None), slice(0, n_sel)
-    start_loss, init_name, base_order, u0 = _best_start(student, ms, steps, hi, lo, fit_idx)
-    u = u0.clone().requires_grad_(True)
-    delta = torch.zeros(steps, order - 1, dtype=torch.float64, requires_grad=True) \
-        if order > 1 and fit_coefficients else None
-    mode = _gradient_mode(gradient, student, u, base_order, delta, fit_idx, s_min, say)
-    say(f"calibration: fitting {steps} steps (order {order}) from {init_name} with order-{base_order} weights "
-        f"by {mode}; start RMS to the teacher {start_loss:.4g}")
-    _, u_best, d_best = _optimise(student, u, delta, base_order, iterations, lr, mode, fit_idx, sel_idx, calls, steps)
+    fit_idx, all_idx = slice(max(1, noise.shape[0] // 4), None), slice(None)
+    runs = [_start(student, ms, steps, hi, lo, fit_idx, corrected, order > 1 and fit_coefficients)
+            for corrected in ((False, True) if corrector else (False,))]
+    mode = _gradient_mode(gradient, student, runs[0]["u"], runs[0]["form"], runs[0]["delta"], fit_idx, s_min, say)
+    race = iterations // 3 if len(runs) > 1 else 0
+    won = _race(student, runs, race, iterations, lr, mode, (fit_idx, all_idx), calls, steps, say)
     with torch.no_grad():
-        sig, c, out = student.run(u_best, base_order, d_best, slice(None))
+        sig, c, cc, out = student.run(won["best"][1], won["form"], won["best"][2], all_idx)
         final = float(_rms_gap(out, teacher))
     seconds = time.perf_counter() - t_start
     meta = dict(info or {})
-    meta.update({"steps": steps, "order": order, "init": f"{init_name}+ab{base_order}",
-                 "fit_coefficients": delta is not None, "iterations": iterations, "lr": lr,
+    meta.update({"steps": steps, "order": order, "init": won["name"], "corrector": cc is not None, "race": race,
+                 "fit_coefficients": won["delta"] is not None, "iterations": iterations, "lr": lr,
                  "teacher_steps": teacher_steps, "teacher_sigma_min": t_min, "fit_noises": int(noise.shape[0]),
                  "gradient": mode, "model_calls": calls["forward"], "backward_passes": calls["backward_passes"],
-                 "seconds": round(seconds, 3), "rms_start": start_loss, "rms_fitted": final,
+                 "seconds": round(seconds, 3), "rms_start": won["start"], "rms_fitted": final,
                  "sigma_min": s_min, "sigma_max": s_max})
     say(f"calibration: done in {seconds:.1f}s, {calls['forward']} model calls + {calls['backward_passes']} "
-        f"backward passes; RMS to the teacher {start_loss:.4g} -> {final:.4g}")
-    cal = Calibration(_descending_float32(sig), c.detach().to(torch.float64), meta)
+        f"backward passes; RMS to the teacher {won['start']:.4g} -> {final:.4g}")
+    cal = Calibration(_descending_float32(sig), c.detach().to(torch.float64), meta,
+                      None if cc is None else cc.detach().to(torch.float64))
     cal.validate()
     return cal
 

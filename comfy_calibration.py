@@ -12,7 +12,7 @@ import comfy.samplers
 import torch
 
 from .calibration import (Calibration, cached_calibration, calibration_key, default_log, fit_calibration,
-                          fitting_noise, sample_calibrated)
+                          fitting_noise)
 from .comfy_adapter import guarded_host_denoiser
 
 __all__ = ["CalibratedSampler", "calibrate_host"]
@@ -42,8 +42,8 @@ class CalibratedSampler(comfy.samplers.Sampler):
             if callback is not None:
                 callback(info["i"], info["denoised"], info["x"], total)
         with output_guard:
-            samples = sample_calibrated(denoiser, x, sigmas, extra_args=extra_args, callback=on_step,
-                                        disable=disable_pbar, coefficients=self.calibration.coefficients)
+            samples = self.calibration.sampler()(denoiser, x, sigmas, extra_args=extra_args, callback=on_step,
+                                                 disable=disable_pbar)
         return host_ms.inverse_noise_scaling(sigmas[-1], samples)
 
 

@@ -48,7 +48,7 @@ from _common import RESULTS as RESULTS_DIR, environment, require_ksampler, table
 from gmm import GaussianMixture, MixtureDenoiser, reference_solve  # noqa: E402
 
 require_ksampler()
-from ksampler.calibration import DEFAULT_FIT, fit_calibration, sample_calibrated  # noqa: E402
+from ksampler.calibration import DEFAULT_FIT, fit_calibration  # noqa: E402
 from ksampler.models import EPS  # noqa: E402
 from ksampler.samplers import SAMPLERS, sampler_traits  # noqa: E402
 from ksampler.schedulers import SCHEDULERS, sampling_sigmas  # noqa: E402
@@ -350,18 +350,18 @@ def calibrate_rows(prob: Problem, budgets, log) -> list[dict]:
         t = time.perf_counter()
         cal = fit_calibration(prob.fit_model, MS, prob.fit_noise, budget, order=CALIBRATION["order"],
                               iterations=CALIBRATION["iterations"], lr=CALIBRATION["lr"],
-                              teacher_steps=CALIBRATION["teacher_steps"],
+                              teacher_steps=CALIBRATION["teacher_steps"], corrector=CALIBRATION["corrector"],
                               teacher_sigma_min=SIGMA_MIN * CALIBRATION["teacher_sigma_min_factor"],
                               max_denoise=False)
         seconds = time.perf_counter() - t
         model = Counting(prob.model)
-        out = sample_calibrated(model, prob.noise * float(cal.sigmas[0]), cal.sigmas, disable=True,
-                                coefficients=cal.coefficients)
+        out = cal.sampler()(model, prob.noise * float(cal.sigmas[0]), cal.sigmas, disable=True)
         err = prob.error(out, float(cal.sigmas[0]))
         rows.append({"impl": "calibrated", "sampler": "calibrated", "scheduler": "calibrated", "budget": budget,
                      "steps": budget, "nfe": model.calls, "rms_error": err, "fit_model_calls": cal.info["model_calls"],
                      "fit_backward_passes": cal.info["backward_passes"], "fit_seconds": round(seconds, 1),
-                     "fit_noises": cal.info["fit_noises"], "init": cal.info["init"]})
+                     "fit_noises": cal.info["fit_noises"], "init": cal.info["init"],
+                     "corrector": cal.info["corrector"], "rms_fitted": cal.info["rms_fitted"]})
         log(f"  calibrated NFE {budget}: {err:.3g} (fit {seconds:.1f}s, {cal.info['model_calls']} calls + "
             f"{cal.info['backward_passes']} backward)")
     return rows

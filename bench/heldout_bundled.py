@@ -40,7 +40,7 @@ require_ksampler()
 import adherence  # noqa: E402  (the scorer and the prompt grammar)
 from heldout import COMFYUI_DIR, Comfy  # noqa: E402
 from ksampler.bundled.loader import load_bundled  # noqa: E402
-from ksampler.calibration import DEFAULT_FIT, fit_calibration, sample_calibrated, teacher_solve  # noqa: E402
+from ksampler.calibration import DEFAULT_FIT, fit_calibration, teacher_solve  # noqa: E402
 from ksampler.conditioning.cfg import Guidance  # noqa: E402
 
 PROMPT_SEED = 7_301  # held out: the adherence bench uses seed 0, training draws prompts from the renderer
@@ -134,12 +134,12 @@ def calibrated_row(setup: Setup, steps: int, log) -> dict:
     t = time.perf_counter()
     cal = fit_calibration(setup.denoiser, setup.ms, setup.fit_noise, steps, log=log, **DEFAULT_FIT)
     seconds = time.perf_counter() - t
-    out = sample_calibrated(setup.denoiser, setup.start(float(cal.sigmas[0])), cal.sigmas, disable=True,
-                            coefficients=cal.coefficients)
+    out = cal.sampler()(setup.denoiser, setup.start(float(cal.sigmas[0])), cal.sigmas, disable=True)
     return {"impl": "calibrated", "sampler": "calibrated", "scheduler": "calibrated", "steps": steps,
             **setup.scores(out), "fit_model_calls": cal.info["model_calls"],
             "fit_backward_passes": cal.info["backward_passes"], "fit_seconds": round(seconds, 1),
-            "fit_noises": cal.info["fit_noises"], "init": cal.info["init"]}
+            "fit_noises": cal.info["fit_noises"], "init": cal.info["init"], "corrector": cal.info["corrector"],
+            "rms_fitted": cal.info["rms_fitted"]}
 
 
 def summarise(entry: dict) -> tuple[list, list[dict]]:
@@ -171,17 +171,20 @@ def summarise(entry: dict) -> tuple[list, list[dict]]:
     return lines, summary
 
 
-def run_model(kind: str, n: int, scorer, which: str, reference_only: bool, log) -> dict:
+def run_model(kind: str, n: int, scorer, which: str, reference_only: bool, log, stored: dict = None) -> dict:
+    """One checkpoint's rows; ``stored``: an earlier run of it whose ComfyUI rows are kept (only the calibrated
+    rows are run again)."""
     setup = Setup(kind, n, scorer, log)
     log(f"{kind}: reference adherence {setup.reference_scores['adherence']:.4g}")
     if reference_only:
         return {"model": kind, "prompts": n, "reference": setup.reference_scores}
-    comfy = Comfy(COMFYUI_DIR, flow_shift=float(setup.ms.shift) if kind == "flow" else None)
+    comfy = None if stored else Comfy(COMFYUI_DIR, flow_shift=float(setup.ms.shift) if kind == "flow" else None)
     rows = []
     for steps in STEPS:
         rows.append(calibrated_row(setup, steps, log))
         log(f"{kind} {steps} steps calibrated: {rows[-1]}")
-        rows += comfy_rows(setup, comfy, comfy_samplers(comfy, which), steps, log)
+        rows += [r for r in stored["rows"] if r["impl"] != "calibrated" and r["steps"] == steps] if stored else \
+            comfy_rows(setup, comfy, comfy_samplers(comfy, which), steps, log)
     return {"model": kind, "prompts": n, "reference": setup.reference_scores, "rows": rows}
 
 
@@ -196,6 +199,9 @@ def main() -> None:
                          f"{', '.join(STOCHASTIC)}")
     ap.add_argument("--reference-only", action="store_true", help="add the reference's own scores to the "
                                                                   "stored results of --models")
+    ap.add_argument("--recalibrate", action="store_true", help="run only the calibrated rows of --models again "
+                                                                 "(after a change to the calibration); the stored "
+                                                                 "ComfyUI rows are kept")
     ap.add_argument("--scorer", default=os.path.join(HERE, "results", "shape_scorer.safetensors"))
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -212,7 +218,10 @@ def main() -> None:
     t0 = time.perf_counter()
     which = "quick" if args.quick else args.comfy_samplers
     for kind in [m for m in args.models.split(",") if m and m != "none"]:  # none: re-summarise the stored runs
-        entry = run_model(kind, n, scorer, which, args.reference_only, log)
+        if args.recalibrate and (kind not in stored or stored[kind]["prompts"] != n):
+            ap.error(f"--recalibrate: no stored {kind} run with {n} prompts to keep the ComfyUI rows of")
+        entry = run_model(kind, n, scorer, which, args.reference_only, log,
+                          stored.get(kind) if args.recalibrate else None)
         if args.reference_only:
             stored.setdefault(kind, {"model": kind, "prompts": n, "rows": []})["reference"] = entry["reference"]
         else:

@@ -43,17 +43,20 @@ def _rms(a, b):
     return float((a - b).pow(2).mean().sqrt())
 
 
+@pytest.mark.parametrize("corrector", [False, True], ids=["predictor", "corrector"])
 @pytest.mark.parametrize("ms", [EPS(), Flow(shift=3.0)], ids=["eps", "flow"])
-def test_fitting_beats_its_start_on_unseen_noise(ms):
+def test_fitting_beats_its_start_on_unseen_noise(ms, corrector):
     model = Mixture2D(ms)
     fit_noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    cal = fit_calibration(model, ms, fit_noise, 4, iterations=60, lr=0.05, teacher_steps=60)
+    cal = fit_calibration(model, ms, fit_noise, 4, iterations=60, lr=0.05, teacher_steps=60, corrector=corrector)
+    assert cal.info["race"] == (20 if corrector else 0)  # with a corrector: a third of the iterations race the forms
+    assert corrector or cal.corrector is None
     assert cal.info["gradient"] == "autograd" and cal.info["model_calls"] > 0
 
     noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     x0 = ms.noise_scaling(torch.tensor(float(ms.sigma_max)), noise, torch.zeros_like(noise), True)
     ref = teacher_solve(model, ms, x0, float(ms.sigma_max), float(ms.sigma_min), 200)
-    fitted = sample_calibrated(model, x0, cal.sigmas.double(), coefficients=cal.coefficients)
+    fitted = cal.sampler()(model, x0, cal.sigmas.double())
     # the start: the same schedule family and weights the fit began from, before any iteration
     start = fit_calibration(model, ms, fit_noise, 4, iterations=0, teacher_steps=60)
     started = sample_calibrated(model, x0, start.sigmas.double(), coefficients=start.coefficients)
@@ -75,6 +78,75 @@ def test_multistep_weights_integrate_polynomials_exactly():
     assert blend * -math.expm1(-h) == pytest.approx(integral, rel=1e-10)
 
 
+def test_corrector_weights_integrate_polynomials_exactly():
+    ve = torch.tensor([10.0, 4.0, 1.5, 0.6, 0.2, 0.0], dtype=torch.float64)
+    lam = -torch.log(ve[:5])
+    for q in (2, 3, 4):
+        cc = multistep_coefficients(ve, q, 4, corrector=True)
+        assert torch.allclose(cc.sum(1), torch.ones(5, dtype=torch.float64))
+        # row 2 weighs [D_3, D_2, D_1, D_0]: exact for D a polynomial of degree q - 1 in lambda
+        h = float(lam[3] - lam[2])
+        d = (lam - lam[2]) ** (q - 1)
+        s = torch.linspace(0, h, 20001, dtype=torch.float64)
+        integral = float(torch.trapezoid(torch.exp(s - h) * s ** (q - 1), s))
+        blend = float((cc[2] * torch.stack([d[3], d[2], d[1], d[0]])).sum())
+        assert blend * -math.expm1(-h) == pytest.approx(integral, rel=1e-7)
+
+
+class _Gaussian:
+    """Exact denoiser of one Gaussian N(mu, s^2) in the VE frame; the PF-ODE is solved in closed form."""
+    model_sampling = EPS()
+
+    def __init__(self):
+        self.mu, self.s = 0.7, 0.5
+
+    def __call__(self, x, sigma, **kw):
+        sig = sigma.to(x.dtype).reshape(-1, 1)
+        return self.mu + self.s ** 2 / (self.s ** 2 + sig ** 2) * (x - self.mu)
+
+    def exact(self, x, sigma_from: float, sigma_to: float):
+        return self.mu + (x - self.mu) * math.sqrt((self.s ** 2 + sigma_to ** 2) / (self.s ** 2 + sigma_from ** 2))
+
+
+def _observed_order(form) -> float:
+    g = _Gaussian()
+    x = torch.linspace(-3, 3, 7, dtype=torch.float64).reshape(-1, 1) * 10
+    errors = []
+    for n in (32, 64):
+        ve = torch.exp(torch.linspace(math.log(10.0), math.log(0.2), n + 1, dtype=torch.float64))
+        c = multistep_coefficients(ve, form[0], 3)
+        cc = multistep_coefficients(ve, form[1], 4, corrector=True) if form[1] else None
+        out = sample_calibrated(g, x, ve, coefficients=c, corrector=cc)
+        errors.append(_rms(out, g.exact(x, 10.0, 0.2)))
+    return math.log2(errors[0] / errors[1])
+
+
+def test_the_corrector_raises_the_order_at_no_extra_call():
+    # Adams-Bashforth of order p converges at order p; its Adams-Moulton corrector of order p + 1 (UniPC's
+    # arrangement: the corrector reuses the next step's model call) at order p + 1
+    assert _observed_order((1, 0)) == pytest.approx(1, abs=0.15)
+    assert _observed_order((2, 0)) == pytest.approx(2, abs=0.15)
+    assert _observed_order((1, 2)) == pytest.approx(2, abs=0.15)
+    assert _observed_order((2, 3)) == pytest.approx(3, abs=0.15)
+    g, calls = _Gaussian(), []
+    ve = torch.exp(torch.linspace(math.log(10.0), math.log(0.2), 9, dtype=torch.float64))
+    sample_calibrated(lambda x, s: calls.append(1) or g(x, s), torch.ones(2, 1, dtype=torch.float64), ve,
+                      coefficients=multistep_coefficients(ve, 2, 3),
+                      corrector=multistep_coefficients(ve, 3, 4, corrector=True))
+    assert len(calls) == 8
+
+
+def test_a_no_op_corrector_changes_nothing():
+    ms = EPS()
+    model = Mixture2D(ms)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 10
+    ve = torch.tensor([10.0, 4.0, 1.5, 0.6, 0.2, 0.0], dtype=torch.float64)
+    c = multistep_coefficients(ve, 3, 3)
+    plain = sample_calibrated(model, x, ve, coefficients=c)
+    no_op = sample_calibrated(model, x, ve, coefficients=c, corrector=torch.cat([torch.zeros(5, 1), c], 1))
+    assert torch.allclose(plain, no_op, rtol=0, atol=1e-12)
+
+
 def test_save_load_round_trip_is_bit_identical(tmp_path):
     ms = EPS()
     cal = fit_calibration(Mixture2D(ms), ms, torch.randn(8, 2, dtype=torch.float64), 3, iterations=2,
@@ -84,7 +156,17 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     back = Calibration.load(path)
     assert torch.equal(back.sigmas, cal.sigmas) and back.sigmas.dtype == cal.sigmas.dtype
     assert torch.equal(back.coefficients, cal.coefficients)
-    assert back.info == cal.info
+    assert back.info == cal.info and back.corrector is None
+    ve = torch.cat([cal.sigmas[:-1].double(), torch.zeros(1, dtype=torch.float64)])
+    corrected = Calibration(cal.sigmas, cal.coefficients, {"cfg": 1.0}, multistep_coefficients(ve, 3, 4, True))
+    corrected.save(path)
+    back = Calibration.load(path)
+    assert torch.equal(back.corrector, corrected.corrector) and torch.equal(back.coefficients, corrected.coefficients)
+    x = torch.randn(5, 2, dtype=torch.float64) * 14.6
+    assert torch.equal(back.sampler()(Mixture2D(ms), x, back.sigmas.double()),
+                       corrected.sampler()(Mixture2D(ms), x, corrected.sigmas.double()))
+    with pytest.raises(ValueError, match="corrector"):
+        Calibration(corrected.sigmas, corrected.coefficients, {}, corrected.corrector[:, :3]).validate()
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(Exception):
         Calibration.load(str(tmp_path / "bad.safetensors"))
