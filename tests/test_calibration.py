@@ -223,6 +223,13 @@ def test_node_outputs_descending_sigmas_and_ksampler_uses_them():
     with pytest.raises(KSamplerInputError, match="calibration_file"):
         CalibratedScheduler().calibrate(model, pos, neg, latent, 4, 3.0, calibration_file="/nonexistent/x.safetensors")
     assert torch.equal(run_sigmas(cal, 4, 3.0), cal.sigmas)
+    # the KSampler path runs a calibration's corrector (dropping it would change the latent)
+    ve = torch.cat([cal.sigmas[:-1].double(), torch.zeros(1, dtype=torch.float64)])
+    plain = Calibration(cal.sigmas, cal.coefficients, dict(cal.info))
+    corrected = Calibration(cal.sigmas, cal.coefficients, dict(cal.info), multistep_coefficients(ve, 3, 4, True))
+    outs = [KSampler().sample(model, 7, 4, 3.0, "euler", "karras", pos, neg, latent, calibration=c)[0]["samples"]
+            for c in (plain, corrected)]
+    assert not torch.allclose(outs[0], outs[1]) and bool(torch.isfinite(outs[1]).all())
 
 
 def test_bad_inputs_are_named():
