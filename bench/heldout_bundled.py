@@ -2,6 +2,7 @@
 
     python bench/heldout_bundled.py                            # flow and eps, 5 and 8 steps, cfg 5, 16 prompts
     python bench/heldout_bundled.py --comfy-samplers all --prompts 48   # every ComfyUI sampler (hours on a CPU)
+    python bench/heldout_bundled.py --models flow --prompts 48 --steps 5 --results heldout_bundled_flow48.json
     python bench/heldout_bundled.py --quick                    # 8 ComfyUI samplers, nothing written
 
 For each bundled checkpoint: held-out prompts (``adherence.bench_prompts`` with a seed that no other bench
@@ -171,7 +172,8 @@ def summarise(entry: dict) -> tuple[list, list[dict]]:
     return lines, summary
 
 
-def run_model(kind: str, n: int, scorer, which: str, reference_only: bool, log, stored: dict = None) -> dict:
+def run_model(kind: str, n: int, scorer, which: str, reference_only: bool, log, stored: dict = None,
+              step_counts=STEPS) -> dict:
     """One checkpoint's rows; ``stored``: an earlier run of it whose ComfyUI rows are kept (only the calibrated
     rows are run again)."""
     setup = Setup(kind, n, scorer, log)
@@ -180,7 +182,7 @@ def run_model(kind: str, n: int, scorer, which: str, reference_only: bool, log, 
         return {"model": kind, "prompts": n, "reference": setup.reference_scores}
     comfy = None if stored else Comfy(COMFYUI_DIR, flow_shift=float(setup.ms.shift) if kind == "flow" else None)
     rows = []
-    for steps in STEPS:
+    for steps in step_counts:
         rows.append(calibrated_row(setup, steps, log))
         log(f"{kind} {steps} steps calibrated: {rows[-1]}")
         rows += [r for r in stored["rows"] if r["impl"] != "calibrated" and r["steps"] == steps] if stored else \
@@ -202,6 +204,9 @@ def main() -> None:
     ap.add_argument("--recalibrate", action="store_true", help="run only the calibrated rows of --models again "
                                                                  "(after a change to the calibration); the stored "
                                                                  "ComfyUI rows are kept")
+    ap.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma-separated step counts")
+    ap.add_argument("--results", default="heldout_bundled.json", help="the results file in bench/results (a run "
+                                                                     "with other prompts or steps: another file)")
     ap.add_argument("--scorer", default=os.path.join(HERE, "results", "shape_scorer.safetensors"))
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -210,7 +215,8 @@ def main() -> None:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
     scorer = adherence.Scorer(adherence.train_shape_net(args.scorer))
-    path = os.path.join(RESULTS_DIR, "heldout_bundled.json")
+    path = os.path.join(RESULTS_DIR, args.results)
+    step_counts = tuple(int(v) for v in args.steps.split(","))
     stored = {}
     if os.path.isfile(path) and not args.quick:
         with open(path) as f:
@@ -221,7 +227,7 @@ def main() -> None:
         if args.recalibrate and (kind not in stored or stored[kind]["prompts"] != n):
             ap.error(f"--recalibrate: no stored {kind} run with {n} prompts to keep the ComfyUI rows of")
         entry = run_model(kind, n, scorer, which, args.reference_only, log,
-                          stored.get(kind) if args.recalibrate else None)
+                          stored.get(kind) if args.recalibrate else None, step_counts)
         if args.reference_only:
             stored.setdefault(kind, {"model": kind, "prompts": n, "rows": []})["reference"] = entry["reference"]
         else:
@@ -236,11 +242,10 @@ def main() -> None:
                 f"bundled networks, cfg {CFG:g}, {n} held-out prompts (latent / image RMS: lower is better; "
                 "adherence: higher is better)"))
     if not args.quick:
-        write_json("heldout_bundled.json", {"environment": environment(), "cfg": CFG, "prompts": n,
-                                            "comfy_samplers": args.comfy_samplers,
-                                            "reference_steps": REFERENCE_STEPS, "fit": DEFAULT_FIT,
-                                            "summary": summary, "results": list(stored.values()),
-                                            "seconds": time.perf_counter() - t0})
+        write_json(args.results, {"environment": environment(), "cfg": CFG, "prompts": n,
+                                  "comfy_samplers": args.comfy_samplers, "reference_steps": REFERENCE_STEPS,
+                                  "fit": DEFAULT_FIT, "summary": summary, "results": list(stored.values()),
+                                  "seconds": time.perf_counter() - t0})
 
 
 if __name__ == "__main__":
