@@ -224,8 +224,10 @@ def main() -> None:
     t0 = time.perf_counter()
     which = "quick" if args.quick else args.comfy_samplers
     for kind in [m for m in args.models.split(",") if m and m != "none"]:  # none: re-summarise the stored runs
-        if args.recalibrate and (kind not in stored or stored[kind]["prompts"] != n):
-            ap.error(f"--recalibrate: no stored {kind} run with {n} prompts to keep the ComfyUI rows of")
+        if args.recalibrate and (kind not in stored or stored[kind]["prompts"] != n or
+                                 {r["steps"] for r in stored[kind]["rows"]} != set(step_counts)):
+            ap.error(f"--recalibrate: no stored {kind} run with {n} prompts and steps {args.steps} in {args.results} "
+                     "to keep the ComfyUI rows of")
         entry = run_model(kind, n, scorer, which, args.reference_only, log,
                           stored.get(kind) if args.recalibrate else None, step_counts)
         if args.reference_only:
