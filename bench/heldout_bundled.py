@@ -2,7 +2,7 @@
 
     python bench/heldout_bundled.py                            # flow and eps, 5 and 8 steps, cfg 5, 16 prompts
     python bench/heldout_bundled.py --comfy-samplers all --prompts 48   # every ComfyUI sampler (hours on a CPU)
-    python bench/heldout_bundled.py --models flow --prompts 48 --steps 5 --results heldout_bundled_flow48.json
+    python bench/heldout_bundled.py --models flow --prompts 48 --steps 5 --results heldout_bundled_48.json
     python bench/heldout_bundled.py --quick                    # 8 ComfyUI samplers, nothing written
 
 For each bundled checkpoint: held-out prompts (``adherence.bench_prompts`` with a seed that no other bench
