@@ -58,8 +58,8 @@ def test_fitting_beats_its_start_on_unseen_noise(ms, corrector):
     ref = teacher_solve(model, ms, x0, float(ms.sigma_max), float(ms.sigma_min), 200)
     fitted = cal.sampler()(model, x0, cal.sigmas.double())
     # the start: the same schedule family and weights the fit began from, before any iteration
-    start = fit_calibration(model, ms, fit_noise, 4, iterations=0, teacher_steps=60)
-    started = sample_calibrated(model, x0, start.sigmas.double(), coefficients=start.coefficients)
+    start = fit_calibration(model, ms, fit_noise, 4, iterations=0, teacher_steps=60, corrector=corrector)
+    started = start.sampler()(model, x0, start.sigmas.double())
     assert _rms(fitted, ref) < 0.8 * _rms(started, ref), (_rms(fitted, ref), _rms(started, ref))
     euler = SAMPLERS["euler"](model, x0, start.sigmas.double(), disable=True)
     assert _rms(fitted, ref) < _rms(euler, ref)
