@@ -361,8 +361,8 @@ class _Student:
         self.denoiser, self.ms, self.x0, self.teacher, self.s_max = denoiser, ms, x0, teacher, s_max
         self.log_hi, self.log_lo, self.order = math.log(hi), math.log(lo), order
 
-    def run(self, u: Tensor, form: tuple, delta: Optional[list], idx) -> tuple:
-        """(model sigmas, coefficients, corrector or None, final samples of the items ``idx``).
+    def parameters(self, u: Tensor, form: tuple, delta: Optional[list]) -> tuple:
+        """(model sigmas, coefficients, corrector or None) of the calibrated sampler.
 
         form: the base orders (predictor, corrector); corrector None: none, 0: a no-op to start from (all weight
         on the predictor's estimates, none on the new one).  delta: corrections to the rows of each."""
@@ -378,11 +378,12 @@ class _Student:
             c = c + torch.cat([-delta[0].sum(1, keepdim=True), delta[0]], 1)
             if cc is not None:
                 cc = cc + CORRECTOR_STEP * torch.cat([-delta[1].sum(1, keepdim=True), delta[1]], 1)
-        return sig, c, cc, _solve(self.denoiser, self.x0, sig, c, self.ms, {}, corrector=cc)[idx]
+        return sig, c, cc
 
     def loss(self, u: Tensor, form: tuple, delta: Optional[list], idx) -> Tensor:
         """RMS gap to the teacher's final samples over the items ``idx``."""
-        return _rms_gap(self.run(u, form, delta, idx)[3], self.teacher[idx])
+        sig, c, cc = self.parameters(u, form, delta)
+        return _rms_gap(_solve(self.denoiser, self.x0, sig, c, self.ms, {}, corrector=cc)[idx], self.teacher[idx])
 
 
 def _rms_gap(out: Tensor, target: Tensor) -> Tensor:
@@ -390,28 +391,35 @@ def _rms_gap(out: Tensor, target: Tensor) -> Tensor:
     return (out - target).reshape(out.shape[0], -1).pow(2).mean().sqrt()
 
 
-def _best_start(student: _Student, ms, steps: int, hi: float, lo: float, idx, corrected: bool) -> tuple:
-    """(loss, schedule name, form, u) of the best registry schedule under order-1..3 Adams-Bashforth weights;
-    ``corrected``: each with a no-op corrector and with an Adams-Moulton corrector one order higher."""
-    starts = []
+def _starts(student: _Student, ms, steps: int, hi: float, lo: float, idx, corrector: bool) -> list:
+    """The best start of each form, as (loss, schedule name, form, u): the registry's schedules under order-1..3
+    Adams-Bashforth weights; with ``corrector``, also the best corrected start: each of those with a no-op
+    corrector (the same samples, so its loss is not re-measured) or an Adams-Moulton corrector one order higher."""
+    plain, corrected = [], []
     for name, ve in _init_schedules(ms, steps, hi, lo).items():
         u0 = _initial_u(ve, student.log_hi, student.log_lo)
         for base_order in range(1, min(student.order, 3) + 1):
-            for form in [(base_order, 0), (base_order, base_order + 1)] if corrected else [(base_order, None)]:
+            forms = [(base_order, None)] + ([(base_order, base_order + 1)] if corrector else [])
+            for form in forms:
                 with torch.no_grad():
                     value = float(student.loss(u0, form, None, idx))
-                if math.isfinite(value):
-                    starts.append((value, name, form, u0))
-    if not starts:
+                if not math.isfinite(value):
+                    continue
+                if form[1] is None:
+                    plain.append((value, name, form, u0))
+                    if corrector:
+                        corrected.append((value, name, (base_order, 0), u0))
+                else:
+                    corrected.append((value, name, form, u0))
+    if not plain and not corrected:
         raise FloatingPointError("calibration: every starting schedule diverged on the fitting noise; check the model")
-    return min(starts, key=lambda t: t[0])
+    return [min(found, key=lambda t: t[0]) for found in (plain, corrected) if found]
 
 
-def _start(student: _Student, ms, steps: int, hi: float, lo: float, idx, corrected: bool, fit_coefficients: bool
-           ) -> dict:
-    """The best start of one form (with or without a corrector) and its zero corrections to fit."""
-    loss, name, form, u0 = _best_start(student, ms, steps, hi, lo, idx, corrected)
-    widths = [student.order - 1] + ([student.order] if corrected else [])
+def _run(start: tuple, steps: int, order: int, fit_coefficients: bool) -> dict:
+    """A start and its zero corrections to fit."""
+    loss, name, form, u0 = start
+    widths = [order - 1] + ([] if form[1] is None else [order])
     delta = [torch.zeros(steps, w, dtype=torch.float64, requires_grad=True) for w in widths] \
         if fit_coefficients else None
     return {"start": loss, "form": form, "u": u0.clone().requires_grad_(True), "delta": delta,
@@ -579,14 +587,14 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     teacher = teacher_solve(counted, ms, x0, s_max, t_min, teacher_steps).to(noise.dtype)
     student = _Student(counted, ms, x0, teacher, s_max, hi, lo, order)
     fit_idx, all_idx = slice(max(1, noise.shape[0] // 4), None), slice(None)
-    runs = [_start(student, ms, steps, hi, lo, fit_idx, corrected, order > 1 and fit_coefficients)
-            for corrected in ((False, True) if corrector else (False,))]
+    runs = [_run(start, steps, order, order > 1 and fit_coefficients)
+            for start in _starts(student, ms, steps, hi, lo, fit_idx, corrector)]
     mode = _gradient_mode(gradient, student, runs[0]["u"], runs[0]["form"], runs[0]["delta"], fit_idx, s_min, say)
     race = iterations // 3 if len(runs) > 1 else 0
     won = _race(student, runs, race, iterations, lr, mode, (fit_idx, all_idx), calls, steps, say)
+    final, u, delta = won["best"]  # its loss is already measured on all the fitting noises
     with torch.no_grad():
-        sig, c, cc, out = student.run(won["best"][1], won["form"], won["best"][2], all_idx)
-        final = float(_rms_gap(out, teacher))
+        sig, c, cc = student.parameters(u, won["form"], delta)
     seconds = time.perf_counter() - t_start
     meta = dict(info or {})
     meta.update({"steps": steps, "order": order, "init": won["name"], "corrector": cc is not None, "race": race,
