@@ -1,0 +1,119 @@
+"""Mode flips of the calibrated sampler on sharp mixtures of the TUNING split: a diagnostic, never a reported result.
+
+    python bench/flips.py            # tune-sharp32 and tune-narrow12, no guidance and cfg 3, NFE 5 and 10
+    python bench/flips.py --quick    # tune-narrow12 only, one fitting seed
+
+Where a mixture's modes are narrow and far apart, a few-step sampler sends the noises that lie near the
+boundary between two modes' basins to the wrong mode.  One such flip costs an RMS of about the distance between
+two means over sqrt(n), so on ``heldout.py``'s 64 evaluation noises a single flip decides a figure.  This bench
+counts flips on 2,048 evaluation noises, for the calibrated sampler fitted from three fitting seeds (192 fitting
+noises each, ``heldout.py``'s settings), for the start it is fitted from (the same fit with 0 iterations) and for
+the registry's one-call samplers x every scheduler.  A flip: an item whose RMS error exceeds a fifth of the RMS
+distance between two means (mean_scale * sqrt(2) per element).  "rest": the RMS over the items that did not flip.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import environment, require_ksampler, table, write_json  # noqa: E402
+from gmm import MixtureDenoiser  # noqa: E402
+import heldout  # noqa: E402  (its families, problems, exact reference and calibration settings)
+
+require_ksampler()
+from ksampler.calibration import fit_calibration  # noqa: E402
+from ksampler.samplers import SAMPLERS  # noqa: E402
+from ksampler.schedulers import SCHEDULERS, sampling_sigmas  # noqa: E402
+
+ONE_CALL = ("euler", "dpmpp_2m", "uni_pc", "ipndm", "deis", "lms", "res_multistep")
+FIT_SEEDS = (1, 2, 3)
+N_EVAL = 2048
+
+
+def flips(out: torch.Tensor, ref: torch.Tensor, family: heldout.Family) -> dict:
+    per_item = (out.double() - ref).pow(2).mean(1).sqrt()
+    flipped = per_item > 0.2 * family.mean_scale * math.sqrt(2)
+    rest = (out.double() - ref)[~flipped]
+    return {"rms": float((out.double() - ref).pow(2).mean().sqrt()), "flips": int(flipped.sum()),
+            "rest": float(rest.pow(2).mean().sqrt()) if len(rest) else math.nan}
+
+
+def fit(prob: heldout.Problem, nfe: int, seed: int, iterations: int):
+    gen = torch.Generator().manual_seed(50_000 + seed)  # apart from heldout.py's EVAL_SEED and FIT_SEED streams
+    labels = torch.randint(0, prob.family.n_classes, (heldout.FIT_NOISES,), generator=gen)
+    noise = torch.randn(heldout.FIT_NOISES, prob.family.dim, generator=gen, dtype=torch.float64)
+    model = MixtureDenoiser(prob.gmm, labels, cfg=prob.cfg, model_sampling=heldout.MS)
+    settings = heldout.CALIBRATION
+    return fit_calibration(model, heldout.MS, noise, nfe, order=settings["order"], iterations=iterations,
+                           lr=settings["lr"], teacher_steps=settings["teacher_steps"],
+                           corrector=settings["corrector"], max_denoise=False,
+                           teacher_sigma_min=heldout.SIGMA_MIN * settings["teacher_sigma_min_factor"])
+
+
+def run_case(family: heldout.Family, cfg, nfe: int, seeds, n_eval: int, log) -> dict:
+    prob = heldout.Problem(family, cfg, n_eval, heldout.FIT_NOISES)
+    ref = prob.reference(heldout.SIGMA_MAX)
+    registry = []
+    for name in ONE_CALL:
+        for scheduler in SCHEDULERS:
+            sig = sampling_sigmas(heldout.MS, scheduler, nfe)
+            if len(sig) - 1 != nfe:
+                continue
+            with torch.no_grad():
+                out = SAMPLERS[name](prob.model, prob.noise * float(sig[0]), sig, disable=True)
+            if bool(torch.isfinite(out).all()):
+                registry.append({"sampler": name, "scheduler": scheduler, **flips(out, ref, family)})
+    fits = []
+    for seed in seeds:
+        row = {"seed": seed}
+        for label, iterations in (("start", 0), ("fitted", heldout.CALIBRATION["iterations"])):
+            cal = fit(prob, nfe, seed, iterations)
+            out = cal.sampler()(prob.model, prob.noise * float(cal.sigmas[0]), cal.sigmas, disable=True)
+            row[label] = {"init": cal.info["init"], **flips(out, ref, family)}
+        fits.append(row)
+        log(f"  {prob.name} NFE {nfe} seed {seed}: start {row['start']['flips']} flips, fitted "
+            f"{row['fitted']['flips']}")
+    return {"problem": prob.name, "family": family.name, "cfg": cfg, "nfe": nfe, "eval_noises": n_eval,
+            "registry_best_rms": min(registry, key=lambda r: r["rms"]),
+            "registry_fewest_flips": min(registry, key=lambda r: (r["flips"], r["rms"])), "fits": fits}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tune-narrow12 only, one fitting seed")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    families = [f for f in heldout.TUNING if f.name in (("tune-narrow12",) if args.quick else
+                                                          ("tune-sharp32", "tune-narrow12"))]
+    seeds = FIT_SEEDS[:1] if args.quick else FIT_SEEDS
+    t0 = time.perf_counter()
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+    cases = [run_case(fam, cfg, nfe, seeds, N_EVAL, log) for fam in families for cfg in (None, 3.0)
+             for nfe in (5, 10)]
+    lines = []
+    for c in cases:
+        reg, few = c["registry_best_rms"], c["registry_fewest_flips"]
+        lines.append([c["problem"], c["nfe"], f"{reg['sampler']}+{reg['scheduler']}: {reg['flips']} / {reg['rest']:.3g}",
+                      f"{few['sampler']}+{few['scheduler']}: {few['flips']} / {few['rest']:.3g}",
+                      " ".join(f"{r['start']['flips']}" for r in c["fits"]),
+                      " ".join(f"{r['fitted']['flips']}" for r in c["fits"]),
+                      " ".join(f"{r['fitted']['rest']:.3g}" for r in c["fits"])])
+    print(table(["problem", "NFE", "registry best RMS: flips / rest", "registry fewest flips", "start flips (seeds)",
+                 "fitted flips (seeds)", "fitted rest (seeds)"], lines,
+                f"mode flips on {N_EVAL} evaluation noises (tuning split; a diagnostic, not a reported result)"))
+    if not args.quick:
+        write_json("flips_tuning.json", {"environment": environment(), "split": "tuning", "cases": cases,
+                                         "calibration": heldout.CALIBRATION, "fit_noises": heldout.FIT_NOISES,
+                                         "seconds": time.perf_counter() - t0})
+
+
+if __name__ == "__main__":
+    main()
