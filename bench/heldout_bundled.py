@@ -3,6 +3,7 @@
     python bench/heldout_bundled.py                            # flow and eps, 5 and 8 steps, cfg 5, 16 prompts
     python bench/heldout_bundled.py --comfy-samplers all --prompts 48   # every ComfyUI sampler (hours on a CPU)
     python bench/heldout_bundled.py --models flow --prompts 48 --steps 5 --results heldout_bundled_48.json
+    python bench/heldout_bundled.py --comfy-samplers all --add-comfy   # the stored run plus every other ComfyUI sampler
     python bench/heldout_bundled.py --quick                    # 8 ComfyUI samplers, nothing written
 
 For each bundled checkpoint: held-out prompts (``adherence.bench_prompts`` with a seed that no other bench
@@ -51,11 +52,13 @@ CFG = 5.0
 REFERENCE_STEPS = 1000
 QUICK_SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "ipndm", "deis")
 STOCHASTIC = ("euler_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "er_sde")  # the most used stochastic ones
-# ComfyUI samplers that call the model once per step, as the calibrated sampler does (the others, such as heun,
-# dpm_2 or exp_heun_2_x0, call it twice per step and so get up to twice the calls at the same step count)
-ONE_CALL_PER_STEP = ("euler", "euler_ancestral", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm", "lcm",
-                     "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_ancestral", "gradient_estimation",
-                     "er_sde", "ddim", "uni_pc", "uni_pc_bh2")
+# ComfyUI samplers that call the model once per step, as the calibrated sampler does (counted on the checkout at 5
+# and 8 steps; the others, such as heun, dpm_2, exp_heun_2_x0 or seeds_2, call it twice or more per step and so
+# get up to twice the calls at the same step count)
+ONE_CALL_PER_STEP = ("euler", "euler_ancestral", "lms", "dpm_fast", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
+                     "dpmpp_3m_sde", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep",
+                     "res_multistep_ancestral", "gradient_estimation", "er_sde", "sa_solver", "ddim", "uni_pc",
+                     "uni_pc_bh2")
 
 
 def comfy_samplers(comfy: Comfy, which: str) -> list[str]:
@@ -173,19 +176,27 @@ def summarise(entry: dict) -> tuple[list, list[dict]]:
 
 
 def run_model(kind: str, n: int, scorer, which: str, reference_only: bool, log, stored: dict = None,
-              step_counts=STEPS) -> dict:
-    """One checkpoint's rows; ``stored``: an earlier run of it whose ComfyUI rows are kept (only the calibrated
-    rows are run again)."""
+              step_counts=STEPS, mode: str = "fresh") -> dict:
+    """One checkpoint's rows.  mode "recalibrate": the ComfyUI rows of ``stored`` (an earlier run of it) are kept
+    and only the calibrated rows run again; "add_comfy": every stored row is kept and only the ComfyUI samplers
+    of ``which`` that it lacks are run."""
     setup = Setup(kind, n, scorer, log)
     log(f"{kind}: reference adherence {setup.reference_scores['adherence']:.4g}")
     if reference_only:
         return {"model": kind, "prompts": n, "reference": setup.reference_scores}
-    comfy = None if stored else Comfy(COMFYUI_DIR, flow_shift=float(setup.ms.shift) if kind == "flow" else None)
+    comfy = None if mode == "recalibrate" else \
+        Comfy(COMFYUI_DIR, flow_shift=float(setup.ms.shift) if kind == "flow" else None)
     rows = []
     for steps in step_counts:
+        kept = [r for r in stored["rows"] if r["steps"] == steps] if stored else []
+        if mode == "add_comfy":
+            have = {r["sampler"] for r in kept if r["impl"] == "comfyui"}
+            rows += kept + comfy_rows(setup, comfy, [s for s in comfy_samplers(comfy, which) if s not in have],
+                                      steps, log)
+            continue
         rows.append(calibrated_row(setup, steps, log))
         log(f"{kind} {steps} steps calibrated: {rows[-1]}")
-        rows += [r for r in stored["rows"] if r["impl"] != "calibrated" and r["steps"] == steps] if stored else \
+        rows += [r for r in kept if r["impl"] != "calibrated"] if mode == "recalibrate" else \
             comfy_rows(setup, comfy, comfy_samplers(comfy, which), steps, log)
     return {"model": kind, "prompts": n, "reference": setup.reference_scores, "rows": rows}
 
@@ -204,6 +215,9 @@ def main() -> None:
     ap.add_argument("--recalibrate", action="store_true", help="run only the calibrated rows of --models again "
                                                                  "(after a change to the calibration); the stored "
                                                                  "ComfyUI rows are kept")
+    ap.add_argument("--add-comfy", action="store_true", help="run only the ComfyUI samplers (of --comfy-samplers) "
+                                                               "that the stored results of --models lack; every "
+                                                               "stored row is kept")
     ap.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma-separated step counts")
     ap.add_argument("--results", default="heldout_bundled.json", help="the results file in bench/results (a run "
                                                                      "with other prompts or steps: another file)")
@@ -224,12 +238,13 @@ def main() -> None:
     t0 = time.perf_counter()
     which = "quick" if args.quick else args.comfy_samplers
     for kind in [m for m in args.models.split(",") if m and m != "none"]:  # none: re-summarise the stored runs
-        if args.recalibrate and (kind not in stored or stored[kind]["prompts"] != n or
-                                 {r["steps"] for r in stored[kind]["rows"]} != set(step_counts)):
-            ap.error(f"--recalibrate: no stored {kind} run with {n} prompts and steps {args.steps} in {args.results} "
-                     "to keep the ComfyUI rows of")
+        mode = "recalibrate" if args.recalibrate else "add_comfy" if args.add_comfy else "fresh"
+        if mode != "fresh" and (kind not in stored or stored[kind]["prompts"] != n or
+                                {r["steps"] for r in stored[kind]["rows"]} != set(step_counts)):
+            ap.error(f"--{mode.replace('_', '-')}: no stored {kind} run with {n} prompts and steps {args.steps} in "
+                     f"{args.results} to keep the rows of")
         entry = run_model(kind, n, scorer, which, args.reference_only, log,
-                          stored.get(kind) if args.recalibrate else None, step_counts)
+                          stored.get(kind) if mode != "fresh" else None, step_counts, mode)
         if args.reference_only:
             stored.setdefault(kind, {"model": kind, "prompts": n, "rows": []})["reference"] = entry["reference"]
         else:
@@ -244,9 +259,9 @@ def main() -> None:
                 f"bundled networks, cfg {CFG:g}, {n} held-out prompts (latent / image RMS: lower is better; "
                 "adherence: higher is better)"))
     if not args.quick:
-        write_json(args.results, {"environment": environment(), "cfg": CFG, "prompts": n,
-                                  "comfy_samplers": args.comfy_samplers, "reference_steps": REFERENCE_STEPS,
-                                  "fit": DEFAULT_FIT, "summary": summary, "results": list(stored.values()),
+        ran = sorted({r["sampler"] for e in stored.values() for r in e.get("rows", []) if r["impl"] == "comfyui"})
+        write_json(args.results, {"environment": environment(), "cfg": CFG, "prompts": n, "comfy_samplers": ran,
+                                  "reference_steps": REFERENCE_STEPS, "fit": DEFAULT_FIT, "summary": summary, "results": list(stored.values()),
                                   "seconds": time.perf_counter() - t0})
 
 
