@@ -110,6 +110,9 @@ TUNING = (
     # added after the held-out sharp16 misses, to study mode flips away from held-out data (bench/flips.py);
     # no setting has been chosen on it
     Family("tune-narrow12", "tuning", 12, 4, 1.6, (0.04, 0.12), 1.0, seed=11),
+    # added after the held-out overlap128 / wide256 misses at cfg 3, NFE 5, to study the same tail on an
+    # overlapping mixture (bench/flips.py); no setting has been chosen on it
+    Family("tune-wide96", "tuning", 96, 6, 0.2, (1.2, 2.4), 0.7, seed=41),
 )
 HELDOUT = (
     Family("sharp16", "heldout", 16, 3, 2.0, (0.05, 0.15), 1.0, seed=101),
