@@ -11,8 +11,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = ("model_calls.py", "import_time.py", "overhead.py", "accuracy.py", "heldout.py", "heldout_bundled.py",
-           "adherence.py", "end_to_end.py", "unet_overhead.py", "guard.py")
-QUICK_FLAGS = {"overhead.py": ["--quick"], "accuracy.py": ["--quick"], "heldout.py": ["--quick"],
+           "flips.py", "adherence.py", "end_to_end.py", "unet_overhead.py", "guard.py")
+FULL_FLAGS = {"heldout_bundled.py": ["--comfy-samplers", "all"]}  # the README's figures: every ComfyUI sampler
+QUICK_FLAGS = {"overhead.py": ["--quick"], "accuracy.py": ["--quick"], "heldout.py": ["--quick"], "flips.py": ["--quick"],
                "heldout_bundled.py": ["--quick", "--models", "flow"],
                "import_time.py": ["--runs", "3"], "adherence.py": ["--quick"], "end_to_end.py": ["--runs", "1"],
                "unet_overhead.py": ["--repeats", "1"], "guard.py": ["--repeats", "3", "--skip-unet"]}
@@ -22,7 +23,7 @@ def main() -> int:
     quick = "--quick" in sys.argv[1:]
     failed = []
     for name in BENCHES:
-        cmd = [sys.executable, os.path.join(HERE, name)] + (QUICK_FLAGS.get(name, []) if quick else [])
+        cmd = [sys.executable, os.path.join(HERE, name)] + (QUICK_FLAGS if quick else FULL_FLAGS).get(name, [])
         print(f"\n# {' '.join(cmd[1:])}", flush=True)
         t = time.perf_counter()
         rc = subprocess.call(cmd)
