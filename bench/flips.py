@@ -35,7 +35,6 @@ from gmm import MixtureDenoiser  # noqa: E402
 import heldout  # noqa: E402  (its families, problems, exact reference and calibration settings)
 
 require_ksampler()
-from ksampler.calibration import fit_calibration  # noqa: E402
 from ksampler.samplers import SAMPLERS  # noqa: E402
 from ksampler.schedulers import SCHEDULERS, sampling_sigmas  # noqa: E402
 
@@ -45,14 +44,22 @@ CONTINUED = ("tune-wide96",)  # the overlapping family: where the sampler's path
 N_EVAL = 2048
 
 
+def item_errors(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Each item's RMS error."""
+    return (out.double() - ref).pow(2).mean(1).sqrt()
+
+
+def _rms(errors: torch.Tensor) -> float:
+    """The RMS over items of equal size, from their RMS errors."""
+    return float(errors.pow(2).mean().sqrt()) if len(errors) else math.nan
+
+
 def flips(out: torch.Tensor, ref: torch.Tensor, family: heldout.Family) -> dict:
-    per_item = (out.double() - ref).pow(2).mean(1).sqrt()
+    per_item = item_errors(out, ref)
     flipped = per_item > 0.2 * family.mean_scale * math.sqrt(2)
-    rest = (out.double() - ref)[~flipped]
     kept = per_item.sort().values[:len(per_item) - len(per_item) // 100]
-    return {"rms": float((out.double() - ref).pow(2).mean().sqrt()), "flips": int(flipped.sum()),
-            "rest": float(rest.pow(2).mean().sqrt()) if len(rest) else math.nan,
-            "worst": float(per_item.max()), "trimmed": float(kept.pow(2).mean().sqrt())}
+    return {"rms": _rms(per_item), "flips": int(flipped.sum()), "rest": _rms(per_item[~flipped]),
+            "worst": float(per_item.max()), "trimmed": _rms(kept)}
 
 
 def continued(prob: heldout.Problem, cal, ref: torch.Tensor) -> dict:
@@ -61,7 +68,8 @@ def continued(prob: heldout.Problem, cal, ref: torch.Tensor) -> dict:
     states = []
     out = cal.sampler()(prob.model, prob.noise * float(cal.sigmas[0]), cal.sigmas, disable=True,
                         callback=lambda d: states.append((float(d["sigma"]), d["x"].double())))
-    order = (out.double() - ref).pow(2).mean(1).sqrt().argsort(descending=True)
+    per_item = item_errors(out, ref)
+    order = per_item.argsort(descending=True)
     n = max(1, len(order) // 100)
     quartiles = order[len(order) // 4: 3 * len(order) // 4]
     groups = {"worst 1 %": order[:n], "typical": quartiles[torch.linspace(0, len(quartiles) - 1, n).long()]}
@@ -71,9 +79,8 @@ def continued(prob: heldout.Problem, cal, ref: torch.Tensor) -> dict:
         medians = []
         for sigma, x in states[1:]:  # states[0] is the noise itself: the ODE from it is the reference
             end = heldout.exact_reference(model.slope, x[idx], sigma)
-            medians.append(float((end - ref[idx]).pow(2).mean(1).sqrt().median()))
-        final = float((out.double()[idx] - ref[idx]).pow(2).mean(1).sqrt().median())
-        result[name] = {"after_step": medians, "final": final}
+            medians.append(float(item_errors(end, ref[idx]).median()))
+        result[name] = {"after_step": medians, "final": float(per_item[idx].median())}
     return result
 
 
@@ -81,12 +88,8 @@ def fit(prob: heldout.Problem, nfe: int, seed: int, iterations: int):
     gen = torch.Generator().manual_seed(50_000 + seed)  # apart from heldout.py's EVAL_SEED and FIT_SEED streams
     labels = torch.randint(0, prob.family.n_classes, (heldout.FIT_NOISES,), generator=gen)
     noise = torch.randn(heldout.FIT_NOISES, prob.family.dim, generator=gen, dtype=torch.float64)
-    model = MixtureDenoiser(prob.gmm, labels, cfg=prob.cfg, model_sampling=heldout.MS)
-    settings = heldout.CALIBRATION
-    return fit_calibration(model, heldout.MS, noise, nfe, order=settings["order"], iterations=iterations,
-                           lr=settings["lr"], teacher_steps=settings["teacher_steps"],
-                           corrector=settings["corrector"], max_denoise=False,
-                           teacher_sigma_min=heldout.SIGMA_MIN * settings["teacher_sigma_min_factor"])
+    return heldout.calibrate(MixtureDenoiser(prob.gmm, labels, cfg=prob.cfg, model_sampling=heldout.MS), noise, nfe,
+                             iterations)
 
 
 def run_case(family: heldout.Family, cfg, nfe: int, seeds, n_eval: int, log) -> dict:

@@ -350,15 +350,19 @@ def run_grid(prob: Problem, comfy: Optional[Comfy], budgets, log) -> list[dict]:
     return rows
 
 
+def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRATION["iterations"]):
+    """``fit_calibration`` with this bench's settings (``CALIBRATION``) on a mixture's fitting model and noise."""
+    return fit_calibration(model, MS, noise, budget, order=CALIBRATION["order"], iterations=iterations,
+                           lr=CALIBRATION["lr"], teacher_steps=CALIBRATION["teacher_steps"],
+                           corrector=CALIBRATION["corrector"], max_denoise=False,
+                           teacher_sigma_min=SIGMA_MIN * CALIBRATION["teacher_sigma_min_factor"])
+
+
 def calibrate_rows(prob: Problem, budgets, log) -> list[dict]:
     rows = []
     for budget in [b for b in budgets if b in CALIBRATED_BUDGETS]:
         t = time.perf_counter()
-        cal = fit_calibration(prob.fit_model, MS, prob.fit_noise, budget, order=CALIBRATION["order"],
-                              iterations=CALIBRATION["iterations"], lr=CALIBRATION["lr"],
-                              teacher_steps=CALIBRATION["teacher_steps"], corrector=CALIBRATION["corrector"],
-                              teacher_sigma_min=SIGMA_MIN * CALIBRATION["teacher_sigma_min_factor"],
-                              max_denoise=False)
+        cal = calibrate(prob.fit_model, prob.fit_noise, budget)
         seconds = time.perf_counter() - t
         model = Counting(prob.model)
         out = cal.sampler()(model, prob.noise * float(cal.sigmas[0]), cal.sigmas, disable=True)

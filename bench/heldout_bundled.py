@@ -261,8 +261,8 @@ def main() -> None:
     if not args.quick:
         ran = sorted({r["sampler"] for e in stored.values() for r in e.get("rows", []) if r["impl"] == "comfyui"})
         write_json(args.results, {"environment": environment(), "cfg": CFG, "prompts": n, "comfy_samplers": ran,
-                                  "reference_steps": REFERENCE_STEPS, "fit": DEFAULT_FIT, "summary": summary, "results": list(stored.values()),
-                                  "seconds": time.perf_counter() - t0})
+                                  "reference_steps": REFERENCE_STEPS, "fit": DEFAULT_FIT, "summary": summary,
+                                  "results": list(stored.values()), "seconds": time.perf_counter() - t0})
 
 
 if __name__ == "__main__":
