@@ -262,7 +262,10 @@ def main() -> None:
         ran = sorted({r["sampler"] for e in stored.values() for r in e.get("rows", []) if r["impl"] == "comfyui"})
         write_json(args.results, {"environment": environment(), "cfg": CFG, "prompts": n, "comfy_samplers": ran,
                                   "reference_steps": REFERENCE_STEPS, "fit": DEFAULT_FIT, "summary": summary,
-                                  "results": list(stored.values()), "seconds": time.perf_counter() - t0})
+                                  "results": list(stored.values()),
+                                  # this invocation's time only: a --recalibrate or --add-comfy run keeps the
+                                  # rows (and their fit_seconds) of earlier ones
+                                  "seconds_this_invocation": time.perf_counter() - t0})
 
 
 if __name__ == "__main__":
