@@ -545,7 +545,9 @@ def main() -> None:
         return
     payload = {"environment": environment(), "calibration": CALIBRATION, "fit_noises": FIT_NOISES,
                "eval_noises": n_eval, "budgets": budgets, "split": "tuning" if args.tune else "heldout",
-               "summary": summary, "results": results, "seconds": time.perf_counter() - t0}
+               "summary": summary, "results": results,
+               # this invocation's time only: --merge and --recalibrate keep each problem's own "seconds"
+               "seconds_this_invocation": time.perf_counter() - t0}
     if args.recalibrate:
         payload["recalibrated"] = "calibrated rows re-run with this CALIBRATION; the other rows as first measured"
     if args.families and not (args.merge or args.recalibrate):
