@@ -28,6 +28,12 @@ the iterations and the better goes on.  The cost is ``teacher_steps`` model
 calls plus ``steps`` forward and backward passes per iteration, all on the
 fitting batch.
 
+A small fitting set seldom holds the rare noises on which a few-step sampler
+errs most.  ``refine_noise``, a larger set, continues the fit from its result
+on that set at a smaller step size (``REFINE``), keeping the iterate that is
+best there (the unrefined one included); it costs a teacher solve and
+``REFINE["iterations"]`` iterations on the larger batch.
+
 A ``Calibration`` holds the sigmas, the coefficients and what it was fitted on;
 it saves to and loads from a small safetensors file (``save`` / ``load``).
 """
@@ -46,7 +52,7 @@ from .samplers._common import emit, get_model_sampling, step_range
 
 __all__ = ["Calibration", "calibrate", "fit_calibration", "DEFAULT_FIT", "sample_calibrated", "teacher_solve",
            "multistep_coefficients", "cached_calibration", "calibration_key", "fitting_noise", "clear_cache",
-           "CALIBRATION_FORMAT", "CALIBRATION_FORMATS"]
+           "CALIBRATION_FORMAT", "CALIBRATION_FORMATS", "REFINE"]
 
 CALIBRATION_FORMAT = "ksampler.calibration/1"  # without a corrector (what every earlier version reads)
 CALIBRATION_FORMATS = (CALIBRATION_FORMAT, "ksampler.calibration/2")  # [with a corrector]
@@ -350,6 +356,10 @@ def _init_schedules(ms, steps: int, hi: float, lo: float) -> dict:
 DEFAULT_FIT = {"order": 3, "iterations": 300, "lr": 0.05, "teacher_steps": 100, "corrector": True}
 
 
+# the refinement on a larger noise set (refine_noise), chosen on the tuning split: python bench/flips.py --refine
+REFINE = {"iterations": 150, "lr": 0.01}
+
+
 CORRECTOR_STEP = 0.2  # the corrector's rows move at a fifth of the predictor's rate (tuning split: steadier fits)
 
 
@@ -517,15 +527,24 @@ def _gradient_mode(gradient: str, student: _Student, u: Tensor, form: tuple, del
     return "spsa"
 
 
-def _check_fit_args(noise, steps, order) -> None:
+def _check_noise(name: str, noise) -> None:
+    if not isinstance(noise, Tensor) or noise.ndim < 2 or noise.shape[0] < 4:
+        raise ValueError(f"{name}: expected a tensor [B, ...] with at least 4 fitting noises")
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError(f"{name}: contains NaN or Inf")
+
+
+def _check_fit_args(noise, steps, order, refine_noise=None) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
     if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
         raise ValueError(f"order: expected an int in 1..4, got {order!r}")
-    if not isinstance(noise, Tensor) or noise.ndim < 2 or noise.shape[0] < 4:
-        raise ValueError("noise: expected a tensor [B, ...] with at least 4 fitting noises")
-    if not bool(torch.isfinite(noise).all()):
-        raise ValueError("noise: contains NaN or Inf")
+    _check_noise("noise", noise)
+    if refine_noise is not None:
+        _check_noise("refine_noise", refine_noise)
+        if refine_noise.shape[1:] != noise.shape[1:]:
+            raise ValueError(f"refine_noise: items shaped {tuple(refine_noise.shape[1:])}, but the fitting noise's are "
+                             f"{tuple(noise.shape[1:])}; draw both for the same latent")
 
 
 def _fit_range(ms, sigma_min, sigma_max, teacher_sigma_min) -> tuple[float, float, float]:
@@ -555,6 +574,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                     teacher_steps: int = DEFAULT_FIT["teacher_steps"],
                     sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
                     teacher_sigma_min: Optional[float] = None, max_denoise: bool = True, gradient: str = "auto",
+                    refine_noise: Optional[Tensor] = None, refine_denoiser: Optional[Denoiser] = None,
                     log: Optional[Callable[[str], None]] = None, info: Optional[dict] = None) -> Calibration:
     """Fit a step schedule (and multistep coefficients) to ``denoiser`` on ``noise`` (see the module docstring).
 
@@ -572,27 +592,49 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     max_denoise: the start is scaled like ComfyUI's txt2img (sqrt(1 + sigma^2) for eps models); False: sigma.
     gradient: "autograd" (through the model), "spsa" (derivative-free: two evaluations per iteration, for a model
         that gives no gradient) or "auto" (autograd when the model gives one, else SPSA, and it says so).
+    refine_noise: more fitting noise [B', ...] (B' several times B; never the evaluation noise): the fit then
+        continues on it (``REFINE``: its own teacher solve, then ``REFINE["iterations"]`` iterations at a smaller
+        step size), keeping the iterate best on it, the unrefined one included.
+    refine_denoiser: the denoiser for ``refine_noise``'s batch where it differs from ``denoiser`` (one bound to
+        its batch, such as per-item labels); default ``denoiser``.
     """
-    _check_fit_args(noise, steps, order)
+    _check_fit_args(noise, steps, order, refine_noise)
     ms, say, t_start = model_sampling, log or (lambda msg: None), time.perf_counter()
     calls = {"forward": 0, "backward_passes": 0}
 
-    def counted(x, sigma, **kw):
-        calls["forward"] += 1
-        return denoiser(x, sigma, **kw)
+    def counting(model: Denoiser) -> Denoiser:
+        def counted(x, sigma, **kw):
+            calls["forward"] += 1
+            return model(x, sigma, **kw)
+        return counted
 
     s_max, s_min, t_min = _fit_range(ms, sigma_min, sigma_max, teacher_sigma_min)
     hi, lo = _ve_bounds(ms, s_max, s_min)
-    x0 = ms.noise_scaling(torch.tensor(s_max, dtype=noise.dtype), noise, torch.zeros_like(noise), max_denoise)
-    teacher = teacher_solve(counted, ms, x0, s_max, t_min, teacher_steps).to(noise.dtype)
-    student = _Student(counted, ms, x0, teacher, s_max, hi, lo, order)
-    fit_idx, all_idx = slice(max(1, noise.shape[0] // 4), None), slice(None)
+
+    def student_on(model: Denoiser, batch: Tensor) -> _Student:
+        x0 = ms.noise_scaling(torch.tensor(s_max, dtype=batch.dtype), batch, torch.zeros_like(batch), max_denoise)
+        teacher = teacher_solve(model, ms, x0, s_max, t_min, teacher_steps).to(batch.dtype)
+        return _Student(model, ms, x0, teacher, s_max, hi, lo, order)
+
+    def gradient_items(batch: Tensor) -> slice:  # the gradient's items; the iterate is picked on all of them
+        return slice(max(1, batch.shape[0] // 4), None)
+
+    student, fit_idx = student_on(counting(denoiser), noise), gradient_items(noise)
     runs = [_run(start, steps, order, order > 1 and fit_coefficients)
             for start in _starts(student, ms, steps, hi, lo, fit_idx, corrector)]
     mode = _gradient_mode(gradient, student, runs[0]["u"], runs[0]["form"], runs[0]["delta"], fit_idx, s_min, say)
     race = iterations // 3 if len(runs) > 1 else 0
-    won = _race(student, runs, race, iterations, lr, mode, (fit_idx, all_idx), calls, steps, say)
+    won = _race(student, runs, race, iterations, lr, mode, (fit_idx, slice(None)), calls, steps, say)
     final, u, delta = won["best"]  # its loss is already measured on all the fitting noises
+    refined = None
+    if refine_noise is not None:
+        say(f"calibration: refining on {refine_noise.shape[0]} more noises ({REFINE['iterations']} iterations)")
+        larger = student_on(counting(refine_denoiser or denoiser), refine_noise)
+        refined = _optimise(larger, u.clone().requires_grad_(True),
+                            None if delta is None else [d.clone().requires_grad_(True) for d in delta], won["form"],
+                            REFINE["iterations"], REFINE["lr"], mode, gradient_items(refine_noise), slice(None),
+                            calls, steps)
+        _, u, delta = refined
     with torch.no_grad():
         sig, c, cc = student.parameters(u, won["form"], delta)
     seconds = time.perf_counter() - t_start
@@ -603,8 +645,12 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                  "gradient": mode, "model_calls": calls["forward"], "backward_passes": calls["backward_passes"],
                  "seconds": round(seconds, 3), "rms_start": won["start"], "rms_fitted": final,
                  "sigma_min": s_min, "sigma_max": s_max})
+    if refined is not None:
+        meta.update({"refine_noises": int(refine_noise.shape[0]), "refine_iterations": REFINE["iterations"],
+                     "refine_lr": REFINE["lr"], "rms_refined": refined[0]})
     say(f"calibration: done in {seconds:.1f}s, {calls['forward']} model calls + {calls['backward_passes']} "
-        f"backward passes; RMS to the teacher {won['start']:.4g} -> {final:.4g}")
+        f"backward passes; RMS to the teacher {won['start']:.4g} -> {final:.4g}"
+        + ("" if refined is None else f" (on the {refine_noise.shape[0]} refining noises: {refined[0]:.4g})"))
     cal = Calibration(_descending_float32(sig), c.detach().to(torch.float64), meta,
                       None if cc is None else cc.detach().to(torch.float64))
     cal.validate()
@@ -668,9 +714,10 @@ def calibration_key(model, positive, negative, latent_shape, steps: int, cfg: fl
     return hashlib.sha1("|".join(parts).encode()).hexdigest()
 
 
-def fitting_noise(seed: int, count: int, shape, dtype=torch.float32) -> Tensor:
-    """``count`` unit noises shaped like one latent item, from the salted fitting stream of ``seed``."""
-    gen = torch.Generator().manual_seed((int(seed) ^ FIT_SALT) % (1 << 63))
+def fitting_noise(seed: int, count: int, shape, dtype=torch.float32, stream: int = 0) -> Tensor:
+    """``count`` unit noises shaped like one latent item, from the salted fitting stream of ``seed`` (``stream`` 1:
+    a second stream, apart from the first, for the refining noise)."""
+    gen = torch.Generator().manual_seed(((int(seed) ^ FIT_SALT) + int(stream) * 0x9E3779B97F4A7C15) % (1 << 63))
     return torch.randn((count,) + tuple(shape), generator=gen, dtype=dtype)
 
 
@@ -707,7 +754,7 @@ def clear_cache() -> None:
 
 def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *, order: int = 3,
               fit_noises: int = 8, seed: int = 0, iterations: int = DEFAULT_FIT["iterations"],
-              teacher_steps: int = DEFAULT_FIT["teacher_steps"],
+              teacher_steps: int = DEFAULT_FIT["teacher_steps"], refine_noises: int = 0,
               path: Optional[str] = None, log: Callable[[str], None] = default_log) -> Calibration:
     """Fit (once; cached per model, conditioning, latent shape, steps, cfg and settings) a calibration for one of
     our models (``models.DiffusionModel``) sampling txt2img with this conditioning.
@@ -715,6 +762,8 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
     Use it with ``ksample(..., calibration=cal)`` or ``sample(..., sigmas=cal.sigmas, sampler=cal.sampler())``.
     ``path``: a .safetensors file to load the calibration from (if it exists and is for these inputs) or save
     it to.  The fitting noise comes from a stream of ``seed`` salted apart from the sampling noise.
+    ``refine_noises``: that many more fitting noises (from a second stream), on which the fit is refined
+    (``fit_calibration``'s ``refine_noise``; several times ``fit_noises`` to see rare noises; 0: none).
     """
     from .conditioning.cfg import Guidance
     from .validation import check_latent, check_model
@@ -724,8 +773,13 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
                                  dims=getattr(model.latent_format, "latent_dimensions", 2) + 2)
     if isinstance(fit_noises, bool) or not isinstance(fit_noises, int) or fit_noises < 4:
         raise ValueError(f"fit_noises: expected an int >= 4, got {fit_noises!r}")
+    if isinstance(refine_noises, bool) or not isinstance(refine_noises, int) or not (refine_noises == 0 or
+                                                                                     refine_noises >= 4):
+        raise ValueError(f"refine_noises: expected 0 (no refinement) or an int >= 4, got {refine_noises!r}")
     settings = {"order": order, "fit_noises": fit_noises, "seed": int(seed), "iterations": iterations,
                 "teacher_steps": teacher_steps}
+    if refine_noises:  # only then in the key, so that the files of unrefined calibrations keep theirs
+        settings.update({"refine_noises": refine_noises, "refine": dict(REFINE)})
     key = calibration_key(model, positive, negative, samples.shape, steps, cfg, settings)
 
     def fit() -> Calibration:
@@ -733,9 +787,13 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
         device = getattr(model, "device", torch.device("cpu"))
         noise = fitting_noise(seed, fit_noises, samples.shape[1:]).to(device)
         guided = Guidance(positive, negative, cfg).bind(model, ms, noise.shape, device)
+        refine_noise = refine_guided = None
+        if refine_noises:
+            refine_noise = fitting_noise(seed, refine_noises, samples.shape[1:], stream=1).to(device)
+            refine_guided = Guidance(positive, negative, cfg).bind(model, ms, refine_noise.shape, device)
         return fit_calibration(guided, ms, noise, steps, order=order, iterations=iterations,
-                               teacher_steps=teacher_steps, log=log,
-                               info={"cfg": float(cfg), **settings})
+                               teacher_steps=teacher_steps, refine_noise=refine_noise,
+                               refine_denoiser=refine_guided, log=log, info={"cfg": float(cfg), **settings})
     return cached_calibration(key, fit, path, log)
 
 

@@ -258,3 +258,54 @@ def test_a_model_without_gradient_is_fitted_by_spsa_and_says_so():
     assert cal.info["gradient"] == "spsa" and any("SPSA" in m for m in messages)
     assert cal.info["backward_passes"] == 0
     assert cal.info["rms_fitted"] <= cal.info["rms_start"] * 1.05
+
+
+def test_refining_on_more_noise_is_never_worse_there_and_counts_its_calls():
+    ms = EPS()
+    model = Mixture2D(ms)
+    fit_noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    refine_noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    opts = {"iterations": 30, "teacher_steps": 40}
+    plain = fit_calibration(model, ms, fit_noise, 4, **opts)
+    before = model.calls
+    messages = []
+    refined = fit_calibration(model, ms, fit_noise, 4, refine_noise=refine_noise, log=messages.append, **opts)
+    assert refined.info["refine_noises"] == 256 and any("refining on 256" in m for m in messages)
+    assert refined.info["model_calls"] == model.calls - before > plain.info["model_calls"]
+    assert refined.info["backward_passes"] > plain.info["backward_passes"]
+    # on the refining noise, against its own teacher, the kept iterate is the best there (the unrefined one included)
+    x0 = ms.noise_scaling(torch.tensor(float(ms.sigma_max)), refine_noise, torch.zeros_like(refine_noise), True)
+    ref = teacher_solve(model, ms, x0, float(ms.sigma_max), float(ms.sigma_min), opts["teacher_steps"])
+
+    def error(cal):
+        return _rms(cal.sampler()(model, x0, cal.sigmas.double()), ref)
+    assert error(refined) <= error(plain) * (1 + 1e-4), (error(refined), error(plain))
+    assert math.isclose(error(refined), refined.info["rms_refined"], rel_tol=1e-3)
+
+
+def test_refine_settings_are_checked_and_keyed_apart():
+    from ksampler.calibration import FIT_SALT, calibration_key, fitting_noise
+    ms = EPS()
+    model = Mixture2D(ms)
+    with pytest.raises(ValueError, match="refine_noise"):
+        fit_calibration(model, ms, torch.randn(8, 2), 3, refine_noise=torch.randn(8, 3))
+    with pytest.raises(ValueError, match="refine_noise"):
+        fit_calibration(model, ms, torch.randn(8, 2), 3, refine_noise=torch.full((8, 2), math.nan))
+    # the fitting stream is the one earlier versions drew; the refining stream is another
+    first = torch.randn((4, 3), generator=torch.Generator().manual_seed((7 ^ FIT_SALT) % (1 << 63)))
+    assert torch.equal(fitting_noise(7, 4, (3,)), first)
+    assert not torch.allclose(fitting_noise(7, 4, (3,), stream=1), first)
+
+    clear_cache()
+    net_model = analytic_model()
+    pos, neg = conditioning(1.0), conditioning(-0.5)
+    latent = {"samples": torch.zeros(1, 4, 4, 4)}
+    opts = {"fit_noises": 4, "iterations": 2, "teacher_steps": 10}
+    with pytest.raises(ValueError, match="refine_noises"):
+        calibrate(net_model, pos, neg, latent, 3, 3.0, refine_noises=2, log=lambda m: None, **opts)
+    plain = calibrate(net_model, pos, neg, latent, 3, 3.0, log=lambda m: None, **opts)
+    # an unrefined calibration keeps the key (and so the files) of the versions before the refinement
+    old_settings = {"order": 3, "fit_noises": 4, "seed": 0, "iterations": 2, "teacher_steps": 10}
+    assert plain.info["key"] == calibration_key(net_model, pos, neg, (1, 4, 4, 4), 3, 3.0, old_settings)
+    refined = calibrate(net_model, pos, neg, latent, 3, 3.0, refine_noises=8, log=lambda m: None, **opts)
+    assert refined is not plain and refined.info["key"] != plain.info["key"] and refined.info["refine_noises"] == 8
