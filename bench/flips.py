@@ -3,6 +3,7 @@
     python bench/flips.py            # tune-sharp32 and tune-narrow12 (no guidance and cfg 3) and tune-wide96
                                      # (cfg 3), NFE 5 and 10
     python bench/flips.py --quick    # tune-narrow12 only, one fitting seed
+    python bench/flips.py --refine   # the fit with and without the refinement on more noises (REFINE_CASES)
 
 Where a mixture's modes are narrow and far apart, a few-step sampler sends the noises that lie near the
 boundary between two modes' basins to the wrong mode.  One such flip costs an RMS of about the distance between
@@ -17,7 +18,11 @@ so a flip is not a jump between means, but the error has the same heavy tail: "w
 one item, and "trimmed" the RMS without the worst 1 % of the items.  There, at NFE 5, "continued" follows the
 fitted sampler's state after each step on to sigma = 0 with the exact ODE, for the worst 1 % of the noises and
 for as many typical ones (ranked between the quartiles): the median final error from each step's state says how
-far the sampler's path is from the ODE's when its later steps take over.
+far the sampler's path is from the ODE's when its later steps take over.  These runs diagnose the fit on the
+192 fitting noises alone, as it was before the refinement.
+
+``--refine`` is the evidence the refinement (``heldout.REFINE_NOISES`` more noises, ``calibration.REFINE``) was
+adopted on: nine tuning cases, four fitting seeds, each fit with and without it, on the same evaluation noises.
 """
 from __future__ import annotations
 
@@ -40,6 +45,10 @@ from ksampler.schedulers import SCHEDULERS, sampling_sigmas  # noqa: E402
 
 ONE_CALL = ("euler", "dpmpp_2m", "uni_pc", "ipndm", "deis", "lms", "res_multistep")
 FIT_SEEDS = (1, 2, 3)
+REFINE_SEEDS = (1, 2, 3, 4)
+REFINE_CASES = (("tune-wide96", 3.0, 5), ("tune-wide96", 3.0, 10), ("tune-wide96", None, 5), ("tune-wide96", 7.5, 5),
+                ("tune-accuracy64", None, 5), ("tune-accuracy64", 7.5, 10), ("tune-sharp32", 3.0, 5),
+                ("tune-sharp32", None, 10), ("tune-narrow12", None, 5))
 CONTINUED = ("tune-wide96",)  # the overlapping family: where the sampler's path is at each step (NFE 5)
 N_EVAL = 2048
 
@@ -84,12 +93,37 @@ def continued(prob: heldout.Problem, cal, ref: torch.Tensor) -> dict:
     return result
 
 
-def fit(prob: heldout.Problem, nfe: int, seed: int, iterations: int):
-    gen = torch.Generator().manual_seed(50_000 + seed)  # apart from heldout.py's EVAL_SEED and FIT_SEED streams
-    labels = torch.randint(0, prob.family.n_classes, (heldout.FIT_NOISES,), generator=gen)
-    noise = torch.randn(heldout.FIT_NOISES, prob.family.dim, generator=gen, dtype=torch.float64)
-    return heldout.calibrate(MixtureDenoiser(prob.gmm, labels, cfg=prob.cfg, model_sampling=heldout.MS), noise, nfe,
-                             iterations)
+def fit(prob: heldout.Problem, nfe: int, seed: int, iterations: int, refine: bool = False):
+    """heldout.py's fit from fitting seed ``seed`` (streams apart from heldout.py's); ``refine``: refined as there."""
+    model, noise = heldout.fitting_set(prob.gmm, prob.cfg, heldout.FIT_NOISES,
+                                       torch.Generator().manual_seed(50_000 + seed))
+    larger = heldout.fitting_set(prob.gmm, prob.cfg, heldout.REFINE_NOISES,
+                                 torch.Generator().manual_seed(80_000 + seed)) if refine else None
+    return heldout.calibrate(model, noise, nfe, iterations, refine=larger)
+
+
+def refine_study(seeds, log) -> list[dict]:
+    """The fit with and without the refinement on ``heldout.REFINE_NOISES`` noises (``calibration.REFINE``), each
+    measured on ``N_EVAL`` evaluation noises: the evidence the refinement was adopted on."""
+    cases = []
+    for name, cfg, nfe in REFINE_CASES:
+        prob = heldout.Problem(next(f for f in heldout.TUNING if f.name == name), cfg, N_EVAL, heldout.FIT_NOISES)
+        ref = prob.reference(heldout.SIGMA_MAX)
+        rows = []
+        for seed in seeds:
+            row = {"seed": seed}
+            for label, refine in (("fitted", False), ("refined", True)):
+                cal = fit(prob, nfe, seed, heldout.CALIBRATION["iterations"], refine)
+                out = cal.sampler()(prob.model, prob.noise * float(cal.sigmas[0]), cal.sigmas, disable=True)
+                row[label] = {**flips(out, ref, prob.family), "model_calls": cal.info["model_calls"],
+                              "backward_passes": cal.info["backward_passes"], "seconds": cal.info["seconds"]}
+            rows.append(row)
+            log(f"  {prob.name} NFE {nfe} seed {seed}: RMS {row['fitted']['rms']:.4g} -> {row['refined']['rms']:.4g}")
+        gm = {label: math.exp(sum(math.log(r[label]["rms"]) for r in rows) / len(rows))
+              for label in ("fitted", "refined")}
+        cases.append({"problem": prob.name, "nfe": nfe, "fits": rows, "geomean_rms": gm,
+                      "refined_better": sum(r["refined"]["rms"] < r["fitted"]["rms"] for r in rows)})
+    return cases
 
 
 def run_case(family: heldout.Family, cfg, nfe: int, seeds, n_eval: int, log) -> dict:
@@ -125,8 +159,28 @@ def run_case(family: heldout.Family, cfg, nfe: int, seeds, n_eval: int, log) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tune-narrow12 only, one fitting seed")
+    ap.add_argument("--refine", action="store_true", help="the fit with and without the refinement (REFINE_CASES)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.refine:
+        t0 = time.perf_counter()
+        cases = refine_study(REFINE_SEEDS, lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(table(["problem", "NFE", "fitted RMS (seeds)", "refined RMS (seeds)", "geometric mean", "refined better",
+                     "calls + backward passes"],
+                    [[c["problem"], c["nfe"], " ".join(f"{r['fitted']['rms']:.3g}" for r in c["fits"]),
+                      " ".join(f"{r['refined']['rms']:.3g}" for r in c["fits"]),
+                      f"{c['geomean_rms']['fitted']:.4g} -> {c['geomean_rms']['refined']:.4g} "
+                      f"({c['geomean_rms']['refined'] / c['geomean_rms']['fitted']:.2f}x)",
+                      f"{c['refined_better']} of {len(c['fits'])}",
+                      f"{c['fits'][0]['fitted']['model_calls']} + {c['fits'][0]['fitted']['backward_passes']} -> "
+                      f"{c['fits'][0]['refined']['model_calls']} + {c['fits'][0]['refined']['backward_passes']}"]
+                     for c in cases],
+                    f"the refinement on {heldout.REFINE_NOISES} noises, {N_EVAL} evaluation noises (tuning split)"))
+        write_json("refine_tuning.json", {"environment": environment(), "split": "tuning", "cases": cases,
+                                          "calibration": heldout.CALIBRATION, "fit_noises": heldout.FIT_NOISES,
+                                          "refine_noises": heldout.REFINE_NOISES, "refine": heldout.REFINE,
+                                          "seconds": time.perf_counter() - t0})
+        return
     guidance = {"tune-narrow12": (None, 3.0)} if args.quick else \
         {"tune-sharp32": (None, 3.0), "tune-narrow12": (None, 3.0), "tune-wide96": (3.0,)}
     families = [f for f in heldout.TUNING if f.name in guidance]

@@ -48,7 +48,7 @@ from _common import RESULTS as RESULTS_DIR, environment, require_ksampler, table
 from gmm import GaussianMixture, MixtureDenoiser, reference_solve  # noqa: E402
 
 require_ksampler()
-from ksampler.calibration import DEFAULT_FIT, fit_calibration  # noqa: E402
+from ksampler.calibration import DEFAULT_FIT, REFINE, fit_calibration  # noqa: E402
 from ksampler.models import EPS  # noqa: E402
 from ksampler.samplers import SAMPLERS, sampler_traits  # noqa: E402
 from ksampler.schedulers import SCHEDULERS, sampling_sigmas  # noqa: E402
@@ -59,8 +59,9 @@ MS = EPS()
 SIGMA_MIN, SIGMA_MAX = float(MS.sigma_min), float(MS.sigma_max)
 BUDGETS = (5, 10, 20)
 CFGS = (None, 3.0, 7.5)
-EVAL_SEED, FIT_SEED = 1000, 2000  # evaluation noise and fitting noise come from disjoint seeds
+EVAL_SEED, FIT_SEED, REFINE_SEED = 1000, 2000, 3000  # evaluation and fitting noise come from disjoint seeds
 N_EVAL, FIT_NOISES = 64, 192
+REFINE_NOISES = 1024  # the fit is refined on these (calibration.REFINE; tuning split: python bench/flips.py --refine)
 # chosen on the TUNING split (python bench/heldout.py --tune); constants for every held-out run
 CALIBRATION = {**DEFAULT_FIT, "teacher_sigma_min_factor": 0.01}  # the library's defaults (chosen here, --tune)
 CALIBRATED_BUDGETS = BUDGETS
@@ -235,6 +236,13 @@ OURS_EXTRA = {"dpmpp_3m_sde(eta=0)": ("dpmpp_3m_sde", {"eta": 0.0, "noise_sample
               "dpmpp_2m_sde(eta=0)": ("dpmpp_2m_sde", {"eta": 0.0, "noise_sampler": lambda a, b: 0.0})}
 
 
+def fitting_set(gmm: GaussianMixture, cfg: Optional[float], n: int, gen: torch.Generator) -> tuple:
+    """(model, noise) of ``n`` fitting noises with their labels, drawn from ``gen``."""
+    labels = torch.randint(0, gmm.n_classes, (n,), generator=gen)
+    noise = torch.randn(n, gmm.dim, generator=gen, dtype=torch.float64)
+    return MixtureDenoiser(gmm, labels, cfg=cfg, model_sampling=MS), noise
+
+
 class Problem:
     def __init__(self, family: Family, cfg: Optional[float], n_eval: int, n_fit: int):
         self.family, self.cfg = family, cfg
@@ -242,13 +250,15 @@ class Problem:
         k = family.n_classes
         ev = torch.Generator().manual_seed(EVAL_SEED + family.seed)
         fi = torch.Generator().manual_seed(FIT_SEED + family.seed)
-        assert EVAL_SEED + family.seed != FIT_SEED + family.seed
+        assert EVAL_SEED + family.seed not in (FIT_SEED + family.seed, REFINE_SEED + family.seed)
         self.labels = torch.randint(0, k, (n_eval,), generator=ev)
         self.noise = torch.randn(n_eval, family.dim, generator=ev, dtype=torch.float64)
         self.fit_labels = torch.randint(0, k, (n_fit,), generator=fi)
         self.fit_noise = torch.randn(n_fit, family.dim, generator=fi, dtype=torch.float64)
         self.model = MixtureDenoiser(self.gmm, self.labels, cfg=cfg, model_sampling=MS)
         self.fit_model = MixtureDenoiser(self.gmm, self.fit_labels, cfg=cfg, model_sampling=MS)
+        self.refine = fitting_set(self.gmm, cfg, REFINE_NOISES,
+                                  torch.Generator().manual_seed(REFINE_SEED + family.seed))
         self._refs = {}
         self.probe = MixtureDenoiser(self.gmm, self.labels[:1], cfg=cfg, model_sampling=MS)
 
@@ -350,19 +360,23 @@ def run_grid(prob: Problem, comfy: Optional[Comfy], budgets, log) -> list[dict]:
     return rows
 
 
-def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRATION["iterations"]):
-    """``fit_calibration`` with this bench's settings (``CALIBRATION``) on a mixture's fitting model and noise."""
+def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRATION["iterations"],
+              refine: Optional[tuple] = None):
+    """``fit_calibration`` with this bench's settings (``CALIBRATION``) on a mixture's fitting model and noise;
+    ``refine``: (model, noise) of the refining set, or None for none."""
     return fit_calibration(model, MS, noise, budget, order=CALIBRATION["order"], iterations=iterations,
                            lr=CALIBRATION["lr"], teacher_steps=CALIBRATION["teacher_steps"],
                            corrector=CALIBRATION["corrector"], max_denoise=False,
-                           teacher_sigma_min=SIGMA_MIN * CALIBRATION["teacher_sigma_min_factor"])
+                           teacher_sigma_min=SIGMA_MIN * CALIBRATION["teacher_sigma_min_factor"],
+                           refine_denoiser=None if refine is None else refine[0],
+                           refine_noise=None if refine is None else refine[1])
 
 
 def calibrate_rows(prob: Problem, budgets, log) -> list[dict]:
     rows = []
     for budget in [b for b in budgets if b in CALIBRATED_BUDGETS]:
         t = time.perf_counter()
-        cal = calibrate(prob.fit_model, prob.fit_noise, budget)
+        cal = calibrate(prob.fit_model, prob.fit_noise, budget, refine=prob.refine)
         seconds = time.perf_counter() - t
         model = Counting(prob.model)
         out = cal.sampler()(model, prob.noise * float(cal.sigmas[0]), cal.sigmas, disable=True)
@@ -370,7 +384,8 @@ def calibrate_rows(prob: Problem, budgets, log) -> list[dict]:
         rows.append({"impl": "calibrated", "sampler": "calibrated", "scheduler": "calibrated", "budget": budget,
                      "steps": budget, "nfe": model.calls, "rms_error": err, "fit_model_calls": cal.info["model_calls"],
                      "fit_backward_passes": cal.info["backward_passes"], "fit_seconds": round(seconds, 1),
-                     "fit_noises": cal.info["fit_noises"], "init": cal.info["init"],
+                     "fit_noises": cal.info["fit_noises"], "refine_noises": cal.info.get("refine_noises", 0),
+                     "init": cal.info["init"],
                      "corrector": cal.info["corrector"], "rms_fitted": cal.info["rms_fitted"]})
         log(f"  calibrated NFE {budget}: {err:.3g} (fit {seconds:.1f}s, {cal.info['model_calls']} calls + "
             f"{cal.info['backward_passes']} backward)")
@@ -543,7 +558,8 @@ def main() -> None:
         print("\n" + readme_tables(results, summary, budgets))
     if args.quick or args.cfgs:
         return
-    payload = {"environment": environment(), "calibration": CALIBRATION, "fit_noises": FIT_NOISES,
+    payload = {"environment": environment(), "calibration": CALIBRATION, "refine": REFINE,
+               "fit_noises": FIT_NOISES, "refine_noises": REFINE_NOISES,
                "eval_noises": n_eval, "budgets": budgets, "split": "tuning" if args.tune else "heldout",
                "summary": summary, "results": results,
                # this invocation's time only: --merge and --recalibrate keep each problem's own "seconds"

@@ -13,6 +13,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = ("model_calls.py", "import_time.py", "overhead.py", "accuracy.py", "heldout.py", "heldout_bundled.py",
            "flips.py", "adherence.py", "end_to_end.py", "unet_overhead.py", "guard.py")
 FULL_FLAGS = {"heldout_bundled.py": ["--comfy-samplers", "all"]}  # the README's figures: every ComfyUI sampler
+FULL_EXTRA = {"flips.py": [["--refine"]]}  # second runs of a bench, full mode only (the refinement's tuning evidence)
 QUICK_FLAGS = {"overhead.py": ["--quick"], "accuracy.py": ["--quick"], "heldout.py": ["--quick"], "flips.py": ["--quick"],
                "heldout_bundled.py": ["--quick", "--models", "flow"],
                "import_time.py": ["--runs", "3"], "adherence.py": ["--quick"], "end_to_end.py": ["--runs", "1"],
@@ -22,14 +23,17 @@ QUICK_FLAGS = {"overhead.py": ["--quick"], "accuracy.py": ["--quick"], "heldout.
 def main() -> int:
     quick = "--quick" in sys.argv[1:]
     failed = []
-    for name in BENCHES:
-        cmd = [sys.executable, os.path.join(HERE, name)] + (QUICK_FLAGS if quick else FULL_FLAGS).get(name, [])
+    runs = [(name, (QUICK_FLAGS if quick else FULL_FLAGS).get(name, [])) for name in BENCHES]
+    if not quick:
+        runs = [run for name, flags in runs for run in [(name, flags)] + [(name, x) for x in FULL_EXTRA.get(name, [])]]
+    for name, flags in runs:
+        cmd = [sys.executable, os.path.join(HERE, name)] + flags
         print(f"\n# {' '.join(cmd[1:])}", flush=True)
         t = time.perf_counter()
         rc = subprocess.call(cmd)
         print(f"# {name}: exit {rc}, {time.perf_counter() - t:.0f}s", flush=True)
         if rc:
-            failed.append(name)
+            failed.append(" ".join([name] + flags))
     if failed:
         print(f"\nfailed: {', '.join(failed)}")
     return 1 if failed else 0
