@@ -27,8 +27,9 @@ schedule runs the largest step count whose calls fit the budget.  ComfyUI's
 samplers and schedulers run from the real checkout (``comfy.k_diffusion.sampling``,
 ``comfy.samplers``, imported in-process, read-only) on ComfyUI's own SD1.5
 model sampling; ours on our registry.  ``calibrated`` is ``fit_calibration``
-on the same model and conditioning with ``FIT_NOISES`` fitting noises; its cost
-(model calls, backward passes, seconds) is reported beside it.
+on the same model and conditioning with ``FIT_NOISES`` fitting noises, refined on
+``REFINE_NOISES`` more (``calibration.REFINE``); its cost (model calls, backward
+passes, seconds) is reported beside it.
 """
 from __future__ import annotations
 
@@ -253,10 +254,8 @@ class Problem:
         assert EVAL_SEED + family.seed not in (FIT_SEED + family.seed, REFINE_SEED + family.seed)
         self.labels = torch.randint(0, k, (n_eval,), generator=ev)
         self.noise = torch.randn(n_eval, family.dim, generator=ev, dtype=torch.float64)
-        self.fit_labels = torch.randint(0, k, (n_fit,), generator=fi)
-        self.fit_noise = torch.randn(n_fit, family.dim, generator=fi, dtype=torch.float64)
         self.model = MixtureDenoiser(self.gmm, self.labels, cfg=cfg, model_sampling=MS)
-        self.fit_model = MixtureDenoiser(self.gmm, self.fit_labels, cfg=cfg, model_sampling=MS)
+        self.fit_model, self.fit_noise = fitting_set(self.gmm, cfg, n_fit, fi)
         self.refine = fitting_set(self.gmm, cfg, REFINE_NOISES,
                                   torch.Generator().manual_seed(REFINE_SEED + family.seed))
         self._refs = {}
