@@ -545,6 +545,9 @@ def _check_fit_args(noise, steps, order, refine_noise=None) -> None:
         if refine_noise.shape[1:] != noise.shape[1:]:
             raise ValueError(f"refine_noise: items shaped {tuple(refine_noise.shape[1:])}, but the fitting noise's are "
                              f"{tuple(noise.shape[1:])}; draw both for the same latent")
+        if (refine_noise.dtype, refine_noise.device) != (noise.dtype, noise.device):
+            raise ValueError(f"refine_noise: {refine_noise.dtype} on {refine_noise.device}, but the fitting noise is "
+                             f"{noise.dtype} on {noise.device}; give both the same dtype and device")
 
 
 def _fit_range(ms, sigma_min, sigma_max, teacher_sigma_min) -> tuple[float, float, float]:

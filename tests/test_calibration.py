@@ -291,6 +291,8 @@ def test_refine_settings_are_checked_and_keyed_apart():
         fit_calibration(model, ms, torch.randn(8, 2), 3, refine_noise=torch.randn(8, 3))
     with pytest.raises(ValueError, match="refine_noise"):
         fit_calibration(model, ms, torch.randn(8, 2), 3, refine_noise=torch.full((8, 2), math.nan))
+    with pytest.raises(ValueError, match="refine_noise.*same dtype"):
+        fit_calibration(model, ms, torch.randn(8, 2), 3, refine_noise=torch.randn(8, 2, dtype=torch.float64))
     # the fitting stream is the one earlier versions drew; the refining stream is another
     first = torch.randn((4, 3), generator=torch.Generator().manual_seed((7 ^ FIT_SALT) % (1 << 63)))
     assert torch.equal(fitting_noise(7, 4, (3,)), first)
