@@ -504,13 +504,17 @@ def _race(student: _Student, runs: list, race: int, iterations: int, lr: float, 
                                 sel_idx, calls, steps)
     won = min(runs, key=lambda r: r["best"][0])
     if race:
-        _, u, delta = won["best"]
         say(f"calibration: {won['name']} leads (RMS {won['best'][0]:.4g} against "
             f"{max(r['best'][0] for r in runs):.4g}); {iterations - race} more iterations")
-        won["best"] = _optimise(student, u.clone().requires_grad_(True),
-                                None if delta is None else [d.clone().requires_grad_(True) for d in delta],
-                                won["form"], iterations - race, lr, mode, fit_idx, sel_idx, calls, steps)
+        won["best"] = _optimise(student, *_resumed(won["best"]), won["form"], iterations - race, lr, mode, fit_idx,
+                                sel_idx, calls, steps)
     return won
+
+
+def _resumed(best: tuple) -> tuple:
+    """(u, delta) of an ``_optimise`` result as fresh leaves to optimise on from."""
+    _, u, delta = best
+    return u.clone().requires_grad_(True), None if delta is None else [d.clone().requires_grad_(True) for d in delta]
 
 
 def _gradient_mode(gradient: str, student: _Student, u: Tensor, form: tuple, delta, fit_idx, s_min: float,
@@ -633,10 +637,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     if refine_noise is not None:
         say(f"calibration: refining on {refine_noise.shape[0]} more noises ({REFINE['iterations']} iterations)")
         larger = student_on(counting(refine_denoiser or denoiser), refine_noise)
-        refined = _optimise(larger, u.clone().requires_grad_(True),
-                            None if delta is None else [d.clone().requires_grad_(True) for d in delta], won["form"],
-                            REFINE["iterations"], REFINE["lr"], mode, gradient_items(refine_noise), slice(None),
-                            calls, steps)
+        refined = _optimise(larger, *_resumed(won["best"]), won["form"], REFINE["iterations"], REFINE["lr"], mode,
+                            gradient_items(refine_noise), slice(None), calls, steps)
         _, u, delta = refined
     with torch.no_grad():
         sig, c, cc = student.parameters(u, won["form"], delta)
@@ -788,12 +790,13 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
     def fit() -> Calibration:
         ms = model.model_sampling
         device = getattr(model, "device", torch.device("cpu"))
+        guidance = Guidance(positive, negative, cfg)
         noise = fitting_noise(seed, fit_noises, samples.shape[1:]).to(device)
-        guided = Guidance(positive, negative, cfg).bind(model, ms, noise.shape, device)
+        guided = guidance.bind(model, ms, noise.shape, device)
         refine_noise = refine_guided = None
         if refine_noises:
             refine_noise = fitting_noise(seed, refine_noises, samples.shape[1:], stream=1).to(device)
-            refine_guided = Guidance(positive, negative, cfg).bind(model, ms, refine_noise.shape, device)
+            refine_guided = guidance.bind(model, ms, refine_noise.shape, device)
         return fit_calibration(guided, ms, noise, steps, order=order, iterations=iterations,
                                teacher_steps=teacher_steps, refine_noise=refine_noise,
                                refine_denoiser=refine_guided, log=log, info={"cfg": float(cfg), **settings})

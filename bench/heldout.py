@@ -363,12 +363,12 @@ def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRA
               refine: Optional[tuple] = None):
     """``fit_calibration`` with this bench's settings (``CALIBRATION``) on a mixture's fitting model and noise;
     ``refine``: (model, noise) of the refining set, or None for none."""
+    refine_model, refine_noise = refine or (None, None)
     return fit_calibration(model, MS, noise, budget, order=CALIBRATION["order"], iterations=iterations,
                            lr=CALIBRATION["lr"], teacher_steps=CALIBRATION["teacher_steps"],
                            corrector=CALIBRATION["corrector"], max_denoise=False,
                            teacher_sigma_min=SIGMA_MIN * CALIBRATION["teacher_sigma_min_factor"],
-                           refine_denoiser=None if refine is None else refine[0],
-                           refine_noise=None if refine is None else refine[1])
+                           refine_denoiser=refine_model, refine_noise=refine_noise)
 
 
 def calibrate_rows(prob: Problem, budgets, log) -> list[dict]:
