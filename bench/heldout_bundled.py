@@ -47,6 +47,8 @@ from ksampler.conditioning.cfg import Guidance  # noqa: E402
 
 PROMPT_SEED = 7_301  # held out: the adherence bench uses seed 0, training draws prompts from the renderer
 EVAL_SEED, FIT_SEED = 31_000, 47_000
+# --select-on-tuning: ComfyUI's best picked on prompts and noise of its own, then scored on the held-out run
+TUNE_PROMPT_SEED, TUNE_EVAL_SEED = 7_302, 59_000
 STEPS = (5, 8)
 CFG = 5.0
 REFERENCE_STEPS = 1000
@@ -76,18 +78,19 @@ def comfy_samplers(comfy: Comfy, which: str) -> list[str]:
 class Setup:
     """One checkpoint with its prompts, guided denoiser, evaluation and fitting noise, and reference."""
 
-    def __init__(self, kind: str, n: int, scorer, log):
+    def __init__(self, kind: str, n: int, scorer, log, prompt_seed: int = PROMPT_SEED, eval_seed: int = EVAL_SEED):
         self.kind = kind
         self.model, self.clip, self.vae = load_bundled(kind)
         self.ms = self.model.model_sampling
-        prompts = adherence.bench_prompts(n, seed=PROMPT_SEED)
+        prompts = adherence.bench_prompts(n, seed=prompt_seed)
         self.targets = [t for _, t in prompts]
         size = self.model.config["image_size"]
         self.shape = (n, 3, size, size)
         positive = [[self.clip.encode_context([p for p, _ in prompts]), {}]]
         self.denoiser = Guidance(positive, self.clip.encode(""), CFG).bind(self.model, self.ms, self.shape,
                                                                             torch.device("cpu"))
-        self.noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(EVAL_SEED))
+        self.eval_seed = eval_seed
+        self.noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(eval_seed))
         self.fit_noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(FIT_SEED))
         self.sigma_max, self.sigma_min = float(self.ms.sigma_max), float(self.ms.sigma_min)
         self.scorer = scorer
@@ -123,7 +126,7 @@ def comfy_rows(setup: Setup, comfy: Comfy, samplers: list[str], steps: int, log)
         for scheduler in comfy.schedulers:
             sigmas = comfy.sigmas(scheduler, steps, sampler)
             try:
-                out = comfy.run(sampler, setup.denoiser, setup.start(float(sigmas[0])), sigmas, seed=EVAL_SEED)
+                out = comfy.run(sampler, setup.denoiser, setup.start(float(sigmas[0])), sigmas, seed=setup.eval_seed)
             except Exception as exc:  # a sampler that cannot run this schedule scores worst
                 log(f"  ! comfyui {sampler}/{scheduler}: {type(exc).__name__}: {exc}")
                 out = None
@@ -144,6 +147,40 @@ def calibrated_row(setup: Setup, steps: int, log) -> dict:
             "fit_backward_passes": cal.info["backward_passes"], "fit_seconds": round(seconds, 1),
             "fit_noises": cal.info["fit_noises"], "init": cal.info["init"], "corrector": cal.info["corrector"],
             "rms_fitted": cal.info["rms_fitted"]}
+
+
+def _pick(rows: list[dict]) -> dict:
+    """The best adherence, ties broken by the lower latent RMS (the most accurate of the best-adhering)."""
+    return min(rows, key=lambda r: (-r["adherence"], r["latent_rms"]))
+
+
+def select_on_tuning(kind: str, n: int, scorer, which: str, held_out: dict, step_counts, log) -> dict:
+    """ComfyUI's best sampler + scheduler by adherence, picked on ``n`` tuning prompts and noises of their own
+    (``TUNE_PROMPT_SEED``, ``TUNE_EVAL_SEED``), then scored on the held-out run ``held_out`` (its stored rows):
+    what a user who chose ComfyUI's best on other prompts would get.  Also the mean held-out adherence over every
+    combination tied at the top on the tuning prompts (a pick that favours none of them)."""
+    setup = Setup(kind, n, scorer, log, prompt_seed=TUNE_PROMPT_SEED, eval_seed=TUNE_EVAL_SEED)
+    comfy = Comfy(COMFYUI_DIR, flow_shift=float(setup.ms.shift) if kind == "flow" else None)
+    result = {"prompts": n, "prompt_seed": TUNE_PROMPT_SEED, "noise_seed": TUNE_EVAL_SEED,
+              "held_out_prompts": held_out["prompts"], "steps": {}}
+    for steps in step_counts:
+        tuned = comfy_rows(setup, comfy, comfy_samplers(comfy, which), steps, log)
+        scored = {(r["sampler"], r["scheduler"]): r for r in held_out["rows"]
+                  if r["impl"] == "comfyui" and r["steps"] == steps}
+        tuned = [r for r in tuned if (r["sampler"], r["scheduler"]) in scored]
+        picks = {}
+        for label, pool in (("any", tuned), ("deterministic", [r for r in tuned if r["sampler"] in Comfy.DETERMINISTIC])):
+            pick = _pick(pool)
+            tied = [r for r in pool if r["adherence"] == pick["adherence"]]
+            picks[label] = {"sampler": pick["sampler"], "scheduler": pick["scheduler"],
+                            "tuning_adherence": pick["adherence"],
+                            "held_out_adherence": scored[(pick["sampler"], pick["scheduler"])]["adherence"],
+                            "tied_at_top": len(tied),
+                            "tied_mean_held_out_adherence": sum(scored[(r["sampler"], r["scheduler"])]["adherence"]
+                                                                for r in tied) / len(tied)}
+        result["steps"][str(steps)] = {**picks, "tuning_rows": tuned}
+        log(f"{kind} {steps} steps: picked on tuning prompts {picks}")
+    return result
 
 
 def summarise(entry: dict) -> tuple[list, list[dict]]:
@@ -172,6 +209,14 @@ def summarise(entry: dict) -> tuple[list, list[dict]]:
         if entry.get("reference"):
             lines.append([kind, steps, "adherence of the reference", entry["reference"]["adherence"], None, None,
                           None])
+        picked = entry.get("selected_on_tuning", {}).get("steps", {}).get(str(steps))
+        if picked:
+            summary[-1]["comfyui_selected_on_tuning"] = {k: p for k, p in picked.items() if k != "tuning_rows"}
+            for label in ("any", "deterministic"):
+                p = picked[label]
+                lines.append([kind, steps, f"adherence, ComfyUI's pick on tuning prompts ({label})", cal["adherence"],
+                              p["held_out_adherence"], f"{p['sampler']} + {p['scheduler']} "
+                              f"(tied: {p['tied_at_top']}, their mean {p['tied_mean_held_out_adherence']:.3g})", None])
     return lines, summary
 
 
@@ -218,13 +263,17 @@ def main() -> None:
     ap.add_argument("--add-comfy", action="store_true", help="run only the ComfyUI samplers (of --comfy-samplers) "
                                                                "that the stored results of --models lack; every "
                                                                "stored row is kept")
+    ap.add_argument("--select-on-tuning", action="store_true",
+                    help="pick ComfyUI's best by adherence on tuning prompts of their own (as many as --prompts), "
+                         "then score that pick on the stored held-out run of --models (16 prompts); every stored "
+                         "row is kept")
     ap.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma-separated step counts")
     ap.add_argument("--results", default="heldout_bundled.json", help="the results file in bench/results (a run "
                                                                      "with other prompts or steps: another file)")
     ap.add_argument("--scorer", default=os.path.join(HERE, "results", "shape_scorer.safetensors"))
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    n = 16 if args.quick else args.prompts
+    n = 16 if args.quick else args.prompts  # with --select-on-tuning: the tuning prompts (the held-out run's stay)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -238,6 +287,12 @@ def main() -> None:
     t0 = time.perf_counter()
     which = "quick" if args.quick else args.comfy_samplers
     for kind in [m for m in args.models.split(",") if m and m != "none"]:  # none: re-summarise the stored runs
+        if args.select_on_tuning:
+            if kind not in stored:
+                ap.error(f"--select-on-tuning: no stored {kind} run in {args.results} to score the pick on")
+            stored[kind]["selected_on_tuning"] = select_on_tuning(kind, args.prompts, scorer, which, stored[kind],
+                                                                  step_counts, log)
+            continue
         mode = "recalibrate" if args.recalibrate else "add_comfy" if args.add_comfy else "fresh"
         if mode != "fresh" and (kind not in stored or stored[kind]["prompts"] != n or
                                 {r["steps"] for r in stored[kind]["rows"]} != set(step_counts)):
@@ -248,7 +303,11 @@ def main() -> None:
         if args.reference_only:
             stored.setdefault(kind, {"model": kind, "prompts": n, "rows": []})["reference"] = entry["reference"]
         else:
+            if mode != "fresh" and "selected_on_tuning" in stored[kind]:  # the ComfyUI rows it was scored on stay
+                entry["selected_on_tuning"] = stored[kind]["selected_on_tuning"]
             stored[kind] = entry
+    if args.select_on_tuning:  # the tables and the file are the held-out run's
+        n = max(e["prompts"] for e in stored.values())
     lines, summary = [], []
     for entry in stored.values():
         if entry.get("rows"):
