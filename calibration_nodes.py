@@ -38,8 +38,8 @@ __all__ = ["CalibratedScheduler", "CALIBRATION_NODES"]
         In("calibration_file", "STRING", "Optional .safetensors path: loaded when it holds this calibration, else "
            "written after fitting.", default="", optional=True)),
     outputs=(Out("SIGMAS", "The fitted sigmas, descending, ending in 0.", "sigmas"),
-             Out("SAMPLER", "The fitted multistep sampler, with its corrector if the fit chose one (for "
-                 "SamplerCustom).", "sampler"),
+             Out("SAMPLER", "The fitted multistep sampler, with its corrector if the fit chose one and the "
+                 "fitted sigmas of its first and last model calls (for SamplerCustom).", "sampler"),
              Out("KSAMPLER_CALIBRATION", "The calibration, for the KSampler's calibration input.",
                  "calibration"))))
 class CalibratedScheduler:

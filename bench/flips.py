@@ -93,18 +93,21 @@ def continued(prob: heldout.Problem, cal, ref: torch.Tensor) -> dict:
     return result
 
 
-def fit(prob: heldout.Problem, nfe: int, seed: int, iterations: int, refine: bool = False):
-    """heldout.py's fit from fitting seed ``seed`` (streams apart from heldout.py's); ``refine``: refined as there."""
+def fit(prob: heldout.Problem, nfe: int, seed: int, iterations: int, refine: bool = False,
+        shift: bool = heldout.CALIBRATION["shift"]):
+    """heldout.py's fit from fitting seed ``seed`` (streams apart from heldout.py's); ``refine``: refined as there;
+    ``shift``: with the evaluation shift (``calibration.SHIFTED_STEPS``)."""
     model, noise = heldout.fitting_set(prob.gmm, prob.cfg, heldout.FIT_NOISES,
                                        torch.Generator().manual_seed(50_000 + seed))
     larger = heldout.fitting_set(prob.gmm, prob.cfg, heldout.REFINE_NOISES,
                                  torch.Generator().manual_seed(80_000 + seed)) if refine else None
-    return heldout.calibrate(model, noise, nfe, iterations, refine=larger)
+    return heldout.calibrate(model, noise, nfe, iterations, refine=larger, shift=shift)
 
 
-def refine_study(seeds, log) -> list[dict]:
-    """The fit with and without the refinement on ``heldout.REFINE_NOISES`` noises (``calibration.REFINE``), each
-    measured on ``N_EVAL`` evaluation noises: the evidence the refinement was adopted on."""
+def paired_study(variants: dict, seeds, log) -> list[dict]:
+    """Two fits per tuning case (``REFINE_CASES``) and fitting seed, ``variants`` = {label: ``fit`` options} (the
+    second label is the change), each measured on the same ``N_EVAL`` evaluation noises."""
+    (before, _), (after, _) = variants.items()
     cases = []
     for name, cfg, nfe in REFINE_CASES:
         prob = heldout.Problem(next(f for f in heldout.TUNING if f.name == name), cfg, N_EVAL, heldout.FIT_NOISES)
@@ -112,18 +115,25 @@ def refine_study(seeds, log) -> list[dict]:
         rows = []
         for seed in seeds:
             row = {"seed": seed}
-            for label, refine in (("fitted", False), ("refined", True)):
-                cal = fit(prob, nfe, seed, heldout.CALIBRATION["iterations"], refine)
+            for label, options in variants.items():
+                cal = fit(prob, nfe, seed, heldout.CALIBRATION["iterations"], **options)
                 out = cal.sampler()(prob.model, prob.noise * float(cal.sigmas[0]), cal.sigmas, disable=True)
                 row[label] = {**flips(out, ref, prob.family), "model_calls": cal.info["model_calls"],
                               "backward_passes": cal.info["backward_passes"], "seconds": cal.info["seconds"]}
             rows.append(row)
-            log(f"  {prob.name} NFE {nfe} seed {seed}: RMS {row['fitted']['rms']:.4g} -> {row['refined']['rms']:.4g}")
-        gm = {label: math.exp(sum(math.log(r[label]["rms"]) for r in rows) / len(rows))
-              for label in ("fitted", "refined")}
+            log(f"  {prob.name} NFE {nfe} seed {seed}: RMS {row[before]['rms']:.4g} -> {row[after]['rms']:.4g}")
+        gm = {label: math.exp(sum(math.log(r[label]["rms"]) for r in rows) / len(rows)) for label in variants}
         cases.append({"problem": prob.name, "nfe": nfe, "fits": rows, "geomean_rms": gm,
-                      "refined_better": sum(r["refined"]["rms"] < r["fitted"]["rms"] for r in rows)})
+                      f"{after}_better": sum(r[after]["rms"] < r[before]["rms"] for r in rows)})
     return cases
+
+
+STUDIES = {  # flag: (variants, results file, what it compares)
+    "refine": ({"fitted": {"refine": False, "shift": False}, "refined": {"refine": True, "shift": False}},
+               "refine_tuning.json", f"the refinement on {heldout.REFINE_NOISES} noises"),
+    "shift": ({"refined": {"refine": True, "shift": False}, "shifted": {"refine": True, "shift": True}},
+              "shift_tuning.json", "the evaluation shift of the first and last steps (both refined)"),
+}
 
 
 def run_case(family: heldout.Family, cfg, nfe: int, seeds, n_eval: int, log) -> dict:
@@ -160,26 +170,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tune-narrow12 only, one fitting seed")
     ap.add_argument("--refine", action="store_true", help="the fit with and without the refinement (REFINE_CASES)")
+    ap.add_argument("--shift", action="store_true", help="the refined fit with and without the evaluation "
+                                                         "shift of the first and last steps (REFINE_CASES)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if args.refine:
+    study = "refine" if args.refine else "shift" if args.shift else None
+    if study:
+        variants, results, what = STUDIES[study]
+        (before, _), (after, _) = variants.items()
         t0 = time.perf_counter()
-        cases = refine_study(REFINE_SEEDS, lambda msg: print(msg, file=sys.stderr, flush=True))
-        print(table(["problem", "NFE", "fitted RMS (seeds)", "refined RMS (seeds)", "geometric mean", "refined better",
-                     "calls + backward passes"],
-                    [[c["problem"], c["nfe"], " ".join(f"{r['fitted']['rms']:.3g}" for r in c["fits"]),
-                      " ".join(f"{r['refined']['rms']:.3g}" for r in c["fits"]),
-                      f"{c['geomean_rms']['fitted']:.4g} -> {c['geomean_rms']['refined']:.4g} "
-                      f"({c['geomean_rms']['refined'] / c['geomean_rms']['fitted']:.2f}x)",
-                      f"{c['refined_better']} of {len(c['fits'])}",
-                      f"{c['fits'][0]['fitted']['model_calls']} + {c['fits'][0]['fitted']['backward_passes']} -> "
-                      f"{c['fits'][0]['refined']['model_calls']} + {c['fits'][0]['refined']['backward_passes']}"]
+        cases = paired_study(variants, REFINE_SEEDS, lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(table(["problem", "NFE", f"{before} RMS (seeds)", f"{after} RMS (seeds)", "geometric mean",
+                     f"{after} better", "calls + backward passes"],
+                    [[c["problem"], c["nfe"], " ".join(f"{r[before]['rms']:.3g}" for r in c["fits"]),
+                      " ".join(f"{r[after]['rms']:.3g}" for r in c["fits"]),
+                      f"{c['geomean_rms'][before]:.4g} -> {c['geomean_rms'][after]:.4g} "
+                      f"({c['geomean_rms'][after] / c['geomean_rms'][before]:.2f}x)",
+                      f"{c[after + '_better']} of {len(c['fits'])}",
+                      f"{c['fits'][0][before]['model_calls']} + {c['fits'][0][before]['backward_passes']} -> "
+                      f"{c['fits'][0][after]['model_calls']} + {c['fits'][0][after]['backward_passes']}"]
                      for c in cases],
-                    f"the refinement on {heldout.REFINE_NOISES} noises, {N_EVAL} evaluation noises (tuning split)"))
-        write_json("refine_tuning.json", {"environment": environment(), "split": "tuning", "cases": cases,
-                                          "calibration": heldout.CALIBRATION, "fit_noises": heldout.FIT_NOISES,
-                                          "refine_noises": heldout.REFINE_NOISES, "refine": heldout.REFINE,
-                                          "seconds": time.perf_counter() - t0})
+                    f"{what}, {N_EVAL} evaluation noises (tuning split)"))
+        write_json(results, {"environment": environment(), "split": "tuning", "cases": cases, "variants": variants,
+                             "calibration": heldout.CALIBRATION, "fit_noises": heldout.FIT_NOISES,
+                             "refine_noises": heldout.REFINE_NOISES, "refine": heldout.REFINE,
+                             "seconds": time.perf_counter() - t0})
         return
     guidance = {"tune-narrow12": (None, 3.0)} if args.quick else \
         {"tune-sharp32": (None, 3.0), "tune-narrow12": (None, 3.0), "tune-wide96": (3.0,)}

@@ -360,13 +360,13 @@ def run_grid(prob: Problem, comfy: Optional[Comfy], budgets, log) -> list[dict]:
 
 
 def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRATION["iterations"],
-              refine: Optional[tuple] = None):
+              refine: Optional[tuple] = None, shift: bool = CALIBRATION["shift"]):
     """``fit_calibration`` with this bench's settings (``CALIBRATION``) on a mixture's fitting model and noise;
     ``refine``: (model, noise) of the refining set, or None for none."""
     refine_model, refine_noise = refine or (None, None)
     return fit_calibration(model, MS, noise, budget, order=CALIBRATION["order"], iterations=iterations,
                            lr=CALIBRATION["lr"], teacher_steps=CALIBRATION["teacher_steps"],
-                           corrector=CALIBRATION["corrector"], max_denoise=False,
+                           corrector=CALIBRATION["corrector"], shift=shift, max_denoise=False,
                            teacher_sigma_min=SIGMA_MIN * CALIBRATION["teacher_sigma_min_factor"],
                            refine_denoiser=refine_model, refine_noise=refine_noise)
 
@@ -384,8 +384,9 @@ def calibrate_rows(prob: Problem, budgets, log) -> list[dict]:
                      "steps": budget, "nfe": model.calls, "rms_error": err, "fit_model_calls": cal.info["model_calls"],
                      "fit_backward_passes": cal.info["backward_passes"], "fit_seconds": round(seconds, 1),
                      "fit_noises": cal.info["fit_noises"], "refine_noises": cal.info.get("refine_noises", 0),
-                     "init": cal.info["init"],
-                     "corrector": cal.info["corrector"], "rms_fitted": cal.info["rms_fitted"]})
+                     "init": cal.info["init"], "corrector": cal.info["corrector"],
+                     "shift": None if cal.shift is None else [round(float(v), 4) for v in cal.shift],
+                     "rms_fitted": cal.info["rms_fitted"]})
         log(f"  calibrated NFE {budget}: {err:.3g} (fit {seconds:.1f}s, {cal.info['model_calls']} calls + "
             f"{cal.info['backward_passes']} backward)")
     return rows

@@ -147,6 +147,44 @@ def test_a_no_op_corrector_changes_nothing():
     assert torch.allclose(plain, no_op, rtol=0, atol=1e-12)
 
 
+def test_the_last_steps_shift_is_the_gaussians_mean_value_sigma():
+    # one step from sigma_max to 0 on Gaussian data: the exact map scales x - mu by s / sqrt(s^2 + sigma_max^2),
+    # a denoiser call at sigma' by s^2 / (s^2 + sigma'^2); they agree at sigma'^2 = s sqrt(s^2 + sigma_max^2) - s^2
+    g, ms = _Gaussian(), EPS()
+    s_max = float(ms.sigma_max)
+    noise = torch.randn(16, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cal = fit_calibration(g, ms, noise, 1, iterations=200, corrector=False, teacher_steps=400,
+                          teacher_sigma_min=1e-4)
+    expected = 0.5 * math.log(g.s * math.sqrt(g.s ** 2 + s_max ** 2) - g.s ** 2) - math.log(s_max)
+    assert cal.info["shift"] and cal.shift.shape == (1,)
+    assert float(cal.shift[0]) == pytest.approx(expected, abs=2e-3)
+    x = torch.randn(64, 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * s_max
+    exact = g.exact(x, s_max, 0.0)
+    shifted = _rms(cal.sampler()(g, x, cal.sigmas.double()), exact)
+    unshifted = _rms(sample_calibrated(g, x, cal.sigmas.double(), coefficients=cal.coefficients), exact)
+    assert shifted < 1e-3 * g.s and unshifted > 100 * shifted  # without the shift, one step is far off
+    plain = fit_calibration(g, ms, noise, 1, iterations=20, corrector=False, teacher_steps=50, shift=False)
+    assert plain.shift is None and not plain.info["shift"]
+
+
+def test_shifts_stay_where_the_model_may_be_called():
+    ms = EPS()
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    # by default the model is called neither below sigma_min nor above sigma_max; here the last call would go
+    # lower (these components are sharper than 0.6) and stops at the bound
+    cal = fit_calibration(Mixture2D(ms), ms, noise, 3, iterations=60, teacher_steps=40, corrector=False,
+                          sigma_min=0.6)
+    evaluated = cal.sigmas[:-1].double() * torch.exp(cal.shift)
+    assert bool((evaluated >= 0.6 * (1 - 1e-6)).all()) and float(evaluated[-1]) == pytest.approx(0.6, rel=1e-3)
+    assert bool((evaluated <= float(ms.sigma_max) * (1 + 1e-6)).all())
+    assert bool((cal.shift[1:-1] == 0).all())  # only the first and the last step's calls move
+    x = torch.randn(4, 2, dtype=torch.float64) * 14.6
+    ve = cal.sigmas.double()
+    assert torch.equal(sample_calibrated(Mixture2D(ms), x, ve, coefficients=cal.coefficients),
+                       sample_calibrated(Mixture2D(ms), x, ve, coefficients=cal.coefficients,
+                                         shift=torch.zeros(cal.steps, dtype=torch.float64)))
+
+
 def test_save_load_round_trip_is_bit_identical(tmp_path):
     ms = EPS()
     cal = fit_calibration(Mixture2D(ms), ms, torch.randn(8, 2, dtype=torch.float64), 3, iterations=2,
@@ -167,6 +205,25 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
                        corrected.sampler()(Mixture2D(ms), x, corrected.sigmas.double()))
     with pytest.raises(ValueError, match="corrector"):
         Calibration(corrected.sigmas, corrected.coefficients, {}, corrected.corrector[:, :3]).validate()
+    shifted = Calibration(cal.sigmas, cal.coefficients, {"cfg": 1.0}, None,
+                          torch.tensor([0.0, 0.0, -0.3], dtype=torch.float64))
+    shifted.save(path)
+    back = Calibration.load(path)
+    assert torch.equal(back.shift, shifted.shift) and back.corrector is None
+    assert torch.equal(back.sampler()(Mixture2D(ms), x, back.sigmas.double()),
+                       shifted.sampler()(Mixture2D(ms), x, shifted.sigmas.double()))
+    assert not torch.equal(back.sampler()(Mixture2D(ms), x, back.sigmas.double()),
+                           Calibration(cal.sigmas, cal.coefficients).sampler()(Mixture2D(ms), x, cal.sigmas.double()))
+    for bad in (torch.zeros(2, dtype=torch.float64), torch.tensor([0.0, math.nan, 0.0], dtype=torch.float64)):
+        with pytest.raises(ValueError, match="shift"):
+            Calibration(cal.sigmas, cal.coefficients, {}, None, bad).validate()
+    # each file takes the oldest format that holds it, so that earlier versions read what they can sample
+    from safetensors import safe_open
+    for made, expected in ((Calibration(cal.sigmas, cal.coefficients), "ksampler.calibration/1"),
+                           (corrected, "ksampler.calibration/2"), (shifted, "ksampler.calibration/3")):
+        made.save(path)
+        with safe_open(path, framework="pt") as f:
+            assert f.metadata()["format"] == expected
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(Exception):
         Calibration.load(str(tmp_path / "bad.safetensors"))

@@ -76,7 +76,9 @@ def main() -> int:
             cached = again[2] is cal and time.time() - t < 1.0
         print(f"{key}: sigmas {[round(float(s), 4) for s in sigmas]}; fit {fit_s:.1f}s "
               f"({cal.info['model_calls']} model calls, gradient: {cal.info['gradient']}); RMS to the teacher "
-              f"{cal.info['rms_start']:.4g} -> {cal.info['rms_fitted']:.4g}; SamplerCustom finite: {ok}; "
+              f"{cal.info['rms_start']:.4g} -> {cal.info['rms_fitted']:.4g}; shifts of the first and last calls "
+              f"{None if cal.shift is None else [round(float(cal.shift[0]), 4), round(float(cal.shift[-1]), 4)]}; "
+              f"SamplerCustom finite: {ok}; "
               f"KSampler(calibration) == SamplerCustom: {same}; second call cached: {cached}")
         failures += not (ok and same and cached)
     print("PASS" if not failures else f"FAIL ({failures})")
