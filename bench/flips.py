@@ -4,6 +4,7 @@
                                      # (cfg 3), NFE 5 and 10
     python bench/flips.py --quick    # tune-narrow12 only, one fitting seed
     python bench/flips.py --refine   # the fit with and without the refinement on more noises (REFINE_CASES)
+    python bench/flips.py --shift    # the refined fit with and without the shifted first and last calls
 
 Where a mixture's modes are narrow and far apart, a few-step sampler sends the noises that lie near the
 boundary between two modes' basins to the wrong mode.  One such flip costs an RMS of about the distance between
@@ -19,10 +20,13 @@ one item, and "trimmed" the RMS without the worst 1 % of the items.  There, at N
 fitted sampler's state after each step on to sigma = 0 with the exact ODE, for the worst 1 % of the noises and
 for as many typical ones (ranked between the quartiles): the median final error from each step's state says how
 far the sampler's path is from the ODE's when its later steps take over.  These runs diagnose the fit on the
-192 fitting noises alone, as it was before the refinement.
+192 fitting noises alone, without the refinement (``results/flips_tuning.json`` was measured before the refinement
+and the shifts existed).
 
 ``--refine`` is the evidence the refinement (``heldout.REFINE_NOISES`` more noises, ``calibration.REFINE``) was
-adopted on: nine tuning cases, four fitting seeds, each fit with and without it, on the same evaluation noises.
+adopted on: nine tuning cases, four fitting seeds, each fit with and without it, on the same evaluation noises
+(both without the shifts, as measured then).  ``--shift`` is the same for the shifted first and last model calls
+(``calibration.SHIFTED_STEPS``), both fits refined.
 """
 from __future__ import annotations
 

@@ -169,7 +169,8 @@ def select_on_tuning(kind: str, n: int, scorer, which: str, held_out: dict, step
                   if r["impl"] == "comfyui" and r["steps"] == steps}
         tuned = [r for r in tuned if (r["sampler"], r["scheduler"]) in scored]
         picks = {}
-        for label, pool in (("any", tuned), ("deterministic", [r for r in tuned if r["sampler"] in Comfy.DETERMINISTIC])):
+        deterministic = [r for r in tuned if r["sampler"] in Comfy.DETERMINISTIC]
+        for label, pool in (("any", tuned), ("deterministic", deterministic)):
             pick = _pick(pool)
             tied = [r for r in pool if r["adherence"] == pick["adherence"]]
             picks[label] = {"sampler": pick["sampler"], "scheduler": pick["scheduler"],
