@@ -378,6 +378,11 @@ DEFAULT_FIT = {"order": 3, "iterations": 300, "lr": 0.05, "teacher_steps": 100, 
 SHIFTED_STEPS = (0, -1)
 
 
+def _shifted_steps(steps: int) -> list:
+    """The indices of ``SHIFTED_STEPS`` in a ``steps``-step schedule (one step: the first is the last)."""
+    return sorted({i % steps for i in SHIFTED_STEPS})
+
+
 # the refinement on a larger noise set (refine_noise), chosen on the tuning split: python bench/flips.py --refine
 REFINE = {"iterations": 150, "lr": 0.01}
 
@@ -419,8 +424,7 @@ class _Student:
         """The shifts of every step: ``free`` at ``SHIFTED_STEPS``, else 0, kept where the model may be called
         (the bound passes the gradient on as if it were not there, so that a shift held at it can come back)."""
         log_sig = torch.log(sig[:-1])
-        at = sorted({i % len(log_sig) for i in SHIFTED_STEPS})
-        placed = torch.zeros_like(log_sig).index_put((torch.tensor(at),), free)
+        placed = torch.zeros_like(log_sig).index_put((torch.tensor(_shifted_steps(len(log_sig))),), free)
         lo, hi = self.log_eval_range
         bounded = torch.minimum(torch.maximum(placed, lo - log_sig), hi - log_sig)
         return placed + (bounded - placed).detach()
@@ -471,7 +475,7 @@ def _run(start: tuple, steps: int, order: int, fit_coefficients: bool, fit_shift
         if form[1] is not None:
             shapes["corrector"] = (steps, order)
     if fit_shift:
-        shapes["shift"] = (len({i % steps for i in SHIFTED_STEPS}),)
+        shapes["shift"] = (len(_shifted_steps(steps)),)
     delta = {k: torch.zeros(shape, dtype=torch.float64, requires_grad=True) for k, shape in shapes.items()}
     return {"start": loss, "form": form, "u": u0.clone().requires_grad_(True), "delta": delta or None,
             "name": f"{name}+ab{form[0]}" + ("" if form[1] is None else f"+am{form[1]}" if form[1] else "+corrector")}
