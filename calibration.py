@@ -40,6 +40,11 @@ on that set at a smaller step size (``REFINE``), keeping the iterate that is
 best there (the unrefined one included); it costs a teacher solve and
 ``REFINE["iterations"]`` iterations on the larger batch.
 
+The fit matches the ODE.  The sampler can also run it stochastically (``eta`` > 0, no refit): each step is then
+the model sampling's ancestral step (as ``euler_ancestral``'s, eta 1 the DDPM posterior for VE models) with the
+fitted blend as its denoised estimate, re-noised from the sampling seed.  It no longer follows the ODE, and
+trades that for the fresh detail and prompt adherence of ancestral sampling at few steps.
+
 A ``Calibration`` holds the sigmas, the coefficients (with the corrector's and the
 shifts, where fitted) and what it was fitted on;
 it saves to and loads from a small safetensors file (``save`` / ``load``).
@@ -55,11 +60,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .samplers._common import emit, get_model_sampling, step_range
+from .samplers._common import emit, get_model_sampling, renoise, resolve_noise_sampler, step_range
+from .samplers.traits import traits
 
 __all__ = ["Calibration", "calibrate", "fit_calibration", "DEFAULT_FIT", "sample_calibrated", "teacher_solve",
            "multistep_coefficients", "cached_calibration", "calibration_key", "fitting_noise", "clear_cache",
-           "CALIBRATION_FORMAT", "CALIBRATION_FORMATS", "REFINE"]
+           "CALIBRATION_FORMAT", "CALIBRATION_FORMATS", "REFINE", "check_eta"]
 
 CALIBRATION_FORMAT = "ksampler.calibration/1"  # without a corrector (what every earlier version reads)
 # [with a corrector, with evaluation shifts (and a corrector or not)]
@@ -142,26 +148,39 @@ def _row(coefficients: Optional[Tensor], i: int, available: int) -> list:
 
 
 def _solve(model, x: Tensor, sigmas: Tensor, coefficients: Optional[Tensor], ms, extra_args: dict,
-           callback=None, disable=True, corrector: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+           callback=None, disable=True, corrector: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+           eta: float = 0.0, noise_sampler=None) -> Tensor:
     """The calibrated multistep loop (differentiable in x, sigmas and coefficients).  With ``corrector``, each
     model call also corrects the step that led to it (row i - 1 weighs [D_i, D_{i-1}, ...]), at no extra call.
-    With ``shift``, step i calls the model at sigma_i * exp(shift[i]) (its state stays at sigma_i)."""
+    With ``shift``, step i calls the model at sigma_i * exp(shift[i]) (its state stays at sigma_i).  With
+    ``eta`` > 0 each step is the model sampling's ancestral step with the blend as its denoised estimate: to
+    sigma_down, then re-noised to sigma_next with draws from ``noise_sampler``."""
     alphas = torch.stack([_alpha(ms, s) for s in sigmas]).to(x.dtype)
+    if eta > 0:
+        downs, ups, scales = ms.ancestral_steps(sigmas, eta)
+        alphas_down = torch.stack([_alpha(ms, s) for s in downs]).to(x.dtype)
+        downs, ups, scales = downs.to(x.dtype), ups.tolist(), scales.tolist()
     sigmas = sigmas.to(x.dtype)
     evaluated = sigmas if shift is None else torch.cat([sigmas[:-1] * torch.exp(shift.to(x.dtype)), sigmas[-1:]])
+
+    def step(x, i, weights, noise):
+        if eta == 0:
+            return _step(x, sigmas[i], sigmas[i + 1], alphas[i], alphas[i + 1], weights, history)
+        x = _step(x, sigmas[i], downs[i], alphas[i], alphas_down[i], weights, history)
+        return x if noise is None else renoise(x, scales[i], noise, ups[i])
     history: list[Tensor] = []
-    x_before = x
+    x_before, noise, noise_before = x, None, None
     for i in step_range(len(sigmas) - 1, disable):
         sigma = sigmas[i]
         denoised = model(x, evaluated[i].reshape(1).expand(x.shape[0]).to(device=x.device, dtype=x.dtype),
                          **extra_args)
         history.insert(0, denoised)
-        if corrector is not None and i > 0:
-            x = _step(x_before, sigmas[i - 1], sigma, alphas[i - 1], alphas[i], _row(corrector, i - 1, len(history)),
-                      history)
+        if corrector is not None and i > 0:  # redone with the same draw: the corrector changes only the blend
+            x = step(x_before, i - 1, _row(corrector, i - 1, len(history)), noise_before)
         emit(callback, x, i, float(sigma.detach()), denoised)
-        x_before = x
-        x = _step(x, sigma, sigmas[i + 1], alphas[i], alphas[i + 1], _row(coefficients, i, len(history)), history)
+        noise = noise_sampler(float(sigma), float(sigmas[i + 1])) if eta > 0 and ups[i] > 0 else None
+        x_before, noise_before = x, noise
+        x = step(x, i, _row(coefficients, i, len(history)), noise)
         if coefficients is not None:
             del history[max(coefficients.shape[1], 0 if corrector is None else corrector.shape[1]) - 1:]
     return x
@@ -180,9 +199,10 @@ def _step(x: Tensor, sigma: Tensor, sigma_next: Tensor, alpha: Tensor, alpha_nex
 
 @torch.no_grad()
 def sample_calibrated(model, x, sigmas, extra_args=None, callback=None, disable=None, coefficients=None,
-                      corrector=None, shift=None):
+                      corrector=None, shift=None, eta=0.0, s_noise=1.0, noise_sampler=None):
     """Calibrated linear multistep exponential integrator (LD3, Tong et al. 2025; PAS, Wang et al. 2024)."""
     ms = get_model_sampling(model)
+    check_eta(eta)
     rows = []
     for name, c in (("coefficients", coefficients), ("corrector", corrector), ("shift", shift)):
         c = None if c is None else torch.as_tensor(c, dtype=torch.float64)
@@ -190,8 +210,22 @@ def sample_calibrated(model, x, sigmas, extra_args=None, callback=None, disable=
             raise ValueError(f"sigmas: {len(sigmas) - 1} steps but the calibration has {name} for {c.shape[0]}; "
                              "use the calibration's own sigmas")
         rows.append(None if c is None else c[c.shape[0] - (len(sigmas) - 1):])  # a tail (denoise < 1): its rows
-    return _solve(model, x, sigmas.detach().cpu().to(torch.float64), rows[0], ms, extra_args or {}, callback, disable,
-                  corrector=rows[1], shift=rows[2])
+    extra_args = extra_args or {}
+    draw = None
+    if eta > 0:
+        source = resolve_noise_sampler(noise_sampler, x, extra_args)
+
+        def draw(sigma, sigma_next):
+            return source(sigma, sigma_next) * s_noise
+    return _solve(model, x, sigmas.detach().cpu().to(torch.float64), rows[0], ms, extra_args, callback, disable,
+                  corrector=rows[1], shift=rows[2], eta=float(eta), noise_sampler=draw)
+
+
+def check_eta(eta) -> None:
+    """eta: a number in [0, 1] (0: the ODE; 1: an ancestral sampler's full re-noising)."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise ValueError(f"eta: expected a number in 0..1 (0 follows the ODE, 1 re-noises as an ancestral "
+                         f"sampler does), got {eta!r}")
 
 
 # ---- the teacher ------------------------------------------------------------------------------
@@ -214,26 +248,32 @@ def teacher_solve(denoiser: Denoiser, model_sampling, x: Tensor, sigma_max: floa
 class Calibration:
     """Fitted sigmas (model frame, descending, ending in 0), multistep coefficients [steps, order] and, where the
     fit has them, corrector coefficients [steps, order + 1] (row i weighs [D_{i+1}, D_i, ...]) and evaluation
-    shifts [steps] (step i calls the model at sigma_i * exp(shift[i]))."""
+    shifts [steps] (step i calls the model at sigma_i * exp(shift[i])).  ``eta`` is how the sampler runs, not part
+    of the fit (nor of the file): 0 follows the ODE the fit matched; above 0 each step re-noises (``_solve``)."""
 
     sigmas: Tensor
     coefficients: Tensor
     info: dict = field(default_factory=dict)
     corrector: Optional[Tensor] = None
     shift: Optional[Tensor] = None
+    eta: float = 0.0
 
     @property
     def steps(self) -> int:
         return len(self.sigmas) - 1
 
     def sampler(self) -> Callable:
-        """A k-diffusion-protocol sampler with this calibration's coefficients bound."""
-        coefficients, corrector, shift = self.coefficients, self.corrector, self.shift
+        """A k-diffusion-protocol sampler with this calibration's coefficients and eta bound (with eta > 0 it takes
+        a ``noise_sampler``, else draws from ``extra_args["seed"]`` as ancestral samplers do)."""
+        coefficients, corrector, shift, eta = self.coefficients, self.corrector, self.shift, self.eta
+        check_eta(eta)
 
-        def sample_with_calibration(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        @traits(noise="ancestral" if eta > 0 else "none")
+        def sample_with_calibration(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                                    noise_sampler=None):
             """Calibrated linear multistep exponential integrator (LD3, Tong et al. 2025; PAS, Wang et al. 2024)."""
             return sample_calibrated(model, x, sigmas, extra_args, callback, disable, coefficients=coefficients,
-                                     corrector=corrector, shift=shift)
+                                     corrector=corrector, shift=shift, eta=eta, noise_sampler=noise_sampler)
         return sample_with_calibration
 
     def save(self, path: str) -> None:
@@ -274,6 +314,7 @@ class Calibration:
         if self.corrector is not None and self.corrector.shape[1] != self.coefficients.shape[1] + 1:
             raise ValueError(f"calibration: corrector must be shaped [steps, {self.coefficients.shape[1] + 1}] (one "
                              f"more column than the coefficients), got {tuple(self.corrector.shape)}")
+        check_eta(self.eta)
         if self.shift is not None and (self.shift.shape != (len(s) - 1,) or not bool(torch.isfinite(self.shift).all())):
             raise ValueError(f"calibration: shift must be finite, shaped [steps={len(s) - 1}], got "
                              f"{tuple(self.shift.shape)}")

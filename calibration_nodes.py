@@ -6,6 +6,7 @@ Outputs SIGMAS and SAMPLER for SamplerCustom, and a KSAMPLER_CALIBRATION for our
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from .node_schema import In, NodeSpec, Out, v1_node
 from .validation import MAX_SEED, KSamplerInputError, check_int
@@ -36,7 +37,10 @@ __all__ = ["CalibratedScheduler", "CALIBRATION_NODES"]
         In("teacher_steps", "INT", "Steps of the fine reference solve the fit matches.", default=100, min=10,
            max=1000, optional=True),
         In("calibration_file", "STRING", "Optional .safetensors path: loaded when it holds this calibration, else "
-           "written after fitting.", default="", optional=True)),
+           "written after fitting.", default="", optional=True),
+        In("eta", "FLOAT", "0 follows the ODE the fit matched (closest to a fine solve). Above 0 each step re-noises "
+           "as an ancestral sampler does (1: fully, as euler_ancestral), from the sampling seed; no refit.",
+           default=0.0, min=0.0, max=1.0, step=0.05, optional=True)),
     outputs=(Out("SIGMAS", "The fitted sigmas, descending, ending in 0.", "sigmas"),
              Out("SAMPLER", "The fitted multistep sampler, with its corrector if the fit chose one and the "
                  "fitted sigmas of its first and last model calls (for SamplerCustom).", "sampler"),
@@ -46,7 +50,8 @@ class CalibratedScheduler:
     """Fits a step schedule and multistep coefficients to this model, conditioning, steps and cfg (cached)."""
 
     def calibrate(self, model, positive, negative, latent_image, steps, cfg, order=3, fit_noises=8, fit_seed=0,
-                  iterations=100, teacher_steps=100, calibration_file=""):
+                  iterations=100, teacher_steps=100, calibration_file="", eta=0.0):
+        from .calibration import check_eta
         from .nodes import is_comfy_model
 
         check_int("steps", steps, 1, 100)
@@ -57,6 +62,10 @@ class CalibratedScheduler:
         check_int("teacher_steps", teacher_steps, 10, 1000)
         if not isinstance(cfg, (int, float)) or isinstance(cfg, bool) or not 0 <= cfg <= 100:
             raise KSamplerInputError(f"cfg: expected a number in 0..100, got {cfg!r}")
+        try:
+            check_eta(eta)
+        except ValueError as exc:
+            raise KSamplerInputError(str(exc)) from exc
         if not isinstance(calibration_file, str):
             raise KSamplerInputError("calibration_file: expected a path string (or empty)")
         path = calibration_file.strip() or None
@@ -71,10 +80,11 @@ class CalibratedScheduler:
         try:
             if is_comfy_model(model):
                 from .comfy_calibration import CalibratedSampler, calibrate_host
-                cal = calibrate_host(model, positive, negative, latent_image, steps, float(cfg), **options)
+                cal = _with_eta(calibrate_host(model, positive, negative, latent_image, steps, float(cfg),
+                                               **options), eta)
                 return cal.sigmas.clone(), CalibratedSampler(cal), cal
             from .calibration import calibrate
-            cal = calibrate(model, positive, negative, latent_image, steps, float(cfg), **options)
+            cal = _with_eta(calibrate(model, positive, negative, latent_image, steps, float(cfg), **options), eta)
         except ValueError as exc:
             raise KSamplerInputError(str(exc)) from exc
         sampler = cal.sampler()
@@ -82,6 +92,11 @@ class CalibratedScheduler:
             from .comfy_calibration import CalibratedSampler
             sampler = CalibratedSampler(cal)
         return cal.sigmas.clone(), sampler, cal
+
+
+def _with_eta(cal, eta: float):
+    """The (cached) fit itself at its own eta, else a copy that samples at ``eta`` (the cached one is unchanged)."""
+    return cal if float(eta) == cal.eta else replace(cal, eta=float(eta))
 
 
 CALIBRATION_NODES = {

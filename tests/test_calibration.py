@@ -136,15 +136,59 @@ def test_the_corrector_raises_the_order_at_no_extra_call():
     assert len(calls) == 8
 
 
-def test_a_no_op_corrector_changes_nothing():
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_a_no_op_corrector_changes_nothing(eta):
+    # with eta > 0 the corrected step re-noises with the same draw as the step it corrects
     ms = EPS()
     model = Mixture2D(ms)
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 10
     ve = torch.tensor([10.0, 4.0, 1.5, 0.6, 0.2, 0.0], dtype=torch.float64)
     c = multistep_coefficients(ve, 3, 3)
-    plain = sample_calibrated(model, x, ve, coefficients=c)
-    no_op = sample_calibrated(model, x, ve, coefficients=c, corrector=torch.cat([torch.zeros(5, 1), c], 1))
+    seeded = {"extra_args": {"seed": 3}, "eta": eta}
+    plain = sample_calibrated(model, x, ve, coefficients=c, **seeded)
+    no_op = sample_calibrated(model, x, ve, coefficients=c, corrector=torch.cat([torch.zeros(5, 1), c], 1), **seeded)
     assert torch.allclose(plain, no_op, rtol=0, atol=1e-12)
+
+
+def _draws(count: int, shape):
+    draws = iter([torch.randn(shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+                  for k in range(count)])
+    return lambda sigma, sigma_next: next(draws)
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+@pytest.mark.parametrize("ms", [EPS(), Flow(shift=3.0)], ids=["eps", "flow"])
+def test_eta_with_the_newest_estimate_alone_is_the_ancestral_sampler(ms, eta):
+    # the stochastic step is the model sampling's ancestral step with the blend for the denoised estimate: with
+    # DDIM weights, euler_ancestral itself (VE or flow re-noising alike)
+    model = Mixture2D(ms)
+    sig = torch.tensor([10.0, 4.0, 1.5, 0.6, 0.2, 0.0] if isinstance(ms, EPS) else [1.0, 0.8, 0.5, 0.3, 0.1, 0.0],
+                       dtype=torch.float64)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * float(sig[0])
+    ours = sample_calibrated(model, x, sig, coefficients=torch.ones(5, 1, dtype=torch.float64), eta=eta,
+                             noise_sampler=_draws(4, x.shape))
+    theirs = SAMPLERS["euler_ancestral"](model, x, sig, eta=eta, noise_sampler=_draws(4, x.shape), disable=True)
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_a_stochastic_calibrated_sampler_samples_the_data_distribution(eta):
+    # Gaussian data N(mu, s^2): from N(mu, s^2 + sigma_max^2) every eta in 0..1 transports to N(mu, s^2) (in the
+    # limit of small steps); the draws make the result a fresh sample, not the ODE's image of the start
+    g = _Gaussian()
+    ve = torch.cat([torch.exp(torch.linspace(math.log(10.0), math.log(0.01), 80, dtype=torch.float64)),
+                    torch.zeros(1, dtype=torch.float64)])
+    x = g.mu + math.sqrt(g.s ** 2 + 100) * torch.randn(20_000, 1, generator=torch.Generator().manual_seed(5),
+                                                        dtype=torch.float64)
+    kw = {"coefficients": multistep_coefficients(ve, 2, 3), "corrector": multistep_coefficients(ve, 3, 4, True),
+          "eta": eta}
+    out = sample_calibrated(g, x, ve, extra_args={"seed": 1}, **kw)
+    assert float(out.mean()) == pytest.approx(g.mu, abs=0.015)
+    assert float(out.std()) == pytest.approx(g.s, rel=0.02)
+    ode = sample_calibrated(g, x, ve, coefficients=kw["coefficients"], corrector=kw["corrector"])
+    assert float(torch.corrcoef(torch.stack([out[:, 0], ode[:, 0]]))[0, 1]) < 0.9
+    assert torch.equal(out, sample_calibrated(g, x, ve, extra_args={"seed": 1}, **kw))  # seeded
+    assert not torch.equal(out, sample_calibrated(g, x, ve, extra_args={"seed": 2}, **kw))
 
 
 def test_the_last_steps_shift_is_the_gaussians_mean_value_sigma():
@@ -280,6 +324,16 @@ def test_node_outputs_descending_sigmas_and_ksampler_uses_them():
     with pytest.raises(KSamplerInputError, match="calibration_file"):
         CalibratedScheduler().calibrate(model, pos, neg, latent, 4, 3.0, calibration_file="/nonexistent/x.safetensors")
     assert torch.equal(run_sigmas(cal, 4, 3.0), cal.sigmas)
+    # eta re-noises from the sampling seed, with the same fit (no refit: the cached calibration is unchanged)
+    _, _, stochastic = CalibratedScheduler().calibrate(model, pos, neg, latent, 4, 3.0, fit_noises=4, iterations=2,
+                                                       eta=0.5)
+    assert stochastic.eta == 0.5 and cal.eta == 0.0 and torch.equal(stochastic.sigmas, cal.sigmas)
+    runs = [KSampler().sample(model, seed, 4, 3.0, "euler", "karras", pos, neg, latent, calibration=c)[0]["samples"]
+            for c, seed in ((cal, 7), (stochastic, 7), (stochastic, 7), (stochastic, 8))]
+    assert not torch.equal(runs[0], runs[1]) and torch.equal(runs[1], runs[2]) and not torch.equal(runs[2], runs[3])
+    for bad in (-0.1, 1.5, "0.5", math.nan):
+        with pytest.raises(KSamplerInputError, match="eta"):
+            CalibratedScheduler().calibrate(model, pos, neg, latent, 4, 3.0, fit_noises=4, iterations=2, eta=bad)
     # the KSampler path runs a calibration's corrector (dropping it would change the latent)
     ve = torch.cat([cal.sigmas[:-1].double(), torch.zeros(1, dtype=torch.float64)])
     plain = Calibration(cal.sigmas, cal.coefficients, dict(cal.info))

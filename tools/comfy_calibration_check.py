@@ -5,7 +5,8 @@
 For each tiny model (SD1.5 eps, SD3 flow) and under torch.inference_mode (as ComfyUI's executor runs nodes):
 our "Calibrated Scheduler (ksampler)" fits through the host's model (CFGGuider, ModelPatcher); ComfyUI's own
 SamplerCustom node then samples with its SIGMAS and SAMPLER; our KSampler samples with the calibration; a
-second node call must reuse the fit without a model call.  ComfyUI is imported as a library (../shared/comfyui
+second node call must reuse the fit without a model call; at eta 0.5 (the same fit, re-noising from the seed)
+SamplerCustom and our KSampler must again agree.  ComfyUI is imported as a library (../shared/comfyui
 harness); nothing of it is copied here.
 """
 from __future__ import annotations
@@ -74,13 +75,25 @@ def main() -> int:
                 model, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
                 teacher_steps=args.teacher_steps)
             cached = again[2] is cal and time.time() - t < 1.0
+            # eta > 0: the same fit, re-noising from the seed; SamplerCustom and our KSampler draw the same noise
+            _, noisy_sampler, noisy = classes["ksampler_CalibratedScheduler"]().calibrate(
+                model, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
+                teacher_steps=args.teacher_steps, eta=0.5)
+            noisy_out = custom.SamplerCustom().sample(model, True, 3, 5.0, pos, neg, noisy_sampler, sigmas, latent)
+            noisy_out = noisy_out[0] if isinstance(noisy_out, tuple) else noisy_out.result[0]
+            noisy_ours = classes["ksampler_KSampler"]().sample(model, 3, args.steps, 5.0, "euler", "karras", pos,
+                                                               neg, latent, calibration=noisy)[0]
+            stochastic = (noisy.sigmas is cal.sigmas and bool(torch.isfinite(noisy_out["samples"]).all())
+                          and torch.allclose(noisy_ours["samples"], noisy_out["samples"], atol=1e-5)
+                          and not torch.allclose(noisy_out["samples"], out["samples"], atol=1e-3))
         print(f"{key}: sigmas {[round(float(s), 4) for s in sigmas]}; fit {fit_s:.1f}s "
               f"({cal.info['model_calls']} model calls, gradient: {cal.info['gradient']}); RMS to the teacher "
               f"{cal.info['rms_start']:.4g} -> {cal.info['rms_fitted']:.4g}; shifts of the first and last calls "
               f"{None if cal.shift is None else [round(float(cal.shift[0]), 4), round(float(cal.shift[-1]), 4)]}; "
               f"SamplerCustom finite: {ok}; "
-              f"KSampler(calibration) == SamplerCustom: {same}; second call cached: {cached}")
-        failures += not (ok and same and cached)
+              f"KSampler(calibration) == SamplerCustom: {same}; second call cached: {cached}; at eta 0.5 (no "
+              f"refit) KSampler == SamplerCustom, and unlike eta 0: {stochastic}")
+        failures += not (ok and same and cached and stochastic)
     print("PASS" if not failures else f"FAIL ({failures})")
     return 1 if failures else 0
 
