@@ -5,6 +5,7 @@
     python bench/heldout_bundled.py --models flow --prompts 48 --steps 5 --results heldout_bundled_48.json
     python bench/heldout_bundled.py --comfy-samplers all --add-comfy   # the stored run plus every other ComfyUI sampler
     python bench/heldout_bundled.py --quick                    # 8 ComfyUI samplers, nothing written
+    python bench/heldout_bundled.py --tune-eta --prompts 48    # choose the stochastic rows' eta on tuning prompts
 
 For each bundled checkpoint: held-out prompts (``adherence.bench_prompts`` with a seed that no other bench
 uses) and held-out noise seeds, txt2img at cfg 5.
@@ -16,7 +17,9 @@ uses) and held-out noise seeds, txt2img at cfg 5.
   from the real checkout in-process (``comfy.k_diffusion.sampling``, ``comfy.samplers``) on our guided
   denoiser, with ComfyUI's model sampling for the checkpoint. Stochastic ones get the sampling seed.
 - **Ours:** the calibrated sampler, fitted (``fit_calibration``) on the same model and prompts with fitting
-  noise from a seed disjoint from the evaluation seeds, with the calibration's default settings.
+  noise from a seed disjoint from the evaluation seeds, with the calibration's default settings; run as fitted
+  (eta 0, following the ODE) and re-noising at ``STOCHASTIC_ETA`` from the sampling seed (the same fit; eta
+  chosen by ``--tune-eta`` on 48 tuning prompts with fitting, start and re-noising seeds of their own).
 - **Scores:** latent RMS to the reference (the stored latent), decoded image RMS to the reference's image (RGB
   0..1), and adherence (the share of images whose colour and shape match the prompt: ``adherence.Scorer``).
   "ComfyUI best" is the best sampler + scheduler per score, picked after the fact (a favour to ComfyUI).
@@ -31,6 +34,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -42,13 +46,18 @@ require_ksampler()
 import adherence  # noqa: E402  (the scorer and the prompt grammar)
 from heldout import COMFYUI_DIR, Comfy  # noqa: E402
 from ksampler.bundled.loader import load_bundled  # noqa: E402
-from ksampler.calibration import DEFAULT_FIT, fit_calibration, teacher_solve  # noqa: E402
+from ksampler.calibration import DEFAULT_FIT, Calibration, fit_calibration, teacher_solve  # noqa: E402
 from ksampler.conditioning.cfg import Guidance  # noqa: E402
 
 PROMPT_SEED = 7_301  # held out: the adherence bench uses seed 0, training draws prompts from the renderer
 EVAL_SEED, FIT_SEED = 31_000, 47_000
-# --select-on-tuning: ComfyUI's best picked on prompts and noise of its own, then scored on the held-out run
-TUNE_PROMPT_SEED, TUNE_EVAL_SEED = 7_302, 59_000
+# --select-on-tuning: ComfyUI's best picked on prompts and noise of its own, then scored on the held-out run;
+# --tune-eta: the calibrated sampler's eta chosen on those prompts, from a fit on noise of their own
+TUNE_PROMPT_SEED, TUNE_EVAL_SEED, TUNE_FIT_SEED = 7_302, 59_000, 91_000
+TUNE_ETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+TUNE_DRAW_SEEDS = 4  # re-noising seeds per eta on the tuning prompts
+# the eta of the stochastic calibrated rows: the best mean adherence in --tune-eta (results/eta_tuning.json)
+STOCHASTIC_ETA = 0.75  # 0.9857 mean over flow and eps at 5 and 8 steps, against 0.9844 for eta 0 (ODE)
 STEPS = (5, 8)
 CFG = 5.0
 REFERENCE_STEPS = 1000
@@ -78,7 +87,8 @@ def comfy_samplers(comfy: Comfy, which: str) -> list[str]:
 class Setup:
     """One checkpoint with its prompts, guided denoiser, evaluation and fitting noise, and reference."""
 
-    def __init__(self, kind: str, n: int, scorer, log, prompt_seed: int = PROMPT_SEED, eval_seed: int = EVAL_SEED):
+    def __init__(self, kind: str, n: int, scorer, log, prompt_seed: int = PROMPT_SEED, eval_seed: int = EVAL_SEED,
+                 fit_seed: int = FIT_SEED):
         self.kind = kind
         self.model, self.clip, self.vae = load_bundled(kind)
         self.ms = self.model.model_sampling
@@ -91,7 +101,7 @@ class Setup:
                                                                             torch.device("cpu"))
         self.eval_seed = eval_seed
         self.noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(eval_seed))
-        self.fit_noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(FIT_SEED))
+        self.fit_noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(fit_seed))
         self.sigma_max, self.sigma_min = float(self.ms.sigma_max), float(self.ms.sigma_min)
         self.scorer = scorer
         t = time.perf_counter()
@@ -137,16 +147,71 @@ def comfy_rows(setup: Setup, comfy: Comfy, samplers: list[str], steps: int, log)
     return rows
 
 
-def calibrated_row(setup: Setup, steps: int, log) -> dict:
+def fit(setup: Setup, steps: int, log) -> tuple:
+    """The calibration of ``setup``'s model and prompts with the default settings, and the seconds it took."""
     t = time.perf_counter()
     cal = fit_calibration(setup.denoiser, setup.ms, setup.fit_noise, steps, log=log, **DEFAULT_FIT)
-    seconds = time.perf_counter() - t
-    out = cal.sampler()(setup.denoiser, setup.start(float(cal.sigmas[0])), cal.sigmas, disable=True)
-    return {"impl": "calibrated", "sampler": "calibrated", "scheduler": "calibrated", "steps": steps,
-            **setup.scores(out), "fit_model_calls": cal.info["model_calls"],
-            "fit_backward_passes": cal.info["backward_passes"], "fit_seconds": round(seconds, 1),
-            "fit_noises": cal.info["fit_noises"], "init": cal.info["init"], "corrector": cal.info["corrector"],
-            "rms_fitted": cal.info["rms_fitted"]}
+    return cal, time.perf_counter() - t
+
+
+def sample(setup: Setup, cal, eta: float = 0.0, seed: int = None) -> torch.Tensor:
+    """``cal`` run from the evaluation noise; with eta > 0 re-noising from ``seed``."""
+    return replace(cal, eta=eta).sampler()(setup.denoiser, setup.start(float(cal.sigmas[0])), cal.sigmas,
+                                           extra_args={} if seed is None else {"seed": seed}, disable=True)
+
+
+def calibrated_rows(setup: Setup, steps: int, log) -> list[dict]:
+    """The calibrated sampler (eta 0, following the ODE) and, once an eta is chosen, its stochastic form with the
+    sampling seed (as ComfyUI's stochastic samplers get it)."""
+    cal, seconds = fit(setup, steps, log)
+    fitted = {"fit_model_calls": cal.info["model_calls"], "fit_backward_passes": cal.info["backward_passes"],
+              "fit_seconds": round(seconds, 1), "fit_noises": cal.info["fit_noises"], "init": cal.info["init"],
+              "corrector": cal.info["corrector"], "rms_fitted": cal.info["rms_fitted"]}
+    rows = [{"impl": "calibrated", "sampler": "calibrated", "scheduler": "calibrated", "steps": steps,
+             **setup.scores(sample(setup, cal)), **fitted}]
+    if STOCHASTIC_ETA:
+        rows.append({"impl": "calibrated_stochastic", "sampler": f"calibrated, eta {STOCHASTIC_ETA:g}",
+                     "scheduler": "calibrated", "steps": steps, "eta": STOCHASTIC_ETA,
+                     **setup.scores(sample(setup, cal, STOCHASTIC_ETA, setup.eval_seed)), **fitted})
+    return rows
+
+
+def tune_eta(kind: str, n: int, scorer, step_counts, log, calibrations: str = None) -> dict:
+    """The calibrated sampler on ``n`` tuning prompts (fitted on noise of their own) at every eta of TUNE_ETAS,
+    each over TUNE_DRAW_SEEDS re-noising seeds: mean adherence and latent RMS.  ``calibrations``: a folder to
+    load the fits from (or save them to), so that a re-run scores without refitting."""
+    setup = Setup(kind, n, scorer, log, prompt_seed=TUNE_PROMPT_SEED, eval_seed=TUNE_EVAL_SEED,
+                  fit_seed=TUNE_FIT_SEED)
+    result = {"model": kind, "prompts": n, "prompt_seed": TUNE_PROMPT_SEED, "noise_seed": TUNE_EVAL_SEED,
+              "fit_seed": TUNE_FIT_SEED, "reference": setup.reference_scores, "steps": {}}
+    for steps in step_counts:
+        path = calibrations and os.path.join(calibrations, f"tune_{kind}_{steps}_{n}.safetensors")
+        if path and os.path.isfile(path):
+            cal = Calibration.load(path)
+        else:
+            cal = fit(setup, steps, log)[0]
+            if path:
+                cal.save(path)
+        rows = []
+        for eta in TUNE_ETAS:
+            seeds = [None] if eta == 0 else [TUNE_EVAL_SEED + 1000 * k for k in range(TUNE_DRAW_SEEDS)]
+            scored = [setup.scores(sample(setup, cal, eta, seed)) for seed in seeds]
+            rows.append({"eta": eta, "seeds": seeds, "adherence_per_seed": [r["adherence"] for r in scored],
+                         **{k: sum(r[k] for r in scored) / len(scored) for k in ("latent_rms", "image_rms",
+                                                                                  "adherence")}})
+            log(f"{kind} {steps} steps, eta {eta:g}: adherence {rows[-1]['adherence']:.4g} "
+                f"({[round(a, 3) for a in rows[-1]['adherence_per_seed']]}), latent RMS {rows[-1]['latent_rms']:.4g}")
+        result["steps"][str(steps)] = {"fit_model_calls": cal.info["model_calls"], "rows": rows}
+    return result
+
+
+def choose_eta(studies: list[dict]) -> dict:
+    """The eta with the best adherence averaged over every study's step counts (ties: the lower mean latent RMS)."""
+    cells = [cell["rows"] for study in studies for cell in study["steps"].values()]
+    mean = {eta: {k: sum(next(r[k] for r in rows if r["eta"] == eta) for rows in cells) / len(cells)
+                  for k in ("adherence", "latent_rms")} for eta in TUNE_ETAS}
+    best = min(TUNE_ETAS, key=lambda eta: (-mean[eta]["adherence"], mean[eta]["latent_rms"]))
+    return {"eta": best, "mean": {str(eta): m for eta, m in mean.items()}}
 
 
 def _pick(rows: list[dict]) -> dict:
@@ -207,6 +272,14 @@ def summarise(entry: dict) -> tuple[list, list[dict]]:
             score = key.split(" ")[0]
             lines.append([kind, steps, key, cal[score], b[score], f"{b['sampler']} + {b['scheduler']}",
                           cal[score] / b[score] if score != "adherence" and b[score] > 0 else None])
+        stochastic = next((r for r in rows if r["impl"] == "calibrated_stochastic" and r["steps"] == steps), None)
+        if stochastic:
+            summary[-1]["calibrated_stochastic"] = stochastic
+            for key in ("latent_rms", "image_rms", "adherence"):
+                b = best[key]
+                lines.append([kind, steps, f"{key}, {stochastic['sampler']}", stochastic[key], b[key],
+                              f"{b['sampler']} + {b['scheduler']}",
+                              stochastic[key] / b[key] if key != "adherence" and b[key] > 0 else None])
         if entry.get("reference"):
             lines.append([kind, steps, "adherence of the reference", entry["reference"]["adherence"], None, None,
                           None])
@@ -240,9 +313,10 @@ def run_model(kind: str, n: int, scorer, which: str, reference_only: bool, log, 
             rows += kept + comfy_rows(setup, comfy, [s for s in comfy_samplers(comfy, which) if s not in have],
                                       steps, log)
             continue
-        rows.append(calibrated_row(setup, steps, log))
-        log(f"{kind} {steps} steps calibrated: {rows[-1]}")
-        rows += [r for r in kept if r["impl"] != "calibrated"] if mode == "recalibrate" else \
+        calibrated = calibrated_rows(setup, steps, log)
+        log(f"{kind} {steps} steps calibrated: {calibrated}")
+        rows += calibrated
+        rows += [r for r in kept if not r["impl"].startswith("calibrated")] if mode == "recalibrate" else \
             comfy_rows(setup, comfy, comfy_samplers(comfy, which), steps, log)
     return {"model": kind, "prompts": n, "reference": setup.reference_scores, "rows": rows}
 
@@ -268,6 +342,10 @@ def main() -> None:
                     help="pick ComfyUI's best by adherence on tuning prompts of their own (as many as --prompts), "
                          "then score that pick on the stored held-out run of --models (16 prompts); every stored "
                          "row is kept")
+    ap.add_argument("--tune-eta", action="store_true",
+                    help="choose the stochastic calibrated rows' eta on tuning prompts of their own (as many as "
+                         "--prompts), fitted on noise of their own; writes results/eta_tuning.json")
+    ap.add_argument("--calibrations", help="with --tune-eta: a folder to load the tuning fits from or save them to")
     ap.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma-separated step counts")
     ap.add_argument("--results", default="heldout_bundled.json", help="the results file in bench/results (a run "
                                                                      "with other prompts or steps: another file)")
@@ -286,6 +364,19 @@ def main() -> None:
         with open(path) as f:
             stored = {e["model"]: e for e in json.load(f)["results"]}
     t0 = time.perf_counter()
+    if args.tune_eta:
+        studies = [tune_eta(kind, n, scorer, step_counts, log, args.calibrations)
+                   for kind in args.models.split(",") if kind and kind != "none"]
+        choice = choose_eta(studies)
+        print(table(["model", "steps", "eta", "adherence", "latent RMS", "image RMS"],
+                    [[st["model"], steps, r["eta"], r["adherence"], r["latent_rms"], r["image_rms"]]
+                     for st in studies for steps, cell in st["steps"].items() for r in cell["rows"]],
+                    f"the calibrated sampler at each eta, {n} tuning prompts, cfg {CFG:g} (adherence: the mean over "
+                    f"{TUNE_DRAW_SEEDS} re-noising seeds); best mean adherence: eta {choice['eta']:g}"))
+        write_json("eta_tuning.json", {"environment": environment(), "cfg": CFG, "fit": DEFAULT_FIT,
+                                       "etas": TUNE_ETAS, "draw_seeds": TUNE_DRAW_SEEDS, "choice": choice,
+                                       "studies": studies, "seconds": time.perf_counter() - t0})
+        return
     which = "quick" if args.quick else args.comfy_samplers
     for kind in [m for m in args.models.split(",") if m and m != "none"]:  # none: re-summarise the stored runs
         if args.select_on_tuning:
