@@ -288,9 +288,11 @@ def summarise(entry: dict) -> tuple[list, list[dict]]:
             summary[-1]["comfyui_selected_on_tuning"] = {k: p for k, p in picked.items() if k != "tuning_rows"}
             for label in ("any", "deterministic"):
                 p = picked[label]
-                lines.append([kind, steps, f"adherence, ComfyUI's pick on tuning prompts ({label})", cal["adherence"],
-                              p["held_out_adherence"], f"{p['sampler']} + {p['scheduler']} "
-                              f"(tied: {p['tied_at_top']}, their mean {p['tied_mean_held_out_adherence']:.3g})", None])
+                for ours in [cal] + ([stochastic] if stochastic else []):
+                    lines.append([kind, steps, f"adherence ({ours['sampler']}), ComfyUI's pick on tuning prompts "
+                                  f"({label})", ours["adherence"], p["held_out_adherence"],
+                                  f"{p['sampler']} + {p['scheduler']} (tied: {p['tied_at_top']}, their mean "
+                                  f"{p['tied_mean_held_out_adherence']:.3g})", None])
     return lines, summary
 
 
@@ -349,9 +351,10 @@ def main() -> None:
     ap.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma-separated step counts")
     ap.add_argument("--results", default="heldout_bundled.json", help="the results file in bench/results (a run "
                                                                      "with other prompts or steps: another file)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: up to 2); 1 when two runs share 2 cores")
     ap.add_argument("--scorer", default=os.path.join(HERE, "results", "shape_scorer.safetensors"))
     args = ap.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
     n = 16 if args.quick else args.prompts  # with --select-on-tuning: the tuning prompts (the held-out run's stay)
 
     def log(msg):
