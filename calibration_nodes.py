@@ -43,7 +43,7 @@ __all__ = ["CalibratedScheduler", "CALIBRATION_NODES"]
            default=0.0, min=0.0, max=1.0, step=0.05, optional=True)),
     outputs=(Out("SIGMAS", "The fitted sigmas, descending, ending in 0.", "sigmas"),
              Out("SAMPLER", "The fitted multistep sampler, with its corrector if the fit chose one and the "
-                 "fitted sigmas of its first and last model calls (for SamplerCustom).", "sampler"),
+                 "fitted sigmas of its first and last model calls, run at eta (for SamplerCustom).", "sampler"),
              Out("KSAMPLER_CALIBRATION", "The calibration, for the KSampler's calibration input.",
                  "calibration"))))
 class CalibratedScheduler:
