@@ -62,6 +62,7 @@ from torch import Tensor
 
 from .samplers._common import emit, get_model_sampling, renoise, resolve_noise_sampler, step_range
 from .samplers.traits import traits
+from .validation import check_float
 
 __all__ = ["Calibration", "calibrate", "fit_calibration", "DEFAULT_FIT", "sample_calibrated", "teacher_solve",
            "multistep_coefficients", "cached_calibration", "calibration_key", "fitting_noise", "clear_cache",
@@ -169,7 +170,7 @@ def _solve(model, x: Tensor, sigmas: Tensor, coefficients: Optional[Tensor], ms,
         x = _step(x, sigmas[i], downs[i], alphas[i], alphas_down[i], weights, history)
         return x if noise is None else renoise(x, scales[i], noise, ups[i])
     history: list[Tensor] = []
-    x_before, noise, noise_before = x, None, None
+    x_before, noise_before = x, None
     for i in step_range(len(sigmas) - 1, disable):
         sigma = sigmas[i]
         denoised = model(x, evaluated[i].reshape(1).expand(x.shape[0]).to(device=x.device, dtype=x.dtype),
@@ -221,11 +222,9 @@ def sample_calibrated(model, x, sigmas, extra_args=None, callback=None, disable=
                   corrector=rows[1], shift=rows[2], eta=float(eta), noise_sampler=draw)
 
 
-def check_eta(eta) -> None:
+def check_eta(eta) -> float:
     """eta: a number in [0, 1] (0: the ODE; 1: an ancestral sampler's full re-noising)."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
-        raise ValueError(f"eta: expected a number in 0..1 (0 follows the ODE, 1 re-noises as an ancestral "
-                         f"sampler does), got {eta!r}")
+    return check_float("eta", eta, 0.0, 1.0)
 
 
 # ---- the teacher ------------------------------------------------------------------------------

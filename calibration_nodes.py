@@ -62,10 +62,7 @@ class CalibratedScheduler:
         check_int("teacher_steps", teacher_steps, 10, 1000)
         if not isinstance(cfg, (int, float)) or isinstance(cfg, bool) or not 0 <= cfg <= 100:
             raise KSamplerInputError(f"cfg: expected a number in 0..100, got {cfg!r}")
-        try:
-            check_eta(eta)
-        except ValueError as exc:
-            raise KSamplerInputError(str(exc)) from exc
+        check_eta(eta)
         if not isinstance(calibration_file, str):
             raise KSamplerInputError("calibration_file: expected a path string (or empty)")
         path = calibration_file.strip() or None

@@ -23,6 +23,11 @@ HARNESS = next((os.path.join(d, "shared", "comfyui") for d in (os.path.dirname(R
                 if os.path.isdir(os.path.join(d, "shared", "comfyui"))), "../shared/comfyui")
 
 
+def _first(node_output):
+    """The first output of a node call (a classic tuple or a V3 NodeOutput)."""
+    return node_output[0] if isinstance(node_output, tuple) else node_output.result[0]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--comfyui-dir", default=None)
@@ -64,8 +69,7 @@ def main() -> int:
             fit_s = time.time() - t
             ok = (sigmas.ndim == 1 and len(sigmas) == args.steps + 1 and float(sigmas[-1]) == 0
                   and bool((sigmas[1:] < sigmas[:-1]).all()))
-            out = custom.SamplerCustom().sample(model, True, 3, 5.0, pos, neg, sampler, sigmas, latent)
-            out = out[0] if isinstance(out, tuple) else out.result[0]
+            out = _first(custom.SamplerCustom().sample(model, True, 3, 5.0, pos, neg, sampler, sigmas, latent))
             ok &= bool(torch.isfinite(out["samples"]).all())
             ours = classes["ksampler_KSampler"]().sample(model, 3, args.steps, 5.0, "euler", "karras", pos, neg,
                                                          latent, calibration=cal)[0]
@@ -79,8 +83,8 @@ def main() -> int:
             _, noisy_sampler, noisy = classes["ksampler_CalibratedScheduler"]().calibrate(
                 model, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
                 teacher_steps=args.teacher_steps, eta=0.5)
-            noisy_out = custom.SamplerCustom().sample(model, True, 3, 5.0, pos, neg, noisy_sampler, sigmas, latent)
-            noisy_out = noisy_out[0] if isinstance(noisy_out, tuple) else noisy_out.result[0]
+            noisy_out = _first(custom.SamplerCustom().sample(model, True, 3, 5.0, pos, neg, noisy_sampler, sigmas,
+                                                             latent))
             noisy_ours = classes["ksampler_KSampler"]().sample(model, 3, args.steps, 5.0, "euler", "karras", pos,
                                                                neg, latent, calibration=noisy)[0]
             stochastic = (noisy.sigmas is cal.sigmas and bool(torch.isfinite(noisy_out["samples"]).all())
