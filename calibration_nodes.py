@@ -9,7 +9,7 @@ import os
 from dataclasses import replace
 
 from .node_schema import In, NodeSpec, Out, v1_node
-from .validation import MAX_SEED, KSamplerInputError, check_int
+from .validation import MAX_SEED, KSamplerInputError, check_float, check_int
 
 __all__ = ["CalibratedScheduler", "CALIBRATION_NODES"]
 
@@ -60,8 +60,7 @@ class CalibratedScheduler:
         check_int("fit_seed", fit_seed, 0, MAX_SEED)
         check_int("iterations", iterations, 0, 5000)
         check_int("teacher_steps", teacher_steps, 10, 1000)
-        if not isinstance(cfg, (int, float)) or isinstance(cfg, bool) or not 0 <= cfg <= 100:
-            raise KSamplerInputError(f"cfg: expected a number in 0..100, got {cfg!r}")
+        check_float("cfg", cfg, 0.0, 100.0)
         check_eta(eta)
         if not isinstance(calibration_file, str):
             raise KSamplerInputError("calibration_file: expected a path string (or empty)")
