@@ -6,6 +6,8 @@
     python bench/heldout_bundled.py --comfy-samplers all --add-comfy   # the stored run plus every other ComfyUI sampler
     python bench/heldout_bundled.py --quick                    # 8 ComfyUI samplers, nothing written
     python bench/heldout_bundled.py --tune-eta --prompts 48    # choose the stochastic rows' eta on tuning prompts
+    python bench/heldout_bundled.py --over-seeds                # the stochastic rows over 4 re-noising seeds
+    python bench/heldout_bundled.py --over-seeds --select-on-tuning --prompts 48 --models flow   # ComfyUI's pick
 
 For each bundled checkpoint: held-out prompts (``adherence.bench_prompts`` with a seed that no other bench
 uses) and held-out noise seeds, txt2img at cfg 5.
@@ -58,6 +60,9 @@ TUNE_ETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 TUNE_DRAW_SEEDS = 4  # re-noising seeds per eta on the tuning prompts
 # the eta of the stochastic calibrated rows: the best mean adherence in --tune-eta (results/eta_tuning.json)
 STOCHASTIC_ETA = 0.75  # 0.9857 mean over flow and eps at 5 and 8 steps, against 0.9844 for eta 0 (ODE)
+# --over-seeds: the stochastic rows (ours and every ComfyUI stochastic sampler x scheduler of the stored run) re-run
+# with the evaluation seed and OVER_SEEDS - 1 more re-noising seeds (the same start noise, prompts and reference)
+OVER_SEEDS = 4
 STEPS = (5, 8)
 CFG = 5.0
 REFERENCE_STEPS = 1000
@@ -154,6 +159,16 @@ def fit(setup: Setup, steps: int, log) -> tuple:
     return cal, time.perf_counter() - t
 
 
+def fit_or_load(setup: Setup, steps: int, log, path: str = None) -> Calibration:
+    """The calibration stored at ``path``, or a fit (saved there when ``path`` is given)."""
+    if path and os.path.isfile(path):
+        return Calibration.load(path)
+    cal = fit(setup, steps, log)[0]
+    if path:
+        cal.save(path)
+    return cal
+
+
 def sample(setup: Setup, cal, eta: float = 0.0, seed: int = None) -> torch.Tensor:
     """``cal`` run from the evaluation noise; with eta > 0 re-noising from ``seed``."""
     return replace(cal, eta=eta).sampler()(setup.denoiser, setup.start(float(cal.sigmas[0])), cal.sigmas,
@@ -185,13 +200,8 @@ def tune_eta(kind: str, n: int, scorer, step_counts, log, calibrations: str = No
     result = {"model": kind, "prompts": n, "prompt_seed": TUNE_PROMPT_SEED, "noise_seed": TUNE_EVAL_SEED,
               "fit_seed": TUNE_FIT_SEED, "reference": setup.reference_scores, "steps": {}}
     for steps in step_counts:
-        path = calibrations and os.path.join(calibrations, f"tune_{kind}_{steps}_{n}.safetensors")
-        if path and os.path.isfile(path):
-            cal = Calibration.load(path)
-        else:
-            cal = fit(setup, steps, log)[0]
-            if path:
-                cal.save(path)
+        cal = fit_or_load(setup, steps, log, calibrations and os.path.join(
+            calibrations, f"tune_{kind}_{steps}_{n}.safetensors"))
         rows = []
         for eta in TUNE_ETAS:
             seeds = [None] if eta == 0 else [TUNE_EVAL_SEED + 1000 * k for k in range(TUNE_DRAW_SEEDS)]
@@ -203,6 +213,109 @@ def tune_eta(kind: str, n: int, scorer, step_counts, log, calibrations: str = No
                 f"({[round(a, 3) for a in rows[-1]['adherence_per_seed']]}), latent RMS {rows[-1]['latent_rms']:.4g}")
         result["steps"][str(steps)] = {"fit_model_calls": cal.info["model_calls"], "rows": rows}
     return result
+
+
+def seeded_row(setup: Setup, impl: str, sampler: str, scheduler: str, run, seeds: list, log) -> dict:
+    """``run(seed)`` scored for each re-noising seed of ``seeds``: the adherence and latent RMS of each, and their
+    means."""
+    scored = []
+    for seed in seeds:
+        try:
+            scored.append(setup.scores(run(seed)))
+        except Exception as exc:  # a sampler that cannot run this schedule scores worst
+            log(f"  ! {impl} {sampler}/{scheduler}: {type(exc).__name__}: {exc}")
+            scored.append(setup.scores(None))
+    row = {"impl": impl, "sampler": sampler, "scheduler": scheduler,
+           "adherence_per_seed": [s["adherence"] for s in scored],
+           "latent_rms_per_seed": [s["latent_rms"] for s in scored],
+           **{k: sum(s[k] for s in scored) / len(scored) for k in ("adherence", "latent_rms")}}
+    log(f"  {impl} {sampler}/{scheduler}: adherence {row['adherence']:.4g} "
+        f"{[round(a, 3) for a in row['adherence_per_seed']]}, latent RMS {row['latent_rms']:.4g}")
+    return row
+
+
+def comfy_seeded_rows(setup: Setup, comfy: Comfy, samplers: list[str], steps: int, seeds: list, log) -> list[dict]:
+    """Every sampler of ``samplers`` x ComfyUI's schedulers, each over ``seeds``."""
+    rows = []
+    for sampler in samplers:
+        for scheduler in comfy.schedulers:
+            sigmas = comfy.sigmas(scheduler, steps, sampler)
+            rows.append(seeded_row(setup, "comfyui", sampler, scheduler, lambda seed: comfy.run(
+                sampler, setup.denoiser, setup.start(float(sigmas[0])), sigmas, seed=seed), seeds, log))
+    return rows
+
+
+def stochastic_samplers(stored: dict, steps: int) -> list[str]:
+    """The ComfyUI samplers of a stored run that re-noise (not in ``Comfy.DETERMINISTIC``)."""
+    return sorted({r["sampler"] for r in stored["rows"] if r["impl"] == "comfyui" and r["steps"] == steps
+                   and r["sampler"] not in Comfy.DETERMINISTIC})
+
+
+def over_seeds(kind: str, stored: dict, scorer, step_counts, log, calibrations: str = None) -> dict:
+    """The stored held-out run's stochastic rows, each over OVER_SEEDS re-noising seeds (the evaluation seed
+    first): the calibrated sampler at STOCHASTIC_ETA, refitted as the run fits it (or loaded from
+    ``calibrations``), and every ComfyUI stochastic sampler x scheduler of the stored run."""
+    n = stored["prompts"]
+    setup = Setup(kind, n, scorer, log)
+    comfy = Comfy(COMFYUI_DIR, flow_shift=float(setup.ms.shift) if kind == "flow" else None)
+    seeds = [EVAL_SEED + 1000 * k for k in range(OVER_SEEDS)]
+    result = {"seeds": seeds, "eta": STOCHASTIC_ETA, "steps": {}}
+    for steps in step_counts:
+        cal = fit_or_load(setup, steps, log, calibrations and os.path.join(
+            calibrations, f"heldout_{kind}_{steps}_{n}.safetensors"))
+        rows = [seeded_row(setup, "calibrated_stochastic", f"calibrated, eta {STOCHASTIC_ETA:g}", "calibrated",
+                           lambda seed: sample(setup, cal, STOCHASTIC_ETA, seed), seeds, log)]
+        rows += comfy_seeded_rows(setup, comfy, stochastic_samplers(stored, steps), steps, seeds, log)
+        result["steps"][str(steps)] = {"fit_model_calls": cal.info["model_calls"], "rows": rows}
+    return result
+
+
+def over_seeds_selected(kind: str, n: int, stored: dict, scorer, step_counts, log) -> dict:
+    """ComfyUI's best stochastic sampler + scheduler by mean adherence over OVER_SEEDS re-noising seeds, picked on
+    ``n`` tuning prompts with start and re-noising noise of their own, then looked up in the held-out rows over
+    seeds (``stored["over_seeds"]``): the pick a user could make without seeing the held-out prompts."""
+    setup = Setup(kind, n, scorer, log, prompt_seed=TUNE_PROMPT_SEED, eval_seed=TUNE_EVAL_SEED)
+    comfy = Comfy(COMFYUI_DIR, flow_shift=float(setup.ms.shift) if kind == "flow" else None)
+    seeds = [TUNE_EVAL_SEED + 1000 * k for k in range(OVER_SEEDS)]
+    result = {"prompts": n, "prompt_seed": TUNE_PROMPT_SEED, "seeds": seeds, "steps": {}}
+    for steps in step_counts:
+        held_out = {(r["sampler"], r["scheduler"]): r for r in stored["over_seeds"]["steps"][str(steps)]["rows"]
+                    if r["impl"] == "comfyui"}
+        tuned = [r for r in comfy_seeded_rows(setup, comfy, stochastic_samplers(stored, steps), steps, seeds, log)
+                 if (r["sampler"], r["scheduler"]) in held_out]
+        pick = _pick(tuned)
+        tied = [r for r in tuned if r["adherence"] == pick["adherence"]]
+        result["steps"][str(steps)] = {
+            "sampler": pick["sampler"], "scheduler": pick["scheduler"], "tuning_adherence": pick["adherence"],
+            "held_out_adherence": held_out[(pick["sampler"], pick["scheduler"])]["adherence"],
+            "tied_at_top": len(tied), "tied_mean_held_out_adherence": sum(
+                held_out[(r["sampler"], r["scheduler"])]["adherence"] for r in tied) / len(tied),
+            "tuning_rows": tuned}
+        log(f"{kind} {steps} steps: picked over seeds on tuning prompts "
+            f"{ {k: v for k, v in result['steps'][str(steps)].items() if k != 'tuning_rows'} }")
+    return result
+
+
+def summarise_over_seeds(kind: str, entry: dict) -> list:
+    """Per step count: ours against ComfyUI's best stochastic row by mean adherence (picked after the fact), the
+    means of ComfyUI's rows that scored the best adherence with the evaluation seed alone, and ComfyUI's pick on
+    tuning prompts (when run)."""
+    lines = []
+    for steps, cell in entry["steps"].items():
+        ours = next(r for r in cell["rows"] if r["impl"] == "calibrated_stochastic")
+        theirs = [r for r in cell["rows"] if r["impl"] == "comfyui"]
+        best = _pick(theirs)
+        top_first = max(r["adherence_per_seed"][0] for r in theirs)
+        lucky = [r for r in theirs if r["adherence_per_seed"][0] == top_first]
+        picked = entry.get("selected_on_tuning", {}).get("steps", {}).get(steps)
+        lines.append([kind, steps, ours["sampler"], ours["adherence"], best["adherence"],
+                      f"{best['sampler']} + {best['scheduler']}",
+                      f"{sum(r['adherence'] > ours['adherence'] for r in theirs)} of {len(theirs)}",
+                      f"{len(lucky)} at {top_first:.3g}: mean {sum(r['adherence'] for r in lucky) / len(lucky):.3g}",
+                      f"{picked['sampler']} + {picked['scheduler']}: {picked['held_out_adherence']:.3g} (tied: "
+                      f"{picked['tied_at_top']}, their mean {picked['tied_mean_held_out_adherence']:.3g})"
+                      if picked else None])
+    return lines
 
 
 def choose_eta(studies: list[dict]) -> dict:
@@ -342,12 +455,17 @@ def main() -> None:
                                                                "stored row is kept")
     ap.add_argument("--select-on-tuning", action="store_true",
                     help="pick ComfyUI's best by adherence on tuning prompts of their own (as many as --prompts), "
-                         "then score that pick on the stored held-out run of --models (16 prompts); every stored "
-                         "row is kept")
+                         "then score that pick on the stored held-out run of --models (16 prompts); with "
+                         "--over-seeds: its best stochastic one by mean adherence over the re-noising seeds, scored "
+                         "on the stored held-out rows over seeds; every stored row is kept")
     ap.add_argument("--tune-eta", action="store_true",
                     help="choose the stochastic calibrated rows' eta on tuning prompts of their own (as many as "
                          "--prompts), fitted on noise of their own; writes results/eta_tuning.json")
-    ap.add_argument("--calibrations", help="with --tune-eta: a folder to load the tuning fits from or save them to")
+    ap.add_argument("--over-seeds", action="store_true",
+                    help=f"score the stochastic rows of the stored run of --models over {OVER_SEEDS} re-noising seeds "
+                         "(ours refitted, or loaded from --calibrations); every stored row is kept")
+    ap.add_argument("--calibrations", help="with --tune-eta or --over-seeds: a folder to load the fits from or save "
+                                           "them to")
     ap.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma-separated step counts")
     ap.add_argument("--results", default="heldout_bundled.json", help="the results file in bench/results (a run "
                                                                      "with other prompts or steps: another file)")
@@ -382,6 +500,18 @@ def main() -> None:
         return
     which = "quick" if args.quick else args.comfy_samplers
     for kind in [m for m in args.models.split(",") if m and m != "none"]:  # none: re-summarise the stored runs
+        if args.over_seeds and args.select_on_tuning:
+            if "over_seeds" not in stored.get(kind, {}):
+                ap.error(f"--over-seeds --select-on-tuning: no {kind} rows over seeds in {args.results} to score "
+                         "the pick on (run --over-seeds first)")
+            stored[kind]["over_seeds"]["selected_on_tuning"] = over_seeds_selected(kind, args.prompts, stored[kind],
+                                                                                  scorer, step_counts, log)
+            continue
+        if args.over_seeds:
+            if kind not in stored:
+                ap.error(f"--over-seeds: no stored {kind} run in {args.results} to re-run the stochastic rows of")
+            stored[kind]["over_seeds"] = over_seeds(kind, stored[kind], scorer, step_counts, log, args.calibrations)
+            continue
         if args.select_on_tuning:
             if kind not in stored:
                 ap.error(f"--select-on-tuning: no stored {kind} run in {args.results} to score the pick on")
@@ -400,8 +530,10 @@ def main() -> None:
         else:
             if mode != "fresh" and "selected_on_tuning" in stored[kind]:  # the ComfyUI rows it was scored on stay
                 entry["selected_on_tuning"] = stored[kind]["selected_on_tuning"]
+            if mode == "add_comfy" and "over_seeds" in stored[kind]:  # its rows are unchanged (a refit is not)
+                entry["over_seeds"] = stored[kind]["over_seeds"]
             stored[kind] = entry
-    if args.select_on_tuning:  # the tables and the file are the held-out run's
+    if args.select_on_tuning or args.over_seeds:  # the tables and the file are the held-out run's
         n = max(e["prompts"] for e in stored.values())
     lines, summary = [], []
     for entry in stored.values():
@@ -412,6 +544,13 @@ def main() -> None:
     print(table(["model", "steps", "score", "calibrated", "ComfyUI best", "ComfyUI's pick", "ratio"], lines,
                 f"bundled networks, cfg {CFG:g}, {n} held-out prompts (latent / image RMS: lower is better; "
                 "adherence: higher is better)"))
+    seeded = [line for e in stored.values() if e.get("over_seeds") for line in summarise_over_seeds(e["model"],
+                                                                                                     e["over_seeds"])]
+    if seeded:
+        print(table(["model", "steps", "ours", "adherence", "ComfyUI best", "ComfyUI's pick", "ComfyUI above ours",
+                     "ComfyUI's best with the evaluation seed alone", "ComfyUI's pick on tuning prompts"], seeded,
+                    f"the stochastic rows, mean adherence over {OVER_SEEDS} re-noising seeds (the evaluation seed "
+                    "first; the same start noise)"))
     if not args.quick:
         ran = sorted({r["sampler"] for e in stored.values() for r in e.get("rows", []) if r["impl"] == "comfyui"})
         write_json(args.results, {"environment": environment(), "cfg": CFG, "prompts": n, "comfy_samplers": ran,
