@@ -312,10 +312,18 @@ def summarise_over_seeds(kind: str, entry: dict) -> list:
                       f"{best['sampler']} + {best['scheduler']}",
                       f"{sum(r['adherence'] > ours['adherence'] for r in theirs)} of {len(theirs)}",
                       f"{len(lucky)} at {top_first:.3g}: mean {sum(r['adherence'] for r in lucky) / len(lucky):.3g}",
-                      f"{picked['sampler']} + {picked['scheduler']}: {picked['held_out_adherence']:.3g} (tied: "
-                      f"{picked['tied_at_top']}, their mean {picked['tied_mean_held_out_adherence']:.3g})"
-                      if picked else None])
+                      _tuning_picks(picked, theirs) if picked else None])
     return lines
+
+
+def _tuning_picks(picked: dict, held_out: list[dict]) -> str:
+    """ComfyUI's pick on tuning prompts and its held-out mean adherence; also the pick among its samplers that call
+    the model once per step."""
+    one = _pick([r for r in picked["tuning_rows"] if r["sampler"] in ONE_CALL_PER_STEP])
+    one_held_out = next(r for r in held_out if (r["sampler"], r["scheduler"]) == (one["sampler"], one["scheduler"]))
+    return (f"{picked['sampler']} + {picked['scheduler']}: {picked['held_out_adherence']:.3g} (tied: "
+            f"{picked['tied_at_top']}, their mean {picked['tied_mean_held_out_adherence']:.3g}); one call per step: "
+            f"{one['sampler']} + {one['scheduler']}: {one_held_out['adherence']:.3g}")
 
 
 def choose_eta(studies: list[dict]) -> dict:
