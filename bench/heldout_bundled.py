@@ -471,7 +471,8 @@ def main() -> None:
                          "--prompts), fitted on noise of their own; writes results/eta_tuning.json")
     ap.add_argument("--over-seeds", action="store_true",
                     help=f"score the stochastic rows of the stored run of --models over {OVER_SEEDS} re-noising seeds "
-                         "(ours refitted, or loaded from --calibrations); every stored row is kept")
+                         "(ours refitted, or loaded from --calibrations); every stored row is kept, and the rows over seeds "
+                         "of the step counts not in --steps too")
     ap.add_argument("--calibrations", help="with --tune-eta or --over-seeds: a folder to load the fits from or save "
                                            "them to")
     ap.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma-separated step counts")
@@ -512,13 +513,20 @@ def main() -> None:
             if "over_seeds" not in stored.get(kind, {}):
                 ap.error(f"--over-seeds --select-on-tuning: no {kind} rows over seeds in {args.results} to score "
                          "the pick on (run --over-seeds first)")
-            stored[kind]["over_seeds"]["selected_on_tuning"] = over_seeds_selected(kind, args.prompts, stored[kind],
-                                                                                  scorer, step_counts, log)
+            picks = over_seeds_selected(kind, args.prompts, stored[kind], scorer, step_counts, log)
+            kept = stored[kind]["over_seeds"].get("selected_on_tuning", {}).get("steps", {})
+            picks["steps"] = {**kept, **picks["steps"]}  # the step counts not run now keep their picks
+            stored[kind]["over_seeds"]["selected_on_tuning"] = picks
             continue
         if args.over_seeds:
             if kind not in stored:
                 ap.error(f"--over-seeds: no stored {kind} run in {args.results} to re-run the stochastic rows of")
-            stored[kind]["over_seeds"] = over_seeds(kind, stored[kind], scorer, step_counts, log, args.calibrations)
+            rows = over_seeds(kind, stored[kind], scorer, step_counts, log, args.calibrations)
+            kept = stored[kind].get("over_seeds", {})
+            rows["steps"] = {**kept.get("steps", {}), **rows["steps"]}  # the step counts not run now are kept
+            if "selected_on_tuning" in kept:  # read from ComfyUI's held-out rows, which a re-run reproduces
+                rows["selected_on_tuning"] = kept["selected_on_tuning"]
+            stored[kind]["over_seeds"] = rows
             continue
         if args.select_on_tuning:
             if kind not in stored:
