@@ -117,6 +117,10 @@ class Setup:
         self.reference_scores = {"adherence": scorer.score(self.reference_image, self.targets)["both"]}
         log(f"{kind}: reference ({REFERENCE_STEPS} steps) in {time.perf_counter() - t:.0f}s")
 
+    def comfy(self) -> Comfy:
+        """ComfyUI's samplers with its model sampling for this checkpoint (the flow shift of a flow model)."""
+        return Comfy(COMFYUI_DIR, flow_shift=float(self.ms.shift) if self.kind == "flow" else None)
+
     def start(self, sigma0: float) -> torch.Tensor:
         """The txt2img start at sigma0 from the evaluation noise (ComfyUI's scaling, max_denoise)."""
         return self.ms.noise_scaling(torch.tensor(sigma0), self.noise, torch.zeros(self.shape), True)
@@ -257,7 +261,7 @@ def over_seeds(kind: str, stored: dict, scorer, step_counts, log, calibrations: 
     ``calibrations``), and every ComfyUI stochastic sampler x scheduler of the stored run."""
     n = stored["prompts"]
     setup = Setup(kind, n, scorer, log)
-    comfy = Comfy(COMFYUI_DIR, flow_shift=float(setup.ms.shift) if kind == "flow" else None)
+    comfy = setup.comfy()
     seeds = [EVAL_SEED + 1000 * k for k in range(OVER_SEEDS)]
     result = {"seeds": seeds, "eta": STOCHASTIC_ETA, "steps": {}}
     for steps in step_counts:
@@ -275,7 +279,7 @@ def over_seeds_selected(kind: str, n: int, stored: dict, scorer, step_counts, lo
     ``n`` tuning prompts with start and re-noising noise of their own, then looked up in the held-out rows over
     seeds (``stored["over_seeds"]``): the pick a user could make without seeing the held-out prompts."""
     setup = Setup(kind, n, scorer, log, prompt_seed=TUNE_PROMPT_SEED, eval_seed=TUNE_EVAL_SEED)
-    comfy = Comfy(COMFYUI_DIR, flow_shift=float(setup.ms.shift) if kind == "flow" else None)
+    comfy = setup.comfy()
     seeds = [TUNE_EVAL_SEED + 1000 * k for k in range(OVER_SEEDS)]
     result = {"prompts": n, "prompt_seed": TUNE_PROMPT_SEED, "seeds": seeds, "steps": {}}
     for steps in step_counts:
@@ -283,14 +287,7 @@ def over_seeds_selected(kind: str, n: int, stored: dict, scorer, step_counts, lo
                     if r["impl"] == "comfyui"}
         tuned = [r for r in comfy_seeded_rows(setup, comfy, stochastic_samplers(stored, steps), steps, seeds, log)
                  if (r["sampler"], r["scheduler"]) in held_out]
-        pick = _pick(tuned)
-        tied = [r for r in tuned if r["adherence"] == pick["adherence"]]
-        result["steps"][str(steps)] = {
-            "sampler": pick["sampler"], "scheduler": pick["scheduler"], "tuning_adherence": pick["adherence"],
-            "held_out_adherence": held_out[(pick["sampler"], pick["scheduler"])]["adherence"],
-            "tied_at_top": len(tied), "tied_mean_held_out_adherence": sum(
-                held_out[(r["sampler"], r["scheduler"])]["adherence"] for r in tied) / len(tied),
-            "tuning_rows": tuned}
+        result["steps"][str(steps)] = {**_picked_on_tuning(tuned, held_out), "tuning_rows": tuned}
         log(f"{kind} {steps} steps: picked over seeds on tuning prompts "
             f"{ {k: v for k, v in result['steps'][str(steps)].items() if k != 'tuning_rows'} }")
     return result
@@ -340,13 +337,25 @@ def _pick(rows: list[dict]) -> dict:
     return min(rows, key=lambda r: (-r["adherence"], r["latent_rms"]))
 
 
+def _picked_on_tuning(tuned: list[dict], held_out: dict) -> dict:
+    """The best of ``tuned`` (rows on tuning prompts) and its held-out adherence (``held_out``: rows by (sampler,
+    scheduler)); also how many tied at the top on the tuning prompts and their mean held-out adherence."""
+    pick = _pick(tuned)
+    tied = [r for r in tuned if r["adherence"] == pick["adherence"]]
+    return {"sampler": pick["sampler"], "scheduler": pick["scheduler"], "tuning_adherence": pick["adherence"],
+            "held_out_adherence": held_out[(pick["sampler"], pick["scheduler"])]["adherence"],
+            "tied_at_top": len(tied),
+            "tied_mean_held_out_adherence": sum(held_out[(r["sampler"], r["scheduler"])]["adherence"]
+                                                for r in tied) / len(tied)}
+
+
 def select_on_tuning(kind: str, n: int, scorer, which: str, held_out: dict, step_counts, log) -> dict:
     """ComfyUI's best sampler + scheduler by adherence, picked on ``n`` tuning prompts and noises of their own
     (``TUNE_PROMPT_SEED``, ``TUNE_EVAL_SEED``), then scored on the held-out run ``held_out`` (its stored rows):
     what a user who chose ComfyUI's best on other prompts would get.  Also the mean held-out adherence over every
     combination tied at the top on the tuning prompts (a pick that favours none of them)."""
     setup = Setup(kind, n, scorer, log, prompt_seed=TUNE_PROMPT_SEED, eval_seed=TUNE_EVAL_SEED)
-    comfy = Comfy(COMFYUI_DIR, flow_shift=float(setup.ms.shift) if kind == "flow" else None)
+    comfy = setup.comfy()
     result = {"prompts": n, "prompt_seed": TUNE_PROMPT_SEED, "noise_seed": TUNE_EVAL_SEED,
               "held_out_prompts": held_out["prompts"], "steps": {}}
     for steps in step_counts:
@@ -357,14 +366,7 @@ def select_on_tuning(kind: str, n: int, scorer, which: str, held_out: dict, step
         picks = {}
         deterministic = [r for r in tuned if r["sampler"] in Comfy.DETERMINISTIC]
         for label, pool in (("any", tuned), ("deterministic", deterministic)):
-            pick = _pick(pool)
-            tied = [r for r in pool if r["adherence"] == pick["adherence"]]
-            picks[label] = {"sampler": pick["sampler"], "scheduler": pick["scheduler"],
-                            "tuning_adherence": pick["adherence"],
-                            "held_out_adherence": scored[(pick["sampler"], pick["scheduler"])]["adherence"],
-                            "tied_at_top": len(tied),
-                            "tied_mean_held_out_adherence": sum(scored[(r["sampler"], r["scheduler"])]["adherence"]
-                                                                for r in tied) / len(tied)}
+            picks[label] = _picked_on_tuning(pool, scored)
         result["steps"][str(steps)] = {**picks, "tuning_rows": tuned}
         log(f"{kind} {steps} steps: picked on tuning prompts {picks}")
     return result
@@ -426,8 +428,7 @@ def run_model(kind: str, n: int, scorer, which: str, reference_only: bool, log, 
     log(f"{kind}: reference adherence {setup.reference_scores['adherence']:.4g}")
     if reference_only:
         return {"model": kind, "prompts": n, "reference": setup.reference_scores}
-    comfy = None if mode == "recalibrate" else \
-        Comfy(COMFYUI_DIR, flow_shift=float(setup.ms.shift) if kind == "flow" else None)
+    comfy = None if mode == "recalibrate" else setup.comfy()
     rows = []
     for steps in step_counts:
         kept = [r for r in stored["rows"] if r["steps"] == steps] if stored else []
