@@ -410,7 +410,7 @@ def _init_schedules(ms, steps: int, hi: float, lo: float) -> dict:
 
 
 # defaults of a fit, chosen on the tuning split of bench/heldout.py (never on held-out problems)
-DEFAULT_FIT = {"order": 3, "iterations": 300, "lr": 0.05, "teacher_steps": 100, "corrector": True, "shift": True}
+DEFAULT_FIT = {"order": 3, "iterations": 600, "lr": 0.05, "teacher_steps": 100, "corrector": True, "shift": True}
 
 # the steps whose evaluation sigma the fit shifts: the first and the last (tuning split: python bench/flips.py
 # --shift, 0.89x in geometric mean over its nine cases; the last alone, in scratch runs, 0.85x but no gain with
@@ -819,9 +819,10 @@ def fitting_noise(seed: int, count: int, shape, dtype=torch.float32, stream: int
 
 
 def cached_calibration(key: str, fit: Callable[[], Calibration], path: Optional[str] = None,
-                       log: Callable[[str], None] = default_log) -> Calibration:
+                       log: Callable[[str], None] = default_log, settings: Optional[dict] = None) -> Calibration:
     """The calibration for ``key``: from memory, else from ``path`` (checked to be for the same key), else fitted
-    (once, saying so) and stored in memory and at ``path``."""
+    (once, saying so) and stored in memory and at ``path``.  ``settings``: the fit's settings in the key, named
+    in the error when the file's differ."""
     import os
     cal = _CACHE.get(key)
     if cal is not None:
@@ -830,6 +831,11 @@ def cached_calibration(key: str, fit: Callable[[], Calibration], path: Optional[
     if path and os.path.exists(path):
         cal = Calibration.load(path)
         if cal.info.get("key") != key:
+            differ = [f"{name}={cal.info[name]!r} (this call: {value!r})" for name, value in (settings or {}).items()
+                      if name in cal.info and cal.info[name] != value]
+            if differ:
+                raise ValueError(f"calibration_file: {path!r} was fitted with other settings: {', '.join(differ)}; "
+                                 "pass the file's settings to use it, or delete it to fit anew")
             raise ValueError(f"calibration_file: {path!r} holds a calibration fitted for other inputs (model, "
                              "conditioning, steps, cfg or settings); delete it or choose another file name")
         log(f"calibration: loaded {path}")
@@ -892,7 +898,7 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
         return fit_calibration(guided, ms, noise, steps, order=order, iterations=iterations,
                                teacher_steps=teacher_steps, refine_noise=refine_noise,
                                refine_denoiser=refine_guided, log=log, info={"cfg": float(cfg), **settings})
-    return cached_calibration(key, fit, path, log)
+    return cached_calibration(key, fit, path, log, settings)
 
 
 def run_sigmas(calibration: "Calibration", steps: int, cfg: float, denoise: float = 1.0) -> Tensor:

@@ -89,4 +89,4 @@ def calibrate_host(model, positive, negative, latent: dict, steps: int, cfg: flo
             sigmas = torch.tensor([float(ms.sigma_max), 0.0])
             guider.sample(noise, torch.zeros_like(noise), fitter, sigmas, seed=seed, disable_pbar=True)
         return fitter.result
-    return cached_calibration(key, fit, path, log)
+    return cached_calibration(key, fit, path, log, settings)

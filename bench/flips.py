@@ -5,6 +5,7 @@
     python bench/flips.py --quick    # tune-narrow12 only, one fitting seed
     python bench/flips.py --refine   # the fit with and without the refinement on more noises (REFINE_CASES)
     python bench/flips.py --shift    # the refined fit with and without the shifted first and last calls
+    python bench/flips.py --iterations   # the refined, shifted fit with 300 and 600 iterations
 
 Where a mixture's modes are narrow and far apart, a few-step sampler sends the noises that lie near the
 boundary between two modes' basins to the wrong mode.  One such flip costs an RMS of about the distance between
@@ -26,7 +27,8 @@ and the shifts existed).
 ``--refine`` is the evidence the refinement (``heldout.REFINE_NOISES`` more noises, ``calibration.REFINE``) was
 adopted on: nine tuning cases, four fitting seeds, each fit with and without it, on the same evaluation noises
 (both without the shifts, as measured then).  ``--shift`` is the same for the shifted first and last model calls
-(``calibration.SHIFTED_STEPS``), both fits refined.
+(``calibration.SHIFTED_STEPS``), both fits refined.  ``--iterations`` is the same for 600 Adam iterations against
+300, both fits refined and shifted: the evidence ``calibration.DEFAULT_FIT``'s 600 was adopted on.
 """
 from __future__ import annotations
 
@@ -120,7 +122,8 @@ def paired_study(variants: dict, seeds, log) -> list[dict]:
         for seed in seeds:
             row = {"seed": seed}
             for label, options in variants.items():
-                cal = fit(prob, nfe, seed, heldout.CALIBRATION["iterations"], **options)
+                cal = fit(prob, nfe, seed, options.get("iterations", heldout.CALIBRATION["iterations"]),
+                          **{k: v for k, v in options.items() if k != "iterations"})
                 out = cal.sampler()(prob.model, prob.noise * float(cal.sigmas[0]), cal.sigmas, disable=True)
                 row[label] = {**flips(out, ref, prob.family), "model_calls": cal.info["model_calls"],
                               "backward_passes": cal.info["backward_passes"], "seconds": cal.info["seconds"]}
@@ -132,11 +135,16 @@ def paired_study(variants: dict, seeds, log) -> list[dict]:
     return cases
 
 
-STUDIES = {  # flag: (variants, results file, what it compares)
-    "refine": ({"fitted": {"refine": False, "shift": False}, "refined": {"refine": True, "shift": False}},
+STUDIES = {  # flag: (variants, results file, what it compares); each at the iterations it was measured with
+    "refine": ({"fitted": {"refine": False, "shift": False, "iterations": 300},
+                "refined": {"refine": True, "shift": False, "iterations": 300}},
                "refine_tuning.json", f"the refinement on {heldout.REFINE_NOISES} noises"),
-    "shift": ({"refined": {"refine": True, "shift": False}, "shifted": {"refine": True, "shift": True}},
+    "shift": ({"refined": {"refine": True, "shift": False, "iterations": 300},
+               "shifted": {"refine": True, "shift": True, "iterations": 300}},
               "shift_tuning.json", "the evaluation shift of the first and last steps (both refined)"),
+    "iterations": ({"300 iterations": {"refine": True, "shift": True, "iterations": 300},
+                    "600 iterations": {"refine": True, "shift": True, "iterations": 600}},
+                   "iterations_tuning.json", "600 Adam iterations against 300 (both refined and shifted)"),
 }
 
 
@@ -176,9 +184,11 @@ def main() -> None:
     ap.add_argument("--refine", action="store_true", help="the fit with and without the refinement (REFINE_CASES)")
     ap.add_argument("--shift", action="store_true", help="the refined fit with and without the evaluation "
                                                          "shift of the first and last steps (REFINE_CASES)")
+    ap.add_argument("--iterations", action="store_true", help="the refined, shifted fit with 300 and 600 Adam "
+                                                              "iterations (REFINE_CASES)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    study = "refine" if args.refine else "shift" if args.shift else None
+    study = "refine" if args.refine else "shift" if args.shift else "iterations" if args.iterations else None
     if study:
         variants, results, what = STUDIES[study]
         (before, _), (after, _) = variants.items()

@@ -8,6 +8,8 @@
     python bench/heldout_bundled.py --tune-eta --prompts 48    # choose the stochastic rows' eta on tuning prompts
     python bench/heldout_bundled.py --over-seeds                # the stochastic rows over 4 re-noising seeds
     python bench/heldout_bundled.py --over-seeds --select-on-tuning --prompts 48 --models flow   # ComfyUI's pick
+    python bench/heldout_bundled.py --recalibrate --calibrations DIR   # after a change to the fit: ours again,
+    python bench/heldout_bundled.py --over-seeds --recalibrate --calibrations DIR   # and ours over seeds
 
 For each bundled checkpoint: held-out prompts (``adherence.bench_prompts`` with a seed that no other bench
 uses) and held-out noise seeds, txt2img at cfg 5.
@@ -179,10 +181,12 @@ def sample(setup: Setup, cal, eta: float = 0.0, seed: int = None) -> torch.Tenso
                                            extra_args={} if seed is None else {"seed": seed}, disable=True)
 
 
-def calibrated_rows(setup: Setup, steps: int, log) -> list[dict]:
+def calibrated_rows(setup: Setup, steps: int, log, save: str = None) -> list[dict]:
     """The calibrated sampler (eta 0, following the ODE) and, once an eta is chosen, its stochastic form with the
-    sampling seed (as ComfyUI's stochastic samplers get it)."""
+    sampling seed (as ComfyUI's stochastic samplers get it).  ``save``: a path to save the fit to."""
     cal, seconds = fit(setup, steps, log)
+    if save:
+        cal.save(save)
     fitted = {"fit_model_calls": cal.info["model_calls"], "fit_backward_passes": cal.info["backward_passes"],
               "fit_seconds": round(seconds, 1), "fit_noises": cal.info["fit_noises"], "init": cal.info["init"],
               "corrector": cal.info["corrector"], "rms_fitted": cal.info["rms_fitted"]}
@@ -255,21 +259,24 @@ def stochastic_samplers(stored: dict, steps: int) -> list[str]:
                    and r["sampler"] not in Comfy.DETERMINISTIC})
 
 
-def over_seeds(kind: str, stored: dict, scorer, step_counts, log, calibrations: str = None) -> dict:
+def over_seeds(kind: str, stored: dict, scorer, step_counts, log, calibrations: str = None,
+               ours_only: bool = False) -> dict:
     """The stored held-out run's stochastic rows, each over OVER_SEEDS re-noising seeds (the evaluation seed
     first): the calibrated sampler at STOCHASTIC_ETA, refitted as the run fits it (or loaded from
-    ``calibrations``), and every ComfyUI stochastic sampler x scheduler of the stored run."""
+    ``calibrations``), and every ComfyUI stochastic sampler x scheduler of the stored run.  ``ours_only``: the
+    ComfyUI rows over seeds of ``stored`` are kept and only the calibrated row runs again (after a refit)."""
     n = stored["prompts"]
     setup = Setup(kind, n, scorer, log)
-    comfy = setup.comfy()
+    comfy = None if ours_only else setup.comfy()
     seeds = [EVAL_SEED + 1000 * k for k in range(OVER_SEEDS)]
-    result = {"seeds": seeds, "eta": STOCHASTIC_ETA, "steps": {}}
+    result = {"seeds": seeds, "eta": STOCHASTIC_ETA, "fit": DEFAULT_FIT, "steps": {}}
     for steps in step_counts:
         cal = fit_or_load(setup, steps, log, calibrations and os.path.join(
             calibrations, f"heldout_{kind}_{steps}_{n}.safetensors"))
         rows = [seeded_row(setup, "calibrated_stochastic", f"calibrated, eta {STOCHASTIC_ETA:g}", "calibrated",
                            lambda seed: sample(setup, cal, STOCHASTIC_ETA, seed), seeds, log)]
-        rows += comfy_seeded_rows(setup, comfy, stochastic_samplers(stored, steps), steps, seeds, log)
+        rows += [r for r in stored["over_seeds"]["steps"][str(steps)]["rows"] if r["impl"] == "comfyui"] \
+            if ours_only else comfy_seeded_rows(setup, comfy, stochastic_samplers(stored, steps), steps, seeds, log)
         result["steps"][str(steps)] = {"fit_model_calls": cal.info["model_calls"], "rows": rows}
     return result
 
@@ -420,10 +427,10 @@ def summarise(entry: dict) -> tuple[list, list[dict]]:
 
 
 def run_model(kind: str, n: int, scorer, which: str, reference_only: bool, log, stored: dict = None,
-              step_counts=STEPS, mode: str = "fresh") -> dict:
+              step_counts=STEPS, mode: str = "fresh", calibrations: str = None) -> dict:
     """One checkpoint's rows.  mode "recalibrate": the ComfyUI rows of ``stored`` (an earlier run of it) are kept
     and only the calibrated rows run again; "add_comfy": every stored row is kept and only the ComfyUI samplers
-    of ``which`` that it lacks are run."""
+    of ``which`` that it lacks are run.  ``calibrations``: a folder to save the fits to (for --over-seeds)."""
     setup = Setup(kind, n, scorer, log)
     log(f"{kind}: reference adherence {setup.reference_scores['adherence']:.4g}")
     if reference_only:
@@ -437,7 +444,8 @@ def run_model(kind: str, n: int, scorer, which: str, reference_only: bool, log, 
             rows += kept + comfy_rows(setup, comfy, [s for s in comfy_samplers(comfy, which) if s not in have],
                                       steps, log)
             continue
-        calibrated = calibrated_rows(setup, steps, log)
+        calibrated = calibrated_rows(setup, steps, log, calibrations and os.path.join(
+            calibrations, f"heldout_{kind}_{steps}_{n}.safetensors"))
         log(f"{kind} {steps} steps calibrated: {calibrated}")
         rows += calibrated
         rows += [r for r in kept if not r["impl"].startswith("calibrated")] if mode == "recalibrate" else \
@@ -475,7 +483,7 @@ def main() -> None:
                          "(ours refitted, or loaded from --calibrations); every stored row is kept, and the rows over seeds "
                          "of the step counts not in --steps too")
     ap.add_argument("--calibrations", help="with --tune-eta or --over-seeds: a folder to load the fits from or save "
-                                           "them to")
+                                           "them to; with --recalibrate: a folder to save the new fits to")
     ap.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma-separated step counts")
     ap.add_argument("--results", default="heldout_bundled.json", help="the results file in bench/results (a run "
                                                                      "with other prompts or steps: another file)")
@@ -520,9 +528,10 @@ def main() -> None:
             stored[kind]["over_seeds"]["selected_on_tuning"] = picks
             continue
         if args.over_seeds:
-            if kind not in stored:
-                ap.error(f"--over-seeds: no stored {kind} run in {args.results} to re-run the stochastic rows of")
-            rows = over_seeds(kind, stored[kind], scorer, step_counts, log, args.calibrations)
+            if kind not in stored or (args.recalibrate and "over_seeds" not in stored[kind]):
+                ap.error(f"--over-seeds: no stored {kind} run (with --recalibrate: rows over seeds) in "
+                         f"{args.results} to re-run the stochastic rows of")
+            rows = over_seeds(kind, stored[kind], scorer, step_counts, log, args.calibrations, args.recalibrate)
             kept = stored[kind].get("over_seeds", {})
             rows["steps"] = {**kept.get("steps", {}), **rows["steps"]}  # the step counts not run now are kept
             if "selected_on_tuning" in kept:  # read from ComfyUI's held-out rows, which a re-run reproduces
@@ -541,14 +550,14 @@ def main() -> None:
             ap.error(f"--{mode.replace('_', '-')}: no stored {kind} run with {n} prompts and steps {args.steps} in "
                      f"{args.results} to keep the rows of")
         entry = run_model(kind, n, scorer, which, args.reference_only, log,
-                          stored.get(kind) if mode != "fresh" else None, step_counts, mode)
+                          stored.get(kind) if mode != "fresh" else None, step_counts, mode, args.calibrations)
         if args.reference_only:
             stored.setdefault(kind, {"model": kind, "prompts": n, "rows": []})["reference"] = entry["reference"]
         else:
             if mode != "fresh" and "selected_on_tuning" in stored[kind]:  # the ComfyUI rows it was scored on stay
                 entry["selected_on_tuning"] = stored[kind]["selected_on_tuning"]
-            if mode == "add_comfy" and "over_seeds" in stored[kind]:  # its rows are unchanged (a refit is not)
-                entry["over_seeds"] = stored[kind]["over_seeds"]
+            if mode != "fresh" and "over_seeds" in stored[kind]:  # ComfyUI's rows over seeds stay valid; after a
+                entry["over_seeds"] = stored[kind]["over_seeds"]  # refit, --over-seeds --recalibrate redoes ours
             stored[kind] = entry
     if args.select_on_tuning or args.over_seeds:  # the tables and the file are the held-out run's
         n = max(e["prompts"] for e in stored.values())

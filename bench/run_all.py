@@ -14,7 +14,7 @@ BENCHES = ("model_calls.py", "import_time.py", "overhead.py", "accuracy.py", "he
            "flips.py", "adherence.py", "end_to_end.py", "unet_overhead.py", "guard.py")
 FULL_FLAGS = {"heldout_bundled.py": ["--comfy-samplers", "all"]}  # the README's figures: every ComfyUI sampler
 # second runs of a bench, full mode only: the tuning evidence and the second held-out draw
-FULL_EXTRA = {"flips.py": [["--refine"], ["--shift"]], "heldout.py": [["--second-draw"]]}
+FULL_EXTRA = {"flips.py": [["--refine"], ["--shift"], ["--iterations"]], "heldout.py": [["--second-draw"]]}
 QUICK_FLAGS = {"overhead.py": ["--quick"], "accuracy.py": ["--quick"], "heldout.py": ["--quick"], "flips.py": ["--quick"],
                "heldout_bundled.py": ["--quick", "--models", "flow"],
                "import_time.py": ["--runs", "3"], "adherence.py": ["--quick"], "end_to_end.py": ["--runs", "1"],

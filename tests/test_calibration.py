@@ -300,6 +300,12 @@ def test_cache_hit_does_not_call_the_model(tmp_path):
     fit = []
     assert cached_calibration(cal.info["key"], lambda: fit.append(1), path, messages.append).steps == 3
     assert not fit
+    # a file fitted with other settings (an older default, say) is refused naming the setting and its value
+    clear_cache()
+    with pytest.raises(ValueError, match=r"iterations=2 \(this call: 3\).*pass the file's settings"):
+        calibrate(model, pos, neg, latent, 3, 3.0, path=path, log=messages.append, **{**opts, "iterations": 3})
+    assert calibrate(model, pos, neg, latent, 3, 3.0, path=path, log=messages.append, **opts).info["key"] == \
+        cal.info["key"]
 
 
 def test_node_outputs_descending_sigmas_and_ksampler_uses_them():
