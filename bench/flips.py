@@ -99,8 +99,8 @@ def continued(prob: heldout.Problem, cal, ref: torch.Tensor) -> dict:
     return result
 
 
-def fit(prob: heldout.Problem, nfe: int, seed: int, iterations: int, refine: bool = False,
-        shift: bool = heldout.CALIBRATION["shift"]):
+def fit(prob: heldout.Problem, nfe: int, seed: int, iterations: int = heldout.CALIBRATION["iterations"],
+        refine: bool = False, shift: bool = heldout.CALIBRATION["shift"]):
     """heldout.py's fit from fitting seed ``seed`` (streams apart from heldout.py's); ``refine``: refined as there;
     ``shift``: with the evaluation shift (``calibration.SHIFTED_STEPS``)."""
     model, noise = heldout.fitting_set(prob.gmm, prob.cfg, heldout.FIT_NOISES,
@@ -122,8 +122,7 @@ def paired_study(variants: dict, seeds, log) -> list[dict]:
         for seed in seeds:
             row = {"seed": seed}
             for label, options in variants.items():
-                cal = fit(prob, nfe, seed, options.get("iterations", heldout.CALIBRATION["iterations"]),
-                          **{k: v for k, v in options.items() if k != "iterations"})
+                cal = fit(prob, nfe, seed, **options)
                 out = cal.sampler()(prob.model, prob.noise * float(cal.sigmas[0]), cal.sigmas, disable=True)
                 row[label] = {**flips(out, ref, prob.family), "model_calls": cal.info["model_calls"],
                               "backward_passes": cal.info["backward_passes"], "seconds": cal.info["seconds"]}

@@ -12,9 +12,10 @@ dimension, number of components, weights, spread and spread-to-separation
 ratio).  ``HELDOUT_2`` is a second draw of three more held-out families, set
 after the first three had been reported and before any run on them
 (``--second-draw``, results/heldout_second.json).  ``--tune`` runs the tuning
-split alone; the default run reports the held-out split alone, and ``CALIBRATION`` is a constant (nothing is fitted on
-held-out problems except each calibration's own fit, on fitting noise that is
-never the evaluation noise: the two come from disjoint seeds, asserted).
+split alone; the default run reports the held-out split alone, and
+``CALIBRATION`` is a constant (nothing is fitted on held-out problems except
+each calibration's own fit, on fitting noise that is never the evaluation
+noise: the two come from disjoint seeds, asserted).
 
 Each problem runs without guidance (the conditional denoiser), at cfg 3 and at
 cfg 7.5; the conditional model is a reweighting of the components, the

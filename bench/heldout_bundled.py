@@ -175,6 +175,12 @@ def fit_or_load(setup: Setup, steps: int, log, path: str = None) -> Calibration:
     return cal
 
 
+def held_out_fit_path(calibrations: str, kind: str, steps: int, n: int) -> str:
+    """Where --calibrations keeps the held-out run's fit (written by --recalibrate, read by --over-seeds); None
+    without a folder."""
+    return calibrations and os.path.join(calibrations, f"heldout_{kind}_{steps}_{n}.safetensors")
+
+
 def sample(setup: Setup, cal, eta: float = 0.0, seed: int = None) -> torch.Tensor:
     """``cal`` run from the evaluation noise; with eta > 0 re-noising from ``seed``."""
     return replace(cal, eta=eta).sampler()(setup.denoiser, setup.start(float(cal.sigmas[0])), cal.sigmas,
@@ -271,8 +277,7 @@ def over_seeds(kind: str, stored: dict, scorer, step_counts, log, calibrations: 
     seeds = [EVAL_SEED + 1000 * k for k in range(OVER_SEEDS)]
     result = {"seeds": seeds, "eta": STOCHASTIC_ETA, "fit": DEFAULT_FIT, "steps": {}}
     for steps in step_counts:
-        cal = fit_or_load(setup, steps, log, calibrations and os.path.join(
-            calibrations, f"heldout_{kind}_{steps}_{n}.safetensors"))
+        cal = fit_or_load(setup, steps, log, held_out_fit_path(calibrations, kind, steps, n))
         rows = [seeded_row(setup, "calibrated_stochastic", f"calibrated, eta {STOCHASTIC_ETA:g}", "calibrated",
                            lambda seed: sample(setup, cal, STOCHASTIC_ETA, seed), seeds, log)]
         rows += [r for r in stored["over_seeds"]["steps"][str(steps)]["rows"] if r["impl"] == "comfyui"] \
@@ -444,8 +449,7 @@ def run_model(kind: str, n: int, scorer, which: str, reference_only: bool, log, 
             rows += kept + comfy_rows(setup, comfy, [s for s in comfy_samplers(comfy, which) if s not in have],
                                       steps, log)
             continue
-        calibrated = calibrated_rows(setup, steps, log, calibrations and os.path.join(
-            calibrations, f"heldout_{kind}_{steps}_{n}.safetensors"))
+        calibrated = calibrated_rows(setup, steps, log, held_out_fit_path(calibrations, kind, steps, n))
         log(f"{kind} {steps} steps calibrated: {calibrated}")
         rows += calibrated
         rows += [r for r in kept if not r["impl"].startswith("calibrated")] if mode == "recalibrate" else \
