@@ -410,7 +410,9 @@ def _init_schedules(ms, steps: int, hi: float, lo: float) -> dict:
 
 
 # defaults of a fit, chosen on the tuning split of bench/heldout.py (never on held-out problems)
-DEFAULT_FIT = {"order": 3, "iterations": 600, "lr": 0.05, "teacher_steps": 100, "corrector": True, "shift": True}
+DEFAULT_FIT = {"order": 3, "iterations": 600, "lr": 0.05, "teacher_steps": 100, "corrector": True, "shift": True,
+               "selection": "all", "coefficient_penalty": 0.0, "fit_last_step": True}
+SELECTIONS = ("all", "held_aside")  # which fitting noises pick the iterate a fit keeps (fit_calibration)
 
 # the steps whose evaluation sigma the fit shifts: the first and the last (tuning split: python bench/flips.py
 # --shift, 0.89x in geometric mean over its nine cases; the last alone, in scratch runs, 0.85x but no gain with
@@ -454,8 +456,10 @@ class _Student:
             cc = multistep_coefficients(ve, form[1], self.order + 1, corrector=True) if form[1] else \
                 torch.cat([c.new_zeros(len(c), 1), c], 1)
         delta = delta or {}
-        if "predictor" in delta:
-            c = c + torch.cat([-delta["predictor"].sum(1, keepdim=True), delta["predictor"]], 1)
+        if "predictor" in delta:  # rows past the fitted ones (the last, unless fitted) keep the Adams weights
+            rows = delta["predictor"]
+            rows = torch.cat([rows, rows.new_zeros(len(c) - len(rows), rows.shape[1])])
+            c = c + torch.cat([-rows.sum(1, keepdim=True), rows], 1)
         if cc is not None and "corrector" in delta:
             cc = cc + CORRECTOR_STEP * torch.cat([-delta["corrector"].sum(1, keepdim=True), delta["corrector"]], 1)
         return sig, c, cc, None if "shift" not in delta else self._shift(sig, delta["shift"])
@@ -506,12 +510,13 @@ def _starts(student: _Student, ms, steps: int, hi: float, lo: float, idx, correc
     return [min(found, key=lambda t: t[0]) for found in (plain, corrected) if found]
 
 
-def _run(start: tuple, steps: int, order: int, fit_coefficients: bool, fit_shift: bool) -> dict:
-    """A start and its zero corrections (and shifts) to fit."""
+def _run(start: tuple, steps: int, order: int, fit_coefficients: bool, fit_shift: bool,
+         fit_last_step: bool = True) -> dict:
+    """A start and its zero corrections (and shifts) to fit; the predictor's last row only if ``fit_last_step``."""
     loss, name, form, u0 = start
     shapes = {}
     if fit_coefficients:
-        shapes["predictor"] = (steps, order - 1)
+        shapes["predictor"] = (steps if fit_last_step else steps - 1, order - 1)
         if form[1] is not None:
             shapes["corrector"] = (steps, order)
     if fit_shift:
@@ -542,10 +547,20 @@ def _spsa_gradient(params: list, loss_fn: Callable[[], Tensor], it: int, gen: to
     return True
 
 
+def _penalised(loss: Tensor, delta: Optional[dict], penalty: float) -> Tensor:
+    """``loss`` * (1 + ``penalty`` * the mean square of the coefficient corrections): the corrections shrink to the
+    Adams weights unless they pay more than that share of the loss (the shifts are not penalised)."""
+    rows = [d.reshape(-1) for k, d in (delta or {}).items() if k != "shift"]
+    if not penalty or not rows:
+        return loss
+    return loss * (1 + penalty * torch.cat(rows).pow(2).mean())
+
+
 def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, iterations: int, lr: float,
-              mode: str, fit_idx, sel_idx, calls: dict, steps: int) -> tuple:
-    """Adam on (u, delta) with the gradient from the items ``fit_idx``; returns (loss, u, delta) of the iterate with
-    the lowest loss on the items ``sel_idx``, checked every 10 iterations (the start included)."""
+              mode: str, fit_idx, sel_idx, calls: dict, steps: int, penalty: float = 0.0) -> tuple:
+    """Adam on (u, delta) with the gradient from the items ``fit_idx`` (of the loss ``_penalised`` by ``penalty``);
+    returns (loss, u, delta) of the iterate with the lowest plain loss on the items ``sel_idx``, checked every 10
+    iterations (the start included)."""
     params = [u] + list((delta or {}).values())
 
     def snapshot(loss: float) -> tuple:
@@ -560,12 +575,13 @@ def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, 
             p.grad = None
         if mode == "autograd":
             with torch.enable_grad():
-                loss = student.loss(u, form, delta, fit_idx)
+                loss = _penalised(student.loss(u, form, delta, fit_idx), delta, penalty)
                 if not torch.isfinite(loss):
                     break
                 loss.backward()
             calls["backward_passes"] += steps
-        elif not _spsa_gradient(params, lambda: student.loss(u, form, delta, fit_idx), it, gen):
+        elif not _spsa_gradient(params, lambda: _penalised(student.loss(u, form, delta, fit_idx), delta, penalty),
+                                it, gen):
             continue  # a perturbation left the stable region: skip this iteration
         opt.step()
         if it % 10 == 9 or it == iterations - 1:
@@ -577,7 +593,7 @@ def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, 
 
 
 def _race(student: _Student, runs: list, race: int, iterations: int, lr: float, mode: str, items: tuple,
-          calls: dict, steps: int, say) -> dict:
+          calls: dict, steps: int, say, penalty: float = 0.0) -> dict:
     """Fit each run (a form's start) for ``race`` iterations, then the best on the items ``items[1]`` for the rest
     (all ``iterations`` for a single run); returns that run with its result under "best"."""
     fit_idx, sel_idx = items
@@ -586,13 +602,13 @@ def _race(student: _Student, runs: list, race: int, iterations: int, lr: float, 
             + (f" ({race} iterations, then the better of the two forms goes on)" if race else "")
             + f"; start RMS to the teacher {run['start']:.4g}")
         run["best"] = _optimise(student, run["u"], run["delta"], run["form"], race or iterations, lr, mode, fit_idx,
-                                sel_idx, calls, steps)
+                                sel_idx, calls, steps, penalty)
     won = min(runs, key=lambda r: r["best"][0])
     if race:
         say(f"calibration: {won['name']} leads (RMS {won['best'][0]:.4g} against "
             f"{max(r['best'][0] for r in runs):.4g}); {iterations - race} more iterations")
         won["best"] = _optimise(student, *_resumed(won["best"]), won["form"], iterations - race, lr, mode, fit_idx,
-                                sel_idx, calls, steps)
+                                sel_idx, calls, steps, penalty)
     return won
 
 
@@ -665,7 +681,9 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                     iterations: int = DEFAULT_FIT["iterations"], lr: float = DEFAULT_FIT["lr"],
                     fit_coefficients: bool = True, corrector: bool = DEFAULT_FIT["corrector"],
                     shift: bool = DEFAULT_FIT["shift"],
-                    teacher_steps: int = DEFAULT_FIT["teacher_steps"],
+                    teacher_steps: int = DEFAULT_FIT["teacher_steps"], selection: str = DEFAULT_FIT["selection"],
+                    coefficient_penalty: float = DEFAULT_FIT["coefficient_penalty"],
+                    fit_last_step: bool = DEFAULT_FIT["fit_last_step"],
                     sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
                     teacher_sigma_min: Optional[float] = None, max_denoise: bool = True, gradient: str = "auto",
                     refine_noise: Optional[Tensor] = None, refine_denoiser: Optional[Denoiser] = None,
@@ -694,8 +712,16 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
         step size), keeping the iterate best on it, the unrefined one included.
     refine_denoiser: the denoiser for ``refine_noise``'s batch where it differs from ``denoiser`` (one bound to
         its batch, such as per-item labels); default ``denoiser``.
+    selection: which noises pick the iterate kept (of each phase, and the form that wins the race): "all" the
+        fitting noises, or "held_aside": only the quarter that the gradient never sees.
+    coefficient_penalty: shrinks the coefficient corrections towards the Adams weights (``_penalised``; 0: none).
+    fit_last_step: False keeps the step into sigma 0 on the newest estimate alone (its call may still shift), so
+        that it does not extrapolate the denoised estimate to sigma 0.
     """
     _check_fit_args(noise, steps, order, refine_noise)
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection: must be one of {', '.join(map(repr, SELECTIONS))}, got {selection!r}")
+    coefficient_penalty = check_float("coefficient_penalty", coefficient_penalty, 0.0, math.inf)
     ms, say, t_start = model_sampling, log or (lambda msg: None), time.perf_counter()
     calls = {"forward": 0, "backward_passes": 0}
 
@@ -713,22 +739,27 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
         teacher = teacher_solve(model, ms, x0, s_max, t_min, teacher_steps).to(batch.dtype)
         return _Student(model, ms, x0, teacher, s_max, hi, lo, order, t_min)
 
-    def gradient_items(batch: Tensor) -> slice:  # the gradient's items; the iterate is picked on all of them
+    def gradient_items(batch: Tensor) -> slice:  # the gradient's items: all but the first quarter
         return slice(max(1, batch.shape[0] // 4), None)
 
+    def selection_items(batch: Tensor) -> slice:  # the items that pick the iterate
+        return slice(None) if selection == "all" else slice(0, max(1, batch.shape[0] // 4))
+
     student, fit_idx = student_on(counting(denoiser), noise), gradient_items(noise)
-    runs = [_run(start, steps, order, order > 1 and fit_coefficients, shift)
+    runs = [_run(start, steps, order, order > 1 and fit_coefficients, shift, fit_last_step)
             for start in _starts(student, ms, steps, hi, lo, fit_idx, corrector)]
     mode = _gradient_mode(gradient, student, runs[0]["u"], runs[0]["form"], runs[0]["delta"], fit_idx, s_min, say)
     race = iterations // 3 if len(runs) > 1 else 0
-    won = _race(student, runs, race, iterations, lr, mode, (fit_idx, slice(None)), calls, steps, say)
-    final, u, delta = won["best"]  # its loss is already measured on all the fitting noises
+    won = _race(student, runs, race, iterations, lr, mode, (fit_idx, selection_items(noise)), calls, steps, say,
+                coefficient_penalty)
+    final, u, delta = won["best"]  # its loss is already measured on the selection's noises
     refined = None
     if refine_noise is not None:
         say(f"calibration: refining on {refine_noise.shape[0]} more noises ({REFINE['iterations']} iterations)")
         larger = student_on(counting(refine_denoiser or denoiser), refine_noise)
         refined = _optimise(larger, *_resumed(won["best"]), won["form"], REFINE["iterations"], REFINE["lr"], mode,
-                            gradient_items(refine_noise), slice(None), calls, steps)
+                            gradient_items(refine_noise), selection_items(refine_noise), calls, steps,
+                            coefficient_penalty)
         _, u, delta = refined
     with torch.no_grad():
         sig, c, cc, shifts = student.parameters(u, won["form"], delta)
@@ -737,7 +768,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     meta = dict(info or {})
     meta.update({"steps": steps, "order": order, "init": won["name"], "corrector": cc is not None, "race": race,
                  "fit_coefficients": "predictor" in (won["delta"] or {}), "shift": shifts is not None,
-                 "iterations": iterations, "lr": lr,
+                 "iterations": iterations, "lr": lr, "selection": selection,
+                 "coefficient_penalty": coefficient_penalty, "fit_last_step": bool(fit_last_step),
                  "teacher_steps": teacher_steps, "teacher_sigma_min": t_min, "fit_noises": int(noise.shape[0]),
                  "gradient": mode, "model_calls": calls["forward"], "backward_passes": calls["backward_passes"],
                  "seconds": round(seconds, 3), "rms_start": won["start"], "rms_fitted": final,

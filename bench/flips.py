@@ -100,14 +100,16 @@ def continued(prob: heldout.Problem, cal, ref: torch.Tensor) -> dict:
 
 
 def fit(prob: heldout.Problem, nfe: int, seed: int, iterations: int = heldout.CALIBRATION["iterations"],
-        refine: bool = False, shift: bool = heldout.CALIBRATION["shift"]):
-    """heldout.py's fit from fitting seed ``seed`` (streams apart from heldout.py's); ``refine``: refined as there;
-    ``shift``: with the evaluation shift (``calibration.SHIFTED_STEPS``)."""
+        refine: bool = False, shift: bool = heldout.CALIBRATION["shift"], refine_noises: int = heldout.REFINE_NOISES,
+        **options):
+    """heldout.py's fit from fitting seed ``seed`` (streams apart from heldout.py's); ``refine``: refined as there
+    (on ``refine_noises`` noises); ``shift``: with the evaluation shift (``calibration.SHIFTED_STEPS``);
+    ``options``: more of ``heldout.calibrate``'s."""
     model, noise = heldout.fitting_set(prob.gmm, prob.cfg, heldout.FIT_NOISES,
                                        torch.Generator().manual_seed(50_000 + seed))
-    larger = heldout.fitting_set(prob.gmm, prob.cfg, heldout.REFINE_NOISES,
+    larger = heldout.fitting_set(prob.gmm, prob.cfg, refine_noises,
                                  torch.Generator().manual_seed(80_000 + seed)) if refine else None
-    return heldout.calibrate(model, noise, nfe, iterations, refine=larger, shift=shift)
+    return heldout.calibrate(model, noise, nfe, iterations, refine=larger, shift=shift, **options)
 
 
 def paired_study(variants: dict, seeds, log) -> list[dict]:
@@ -144,6 +146,19 @@ STUDIES = {  # flag: (variants, results file, what it compares); each at the ite
     "iterations": ({"300 iterations": {"refine": True, "shift": True, "iterations": 300},
                     "600 iterations": {"refine": True, "shift": True, "iterations": 600}},
                    "iterations_tuning.json", "600 Adam iterations against 300 (both refined and shifted)"),
+    "selection": ({"all": {"refine": True, "shift": True, "iterations": 600, "selection": "all"},
+                   "held aside": {"refine": True, "shift": True, "iterations": 600, "selection": "held_aside"}},
+                  "selection_tuning.json", "the iterate picked on the held-aside quarter of the fitting noises "
+                                           "against all of them"),
+    "penalty": ({"no penalty": {"refine": True, "shift": True, "iterations": 600, "coefficient_penalty": 0.0},
+                 "penalty 1": {"refine": True, "shift": True, "iterations": 600, "coefficient_penalty": 1.0}},
+                "penalty_tuning.json", "the coefficient corrections shrunk (coefficient_penalty 1) against not"),
+    "last_step": ({"fitted": {"refine": True, "shift": True, "iterations": 600, "fit_last_step": True},
+                   "Adams": {"refine": True, "shift": True, "iterations": 600, "fit_last_step": False}},
+                  "last_step_tuning.json", "the last step on the newest estimate alone against fitted weights"),
+    "refine_noises": ({"1024 noises": {"refine": True, "shift": True, "iterations": 600, "refine_noises": 1024},
+                       "4096 noises": {"refine": True, "shift": True, "iterations": 600, "refine_noises": 4096}},
+                      "refine_noises_tuning.json", "the refinement on 4,096 noises against 1,024"),
 }
 
 
@@ -185,9 +200,17 @@ def main() -> None:
                                                          "shift of the first and last steps (REFINE_CASES)")
     ap.add_argument("--iterations", action="store_true", help="the refined, shifted fit with 300 and 600 Adam "
                                                               "iterations (REFINE_CASES)")
+    ap.add_argument("--selection", action="store_true", help="the iterate picked on the held-aside quarter or on "
+                                                             "all the fitting noises (REFINE_CASES)")
+    ap.add_argument("--penalty", action="store_true", help="the coefficient corrections shrunk or not "
+                                                           "(REFINE_CASES)")
+    ap.add_argument("--last-step", action="store_true", help="the last step's weights fitted or kept on the newest "
+                                                             "estimate (REFINE_CASES)")
+    ap.add_argument("--refine-noises", action="store_true", help="the refinement on 4,096 noises or on 1,024 "
+                                                                 "(REFINE_CASES)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    study = "refine" if args.refine else "shift" if args.shift else "iterations" if args.iterations else None
+    study = next((name for name in STUDIES if getattr(args, name)), None)
     if study:
         variants, results, what = STUDIES[study]
         (before, _), (after, _) = variants.items()

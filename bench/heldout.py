@@ -371,13 +371,17 @@ def run_grid(prob: Problem, comfy: Optional[Comfy], budgets, log) -> list[dict]:
 
 
 def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRATION["iterations"],
-              refine: Optional[tuple] = None, shift: bool = CALIBRATION["shift"]):
+              refine: Optional[tuple] = None, shift: bool = CALIBRATION["shift"],
+              selection: str = CALIBRATION["selection"],
+              coefficient_penalty: float = CALIBRATION["coefficient_penalty"],
+              fit_last_step: bool = CALIBRATION["fit_last_step"]):
     """``fit_calibration`` with this bench's settings (``CALIBRATION``) on a mixture's fitting model and noise;
     ``refine``: (model, noise) of the refining set, or None for none."""
     refine_model, refine_noise = refine or (None, None)
     return fit_calibration(model, MS, noise, budget, order=CALIBRATION["order"], iterations=iterations,
                            lr=CALIBRATION["lr"], teacher_steps=CALIBRATION["teacher_steps"],
-                           corrector=CALIBRATION["corrector"], shift=shift, max_denoise=False,
+                           corrector=CALIBRATION["corrector"], shift=shift, selection=selection,
+                           coefficient_penalty=coefficient_penalty, fit_last_step=fit_last_step, max_denoise=False,
                            teacher_sigma_min=SIGMA_MIN * CALIBRATION["teacher_sigma_min_factor"],
                            refine_denoiser=refine_model, refine_noise=refine_noise)
 

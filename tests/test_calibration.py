@@ -428,3 +428,61 @@ def test_refine_settings_are_checked_and_keyed_apart():
     assert plain.info["key"] == calibration_key(net_model, pos, neg, (1, 4, 4, 4), 3, 3.0, old_settings)
     refined = calibrate(net_model, pos, neg, latent, 3, 3.0, refine_noises=8, log=lambda m: None, **opts)
     assert refined is not plain and refined.info["key"] != plain.info["key"] and refined.info["refine_noises"] == 8
+
+
+def test_selection_and_penalty_settings_are_checked():
+    ms = EPS()
+    model = Mixture2D(ms)
+    noise = torch.randn(8, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="selection"):
+        fit_calibration(model, ms, noise, 3, selection="best")
+    for bad in (-1.0, math.nan, math.inf, True, "1"):
+        with pytest.raises(ValueError, match="coefficient_penalty"):
+            fit_calibration(model, ms, noise, 3, coefficient_penalty=bad)
+
+
+def test_held_aside_selection_keeps_the_iterate_best_on_the_quarter_the_gradient_never_sees():
+    ms = EPS()
+    model = Mixture2D(ms)
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    opts = {"iterations": 30, "teacher_steps": 40, "corrector": False}
+    cal = fit_calibration(model, ms, noise, 4, selection="held_aside", **opts)
+    assert cal.info["selection"] == "held_aside"
+    x0 = ms.noise_scaling(torch.tensor(float(ms.sigma_max)), noise, torch.zeros_like(noise), True)
+    ref = teacher_solve(model, ms, x0, float(ms.sigma_max), float(ms.sigma_min), opts["teacher_steps"])
+    out = cal.sampler()(model, x0, cal.sigmas.double())
+    held = slice(0, 8)  # the first quarter: never in the gradient
+    assert math.isclose(_rms(out[held], ref[held]), cal.info["rms_fitted"], rel_tol=1e-3)
+    assert not math.isclose(_rms(out, ref), cal.info["rms_fitted"], rel_tol=1e-3)
+    start = fit_calibration(model, ms, noise, 4, **{**opts, "iterations": 0})
+    assert cal.info["rms_fitted"] <= _rms(start.sampler()(model, x0, start.sigmas.double())[held], ref[held]) + 1e-9
+
+
+def test_the_coefficient_penalty_keeps_the_weights_near_adams():
+    from ksampler.calibration import _ve_sigma
+    ms = EPS()
+    model = Mixture2D(ms)
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    opts = {"iterations": 40, "teacher_steps": 40, "corrector": False, "shift": False}
+
+    def drift(cal):  # how far the fitted weights are from the Adams weights of the fitted schedule
+        base = int(cal.info["init"].split("+ab")[1][0])
+        adams = multistep_coefficients(_ve_sigma(ms, cal.sigmas.double()), base, cal.coefficients.shape[1])
+        return float((cal.coefficients - adams).abs().max())
+    free = fit_calibration(model, ms, noise, 4, **opts)
+    shrunk = fit_calibration(model, ms, noise, 4, coefficient_penalty=1e4, **opts)
+    assert shrunk.info["coefficient_penalty"] == 1e4 and free.info["coefficient_penalty"] == 0.0
+    assert drift(free) > 0.02 and drift(shrunk) < 0.1 * drift(free), (drift(free), drift(shrunk))
+
+
+def test_without_fitting_the_last_step_it_takes_the_newest_estimate_alone():
+    ms = EPS()
+    model = Mixture2D(ms)
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    opts = {"iterations": 30, "teacher_steps": 40, "corrector": False}
+    cal = fit_calibration(model, ms, noise, 4, fit_last_step=False, **opts)
+    assert cal.info["fit_last_step"] is False
+    assert cal.coefficients[-1].tolist() == [1.0, 0.0, 0.0]  # the Adams step into sigma 0: the newest estimate
+    assert cal.coefficients[1:-1].sub(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)).abs().max() > 0.05
+    free = fit_calibration(model, ms, noise, 4, **opts)
+    assert free.info["fit_last_step"] is True and free.coefficients[-1].tolist() != [1.0, 0.0, 0.0]
