@@ -6,6 +6,7 @@
     python bench/flips.py --refine   # the fit with and without the refinement on more noises (REFINE_CASES)
     python bench/flips.py --shift    # the refined fit with and without the shifted first and last calls
     python bench/flips.py --iterations   # the refined, shifted fit with 300 and 600 iterations
+    python bench/flips.py --selection | --penalty | --last-step | --refine-noises   # fit variants (stop 28)
 
 Where a mixture's modes are narrow and far apart, a few-step sampler sends the noises that lie near the
 boundary between two modes' basins to the wrong mode.  One such flip costs an RMS of about the distance between
@@ -195,19 +196,8 @@ def run_case(family: heldout.Family, cfg, nfe: int, seeds, n_eval: int, log) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tune-narrow12 only, one fitting seed")
-    ap.add_argument("--refine", action="store_true", help="the fit with and without the refinement (REFINE_CASES)")
-    ap.add_argument("--shift", action="store_true", help="the refined fit with and without the evaluation "
-                                                         "shift of the first and last steps (REFINE_CASES)")
-    ap.add_argument("--iterations", action="store_true", help="the refined, shifted fit with 300 and 600 Adam "
-                                                              "iterations (REFINE_CASES)")
-    ap.add_argument("--selection", action="store_true", help="the iterate picked on the held-aside quarter or on "
-                                                             "all the fitting noises (REFINE_CASES)")
-    ap.add_argument("--penalty", action="store_true", help="the coefficient corrections shrunk or not "
-                                                           "(REFINE_CASES)")
-    ap.add_argument("--last-step", action="store_true", help="the last step's weights fitted or kept on the newest "
-                                                             "estimate (REFINE_CASES)")
-    ap.add_argument("--refine-noises", action="store_true", help="the refinement on 4,096 noises or on 1,024 "
-                                                                 "(REFINE_CASES)")
+    for name, (_, _, what) in STUDIES.items():  # one flag per paired study, named by its STUDIES entry
+        ap.add_argument("--" + name.replace("_", "-"), action="store_true", help=f"{what} (REFINE_CASES)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     study = next((name for name in STUDIES if getattr(args, name)), None)
