@@ -66,7 +66,7 @@ from .validation import check_float
 
 __all__ = ["Calibration", "calibrate", "fit_calibration", "DEFAULT_FIT", "sample_calibrated", "teacher_solve",
            "multistep_coefficients", "cached_calibration", "calibration_key", "fitting_noise", "clear_cache",
-           "CALIBRATION_FORMAT", "CALIBRATION_FORMATS", "REFINE", "check_eta"]
+           "CALIBRATION_FORMAT", "CALIBRATION_FORMATS", "REFINE", "check_eta", "fit_settings"]
 
 CALIBRATION_FORMAT = "ksampler.calibration/1"  # without a corrector (what every earlier version reads)
 # [with a corrector, with evaluation shifts (and a corrector or not)]
@@ -887,6 +887,21 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
+def fit_settings(order: int, fit_noises: int, seed: int, iterations: int, teacher_steps: int,
+                 refine_noises: int = 0) -> dict:
+    """The settings of a ``calibrate`` fit (ours or the host's), checked, as they go into the cache key."""
+    if isinstance(fit_noises, bool) or not isinstance(fit_noises, int) or fit_noises < 4:
+        raise ValueError(f"fit_noises: expected an int >= 4, got {fit_noises!r}")
+    if isinstance(refine_noises, bool) or not isinstance(refine_noises, int) or not (refine_noises == 0 or
+                                                                                     refine_noises >= 4):
+        raise ValueError(f"refine_noises: expected 0 (no refinement) or an int >= 4, got {refine_noises!r}")
+    settings = {"order": order, "fit_noises": fit_noises, "seed": int(seed), "iterations": iterations,
+                "teacher_steps": teacher_steps}
+    if refine_noises:  # only then in the key, so that the files of unrefined calibrations keep theirs
+        settings.update({"refine_noises": refine_noises, "refine": dict(REFINE)})
+    return settings
+
+
 def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *, order: int = 3,
               fit_noises: int = 8, seed: int = 0, iterations: int = DEFAULT_FIT["iterations"],
               teacher_steps: int = DEFAULT_FIT["teacher_steps"], refine_noises: int = 0,
@@ -906,15 +921,7 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
     check_model(model)
     samples, _, _ = check_latent(latent, model.latent_format.latent_channels,
                                  dims=getattr(model.latent_format, "latent_dimensions", 2) + 2)
-    if isinstance(fit_noises, bool) or not isinstance(fit_noises, int) or fit_noises < 4:
-        raise ValueError(f"fit_noises: expected an int >= 4, got {fit_noises!r}")
-    if isinstance(refine_noises, bool) or not isinstance(refine_noises, int) or not (refine_noises == 0 or
-                                                                                     refine_noises >= 4):
-        raise ValueError(f"refine_noises: expected 0 (no refinement) or an int >= 4, got {refine_noises!r}")
-    settings = {"order": order, "fit_noises": fit_noises, "seed": int(seed), "iterations": iterations,
-                "teacher_steps": teacher_steps}
-    if refine_noises:  # only then in the key, so that the files of unrefined calibrations keep theirs
-        settings.update({"refine_noises": refine_noises, "refine": dict(REFINE)})
+    settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises)
     key = calibration_key(model, positive, negative, samples.shape, steps, cfg, settings)
 
     def fit() -> Calibration:

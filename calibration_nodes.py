@@ -40,7 +40,12 @@ __all__ = ["CalibratedScheduler", "CALIBRATION_NODES"]
            "written after fitting.", default="", optional=True),
         In("eta", "FLOAT", "0 follows the ODE the fit matched (closest to a fine solve). Above 0 each step re-noises "
            "as an ancestral sampler does (1: fully, as euler_ancestral), from the sampling seed; no refit.",
-           default=0.0, min=0.0, max=1.0, step=0.05, optional=True)),
+           default=0.0, min=0.0, max=1.0, step=0.05, optional=True),
+        In("refine_noises", "INT", "0: off. Else this many more fitting noises (several times fit_noises, from a "
+           "stream of fit_seed of their own), on which the fit goes on a while at a smaller step, keeping the "
+           "iterate best there. Costs a teacher solve and about a third of the fit's iterations on this batch, which "
+           "must fit in memory.",
+           default=0, min=0, max=1024, optional=True)),
     outputs=(Out("SIGMAS", "The fitted sigmas, descending, ending in 0.", "sigmas"),
              Out("SAMPLER", "The fitted multistep sampler, with its corrector if the fit chose one and the "
                  "fitted sigmas of its first and last model calls, run at eta (for SamplerCustom).", "sampler"),
@@ -50,7 +55,7 @@ class CalibratedScheduler:
     """Fits a step schedule and multistep coefficients to this model, conditioning, steps and cfg (cached)."""
 
     def calibrate(self, model, positive, negative, latent_image, steps, cfg, order=3, fit_noises=8, fit_seed=0,
-                  iterations=100, teacher_steps=100, calibration_file="", eta=0.0):
+                  iterations=100, teacher_steps=100, calibration_file="", eta=0.0, refine_noises=0):
         from .calibration import check_eta
         from .nodes import is_comfy_model
 
@@ -60,6 +65,9 @@ class CalibratedScheduler:
         check_int("fit_seed", fit_seed, 0, MAX_SEED)
         check_int("iterations", iterations, 0, 5000)
         check_int("teacher_steps", teacher_steps, 10, 1000)
+        if check_int("refine_noises", refine_noises, 0, 1024) in (1, 2, 3):
+            raise KSamplerInputError(f"refine_noises: 0 (off) or at least 4, got {refine_noises}; set 0 or a few "
+                                     "times fit_noises")
         check_float("cfg", cfg, 0.0, 100.0)
         check_eta(eta)
         if not isinstance(calibration_file, str):
@@ -72,7 +80,7 @@ class CalibratedScheduler:
             if not os.path.isdir(folder):
                 raise KSamplerInputError(f"calibration_file: folder {folder!r} does not exist; create it first")
         options = {"order": order, "fit_noises": fit_noises, "seed": fit_seed, "iterations": iterations,
-                   "teacher_steps": teacher_steps, "path": path}
+                   "teacher_steps": teacher_steps, "refine_noises": refine_noises, "path": path}
         try:
             if is_comfy_model(model):
                 from .comfy_calibration import CalibratedSampler, calibrate_host

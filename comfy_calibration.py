@@ -12,7 +12,7 @@ import comfy.samplers
 import torch
 
 from .calibration import (Calibration, cached_calibration, calibration_key, default_log, fit_calibration,
-                          fitting_noise)
+                          fit_settings, fitting_noise)
 from .comfy_adapter import guarded_host_denoiser
 
 __all__ = ["CalibratedSampler", "calibrate_host"]
@@ -63,29 +63,34 @@ class _FittingSampler(comfy.samplers.Sampler):
 
         def denoiser(x, sigma):
             return host(x, sigma, **extra_args)
+        options = dict(self.options)
+        if options.get("refine_noise") is not None:  # where ComfyUI put the fitting noise
+            options["refine_noise"] = options["refine_noise"].to(device=noise.device, dtype=noise.dtype)
         with output_guard:
-            self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, **self.options)
+            self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, **options)
         return latent_image
 
 
 def calibrate_host(model, positive, negative, latent: dict, steps: int, cfg: float, *, order: int = 3,
                    fit_noises: int = 8, seed: int = 0, iterations: int = 100, teacher_steps: int = 100,
-                   path: str | None = None, log=default_log) -> Calibration:
+                   refine_noises: int = 0, path: str | None = None, log=default_log) -> Calibration:
     """``calibration.calibrate`` for a ComfyUI MODEL (a ModelPatcher): fitted once per inputs, cached."""
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    settings = {"order": order, "fit_noises": fit_noises, "seed": int(seed), "iterations": iterations,
-                "teacher_steps": teacher_steps}
+    settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises)
     key = calibration_key(model, positive, negative, samples.shape, steps, cfg, settings)
 
     def fit() -> Calibration:
         with torch.inference_mode(False):
             noise = fitting_noise(seed, fit_noises, samples.shape[1:])
+            # the host's guided denoiser takes any batch (ComfyUI repeats the conditioning to it)
+            refine_noise = fitting_noise(seed, refine_noises, samples.shape[1:], stream=1) if refine_noises else None
             ms = model.get_model_object("model_sampling")
             guider = comfy.samplers.CFGGuider(model)
             guider.set_conds(positive, negative)
             guider.set_cfg(cfg)
             fitter = _FittingSampler(steps, {"order": order, "iterations": iterations, "teacher_steps": teacher_steps,
-                                             "log": log, "info": {"cfg": float(cfg), **settings}})
+                                             "refine_noise": refine_noise, "log": log,
+                                             "info": {"cfg": float(cfg), **settings}})
             sigmas = torch.tensor([float(ms.sigma_max), 0.0])
             guider.sample(noise, torch.zeros_like(noise), fitter, sigmas, seed=seed, disable_pbar=True)
         return fitter.result

@@ -340,6 +340,14 @@ def test_node_outputs_descending_sigmas_and_ksampler_uses_them():
     for bad in (-0.1, 1.5, "0.5", math.nan):
         with pytest.raises(KSamplerInputError, match="eta"):
             CalibratedScheduler().calibrate(model, pos, neg, latent, 4, 3.0, fit_noises=4, iterations=2, eta=bad)
+    # the node's refinement: a fit of its own, refined on that many more noises
+    _, _, refined = CalibratedScheduler().calibrate(model, pos, neg, latent, 4, 3.0, fit_noises=4, iterations=2,
+                                                    refine_noises=8)
+    assert refined.info["refine_noises"] == 8 and refined.info["key"] != cal.info["key"]
+    for bad in (2, -1, 2000, 8.0, True):
+        with pytest.raises(KSamplerInputError, match="refine_noises"):
+            CalibratedScheduler().calibrate(model, pos, neg, latent, 4, 3.0, fit_noises=4, iterations=2,
+                                            refine_noises=bad)
     # the KSampler path runs a calibration's corrector (dropping it would change the latent)
     ve = torch.cat([cal.sigmas[:-1].double(), torch.zeros(1, dtype=torch.float64)])
     plain = Calibration(cal.sigmas, cal.coefficients, dict(cal.info))

@@ -411,6 +411,13 @@ def test_calibration_fits_and_samples_through_the_host(host, monkeypatch):
     again = comfy_calibration.calibrate_host(patcher, _cond(1.0), _cond(-1.0), latent, 3, 3.0, fit_noises=4,
                                              iterations=2, teacher_steps=10, log=messages.append)
     assert again is cal and any("reusing" in m for m in messages)
+    # refined on a larger batch through the same host denoiser: its own cache entry, the refinement in its info
+    refined = comfy_calibration.calibrate_host(patcher, _cond(1.0), _cond(-1.0), latent, 3, 3.0, fit_noises=4,
+                                               iterations=2, teacher_steps=10, refine_noises=8, log=messages.append)
+    assert refined is not cal and refined.info["refine_noises"] == 8 and any("refining on 8" in m for m in messages)
+    with pytest.raises(ValueError, match="refine_noises"):
+        comfy_calibration.calibrate_host(patcher, _cond(1.0), _cond(-1.0), latent, 3, 3.0, fit_noises=4,
+                                         refine_noises=2)
     out = modules["comfy.samplers"].sample(patcher, torch.randn(1, 4, 8, 8), _cond(1.0), _cond(-1.0), 3.0, "cpu",
                                            comfy_calibration.CalibratedSampler(cal), cal.sigmas,
                                            latent_image=torch.zeros(1, 4, 8, 8), seed=3)

@@ -6,13 +6,14 @@ For each tiny model (SD1.5 eps, SD3 flow) and under torch.inference_mode (as Com
 our "Calibrated Scheduler (ksampler)" fits through the host's model (CFGGuider, ModelPatcher); ComfyUI's own
 SamplerCustom node then samples with its SIGMAS and SAMPLER; our KSampler samples with the calibration; a
 second node call must reuse the fit without a model call; at eta 0.5 (the same fit, re-noising from the seed)
-SamplerCustom and our KSampler must again agree.  ComfyUI is imported as a library (../shared/comfyui
+SamplerCustom and our KSampler must again agree; a fit refined on 8 more noises (``refine_noises``) must run.  ComfyUI is imported as a library (../shared/comfyui
 harness); nothing of it is copied here.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -90,14 +91,28 @@ def main() -> int:
             stochastic = (noisy.sigmas is cal.sigmas and bool(torch.isfinite(noisy_out["samples"]).all())
                           and torch.allclose(noisy_ours["samples"], noisy_out["samples"], atol=1e-5)
                           and not torch.allclose(noisy_out["samples"], out["samples"], atol=1e-3))
+            # refined on 8 more noises (a batch of another size through the host's guided model)
+            t = time.time()
+            refined_sigmas, refined_sampler, refined = classes["ksampler_CalibratedScheduler"]().calibrate(
+                model, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
+                teacher_steps=args.teacher_steps, refine_noises=8)
+            refine_s = time.time() - t
+            refined_out = _first(custom.SamplerCustom().sample(model, True, 3, 5.0, pos, neg, refined_sampler,
+                                                               refined_sigmas, latent))
+            refinement = (refined is not cal and refined.info.get("refine_noises") == 8
+                          and math.isfinite(refined.info["rms_refined"])
+                          and bool((refined_sigmas[1:] < refined_sigmas[:-1]).all())
+                          and bool(torch.isfinite(refined_out["samples"]).all()))
         print(f"{key}: sigmas {[round(float(s), 4) for s in sigmas]}; fit {fit_s:.1f}s "
               f"({cal.info['model_calls']} model calls, gradient: {cal.info['gradient']}); RMS to the teacher "
               f"{cal.info['rms_start']:.4g} -> {cal.info['rms_fitted']:.4g}; shifts of the first and last calls "
               f"{None if cal.shift is None else [round(float(cal.shift[0]), 4), round(float(cal.shift[-1]), 4)]}; "
               f"SamplerCustom finite: {ok}; "
               f"KSampler(calibration) == SamplerCustom: {same}; second call cached: {cached}; at eta 0.5 (no "
-              f"refit) KSampler == SamplerCustom, and unlike eta 0: {stochastic}")
-        failures += not (ok and same and cached and stochastic)
+              f"refit) KSampler == SamplerCustom, and unlike eta 0: {stochastic}; refined on 8 noises "
+              f"({refine_s:.1f}s, RMS on them {refined.info.get('rms_refined', float('nan')):.4g}), SamplerCustom "
+              f"finite: {refinement}")
+        failures += not (ok and same and cached and stochastic and refinement)
     print("PASS" if not failures else f"FAIL ({failures})")
     return 1 if failures else 0
 
