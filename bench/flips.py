@@ -25,11 +25,13 @@ far the sampler's path is from the ODE's when its later steps take over.  These 
 192 fitting noises alone, without the refinement (``results/flips_tuning.json`` was measured before the refinement
 and the shifts existed).
 
-``--refine`` is the evidence the refinement (``heldout.REFINE_NOISES`` more noises, ``calibration.REFINE``) was
+``--refine`` is the evidence the refinement (then on 1,024 more noises, ``calibration.REFINE``) was
 adopted on: nine tuning cases, four fitting seeds, each fit with and without it, on the same evaluation noises
 (both without the shifts, as measured then).  ``--shift`` is the same for the shifted first and last model calls
 (``calibration.SHIFTED_STEPS``), both fits refined.  ``--iterations`` is the same for 600 Adam iterations against
 300, both fits refined and shifted: the evidence ``calibration.DEFAULT_FIT``'s 600 was adopted on.
+``--refine-noises`` is the same for 4,096 refinement noises against 1,024: the evidence
+``heldout.REFINE_NOISES = 4096`` was adopted on (stop 29).  The studies before it pin 1,024 (``AS_MEASURED``).
 """
 from __future__ import annotations
 
@@ -137,25 +139,30 @@ def paired_study(variants: dict, seeds, log) -> list[dict]:
     return cases
 
 
-STUDIES = {  # flag: (variants, results file, what it compares); each at the iterations it was measured with
-    "refine": ({"fitted": {"refine": False, "shift": False, "iterations": 300},
-                "refined": {"refine": True, "shift": False, "iterations": 300}},
-               "refine_tuning.json", f"the refinement on {heldout.REFINE_NOISES} noises"),
-    "shift": ({"refined": {"refine": True, "shift": False, "iterations": 300},
-               "shifted": {"refine": True, "shift": True, "iterations": 300}},
+AS_MEASURED = {"refine_noises": 1024}  # the studies before stop 29 refined on 1,024 noises (REFINE_NOISES then)
+STUDIES = {  # flag: (variants, results file, what it compares); each at the settings it was measured with
+    "refine": ({"fitted": {**AS_MEASURED, "refine": False, "shift": False, "iterations": 300},
+                "refined": {**AS_MEASURED, "refine": True, "shift": False, "iterations": 300}},
+               "refine_tuning.json", "the refinement on 1,024 noises"),
+    "shift": ({"refined": {**AS_MEASURED, "refine": True, "shift": False, "iterations": 300},
+               "shifted": {**AS_MEASURED, "refine": True, "shift": True, "iterations": 300}},
               "shift_tuning.json", "the evaluation shift of the first and last steps (both refined)"),
-    "iterations": ({"300 iterations": {"refine": True, "shift": True, "iterations": 300},
-                    "600 iterations": {"refine": True, "shift": True, "iterations": 600}},
+    "iterations": ({"300 iterations": {**AS_MEASURED, "refine": True, "shift": True, "iterations": 300},
+                    "600 iterations": {**AS_MEASURED, "refine": True, "shift": True, "iterations": 600}},
                    "iterations_tuning.json", "600 Adam iterations against 300 (both refined and shifted)"),
-    "selection": ({"all": {"refine": True, "shift": True, "iterations": 600, "selection": "all"},
-                   "held aside": {"refine": True, "shift": True, "iterations": 600, "selection": "held_aside"}},
+    "selection": ({"all": {**AS_MEASURED, "refine": True, "shift": True, "iterations": 600, "selection": "all"},
+                   "held aside": {**AS_MEASURED, "refine": True, "shift": True, "iterations": 600,
+                                  "selection": "held_aside"}},
                   "selection_tuning.json", "the iterate picked on the held-aside quarter of the fitting noises "
                                            "against all of them"),
-    "penalty": ({"no penalty": {"refine": True, "shift": True, "iterations": 600, "coefficient_penalty": 0.0},
-                 "penalty 1": {"refine": True, "shift": True, "iterations": 600, "coefficient_penalty": 1.0}},
+    "penalty": ({"no penalty": {**AS_MEASURED, "refine": True, "shift": True, "iterations": 600,
+                                "coefficient_penalty": 0.0},
+                 "penalty 1": {**AS_MEASURED, "refine": True, "shift": True, "iterations": 600,
+                               "coefficient_penalty": 1.0}},
                 "penalty_tuning.json", "the coefficient corrections shrunk (coefficient_penalty 1) against not"),
-    "last_step": ({"fitted": {"refine": True, "shift": True, "iterations": 600, "fit_last_step": True},
-                   "Adams": {"refine": True, "shift": True, "iterations": 600, "fit_last_step": False}},
+    "last_step": ({"fitted": {**AS_MEASURED, "refine": True, "shift": True, "iterations": 600, "fit_last_step": True},
+                   "Adams": {**AS_MEASURED, "refine": True, "shift": True, "iterations": 600,
+                             "fit_last_step": False}},
                   "last_step_tuning.json", "the last step on the newest estimate alone against fitted weights"),
     "refine_noises": ({"1024 noises": {"refine": True, "shift": True, "iterations": 600, "refine_noises": 1024},
                        "4096 noises": {"refine": True, "shift": True, "iterations": 600, "refine_noises": 4096}},

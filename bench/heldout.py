@@ -66,7 +66,8 @@ BUDGETS = (5, 10, 20)
 CFGS = (None, 3.0, 7.5)
 EVAL_SEED, FIT_SEED, REFINE_SEED = 1000, 2000, 3000  # evaluation and fitting noise come from disjoint seeds
 N_EVAL, FIT_NOISES = 64, 192
-REFINE_NOISES = 1024  # the fit is refined on these (calibration.REFINE; tuning split: python bench/flips.py --refine)
+REFINE_NOISES = 4096  # the fit is refined on these (calibration.REFINE; tuning split: python bench/flips.py --refine,
+# and 4,096 over 1,024: python bench/flips.py --refine-noises)
 # chosen on the TUNING split (python bench/heldout.py --tune); constants for every held-out run
 CALIBRATION = {**DEFAULT_FIT, "teacher_sigma_min_factor": 0.01}  # the library's defaults (chosen here, --tune)
 CALIBRATED_BUDGETS = BUDGETS
