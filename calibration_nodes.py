@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from .calibration import REFINE
 from .node_schema import In, NodeSpec, Out, v1_node
 from .validation import MAX_SEED, KSamplerInputError, check_float, check_int
 
@@ -42,9 +43,9 @@ __all__ = ["CalibratedScheduler", "CALIBRATION_NODES"]
            "as an ancestral sampler does (1: fully, as euler_ancestral), from the sampling seed; no refit.",
            default=0.0, min=0.0, max=1.0, step=0.05, optional=True),
         In("refine_noises", "INT", "0: off. Else this many more fitting noises (several times fit_noises, from a "
-           "stream of fit_seed of their own), on which the fit goes on a while at a smaller step, keeping the "
-           "iterate best there. Costs a teacher solve and about a third of the fit's iterations on this batch, which "
-           "must fit in memory.",
+           "stream of fit_seed of their own), on which the fit goes on at a smaller step, keeping the iterate best "
+           f"there. Costs a teacher solve and {REFINE['iterations']} more iterations on this batch, which must fit "
+           "in memory.",
            default=0, min=0, max=1024, optional=True)),
     outputs=(Out("SIGMAS", "The fitted sigmas, descending, ending in 0.", "sigmas"),
              Out("SAMPLER", "The fitted multistep sampler, with its corrector if the fit chose one and the "
