@@ -9,7 +9,9 @@ new optional inputs at the end, KSampler+ (Two Models) and Sampler Options+; the
   Sampler Options node, preview 'denoised') on both models;
 * KSampler+ (Two Models) on two loads of the flow checkpoint (switch by sigma), and its switch_step output;
 * the same node on an eps and a flow model, which must fail with an error naming model_low;
-* a sampler option the sampler does not take, which must fail naming the option and the sampler.
+* a sampler option the sampler does not take, which must fail naming the option and the sampler;
+* the Calibrated Scheduler+ (its optional inputs ending in eta, refine_noises) fitted and refined on the flow
+  model into ComfyUI's SamplerCustom, and with refine_noises 2, which must fail naming refine_noises.
 Exit status 0 when every expectation holds.
 """
 from __future__ import annotations
@@ -60,6 +62,21 @@ def two_model_graph(m_high, m_low):
         "sampler_name": "euler", "scheduler": "simple", "positive": ["2", 0], "negative": ["3", 0],
         "latent_image": ["4", 0], "boundary": 0.875, "switch_by": "sigma", "switch_at_step": 4}}
     g["9"] = {"class_type": "HarnessLatentStats", "inputs": {"samples": ["5", 0]}}
+    return g
+
+
+def calibration_graph(m, refine_noises: int):
+    """The Calibrated Scheduler+ (a quick fit, refined on ``refine_noises`` more noises) into ComfyUI's SamplerCustom."""
+    g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": m["checkpoint"]}}, **conditioning(m)}
+    g["4"] = {"class_type": m["empty_latent_node"], "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    g["5"] = {"class_type": "ksampler_CalibratedScheduler", "inputs": {
+        "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "steps": 3,
+        "cfg": 4.0, "order": 3, "fit_noises": 4, "fit_seed": 0, "iterations": 2, "teacher_steps": 10,
+        "calibration_file": "", "eta": 0.0, "refine_noises": refine_noises}}
+    g["6"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["1", 0], "add_noise": True, "noise_seed": 5, "cfg": 4.0, "positive": ["2", 0],
+        "negative": ["3", 0], "sampler": ["5", 1], "sigmas": ["5", 0], "latent_image": ["4", 0]}}
+    g["9"] = {"class_type": "HarnessLatentStats", "inputs": {"samples": ["6", 0]}}
     return g
 
 
@@ -114,7 +131,19 @@ def main(argv=None) -> int:
         table = _node_table()
         missing = [node for node in table if node not in info]
         expect("every node of NODE_TABLE is served (the pack loaded whole)", not missing, ", ".join(missing))
+        cal = info.get("ksampler_CalibratedScheduler", {}).get("input", {})
+        cal_order = info.get("ksampler_CalibratedScheduler", {}).get("input_order", {}).get(
+            "optional", list(cal.get("optional", {})))
+        expect("Calibrated Scheduler+ serves eta, then refine_noises, last", cal_order[-2:] == ["eta", "refine_noises"],
+               str(cal_order))
         models = manifest["models"]
+        res = e2e.run_graph(server.base, calibration_graph(models["sd3_flow"], 8), 600)
+        expect("Calibrated Scheduler+ refined on 8 noises, into SamplerCustom (sd3_flow)", res["ok"],
+               res.get("error", ""))
+        res = e2e.run_graph(server.base, calibration_graph(models["sd3_flow"], 2), 300)
+        message = str((res.get("error") or {}).get("exception_message", ""))
+        expect("Calibrated Scheduler+ with refine_noises 2: clear error naming refine_noises",
+               not res["ok"] and "refine_noises" in message, message[:160])
         for key, sampler, options in (("sd15_eps", "euler_ancestral", "eta=0.6, s_noise=1.01"),
                                       ("sd3_flow", "dpmpp_2m_sde", "eta=0.5\nsolver_type=heun")):
             res = e2e.run_graph(server.base, advanced_graph(models[key], options, sampler), 300)
