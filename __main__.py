@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a contact sheet of the denoised estimate at every step (rows: images, "
                         "columns: steps)")
 
+    k = g.add_argument_group("calibration (few steps: a schedule and solver fitted to this prompt once)")
+    k.add_argument("--calibrate", nargs="?", const="", default=None, metavar="FILE.safetensors",
+                   help="sample with a calibration fitted to this model, prompt, negative, size, steps and cfg "
+                        "instead of --sampler/--scheduler (text-to-image only; see the README's Calibration); with "
+                        "FILE, loaded from it when it holds this calibration, else fitted and saved there")
+    k.add_argument("--calibrate-iterations", type=int, default=100,
+                   help="the fit's optimiser iterations (default 100, the node's; more fit closer and take longer)")
+
     r = sub.add_parser("run", help="run a ComfyUI API-format workflow JSON made of this pack's nodes")
     r.add_argument("workflow", help="e.g. workflows/text_to_image.json")
     r.add_argument("--out", default="out", help="output folder for save nodes (default out/)")
@@ -114,6 +122,29 @@ def _check_generate(args) -> None:
         raise KSamplerInputError(f"--variation-strength: must be between 0 and 1, got {args.variation_strength}")
     if args.variation_strength > 0 and args.variation_seed is None:
         raise KSamplerInputError("--variation-strength: needs --variation-seed")
+    if args.calibrate is not None:
+        _check_calibrate(args)
+
+
+def _check_calibrate(args) -> None:
+    import os
+    from .validation import check_int
+    if args.init_image is not None or (args.denoise is not None and args.denoise < 1.0):
+        raise KSamplerInputError("--calibrate: calibrations are for text-to-image (denoise 1); drop --init-image and "
+                                 "--denoise, or --calibrate")
+    if args.sampler_option or args.cfg_interval or args.cfg_ramp_end is not None or args.cfg_stop_at != 1.0:
+        raise KSamplerInputError("--calibrate: the fit is for this constant cfg and its own solver; drop "
+                                 "--sampler-option and the cfg schedule flags (--cfg-interval, --cfg-ramp-end, "
+                                 "--cfg-stop-at), or --calibrate")
+    if args.steps > 100:
+        raise KSamplerInputError(f"--steps: a calibration fits at most 100 steps, got {args.steps}")
+    check_int("--calibrate-iterations", args.calibrate_iterations, 0, 5000)
+    if args.calibrate:
+        if not args.calibrate.endswith(".safetensors"):
+            raise KSamplerInputError(f"--calibrate: {args.calibrate!r} must end in .safetensors")
+        folder = os.path.dirname(os.path.abspath(args.calibrate))
+        if not os.path.isdir(folder):
+            raise KSamplerInputError(f"--calibrate: folder {folder!r} does not exist; create it first")
 
 
 def _controls(args) -> dict:
@@ -210,6 +241,14 @@ def generate(args) -> list:
     rng = random.Random(args.seed)   # randomize: reproducible from the starting seed
     seed, written = args.seed, []
     controls = _controls(args)
+    if args.calibrate is not None:
+        from .calibration import calibrate
+        try:
+            controls["calibration"] = calibrate(model, positive, negative, latent, args.steps, args.cfg,
+                                                iterations=args.calibrate_iterations, path=args.calibrate or None,
+                                                log=lambda message: print(message, file=sys.stderr, flush=True))
+        except ValueError as exc:
+            raise KSamplerInputError("--calibrate: " + str(exc).replace("calibration_file: ", "", 1)) from exc
     for run in range(args.runs):
         progress = _Progress(args.steps, f"run {run + 1}/{args.runs} seed {seed}", not args.no_progress)
         callback = progress
@@ -233,7 +272,9 @@ def generate(args) -> list:
         for k, image in enumerate(images):
             path = next_free_path(args.out, args.prefix)
             meta = {"prompt": args.prompt, "negative": args.negative, "seed": seed, "batch_index": k,
-                    "steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "scheduler": args.scheduler,
+                    "steps": args.steps, "cfg": args.cfg,
+                    "sampler": "calibrated" if args.calibrate is not None else args.sampler,
+                    "scheduler": "calibrated" if args.calibrate is not None else args.scheduler,
                     "denoise": denoise, "model": kind, "init_image": args.init_image}
             meta.update({k: v for k, v in (("variation_seed", args.variation_seed),
                                            ("variation_strength", args.variation_strength),

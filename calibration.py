@@ -835,12 +835,71 @@ def conditioning_digest(conditioning) -> str:
     return h.hexdigest()
 
 
-def calibration_key(model, positive, negative, latent_shape, steps: int, cfg: float, settings: dict) -> str:
-    """The cache key: model, conditioning, latent shape, sampler settings, steps and cfg."""
+def calibration_key(model, positive, negative, latent_shape, steps: int, cfg: float, settings: dict,
+                    by_content: bool = False) -> Optional[str]:
+    """The cache key: model, conditioning, latent shape, sampler settings, steps and cfg.  The model is this
+    process's object (``model_token``), or with ``by_content`` its weights (``model_fingerprint``: the same in
+    another process, for calibration files; None for a model without weights)."""
     import hashlib
-    parts = [model_token(model), conditioning_digest(positive), conditioning_digest(negative),
-             str(tuple(latent_shape[1:])), str(int(steps)), repr(float(cfg)), json.dumps(settings, sort_keys=True)]
+    model_id = model_fingerprint(model) if by_content else model_token(model)
+    if model_id is None:
+        return None
+    parts = [model_id, conditioning_digest(positive),
+             conditioning_digest(negative), str(tuple(latent_shape[1:])), str(int(steps)), repr(float(cfg)),
+             json.dumps(settings, sort_keys=True)]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()
+
+
+def _fingerprint_feed(h, value, samples: int = 16) -> None:
+    """Feed ``value`` into the digest ``h``: tensors by shape, dtype and ``samples`` evenly spaced values; lists,
+    tuples and dicts item by item; a weight adapter (ComfyUI's LoRA patches) by its tensors; the rest by repr."""
+    if isinstance(value, Tensor):
+        flat = value.detach().reshape(-1)
+        h.update(f"{tuple(value.shape)}{value.dtype}".encode())
+        if flat.numel():
+            index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+            h.update(flat[index].to("cpu", torch.float64).numpy().tobytes())
+    elif isinstance(value, dict):
+        for k in sorted(value, key=str):
+            h.update(str(k).encode())
+            _fingerprint_feed(h, value[k], samples)
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[")
+        for item in value:
+            _fingerprint_feed(h, item, samples)
+        h.update(b"]")
+    elif hasattr(value, "weights"):
+        h.update(type(value).__name__.encode())
+        _fingerprint_feed(h, value.weights, samples)
+    else:
+        h.update(repr(value).encode() if isinstance(value, (int, float, str, bool, type(None))) else
+                 type(value).__name__.encode())
+
+
+def model_fingerprint(model) -> Optional[str]:
+    """A digest of a model's content, the same for the same weights in any process: its weights (a sample of each
+    tensor's values), its model sampling, and for a ComfyUI ModelPatcher its patches (LoRAs and the like), with the
+    original value of any weight the host has patched in place.  None for a model without weights (state_dict)."""
+    import hashlib
+    patcher = hasattr(model, "get_model_object")
+    target = getattr(model, "model", model) if patcher else model
+    if not callable(getattr(target, "state_dict", None)):
+        return None  # nothing to identify it by: its files load in this process only (by model_token)
+    h = hashlib.sha1()
+    backup = getattr(model, "backup", None) or {}
+    for name, tensor in sorted(target.state_dict().items()):
+        original = backup.get(name)
+        h.update(name.encode())
+        _fingerprint_feed(h, getattr(original, "weight", original) if original is not None else tensor)
+    ms = model.get_model_object("model_sampling") if patcher else getattr(model, "model_sampling", None)
+    h.update(type(ms).__name__.encode())
+    for attribute in ("sigma_min", "sigma_max", "shift", "multiplier"):
+        value = getattr(ms, attribute, None)
+        if isinstance(value, (int, float, Tensor)):
+            h.update(f"{attribute}={float(value):.9g}".encode())
+    if patcher:
+        _fingerprint_feed(h, getattr(model, "patches", None) or {})
+    return h.hexdigest()
 
 
 def fitting_noise(seed: int, count: int, shape, dtype=torch.float32, stream: int = 0) -> Tensor:
@@ -851,18 +910,25 @@ def fitting_noise(seed: int, count: int, shape, dtype=torch.float32, stream: int
 
 
 def cached_calibration(key: str, fit: Callable[[], Calibration], path: Optional[str] = None,
-                       log: Callable[[str], None] = default_log, settings: Optional[dict] = None) -> Calibration:
-    """The calibration for ``key``: from memory, else from ``path`` (checked to be for the same key), else fitted
+                       log: Callable[[str], None] = default_log, settings: Optional[dict] = None,
+                       file_key: Optional[Callable[[], Optional[str]]] = None) -> Calibration:
+    """The calibration for ``key``: from memory, else from ``path`` (checked to be for the same inputs), else fitted
     (once, saying so) and stored in memory and at ``path``.  ``settings``: the fit's settings in the key, named
-    in the error when the file's differ."""
+    in the error when the file's differ.  ``file_key``: the key by the model's content (``calibration_key(...,
+    by_content=True)``), computed only with a ``path``, so that a file fitted in another process (after a restart)
+    loads for the same model and inputs."""
     import os
     cal = _CACHE.get(key)
     if cal is not None:
         log(f"calibration: reusing the fitted schedule ({cal.steps} steps, key {key[:10]})")
+        if path and not os.path.exists(path):  # fitted before a file was asked for: write it now
+            _save(cal, path, file_key, log)
         return cal
+    content_key = file_key() if (path and file_key is not None) else None
     if path and os.path.exists(path):
         cal = Calibration.load(path)
-        if cal.info.get("key") != key:
+        same = cal.info.get("key") == key or (content_key is not None and cal.info.get("file_key") == content_key)
+        if not same:
             differ = [f"{name}={cal.info[name]!r} (this call: {value!r})" for name, value in (settings or {}).items()
                       if name in cal.info and cal.info[name] != value]
             if differ:
@@ -878,9 +944,17 @@ def cached_calibration(key: str, fit: Callable[[], Calibration], path: Optional[
     cal.info["key"] = key
     _CACHE[key] = cal
     if path:
-        cal.save(path)
-        log(f"calibration: saved {path}")
+        _save(cal, path, file_key, log, content_key)
     return cal
+
+
+def _save(cal: Calibration, path: str, file_key, log, content_key: Optional[str] = None) -> None:
+    """Write ``cal`` to ``path`` with the key by the model's content (``file_key``), for other processes."""
+    content_key = content_key or (file_key() if file_key is not None else None)
+    if content_key is not None:
+        cal.info["file_key"] = content_key
+    cal.save(path)
+    log(f"calibration: saved {path}")
 
 
 def clear_cache() -> None:
@@ -924,6 +998,9 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
     settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises)
     key = calibration_key(model, positive, negative, samples.shape, steps, cfg, settings)
 
+    def file_key() -> str:
+        return calibration_key(model, positive, negative, samples.shape, steps, cfg, settings, by_content=True)
+
     def fit() -> Calibration:
         ms = model.model_sampling
         device = getattr(model, "device", torch.device("cpu"))
@@ -937,7 +1014,7 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
         return fit_calibration(guided, ms, noise, steps, order=order, iterations=iterations,
                                teacher_steps=teacher_steps, refine_noise=refine_noise,
                                refine_denoiser=refine_guided, log=log, info={"cfg": float(cfg), **settings})
-    return cached_calibration(key, fit, path, log, settings)
+    return cached_calibration(key, fit, path, log, settings, file_key)
 
 
 def run_sigmas(calibration: "Calibration", steps: int, cfg: float, denoise: float = 1.0) -> Tensor:

@@ -79,6 +79,9 @@ def calibrate_host(model, positive, negative, latent: dict, steps: int, cfg: flo
     settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises)
     key = calibration_key(model, positive, negative, samples.shape, steps, cfg, settings)
 
+    def file_key() -> str:
+        return calibration_key(model, positive, negative, samples.shape, steps, cfg, settings, by_content=True)
+
     def fit() -> Calibration:
         with torch.inference_mode(False):
             noise = fitting_noise(seed, fit_noises, samples.shape[1:])
@@ -94,4 +97,4 @@ def calibrate_host(model, positive, negative, latent: dict, steps: int, cfg: flo
             sigmas = torch.tensor([float(ms.sigma_max), 0.0])
             guider.sample(noise, torch.zeros_like(noise), fitter, sigmas, seed=seed, disable_pbar=True)
         return fitter.result
-    return cached_calibration(key, fit, path, log, settings)
+    return cached_calibration(key, fit, path, log, settings, file_key)

@@ -8,7 +8,8 @@ import torch
 
 from analytic import analytic_model, conditioning
 from ksampler.calibration import (Calibration, cached_calibration, calibrate, clear_cache, fit_calibration,
-                                  multistep_coefficients, run_sigmas, sample_calibrated, teacher_solve)
+                                  model_fingerprint, multistep_coefficients, run_sigmas, sample_calibrated,
+                                  teacher_solve)
 from ksampler.calibration_nodes import CalibratedScheduler
 from ksampler.models import EPS, Flow
 from ksampler.nodes import KSampler
@@ -306,6 +307,55 @@ def test_cache_hit_does_not_call_the_model(tmp_path):
         calibrate(model, pos, neg, latent, 3, 3.0, path=path, log=messages.append, **{**opts, "iterations": 3})
     assert calibrate(model, pos, neg, latent, 3, 3.0, path=path, log=messages.append, **opts).info["key"] == \
         cal.info["key"]
+
+
+def test_a_calibration_file_loads_in_another_process_for_the_same_model(tmp_path):
+    """A file is keyed by the model's content too: another process (here: another object with the same weights and
+    model sampling, so another process-local token) loads it without fitting; another model is refused."""
+    clear_cache()
+    pos, neg = conditioning(1.0), conditioning(-0.5)
+    latent = {"samples": torch.zeros(1, 4, 4, 4)}
+    opts = {"fit_noises": 4, "iterations": 2, "teacher_steps": 10}
+    path = str(tmp_path / "c.safetensors")
+    model, messages = analytic_model(), []
+    cal = calibrate(model, pos, neg, latent, 3, 3.0, log=lambda m: None, **opts)
+    # asked for a file after the fit: the cached fit is written there, not refitted
+    assert calibrate(model, pos, neg, latent, 3, 3.0, path=path, log=messages.append, **opts) is cal
+    assert any("saved" in m for m in messages) and cal.info["file_key"]
+    clear_cache()
+    restarted, messages = analytic_model(), []
+    loaded = calibrate(restarted, pos, neg, latent, 3, 3.0, path=path, log=messages.append, **opts)
+    assert not restarted.network.calls and any("loaded" in m for m in messages)
+    assert torch.equal(loaded.sigmas, cal.sigmas) and loaded.info["file_key"] == cal.info["file_key"]
+    clear_cache()
+    with pytest.raises(ValueError, match="other inputs"):
+        calibrate(analytic_model(flow=True), pos, neg, latent, 3, 3.0, path=path, log=lambda m: None, **opts)
+
+
+def test_model_fingerprint_follows_the_weights_and_patches_not_the_object():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    b = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    b.load_state_dict(a.state_dict())
+    assert model_fingerprint(a) == model_fingerprint(b)
+    with torch.no_grad():
+        b[1].weight.mul_(1.01)
+    assert model_fingerprint(a) != model_fingerprint(b)
+
+    class Patcher:  # a ComfyUI ModelPatcher's relevant parts: the model, its patches, the originals it patched over
+        def __init__(self, model, patches=None):
+            self.model, self.patches, self.backup = model, patches or {}, {}
+
+        def get_model_object(self, name):
+            return None
+
+    plain, patched = Patcher(a), Patcher(b)
+    patched.backup = {"1.weight": type("Backup", (), {"weight": a[1].weight.detach().clone()})()}
+    assert model_fingerprint(plain) == model_fingerprint(patched)  # patched in place: the originals count
+    lora = Patcher(a, {"1.weight": [(1.0, (torch.ones(2, 8),), 1.0, None, None)]})
+    stronger = Patcher(a, {"1.weight": [(0.5, (torch.ones(2, 8),), 1.0, None, None)]})
+    assert len({model_fingerprint(plain), model_fingerprint(lora), model_fingerprint(stronger)}) == 3
+    assert model_fingerprint(lambda x: x) is None  # nothing to identify: such a model's files load in-process only
 
 
 def test_node_outputs_descending_sigmas_and_ksampler_uses_them():

@@ -157,3 +157,36 @@ def test_control_flags_change_the_image_and_the_contact_sheet_is_written(tmp_pat
     _generate(tmp_path / "c", capsys, "--seed", "3", "--variation-seed", "9", "--variation-strength", "0",
               "--cfg-stop-at", "1")
     assert torch.equal(plain, load_image(str(tmp_path / "c" / "ksampler_00001_.png"))[0])
+
+
+def test_calibrate_fits_once_saves_and_reloads_in_another_run(tmp_path, capsys):
+    path = tmp_path / "cal.safetensors"
+    flags = ("--seed", "3", "--batch-size", "1", "--steps", "3", "--calibrate", str(path), "--calibrate-iterations", "2")
+    code, out, err = _generate(tmp_path / "a", capsys, *flags)
+    assert code == 0 and "fitting once" in err and f"saved {path}" in err and path.exists()
+    from ksampler.bundled.images import load_image
+    from ksampler.calibration import clear_cache
+    first = load_image(str(tmp_path / "a" / "ksampler_00001_.png"))[0]
+    clear_cache()  # as a new process: only the file is left
+    code, out, err = _generate(tmp_path / "b", capsys, *flags)
+    assert code == 0 and f"loaded {path}" in err and "fitting" not in err
+    assert torch.equal(first, load_image(str(tmp_path / "b" / "ksampler_00001_.png"))[0])
+    code, out, err = _generate(tmp_path / "c", capsys, "--seed", "3", "--batch-size", "1", "--steps", "3")
+    assert not torch.equal(first, load_image(str(tmp_path / "c" / "ksampler_00001_.png"))[0])
+    # the same file for another prompt is refused, never refitted over
+    code, _, err = main(["generate", "--prompt", "a small blue square", "--out", str(tmp_path / "d"),
+                         "--no-progress", *flags]), *capsys.readouterr()
+    assert code == 2 and "--calibrate:" in err and "other inputs" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--calibrate", "--denoise", "0.5", "--init-image", "x.png"], "--calibrate: calibrations are for text-to-image"),
+    (["--calibrate", "--sampler-option", "eta=0.5"], "--calibrate: the fit is for this constant cfg"),
+    (["--calibrate", "--cfg-stop-at", "0.5"], "--calibrate: the fit is for this constant cfg"),
+    (["--calibrate", "cal.json"], "must end in .safetensors"),
+    (["--calibrate", "/nonexistent/c.safetensors"], "does not exist; create it first"),
+    (["--calibrate", "--calibrate-iterations", "-1"], "--calibrate-iterations: must be between 0 and 5000"),
+])
+def test_calibrate_flags_give_a_clear_error(tmp_path, capsys, args, message):
+    code, _, err = _generate(tmp_path, capsys, *args)
+    assert code == 2 and message in err, err

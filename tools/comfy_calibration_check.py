@@ -6,7 +6,9 @@ For each tiny model (SD1.5 eps, SD3 flow) and under torch.inference_mode (as Com
 our "Calibrated Scheduler (ksampler)" fits through the host's model (CFGGuider, ModelPatcher); ComfyUI's own
 SamplerCustom node then samples with its SIGMAS and SAMPLER; our KSampler samples with the calibration; a
 second node call must reuse the fit without a model call; at eta 0.5 (the same fit, re-noising from the seed)
-SamplerCustom and our KSampler must again agree; a fit refined on 8 more noises (``refine_noises``) must run.  ComfyUI is imported as a library (../shared/comfyui
+SamplerCustom and our KSampler must again agree; a fit refined on 8 more noises (``refine_noises``) must run; a
+calibration file written by one load of the checkpoint must load, without fitting, for a fresh load with an empty
+cache (as after a restart).  ComfyUI is imported as a library (../shared/comfyui
 harness); nothing of it is copied here.
 """
 from __future__ import annotations
@@ -55,6 +57,8 @@ def main() -> int:
     # nodes run these same classes' methods
     classes = sys.modules["ksampler_pack.nodes"].NODE_CLASS_MAPPINGS
     torch.set_num_threads(1)
+    import tempfile
+    work = tempfile.mkdtemp(prefix="ksampler_calibration_check_")
     failures = 0
     for key in ("sd15_eps", "sd3_flow"):
         m = manifest["models"][key]
@@ -103,6 +107,21 @@ def main() -> int:
                           and math.isfinite(refined.info["rms_refined"])
                           and bool((refined_sigmas[1:] < refined_sigmas[:-1]).all())
                           and bool(torch.isfinite(refined_out["samples"]).all()))
+            # a calibration file outlives the process: written from the cached fit, then loaded for a freshly
+            # loaded checkpoint (new objects) with an empty cache, as after a restart, without fitting
+            path = os.path.join(work, f"{key}.safetensors")
+            classes["ksampler_CalibratedScheduler"]().calibrate(
+                model, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
+                teacher_steps=args.teacher_steps, calibration_file=path)
+            sys.modules["ksampler_pack.calibration"].clear_cache()
+            fresh = nodes.CheckpointLoaderSimple().load_checkpoint(m["checkpoint"])[0]
+            t = time.time()
+            restarted = classes["ksampler_CalibratedScheduler"]().calibrate(
+                fresh, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
+                teacher_steps=args.teacher_steps, calibration_file=path)[2]
+            reload_s = time.time() - t
+            reloaded = (os.path.exists(path) and restarted is not cal and torch.equal(restarted.sigmas, cal.sigmas)
+                        and reload_s < 0.5 * fit_s)
         print(f"{key}: sigmas {[round(float(s), 4) for s in sigmas]}; fit {fit_s:.1f}s "
               f"({cal.info['model_calls']} model calls, gradient: {cal.info['gradient']}); RMS to the teacher "
               f"{cal.info['rms_start']:.4g} -> {cal.info['rms_fitted']:.4g}; shifts of the first and last calls "
@@ -111,8 +130,9 @@ def main() -> int:
               f"KSampler(calibration) == SamplerCustom: {same}; second call cached: {cached}; at eta 0.5 (no "
               f"refit) KSampler == SamplerCustom, and unlike eta 0: {stochastic}; refined on 8 noises "
               f"({refine_s:.1f}s, RMS on them {refined.info.get('rms_refined', float('nan')):.4g}), SamplerCustom "
-              f"finite: {refinement}")
-        failures += not (ok and same and cached and stochastic and refinement)
+              f"finite: {refinement}; the file reloaded for a fresh checkpoint load with an empty cache, without "
+              f"fitting ({reload_s:.2f}s): {reloaded}")
+        failures += not (ok and same and cached and stochastic and refinement and reloaded)
     print("PASS" if not failures else f"FAIL ({failures})")
     return 1 if failures else 0
 
