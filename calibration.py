@@ -879,7 +879,8 @@ def _fingerprint_feed(h, value, samples: int = 16) -> None:
 def model_fingerprint(model) -> Optional[str]:
     """A digest of a model's content, the same for the same weights in any process: its weights (a sample of each
     tensor's values), its model sampling, and for a ComfyUI ModelPatcher its patches (LoRAs and the like), with the
-    original value of any weight the host has patched in place.  None for a model without weights (state_dict)."""
+    original value of any weight the host has patched in place.  None for a model without weights (state_dict) or
+    with weights it cannot read as values: its files then load in the process that wrote them only."""
     import hashlib
     patcher = hasattr(model, "get_model_object")
     target = getattr(model, "model", model) if patcher else model
@@ -887,10 +888,13 @@ def model_fingerprint(model) -> Optional[str]:
         return None  # nothing to identify it by: its files load in this process only (by model_token)
     h = hashlib.sha1()
     backup = getattr(model, "backup", None) or {}
-    for name, tensor in sorted(target.state_dict().items()):
-        original = backup.get(name)
-        h.update(name.encode())
-        _fingerprint_feed(h, getattr(original, "weight", original) if original is not None else tensor)
+    try:
+        for name, tensor in sorted(target.state_dict().items()):
+            original = backup.get(name)
+            h.update(name.encode())
+            _fingerprint_feed(h, getattr(original, "weight", original) if original is not None else tensor)
+    except (RuntimeError, TypeError, NotImplementedError):  # weights that cannot be read as values (quantised)
+        return None
     ms = model.get_model_object("model_sampling") if patcher else getattr(model, "model_sampling", None)
     h.update(type(ms).__name__.encode())
     for attribute in ("sigma_min", "sigma_max", "shift", "multiplier"):

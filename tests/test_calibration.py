@@ -357,6 +357,16 @@ def test_model_fingerprint_follows_the_weights_and_patches_not_the_object():
     assert len({model_fingerprint(plain), model_fingerprint(lora), model_fingerprint(stronger)}) == 3
     assert model_fingerprint(lambda x: x) is None  # nothing to identify: such a model's files load in-process only
 
+    class Quantised(torch.Tensor):  # weights that cannot be read as values (a GGUF-style tensor, say)
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            raise NotImplementedError("no values here")
+
+    class Opaque(torch.nn.Module):
+        def state_dict(self):
+            return {"w": torch.zeros(4).as_subclass(Quantised)}
+    assert model_fingerprint(Opaque()) is None  # never a fingerprint of shapes alone
+
 
 def test_node_outputs_descending_sigmas_and_ksampler_uses_them():
     clear_cache()
