@@ -1002,7 +1002,7 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
     settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises)
     key = calibration_key(model, positive, negative, samples.shape, steps, cfg, settings)
 
-    def file_key() -> str:
+    def file_key() -> Optional[str]:
         return calibration_key(model, positive, negative, samples.shape, steps, cfg, settings, by_content=True)
 
     def fit() -> Calibration:
