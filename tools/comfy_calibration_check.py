@@ -18,6 +18,7 @@ import importlib.util
 import math
 import os
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +58,6 @@ def main() -> int:
     # nodes run these same classes' methods
     classes = sys.modules["ksampler_pack.nodes"].NODE_CLASS_MAPPINGS
     torch.set_num_threads(1)
-    import tempfile
     work = tempfile.mkdtemp(prefix="ksampler_calibration_check_")
     failures = 0
     for key in ("sd15_eps", "sd3_flow"):
