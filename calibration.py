@@ -62,7 +62,7 @@ from torch import Tensor
 
 from .samplers._common import emit, get_model_sampling, renoise, resolve_noise_sampler, step_range
 from .samplers.traits import traits
-from .validation import check_float
+from .validation import check_float, check_int
 
 __all__ = ["Calibration", "calibrate", "fit_calibration", "DEFAULT_FIT", "sample_calibrated", "teacher_solve",
            "multistep_coefficients", "cached_calibration", "calibration_key", "fitting_noise", "clear_cache",
@@ -687,6 +687,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                     sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
                     teacher_sigma_min: Optional[float] = None, max_denoise: bool = True, gradient: str = "auto",
                     refine_noise: Optional[Tensor] = None, refine_denoiser: Optional[Denoiser] = None,
+                    refine_iterations: int = REFINE["iterations"],
                     log: Optional[Callable[[str], None]] = None, info: Optional[dict] = None) -> Calibration:
     """Fit a step schedule (and multistep coefficients) to ``denoiser`` on ``noise`` (see the module docstring).
 
@@ -712,6 +713,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
         step size), keeping the iterate best on it, the unrefined one included.
     refine_denoiser: the denoiser for ``refine_noise``'s batch where it differs from ``denoiser`` (one bound to
         its batch, such as per-item labels); default ``denoiser``.
+    refine_iterations: the refinement's iterations (default ``REFINE["iterations"]``).
     selection: which noises pick the iterate kept (of each phase, and the form that wins the race): "all" the
         fitting noises, or "held_aside": only the quarter that the gradient never sees.
     coefficient_penalty: shrinks the coefficient corrections towards the Adams weights (``_penalised``; 0: none).
@@ -722,6 +724,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     if selection not in SELECTIONS:
         raise ValueError(f"selection: must be one of {', '.join(map(repr, SELECTIONS))}, got {selection!r}")
     coefficient_penalty = check_float("coefficient_penalty", coefficient_penalty, 0.0, math.inf)
+    refine_iterations = check_int("refine_iterations", refine_iterations, 0, 100_000)
     ms, say, t_start = model_sampling, log or (lambda msg: None), time.perf_counter()
     calls = {"forward": 0, "backward_passes": 0}
 
@@ -755,9 +758,9 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     final, u, delta = won["best"]  # its loss is already measured on the selection's noises
     refined = None
     if refine_noise is not None:
-        say(f"calibration: refining on {refine_noise.shape[0]} more noises ({REFINE['iterations']} iterations)")
+        say(f"calibration: refining on {refine_noise.shape[0]} more noises ({refine_iterations} iterations)")
         larger = student_on(counting(refine_denoiser or denoiser), refine_noise)
-        refined = _optimise(larger, *_resumed(won["best"]), won["form"], REFINE["iterations"], REFINE["lr"], mode,
+        refined = _optimise(larger, *_resumed(won["best"]), won["form"], refine_iterations, REFINE["lr"], mode,
                             gradient_items(refine_noise), selection_items(refine_noise), calls, steps,
                             coefficient_penalty)
         _, u, delta = refined
@@ -775,7 +778,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                  "seconds": round(seconds, 3), "rms_start": won["start"], "rms_fitted": final,
                  "sigma_min": s_min, "sigma_max": s_max})
     if refined is not None:
-        meta.update({"refine_noises": int(refine_noise.shape[0]), "refine_iterations": REFINE["iterations"],
+        meta.update({"refine_noises": int(refine_noise.shape[0]), "refine_iterations": refine_iterations,
                      "refine_lr": REFINE["lr"], "rms_refined": refined[0]})
     say(f"calibration: done in {seconds:.1f}s, {calls['forward']} model calls + {calls['backward_passes']} "
         f"backward passes; RMS to the teacher {won['start']:.4g} -> {final:.4g}"

@@ -115,12 +115,13 @@ def fit(prob: heldout.Problem, nfe: int, seed: int, iterations: int = heldout.CA
     return heldout.calibrate(model, noise, nfe, iterations, refine=larger, shift=shift, **options)
 
 
-def paired_study(variants: dict, seeds, log) -> list[dict]:
-    """Two fits per tuning case (``REFINE_CASES``) and fitting seed, ``variants`` = {label: ``fit`` options} (the
-    second label is the change), each measured on the same ``N_EVAL`` evaluation noises."""
+def paired_study(variants: dict, seeds, log, case_indices=None) -> list[dict]:
+    """Two fits per tuning case (``REFINE_CASES``, or those at ``case_indices``) and fitting seed, ``variants`` =
+    {label: ``fit`` options} (the second label is the change), each measured on the same ``N_EVAL`` evaluation
+    noises."""
     (before, _), (after, _) = variants.items()
     cases = []
-    for name, cfg, nfe in REFINE_CASES:
+    for name, cfg, nfe in [REFINE_CASES[i] for i in (case_indices or range(len(REFINE_CASES)))]:
         prob = heldout.Problem(next(f for f in heldout.TUNING if f.name == name), cfg, N_EVAL, heldout.FIT_NOISES)
         ref = prob.reference(heldout.SIGMA_MAX)
         rows = []
@@ -167,7 +168,30 @@ STUDIES = {  # flag: (variants, results file, what it compares); each at the set
     "refine_noises": ({"1024 noises": {"refine": True, "shift": True, "iterations": 600, "refine_noises": 1024},
                        "4096 noises": {"refine": True, "shift": True, "iterations": 600, "refine_noises": 4096}},
                       "refine_noises_tuning.json", "the refinement on 4,096 noises against 1,024"),
+    "refine_iterations": ({"150 refining iterations": {"refine": True, "shift": True, "iterations": 600,
+                                                       "refine_noises": 4096},
+                           "300 refining iterations": {"refine": True, "shift": True, "iterations": 600,
+                                                       "refine_noises": 4096, "refine_iterations": 300}},
+                          "refine_iterations_tuning.json", "300 refining iterations against 150 (on 4,096 noises)"),
 }
+
+
+def merge_parts(results: str) -> None:
+    """Join the parts of a study run with --cases (results/<name>_cases*.json, in the order of their names) into
+    results/<name>, their seconds summed."""
+    import glob
+    import json
+    from _common import RESULTS
+    paths = sorted(glob.glob(os.path.join(RESULTS, results.replace(".json", "_cases*.json"))))
+    if not paths:
+        raise SystemExit(f"flips: no parts of {results} to merge")
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    write_json(results, {**parts[0], "cases": [c for p in parts for c in p["cases"]],
+                         "seconds": sum(p["seconds"] for p in parts), "merged_from": [os.path.basename(p)
+                                                                                     for p in paths]})
 
 
 def run_case(family: heldout.Family, cfg, nfe: int, seeds, n_eval: int, log) -> dict:
@@ -205,14 +229,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tune-narrow12 only, one fitting seed")
     for name, (_, _, what) in STUDIES.items():  # one flag per paired study, named by its STUDIES entry
         ap.add_argument("--" + name.replace("_", "-"), action="store_true", help=f"{what} (REFINE_CASES)")
+    ap.add_argument("--cases", default=None, help="with a study: comma-separated indices into REFINE_CASES (a part "
+                                                  "of the study, written to <results>_cases<indices>.json, for "
+                                                  "running parts side by side; --merge-parts joins them)")
+    ap.add_argument("--merge-parts", action="store_true", help="with a study: join its parts' results files")
     args = ap.parse_args()
     torch.set_num_threads(1)
     study = next((name for name in STUDIES if getattr(args, name)), None)
+    if study and args.merge_parts:
+        merge_parts(STUDIES[study][1])
+        return
     if study:
         variants, results, what = STUDIES[study]
         (before, _), (after, _) = variants.items()
         t0 = time.perf_counter()
-        cases = paired_study(variants, REFINE_SEEDS, lambda msg: print(msg, file=sys.stderr, flush=True))
+        indices = [int(i) for i in args.cases.split(",")] if args.cases else None
+        if indices:
+            results = results.replace(".json", f"_cases{'-'.join(map(str, indices))}.json")
+        cases = paired_study(variants, REFINE_SEEDS, lambda msg: print(msg, file=sys.stderr, flush=True), indices)
         print(table(["problem", "NFE", f"{before} RMS (seeds)", f"{after} RMS (seeds)", "geometric mean",
                      f"{after} better", "calls + backward passes"],
                     [[c["problem"], c["nfe"], " ".join(f"{r[before]['rms']:.3g}" for r in c["fits"]),

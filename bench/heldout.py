@@ -375,7 +375,7 @@ def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRA
               refine: Optional[tuple] = None, shift: bool = CALIBRATION["shift"],
               selection: str = CALIBRATION["selection"],
               coefficient_penalty: float = CALIBRATION["coefficient_penalty"],
-              fit_last_step: bool = CALIBRATION["fit_last_step"]):
+              fit_last_step: bool = CALIBRATION["fit_last_step"], refine_iterations: int = REFINE["iterations"]):
     """``fit_calibration`` with this bench's settings (``CALIBRATION``) on a mixture's fitting model and noise;
     ``refine``: (model, noise) of the refining set, or None for none."""
     refine_model, refine_noise = refine or (None, None)
@@ -384,7 +384,8 @@ def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRA
                            corrector=CALIBRATION["corrector"], shift=shift, selection=selection,
                            coefficient_penalty=coefficient_penalty, fit_last_step=fit_last_step, max_denoise=False,
                            teacher_sigma_min=SIGMA_MIN * CALIBRATION["teacher_sigma_min_factor"],
-                           refine_denoiser=refine_model, refine_noise=refine_noise)
+                           refine_denoiser=refine_model, refine_noise=refine_noise,
+                           refine_iterations=refine_iterations)
 
 
 def calibrate_rows(prob: Problem, budgets, log) -> list[dict]:

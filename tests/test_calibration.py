@@ -8,7 +8,7 @@ import torch
 
 from analytic import analytic_model, conditioning
 from ksampler.calibration import (Calibration, cached_calibration, calibrate, clear_cache, fit_calibration,
-                                  model_fingerprint, multistep_coefficients, run_sigmas, sample_calibrated,
+                                  REFINE, model_fingerprint, multistep_coefficients, run_sigmas, sample_calibrated,
                                   teacher_solve)
 from ksampler.calibration_nodes import CalibratedScheduler
 from ksampler.models import EPS, Flow
@@ -466,6 +466,15 @@ def test_refining_on_more_noise_is_never_worse_there_and_counts_its_calls():
         return _rms(cal.sampler()(model, x0, cal.sigmas.double()), ref)
     assert error(refined) <= error(plain) * (1 + 1e-4), (error(refined), error(plain))
     assert math.isclose(error(refined), refined.info["rms_refined"], rel_tol=1e-3)
+    # refine_iterations: the refinement's length (REFINE's by default); more iterations cost more backward passes
+    assert refined.info["refine_iterations"] == REFINE["iterations"]
+    longer = fit_calibration(model, ms, fit_noise, 4, refine_noise=refine_noise,
+                             refine_iterations=2 * REFINE["iterations"], **opts)
+    assert longer.info["refine_iterations"] == 2 * REFINE["iterations"]
+    assert longer.info["backward_passes"] > refined.info["backward_passes"]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="refine_iterations"):
+            fit_calibration(model, ms, fit_noise, 4, refine_noise=refine_noise, refine_iterations=bad, **opts)
 
 
 def test_refine_settings_are_checked_and_keyed_apart():
