@@ -7,6 +7,7 @@
     python bench/flips.py --shift    # the refined fit with and without the shifted first and last calls
     python bench/flips.py --iterations   # the refined, shifted fit with 300 and 600 iterations
     python bench/flips.py --selection | --penalty | --last-step | --refine-noises   # fit variants (stop 28)
+    python bench/flips.py --refine-iterations [--cases 0,1,2,3]   # stop 29; a part of it (--merge-parts joins)
 
 Where a mixture's modes are narrow and far apart, a few-step sampler sends the noises that lie near the
 boundary between two modes' basins to the wrong mode.  One such flip costs an RMS of about the distance between
@@ -32,6 +33,7 @@ adopted on: nine tuning cases, four fitting seeds, each fit with and without it,
 300, both fits refined and shifted: the evidence ``calibration.DEFAULT_FIT``'s 600 was adopted on.
 ``--refine-noises`` is the same for 4,096 refinement noises against 1,024: the evidence
 ``heldout.REFINE_NOISES = 4096`` was adopted on (stop 29).  The studies before it pin 1,024 (``AS_MEASURED``).
+``--refine-iterations``: 300 refining iterations against 150, both on 4,096 noises (stop 29; not adopted).
 """
 from __future__ import annotations
 
