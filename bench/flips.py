@@ -46,7 +46,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, require_ksampler, table, write_json  # noqa: E402
+from _common import RESULTS, environment, require_ksampler, table, write_json  # noqa: E402
 from gmm import MixtureDenoiser  # noqa: E402
 import heldout  # noqa: E402  (its families, problems, exact reference and calibration settings)
 
@@ -183,7 +183,6 @@ def merge_parts(results: str) -> None:
     results/<name>, their seconds summed."""
     import glob
     import json
-    from _common import RESULTS
     paths = sorted(glob.glob(os.path.join(RESULTS, results.replace(".json", "_cases*.json"))))
     if not paths:
         raise SystemExit(f"flips: no parts of {results} to merge")
@@ -246,6 +245,8 @@ def main() -> None:
         (before, _), (after, _) = variants.items()
         t0 = time.perf_counter()
         indices = [int(i) for i in args.cases.split(",")] if args.cases else None
+        if indices and not all(0 <= i < len(REFINE_CASES) for i in indices):
+            ap.error(f"--cases: indices into REFINE_CASES, 0 to {len(REFINE_CASES) - 1}")
         if indices:
             results = results.replace(".json", f"_cases{'-'.join(map(str, indices))}.json")
         cases = paired_study(variants, REFINE_SEEDS, lambda msg: print(msg, file=sys.stderr, flush=True), indices)
