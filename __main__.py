@@ -127,7 +127,7 @@ def _check_generate(args) -> None:
 
 
 def _check_calibrate(args) -> None:
-    import os
+    from .calibration import check_calibration_path
     from .validation import check_int
     if args.init_image is not None or (args.denoise is not None and args.denoise < 1.0):
         raise KSamplerInputError("--calibrate: calibrations are for text-to-image (denoise 1); drop --init-image and "
@@ -140,11 +140,7 @@ def _check_calibrate(args) -> None:
         raise KSamplerInputError(f"--steps: a calibration fits at most 100 steps, got {args.steps}")
     check_int("--calibrate-iterations", args.calibrate_iterations, 0, 5000)
     if args.calibrate:
-        if not args.calibrate.endswith(".safetensors"):
-            raise KSamplerInputError(f"--calibrate: {args.calibrate!r} must end in .safetensors")
-        folder = os.path.dirname(os.path.abspath(args.calibrate))
-        if not os.path.isdir(folder):
-            raise KSamplerInputError(f"--calibrate: folder {folder!r} does not exist; create it first")
+        check_calibration_path("--calibrate", args.calibrate)
 
 
 def _controls(args) -> dict:

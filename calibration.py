@@ -62,11 +62,12 @@ from torch import Tensor
 
 from .samplers._common import emit, get_model_sampling, renoise, resolve_noise_sampler, step_range
 from .samplers.traits import traits
-from .validation import check_float, check_int
+from .validation import KSamplerInputError, check_float, check_int
 
 __all__ = ["Calibration", "calibrate", "fit_calibration", "DEFAULT_FIT", "sample_calibrated", "teacher_solve",
            "multistep_coefficients", "cached_calibration", "calibration_key", "fitting_noise", "clear_cache",
-           "CALIBRATION_FORMAT", "CALIBRATION_FORMATS", "REFINE", "check_eta", "fit_settings"]
+           "CALIBRATION_FORMAT", "CALIBRATION_FORMATS", "REFINE", "check_eta", "fit_settings",
+           "calibration_keys", "check_calibration_path", "model_fingerprint"]
 
 CALIBRATION_FORMAT = "ksampler.calibration/1"  # without a corrector (what every earlier version reads)
 # [with a corrector, with evaluation shifts (and a corrector or not)]
@@ -813,28 +814,37 @@ def model_token(model) -> str:
     return token + (f"/{patches}" if patches is not None else "")
 
 
+def _digest_walk(h, value, leaf: Callable) -> None:
+    """Feed ``value`` into the digest ``h``: dicts (by sorted key), lists and tuples item by item, each other value
+    through ``leaf(h, value, walk)`` (``walk`` feeds a nested value the same way)."""
+    def walk(v):
+        if isinstance(v, dict):
+            for k in sorted(v, key=str):
+                h.update(str(k).encode())
+                walk(v[k])
+        elif isinstance(v, (list, tuple)):
+            h.update(b"[")
+            for item in v:
+                walk(item)
+            h.update(b"]")
+        else:
+            leaf(h, v, walk)
+    walk(value)
+
+
 def conditioning_digest(conditioning) -> str:
     """A digest of ComfyUI-style conditioning ([[tensor, {options}], ...]): tensors by content, the rest by repr."""
     import hashlib
     h = hashlib.sha1()
 
-    def feed(v):
+    def leaf(h, v, walk):
         if isinstance(v, Tensor):
             t = v.detach().to("cpu", torch.float32).contiguous()
             h.update(str(tuple(t.shape)).encode())
             h.update(t.numpy().tobytes())
-        elif isinstance(v, dict):
-            for k in sorted(v, key=str):
-                h.update(str(k).encode())
-                feed(v[k])
-        elif isinstance(v, (list, tuple)):
-            h.update(b"[")
-            for item in v:
-                feed(item)
-            h.update(b"]")
         else:
             h.update(repr(v).encode())
-    feed(conditioning)
+    _digest_walk(h, conditioning, leaf)
     return h.hexdigest()
 
 
@@ -853,27 +863,27 @@ def calibration_key(model, positive, negative, latent_shape, steps: int, cfg: fl
     return hashlib.sha1("|".join(parts).encode()).hexdigest()
 
 
-def _fingerprint_feed(h, value, samples: int = 16) -> None:
-    """Feed ``value`` into the digest ``h``: tensors by shape, dtype and ``samples`` evenly spaced values; lists,
-    tuples and dicts item by item; a weight adapter (ComfyUI's LoRA patches) by its tensors; the rest by repr."""
+def calibration_keys(model, positive, negative, latent_shape, steps: int, cfg: float,
+                     settings: dict) -> tuple[str, Callable[[], Optional[str]]]:
+    """``calibration_key`` for the in-memory cache, and a function giving the key by content for files (computed
+    only when a file is used)."""
+    def file_key() -> Optional[str]:
+        return calibration_key(model, positive, negative, latent_shape, steps, cfg, settings, by_content=True)
+    return calibration_key(model, positive, negative, latent_shape, steps, cfg, settings), file_key
+
+
+def _fingerprint_leaf(h, value, walk, samples: int = 16) -> None:
+    """A model's value for ``_digest_walk``: a tensor by shape, dtype and ``samples`` evenly spaced values, a weight
+    adapter (ComfyUI's LoRA patches) by its tensors, a number or string by repr, anything else by its type."""
     if isinstance(value, Tensor):
         flat = value.detach().reshape(-1)
         h.update(f"{tuple(value.shape)}{value.dtype}".encode())
         if flat.numel():
             index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
             h.update(flat[index].to("cpu", torch.float64).numpy().tobytes())
-    elif isinstance(value, dict):
-        for k in sorted(value, key=str):
-            h.update(str(k).encode())
-            _fingerprint_feed(h, value[k], samples)
-    elif isinstance(value, (list, tuple)):
-        h.update(b"[")
-        for item in value:
-            _fingerprint_feed(h, item, samples)
-        h.update(b"]")
     elif hasattr(value, "weights"):
         h.update(type(value).__name__.encode())
-        _fingerprint_feed(h, value.weights, samples)
+        walk(value.weights)
     else:
         h.update(repr(value).encode() if isinstance(value, (int, float, str, bool, type(None))) else
                  type(value).__name__.encode())
@@ -895,7 +905,8 @@ def model_fingerprint(model) -> Optional[str]:
         for name, tensor in sorted(target.state_dict().items()):
             original = backup.get(name)
             h.update(name.encode())
-            _fingerprint_feed(h, getattr(original, "weight", original) if original is not None else tensor)
+            _digest_walk(h, getattr(original, "weight", original) if original is not None else tensor,
+                         _fingerprint_leaf)
     except (RuntimeError, TypeError, NotImplementedError):  # weights that cannot be read as values (quantised)
         return None
     ms = model.get_model_object("model_sampling") if patcher else getattr(model, "model_sampling", None)
@@ -905,7 +916,7 @@ def model_fingerprint(model) -> Optional[str]:
         if isinstance(value, (int, float, Tensor)):
             h.update(f"{attribute}={float(value):.9g}".encode())
     if patcher:
-        _fingerprint_feed(h, getattr(model, "patches", None) or {})
+        _digest_walk(h, getattr(model, "patches", None) or {}, _fingerprint_leaf)
     return h.hexdigest()
 
 
@@ -929,7 +940,7 @@ def cached_calibration(key: str, fit: Callable[[], Calibration], path: Optional[
     if cal is not None:
         log(f"calibration: reusing the fitted schedule ({cal.steps} steps, key {key[:10]})")
         if path and not os.path.exists(path):  # fitted before a file was asked for: write it now
-            _save(cal, path, file_key, log)
+            _save(cal, path, file_key() if file_key is not None else None, log)
         return cal
     content_key = file_key() if (path and file_key is not None) else None
     if path and os.path.exists(path):
@@ -951,17 +962,26 @@ def cached_calibration(key: str, fit: Callable[[], Calibration], path: Optional[
     cal.info["key"] = key
     _CACHE[key] = cal
     if path:
-        _save(cal, path, file_key, log, content_key)
+        _save(cal, path, content_key, log)
     return cal
 
 
-def _save(cal: Calibration, path: str, file_key, log, content_key: Optional[str] = None) -> None:
-    """Write ``cal`` to ``path`` with the key by the model's content (``file_key``), for other processes."""
-    content_key = content_key or (file_key() if file_key is not None else None)
+def _save(cal: Calibration, path: str, content_key: Optional[str], log: Callable[[str], None]) -> None:
+    """Write ``cal`` to ``path`` with the key by the model's content (for other processes), if it has one."""
     if content_key is not None:
         cal.info["file_key"] = content_key
     cal.save(path)
     log(f"calibration: saved {path}")
+
+
+def check_calibration_path(name: str, path: str) -> None:
+    """A calibration file to load or write: a .safetensors path in a folder that exists (``name``: the input)."""
+    import os
+    if not path.endswith(".safetensors"):
+        raise KSamplerInputError(f"{name}: {path!r} must end in .safetensors")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise KSamplerInputError(f"{name}: folder {folder!r} does not exist; create it first")
 
 
 def clear_cache() -> None:
@@ -1003,10 +1023,7 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
     samples, _, _ = check_latent(latent, model.latent_format.latent_channels,
                                  dims=getattr(model.latent_format, "latent_dimensions", 2) + 2)
     settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises)
-    key = calibration_key(model, positive, negative, samples.shape, steps, cfg, settings)
-
-    def file_key() -> Optional[str]:
-        return calibration_key(model, positive, negative, samples.shape, steps, cfg, settings, by_content=True)
+    key, file_key = calibration_keys(model, positive, negative, samples.shape, steps, cfg, settings)
 
     def fit() -> Calibration:
         ms = model.model_sampling

@@ -5,10 +5,9 @@ Outputs SIGMAS and SAMPLER for SamplerCustom, and a KSAMPLER_CALIBRATION for our
 """
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
-from .calibration import REFINE
+from .calibration import REFINE, check_calibration_path
 from .node_schema import In, NodeSpec, Out, v1_node
 from .validation import MAX_SEED, KSamplerInputError, check_float, check_int
 
@@ -66,20 +65,14 @@ class CalibratedScheduler:
         check_int("fit_seed", fit_seed, 0, MAX_SEED)
         check_int("iterations", iterations, 0, 5000)
         check_int("teacher_steps", teacher_steps, 10, 1000)
-        if check_int("refine_noises", refine_noises, 0, 1024) in (1, 2, 3):
-            raise KSamplerInputError(f"refine_noises: 0 (off) or at least 4, got {refine_noises}; set 0 or a few "
-                                     "times fit_noises")
+        check_int("refine_noises", refine_noises, 0, 1024)  # 1 to 3: refused by calibration.fit_settings
         check_float("cfg", cfg, 0.0, 100.0)
         check_eta(eta)
         if not isinstance(calibration_file, str):
             raise KSamplerInputError("calibration_file: expected a path string (or empty)")
         path = calibration_file.strip() or None
         if path is not None:
-            if not path.endswith(".safetensors"):
-                raise KSamplerInputError(f"calibration_file: {path!r} must end in .safetensors")
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder):
-                raise KSamplerInputError(f"calibration_file: folder {folder!r} does not exist; create it first")
+            check_calibration_path("calibration_file", path)
         options = {"order": order, "fit_noises": fit_noises, "seed": fit_seed, "iterations": iterations,
                    "teacher_steps": teacher_steps, "refine_noises": refine_noises, "path": path}
         try:

@@ -11,7 +11,7 @@ import comfy.sample
 import comfy.samplers
 import torch
 
-from .calibration import (Calibration, cached_calibration, calibration_key, default_log, fit_calibration,
+from .calibration import (Calibration, cached_calibration, calibration_keys, default_log, fit_calibration,
                           fit_settings, fitting_noise)
 from .comfy_adapter import guarded_host_denoiser
 
@@ -77,10 +77,7 @@ def calibrate_host(model, positive, negative, latent: dict, steps: int, cfg: flo
     """``calibration.calibrate`` for a ComfyUI MODEL (a ModelPatcher): fitted once per inputs, cached."""
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises)
-    key = calibration_key(model, positive, negative, samples.shape, steps, cfg, settings)
-
-    def file_key() -> str | None:
-        return calibration_key(model, positive, negative, samples.shape, steps, cfg, settings, by_content=True)
+    key, file_key = calibration_keys(model, positive, negative, samples.shape, steps, cfg, settings)
 
     def fit() -> Calibration:
         with torch.inference_mode(False):
