@@ -55,7 +55,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -688,7 +688,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                     sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
                     teacher_sigma_min: Optional[float] = None, max_denoise: bool = True, gradient: str = "auto",
                     refine_noise: Optional[Tensor] = None, refine_denoiser: Optional[Denoiser] = None,
-                    refine_iterations: int = REFINE["iterations"],
+                    refine_iterations: int = REFINE["iterations"], candidate_noise: Sequence[Tensor] = (),
+                    candidate_denoisers: Optional[Sequence[Denoiser]] = None,
                     log: Optional[Callable[[str], None]] = None, info: Optional[dict] = None) -> Calibration:
     """Fit a step schedule (and multistep coefficients) to ``denoiser`` on ``noise`` (see the module docstring).
 
@@ -715,6 +716,10 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     refine_denoiser: the denoiser for ``refine_noise``'s batch where it differs from ``denoiser`` (one bound to
         its batch, such as per-item labels); default ``denoiser``.
     refine_iterations: the refinement's iterations (default ``REFINE["iterations"]``).
+    candidate_noise: more fitting sets, each shaped like ``noise`` (needs ``refine_noise``): each is fitted as
+        ``noise`` is, and the fit with the lowest RMS on the refining noise is the one refined.  Fits from
+        different fitting noise can end in different local optima; the larger set tells them apart.
+    candidate_denoisers: the denoiser of each candidate set where it differs from ``denoiser``.
     selection: which noises pick the iterate kept (of each phase, and the form that wins the race): "all" the
         fitting noises, or "held_aside": only the quarter that the gradient never sees.
     coefficient_penalty: shrinks the coefficient corrections towards the Adams weights (``_penalised``; 0: none).
@@ -722,6 +727,18 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
         that it does not extrapolate the denoised estimate to sigma 0.
     """
     _check_fit_args(noise, steps, order, refine_noise)
+    candidate_noise = list(candidate_noise)
+    for i, extra in enumerate(candidate_noise):
+        _check_noise(f"candidate_noise[{i}]", extra)
+        if (extra.shape, extra.dtype, extra.device) != (noise.shape, noise.dtype, noise.device):
+            raise ValueError(f"candidate_noise[{i}]: must be shaped like the fitting noise {tuple(noise.shape)} "
+                             f"({noise.dtype} on {noise.device}), got {tuple(extra.shape)} ({extra.dtype} on "
+                             f"{extra.device})")
+    if candidate_noise and refine_noise is None:
+        raise ValueError("candidate_noise: the candidates are told apart on the refining noise; pass refine_noise")
+    if candidate_denoisers is not None and len(candidate_denoisers) != len(candidate_noise):
+        raise ValueError(f"candidate_denoisers: one per candidate_noise set ({len(candidate_noise)}), got "
+                         f"{len(candidate_denoisers)}")
     if selection not in SELECTIONS:
         raise ValueError(f"selection: must be one of {', '.join(map(repr, SELECTIONS))}, got {selection!r}")
     coefficient_penalty = check_float("coefficient_penalty", coefficient_penalty, 0.0, math.inf)
@@ -749,18 +766,38 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     def selection_items(batch: Tensor) -> slice:  # the items that pick the iterate
         return slice(None) if selection == "all" else slice(0, max(1, batch.shape[0] // 4))
 
-    student, fit_idx = student_on(counting(denoiser), noise), gradient_items(noise)
-    runs = [_run(start, steps, order, order > 1 and fit_coefficients, shift, fit_last_step)
-            for start in _starts(student, ms, steps, hi, lo, fit_idx, corrector)]
-    mode = _gradient_mode(gradient, student, runs[0]["u"], runs[0]["form"], runs[0]["delta"], fit_idx, s_min, say)
-    race = iterations // 3 if len(runs) > 1 else 0
-    won = _race(student, runs, race, iterations, lr, mode, (fit_idx, selection_items(noise)), calls, steps, say,
-                coefficient_penalty)
+    fit_idx, mode = gradient_items(noise), None
+
+    def fit_on(model: Denoiser, batch: Tensor) -> tuple[_Student, dict, int]:
+        nonlocal mode
+        student = student_on(counting(model), batch)
+        runs = [_run(start, steps, order, order > 1 and fit_coefficients, shift, fit_last_step)
+                for start in _starts(student, ms, steps, hi, lo, fit_idx, corrector)]
+        if mode is None:
+            mode = _gradient_mode(gradient, student, runs[0]["u"], runs[0]["form"], runs[0]["delta"], fit_idx,
+                                  s_min, say)
+        race = iterations // 3 if len(runs) > 1 else 0
+        return student, _race(student, runs, race, iterations, lr, mode, (fit_idx, selection_items(batch)), calls,
+                               steps, say, coefficient_penalty), race
+
+    student, won, race = fit_on(denoiser, noise)
     final, u, delta = won["best"]  # its loss is already measured on the selection's noises
-    refined = None
+    refined = candidate_rms = None
     if refine_noise is not None:
-        say(f"calibration: refining on {refine_noise.shape[0]} more noises ({refine_iterations} iterations)")
         larger = student_on(counting(refine_denoiser or denoiser), refine_noise)
+        if candidate_noise:
+            fits = [(student, won, race)] + [fit_on(model, batch) for model, batch in
+                                             zip(candidate_denoisers or [denoiser] * len(candidate_noise),
+                                                 candidate_noise)]
+            with torch.no_grad():
+                candidate_rms = [float(larger.loss(w["best"][1], w["form"], w["best"][2], selection_items(refine_noise)))
+                                 for _, w, _ in fits]
+            pick = min(range(len(fits)), key=lambda i: (not math.isfinite(candidate_rms[i]), candidate_rms[i]))
+            student, won, race = fits[pick]
+            final, u, delta = won["best"]
+            say(f"calibration: {len(fits)} fits from different fitting noise; on the refining noise their RMS is "
+                + ", ".join(f"{v:.4g}" for v in candidate_rms) + f"; fit {pick + 1} goes on")
+        say(f"calibration: refining on {refine_noise.shape[0]} more noises ({refine_iterations} iterations)")
         refined = _optimise(larger, *_resumed(won["best"]), won["form"], refine_iterations, REFINE["lr"], mode,
                             gradient_items(refine_noise), selection_items(refine_noise), calls, steps,
                             coefficient_penalty)
@@ -778,6 +815,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                  "gradient": mode, "model_calls": calls["forward"], "backward_passes": calls["backward_passes"],
                  "seconds": round(seconds, 3), "rms_start": won["start"], "rms_fitted": final,
                  "sigma_min": s_min, "sigma_max": s_max})
+    if candidate_rms is not None:
+        meta.update({"candidates": len(candidate_rms), "candidate_rms": candidate_rms})
     if refined is not None:
         meta.update({"refine_noises": int(refine_noise.shape[0]), "refine_iterations": refine_iterations,
                      "refine_lr": REFINE["lr"], "rms_refined": refined[0]})

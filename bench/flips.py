@@ -8,6 +8,7 @@
     python bench/flips.py --iterations   # the refined, shifted fit with 300 and 600 iterations
     python bench/flips.py --selection | --penalty | --last-step | --refine-noises   # fit variants (stop 28)
     python bench/flips.py --refine-iterations [--cases 0,1,2,3]   # stop 29; a part of it (--merge-parts joins)
+    python bench/flips.py --candidates   # stop 30: the better of two fits (by the refining set), refined
 
 Where a mixture's modes are narrow and far apart, a few-step sampler sends the noises that lie near the
 boundary between two modes' basins to the wrong mode.  One such flip costs an RMS of about the distance between
@@ -34,6 +35,8 @@ adopted on: nine tuning cases, four fitting seeds, each fit with and without it,
 ``--refine-noises`` is the same for 4,096 refinement noises against 1,024: the evidence
 ``heldout.REFINE_NOISES = 4096`` was adopted on (stop 29).  The studies before it pin 1,024 (``AS_MEASURED``).
 ``--refine-iterations``: 300 refining iterations against 150, both on 4,096 noises (stop 29; not adopted).
+``--candidates``: two fits from different fitting noise, the one with the lower RMS on the refining set refined,
+against one fit (stop 30).
 """
 from __future__ import annotations
 
@@ -106,15 +109,19 @@ def continued(prob: heldout.Problem, cal, ref: torch.Tensor) -> dict:
 
 def fit(prob: heldout.Problem, nfe: int, seed: int, iterations: int = heldout.CALIBRATION["iterations"],
         refine: bool = False, shift: bool = heldout.CALIBRATION["shift"], refine_noises: int = heldout.REFINE_NOISES,
-        **options):
+        candidates: int = 1, **options):
     """heldout.py's fit from fitting seed ``seed`` (streams apart from heldout.py's); ``refine``: refined as there
     (on ``refine_noises`` noises); ``shift``: with the evaluation shift (``calibration.SHIFTED_STEPS``);
-    ``options``: more of ``heldout.calibrate``'s."""
+    ``candidates``: that many fits from fitting sets of their own, the best on the refining set refined (the
+    first is the one fitted without); ``options``: more of ``heldout.calibrate``'s."""
     model, noise = heldout.fitting_set(prob.gmm, prob.cfg, heldout.FIT_NOISES,
                                        torch.Generator().manual_seed(50_000 + seed))
     larger = heldout.fitting_set(prob.gmm, prob.cfg, refine_noises,
                                  torch.Generator().manual_seed(80_000 + seed)) if refine else None
-    return heldout.calibrate(model, noise, nfe, iterations, refine=larger, shift=shift, **options)
+    more = tuple(heldout.fitting_set(prob.gmm, prob.cfg, heldout.FIT_NOISES,
+                                     torch.Generator().manual_seed(60_000 + 1000 * k + seed))
+                 for k in range(1, candidates))
+    return heldout.calibrate(model, noise, nfe, iterations, refine=larger, shift=shift, candidates=more, **options)
 
 
 def paired_study(variants: dict, seeds, log, case_indices=None) -> list[dict]:
@@ -175,6 +182,11 @@ STUDIES = {  # flag: (variants, results file, what it compares); each at the set
                            "300 refining iterations": {"refine": True, "shift": True, "iterations": 600,
                                                        "refine_noises": 4096, "refine_iterations": 300}},
                           "refine_iterations_tuning.json", "300 refining iterations against 150 (on 4,096 noises)"),
+    "candidates": ({"one fit": {"refine": True, "shift": True, "iterations": 600, "refine_noises": 4096},
+                    "best of two fits": {"refine": True, "shift": True, "iterations": 600, "refine_noises": 4096,
+                                         "candidates": 2}},
+                   "candidates_tuning.json", "the better on the refining set of two fits from different fitting "
+                                             "noise, refined, against one fit"),
 }
 
 

@@ -375,9 +375,11 @@ def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRA
               refine: Optional[tuple] = None, shift: bool = CALIBRATION["shift"],
               selection: str = CALIBRATION["selection"],
               coefficient_penalty: float = CALIBRATION["coefficient_penalty"],
-              fit_last_step: bool = CALIBRATION["fit_last_step"], refine_iterations: int = REFINE["iterations"]):
+              fit_last_step: bool = CALIBRATION["fit_last_step"], refine_iterations: int = REFINE["iterations"],
+              candidates: tuple = ()):
     """``fit_calibration`` with this bench's settings (``CALIBRATION``) on a mixture's fitting model and noise;
-    ``refine``: (model, noise) of the refining set, or None for none."""
+    ``refine``: (model, noise) of the refining set, or None for none; ``candidates``: (model, noise) of more
+    fitting sets (``fit_calibration``'s ``candidate_noise``)."""
     refine_model, refine_noise = refine or (None, None)
     return fit_calibration(model, MS, noise, budget, order=CALIBRATION["order"], iterations=iterations,
                            lr=CALIBRATION["lr"], teacher_steps=CALIBRATION["teacher_steps"],
@@ -385,7 +387,8 @@ def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRA
                            coefficient_penalty=coefficient_penalty, fit_last_step=fit_last_step, max_denoise=False,
                            teacher_sigma_min=SIGMA_MIN * CALIBRATION["teacher_sigma_min_factor"],
                            refine_denoiser=refine_model, refine_noise=refine_noise,
-                           refine_iterations=refine_iterations)
+                           refine_iterations=refine_iterations,
+                           candidate_denoisers=[m for m, _ in candidates], candidate_noise=[n for _, n in candidates])
 
 
 def calibrate_rows(prob: Problem, budgets, log) -> list[dict]:
