@@ -896,6 +896,9 @@ def calibration_key(model, positive, negative, latent_shape, steps: int, cfg: fl
     model_id = model_fingerprint(model) if by_content else model_token(model)
     if model_id is None:
         return None
+    state = patcher_state_digest(model)
+    if state is not None:
+        model_id += "+" + state
     parts = [model_id, conditioning_digest(positive),
              conditioning_digest(negative), str(tuple(latent_shape[1:])), str(int(steps)), repr(float(cfg)),
              json.dumps(settings, sort_keys=True)]
@@ -956,6 +959,90 @@ def model_fingerprint(model) -> Optional[str]:
             h.update(f"{attribute}={float(value):.9g}".encode())
     if patcher:
         _digest_walk(h, getattr(model, "patches", None) or {}, _fingerprint_leaf)
+    return h.hexdigest()
+
+
+# what a ComfyUI ModelPatcher carries besides its network and weight patches that changes what the model computes:
+# model_options (FreeU, PAG, CFG functions, attention replacements), object patches (ModelSamplingDiscrete and
+# the like), wrappers, hooks, injections
+PATCHER_STATE = ("model_options", "object_patches", "weight_wrapper_patches", "wrappers", "callbacks", "injections",
+                 "hook_patches", "forced_hooks")
+_STATE_DEPTH, _STATE_NODES = 12, 20_000
+
+
+def _empty(value, depth: int = 0) -> bool:
+    """True for a dict, list or tuple holding nothing but such empty ones (checked to a depth)."""
+    if not isinstance(value, (dict, list, tuple)):
+        return False
+    if depth > _STATE_DEPTH:
+        return False
+    return all(_empty(v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+
+
+def _cell(cell):
+    """A closure cell's value (None while the cell is empty)."""
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return None
+
+
+def patcher_state_digest(model) -> Optional[str]:
+    """A digest of what a ComfyUI ModelPatcher adds to its network besides weight patches (``PATCHER_STATE``), by
+    content: functions by name and the values they close over, objects by their classes and attributes, tensors
+    like ``model_fingerprint``'s.  The same for a clone (ComfyUI deep-copies model_options) and in another process;
+    None where there is nothing (a plain checkpoint; empty dicts and lists count as nothing), so that such a
+    model's keys are the ones they always were.
+    A model patcher met inside counts by its class only, and the walk stops at a depth and a size."""
+    import functools
+    import hashlib
+    import types
+    state = {name: getattr(model, name) for name in PATCHER_STATE if getattr(model, name, None) is not None}
+    if _empty(state):
+        return None
+    h, seen, budget = hashlib.sha1(), set(), [_STATE_NODES]
+
+    def classes(v) -> bytes:
+        return ">".join(c.__qualname__ for c in type(v).__mro__).encode()
+
+    def walk(v, depth: int) -> None:
+        budget[0] -= 1
+        if isinstance(v, (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)):
+            h.update(repr(v).encode())
+        elif isinstance(v, Tensor):
+            _fingerprint_leaf(h, v, None)
+        elif isinstance(v, type):
+            h.update(f"type:{v.__module__}.{v.__qualname__}".encode())
+        elif depth > _STATE_DEPTH or budget[0] < 0 or id(v) in seen or hasattr(v, "get_model_object"):
+            h.update(classes(v))
+        else:
+            seen.add(id(v))
+            if isinstance(v, dict):  # empty entries skipped: {} and {"patches": {}} are the same options
+                for k in sorted(v, key=repr):
+                    if not _empty(v[k]):
+                        h.update(repr(k).encode())
+                        walk(v[k], depth + 1)
+            elif isinstance(v, (list, tuple, set, frozenset)):
+                h.update(b"[")
+                for item in (sorted(v, key=repr) if isinstance(v, (set, frozenset)) else v):
+                    if not _empty(item):
+                        walk(item, depth + 1)
+                h.update(b"]")
+            elif isinstance(v, types.FunctionType):
+                h.update(f"fn:{v.__module__}.{v.__qualname__}:{v.__code__.co_firstlineno}".encode())
+                walk([v.__defaults__, v.__kwdefaults__, [_cell(c) for c in v.__closure__ or ()]], depth + 1)
+            elif isinstance(v, types.MethodType):
+                walk([v.__func__, v.__self__], depth + 1)
+            elif isinstance(v, functools.partial):
+                walk([v.func, v.args, v.keywords], depth + 1)
+            else:
+                h.update(classes(v))
+                if callable(v) and hasattr(v, "__qualname__"):  # a builtin function, a class's method
+                    h.update(f"{getattr(v, '__module__', '')}.{v.__qualname__}".encode())
+                attributes = getattr(v, "__dict__", None)
+                if isinstance(attributes, dict):
+                    walk(attributes, depth + 1)
+    walk(state, 0)
     return h.hexdigest()
 
 

@@ -368,6 +368,66 @@ def test_model_fingerprint_follows_the_weights_and_patches_not_the_object():
     assert model_fingerprint(Opaque()) is None  # never a fingerprint of shapes alone
 
 
+def test_patcher_state_goes_into_both_keys_by_content():
+    """FreeU, PAG, a ModelSamplingDiscrete override: what a ComfyUI patcher adds besides weight patches (its
+    model_options, object patches, wrappers, hooks) changes the model, so it changes the calibration's keys."""
+    import copy
+    from ksampler.calibration import calibration_key, patcher_state_digest
+    from ksampler.models import V
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 4)
+
+    class Patcher:  # a ModelPatcher's parts the keys read (clone deep-copies model_options, as ComfyUI's does)
+        def __init__(self, model_options=None, object_patches=None):
+            self.model, self.patches, self.backup = net, {}, {}
+            self.model_options = model_options or {"transformer_options": {}}
+            self.object_patches, self.wrappers, self.hook_patches = object_patches or {}, {}, {}
+
+        def get_model_object(self, name):
+            return self.object_patches.get(name)
+
+        def clone(self):
+            return Patcher(copy.deepcopy(self.model_options), dict(self.object_patches))
+
+    def freeu(b1, s1):  # a node's patch: a closure over its settings
+        scale = {1280: (b1, s1)}
+
+        def output_block_patch(h, hsp, transformer_options):
+            return h * scale[1280][0], hsp
+        return Patcher({"transformer_options": {"patches": {"output_block_patch": [output_block_patch]}}})
+
+    plain = Patcher()
+    assert patcher_state_digest(plain) is None and patcher_state_digest(net) is None
+    pos, neg, shape = conditioning(1.0), conditioning(-0.5), (1, 4, 4, 4)
+
+    def keys(model):
+        return [calibration_key(model, pos, neg, shape, 4, 3.0, {}, by_content=b) for b in (False, True)]
+    bare = type("Bare", (), {"model": net, "patches": {}, "backup": {}, "get_model_object": lambda self, n: None})()
+    assert keys(plain) == keys(bare)  # nothing added: the keys a plain checkpoint always had (its files still load)
+    a, same, other = freeu(1.3, 0.9), freeu(1.3, 0.9), freeu(1.3, 0.95)
+    assert patcher_state_digest(a) == patcher_state_digest(same) == patcher_state_digest(a.clone())
+    assert patcher_state_digest(a) != patcher_state_digest(other)
+    assert len({tuple(keys(m)) for m in (plain, a, other)}) == 3 and keys(a) == keys(same)
+    for k_plain, k_a in zip(keys(plain), keys(a)):
+        assert k_plain != k_a
+    # an object patch: the prediction type counts by class (eps and v share every attribute value)
+    eps, v = Patcher(object_patches={"model_sampling": EPS()}), Patcher(object_patches={"model_sampling": V()})
+    assert patcher_state_digest(eps) != patcher_state_digest(v)
+    assert patcher_state_digest(eps) == patcher_state_digest(Patcher(object_patches={"model_sampling": EPS()}))
+    # cycles, empty closure cells, builtins and a patcher inside are walked without error, by content
+    loop = {"self": None, "fn": torch.tanh}
+    loop["self"] = loop
+
+    def later():
+        return unset  # noqa: F821  (a cell still empty when the digest is taken)
+    odd = Patcher({"transformer_options": {"loop": loop, "later": later, "inner": plain}})
+    assert patcher_state_digest(odd) == patcher_state_digest(odd.clone())
+    swapped = Patcher({"transformer_options": {"loop": {"self": None, "fn": torch.sigmoid}, "later": later,
+                                               "inner": plain}})
+    assert patcher_state_digest(odd) != patcher_state_digest(swapped)
+    unset = None  # noqa: F841
+
+
 def test_node_outputs_descending_sigmas_and_ksampler_uses_them():
     clear_cache()
     model = analytic_model()
@@ -475,6 +535,45 @@ def test_refining_on_more_noise_is_never_worse_there_and_counts_its_calls():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="refine_iterations"):
             fit_calibration(model, ms, fit_noise, 4, refine_noise=refine_noise, refine_iterations=bad, **opts)
+
+
+def test_candidate_fits_the_one_best_on_the_refining_noise_is_refined():
+    ms = EPS()
+    model = Mixture2D(ms)
+    draw = [torch.randn(16, 2, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (4, 6, 7)]
+    refine_noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    opts = {"iterations": 30, "teacher_steps": 40, "refine_noise": refine_noise, "refine_iterations": 10}
+    messages = []
+    best = fit_calibration(model, ms, draw[0], 4, candidate_noise=draw[1:], log=messages.append, **opts)
+    rms = best.info["candidate_rms"]
+    assert best.info["candidates"] == 3 and len(rms) == 3 and all(math.isfinite(v) for v in rms)
+    assert any("3 fits from different fitting noise" in m for m in messages)
+    # each candidate's RMS is its own fit's on the refining noise, and the kept one is the lowest's, refined
+    singles = [fit_calibration(model, ms, noise, 4, **{**opts, "refine_iterations": 0}) for noise in draw]
+    for single, value in zip(singles, rms):
+        assert math.isclose(single.info["rms_refined"], value, rel_tol=1e-9)
+    winner = min(range(3), key=rms.__getitem__)
+    alone = fit_calibration(model, ms, draw[winner], 4, **opts)
+    assert torch.equal(best.sigmas, alone.sigmas) and torch.equal(best.coefficients, alone.coefficients)
+    assert best.info["rms_refined"] == alone.info["rms_refined"] <= min(rms)
+    assert best.info["model_calls"] > alone.info["model_calls"]
+    # a candidate set with its own denoiser (one bound to its batch) is fitted with that denoiser
+    seen = []
+
+    def other(x, sigma, **kw):
+        seen.append(x.shape[0])
+        return model(x, sigma, **kw)
+    fit_calibration(model, ms, draw[0], 4, candidate_noise=draw[1:2], candidate_denoisers=[other],
+                    **{**opts, "iterations": 2})
+    assert seen and set(seen) == {16}
+    with pytest.raises(ValueError, match="candidate_noise.*refine_noise"):
+        fit_calibration(model, ms, draw[0], 4, candidate_noise=draw[1:], iterations=2)
+    with pytest.raises(ValueError, match=r"candidate_noise\[0\].*shaped like"):
+        fit_calibration(model, ms, draw[0], 4, candidate_noise=[draw[1][:8]], **opts)
+    with pytest.raises(ValueError, match=r"candidate_noise\[1\].*NaN"):
+        fit_calibration(model, ms, draw[0], 4, candidate_noise=[draw[1], torch.full_like(draw[1], math.nan)], **opts)
+    with pytest.raises(ValueError, match="candidate_denoisers"):
+        fit_calibration(model, ms, draw[0], 4, candidate_noise=draw[1:], candidate_denoisers=[model], **opts)
 
 
 def test_refine_settings_are_checked_and_keyed_apart():

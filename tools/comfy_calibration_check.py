@@ -8,7 +8,8 @@ SamplerCustom node then samples with its SIGMAS and SAMPLER; our KSampler sample
 second node call must reuse the fit without a model call; at eta 0.5 (the same fit, re-noising from the seed)
 SamplerCustom and our KSampler must again agree; a fit refined on 8 more noises (``refine_noises``) must run; a
 calibration file written by one load of the checkpoint must load, without fitting, for a fresh load with an empty
-cache (as after a restart).  ComfyUI is imported as a library (../shared/comfyui
+cache (as after a restart); FreeU (RescaleCFG on SD3) and a model sampling override (ModelSamplingDiscrete, ModelSamplingSD3) must
+each get a fit of their own.  ComfyUI is imported as a library (../shared/comfyui
 harness); nothing of it is copied here.
 """
 from __future__ import annotations
@@ -47,6 +48,8 @@ def main() -> int:
     nodes = harness_env.bootstrap_comfy(comfyui_dir, models_dir)
     import torch
     import comfy_extras.nodes_custom_sampler as custom
+    import comfy_extras.nodes_freelunch as nodes_freelunch
+    import comfy_extras.nodes_model_advanced as nodes_model_advanced
     from harness_nodes import random_conditioning
 
     spec = importlib.util.spec_from_file_location("ksampler_pack", os.path.join(ROOT, "__init__.py"),
@@ -122,6 +125,33 @@ def main() -> int:
             reload_s = time.time() - t
             reloaded = (os.path.exists(path) and restarted is not cal and torch.equal(restarted.sigmas, cal.sigmas)
                         and reload_s < 0.5 * fit_s)
+            # what ComfyUI patches into the model besides its weights counts as another model: FreeU
+            # or RescaleCFG (model_options) and a ModelSamplingDiscrete override (an object patch) each get a fit of their own,
+            # the same settings again (a new node run, a deep-copied clone) reuse it, and the file written for the
+            # plain model is refused for the patched one
+            outcomes = []
+
+            def fit_for(patched, file=None):
+                return classes["ksampler_CalibratedScheduler"]().calibrate(
+                    patched, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=2,
+                    teacher_steps=args.teacher_steps, **({"calibration_file": file} if file else {}))[2]
+            variants = [_first(nodes_freelunch.FreeU_V2.execute(model, 1.3, 1.4, 0.9, 0.2)) if key == "sd15_eps"
+                        else _first(nodes_model_advanced.RescaleCFG().patch(model, 0.7)),  # FreeU needs a UNet
+                        _first(nodes_model_advanced.ModelSamplingDiscrete().patch(model, "v_prediction", False))
+                        if key == "sd15_eps" else
+                        _first(nodes_model_advanced.ModelSamplingSD3().patch(model, 6.0))]
+            patch_keys = []
+            for patched in variants:
+                with_patch = fit_for(patched)
+                repeat = fit_for(patched.clone())
+                patch_keys.append(with_patch.info["key"])
+                try:
+                    fit_for(patched, path)
+                    refused = False
+                except Exception as exc:  # noqa: BLE001  (the node's input error)
+                    refused = "other inputs" in str(exc)
+                outcomes.append(with_patch is not cal and repeat is with_patch and refused)
+            patched_apart = all(outcomes) and len(set(patch_keys + [cal.info["key"]])) == 3
         print(f"{key}: sigmas {[round(float(s), 4) for s in sigmas]}; fit {fit_s:.1f}s "
               f"({cal.info['model_calls']} model calls, gradient: {cal.info['gradient']}); RMS to the teacher "
               f"{cal.info['rms_start']:.4g} -> {cal.info['rms_fitted']:.4g}; shifts of the first and last calls "
@@ -131,8 +161,10 @@ def main() -> int:
               f"refit) KSampler == SamplerCustom, and unlike eta 0: {stochastic}; refined on 8 noises "
               f"({refine_s:.1f}s, RMS on them {refined.info.get('rms_refined', float('nan')):.4g}), SamplerCustom "
               f"finite: {refinement}; the file reloaded for a fresh checkpoint load with an empty cache, without "
-              f"fitting ({reload_s:.2f}s): {reloaded}")
-        failures += not (ok and same and cached and stochastic and refinement and reloaded)
+              f"fitting ({reload_s:.2f}s): {reloaded}; FreeU (SD3: RescaleCFG) and a model sampling override "
+              f"fitted apart, "
+              f"reused for a clone, the plain model's file refused: {patched_apart}")
+        failures += not (ok and same and cached and stochastic and refinement and reloaded and patched_apart)
     print("PASS" if not failures else f"FAIL ({failures})")
     return 1 if failures else 0
 
