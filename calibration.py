@@ -689,7 +689,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                     teacher_sigma_min: Optional[float] = None, max_denoise: bool = True, gradient: str = "auto",
                     refine_noise: Optional[Tensor] = None, refine_denoiser: Optional[Denoiser] = None,
                     refine_iterations: int = REFINE["iterations"], candidate_noise: Sequence[Tensor] = (),
-                    candidate_denoisers: Optional[Sequence[Denoiser]] = None,
+                    candidate_denoisers: Optional[Sequence[Denoiser]] = None, refine_candidates: bool = False,
                     log: Optional[Callable[[str], None]] = None, info: Optional[dict] = None) -> Calibration:
     """Fit a step schedule (and multistep coefficients) to ``denoiser`` on ``noise`` (see the module docstring).
 
@@ -720,6 +720,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
         ``noise`` is, and the fit with the lowest RMS on the refining noise is the one refined.  Fits from
         different fitting noise can end in different local optima; the larger set tells them apart.
     candidate_denoisers: the denoiser of each candidate set where it differs from ``denoiser``.
+    refine_candidates: refine every candidate fit and keep the one best on the refining noise after its
+        refinement (each candidate then costs a refinement too).
     selection: which noises pick the iterate kept (of each phase, and the form that wins the race): "all" the
         fitting noises, or "held_aside": only the quarter that the gradient never sees.
     coefficient_penalty: shrinks the coefficient corrections towards the Adams weights (``_penalised``; 0: none).
@@ -785,22 +787,31 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     refined = candidate_rms = None
     if refine_noise is not None:
         larger = student_on(counting(refine_denoiser or denoiser), refine_noise)
-        if candidate_noise:
-            fits = [(student, won, race)] + [fit_on(model, batch) for model, batch in
-                                             zip(candidate_denoisers or [denoiser] * len(candidate_noise),
-                                                 candidate_noise)]
-            with torch.no_grad():
-                candidate_rms = [float(larger.loss(w["best"][1], w["form"], w["best"][2], selection_items(refine_noise)))
-                                 for _, w, _ in fits]
+
+        def refine(fitted: dict) -> tuple:
+            say(f"calibration: refining on {refine_noise.shape[0]} more noises ({refine_iterations} iterations)")
+            return _optimise(larger, *_resumed(fitted["best"]), fitted["form"], refine_iterations, REFINE["lr"],
+                             mode, gradient_items(refine_noise), selection_items(refine_noise), calls, steps,
+                             coefficient_penalty)
+        fits = [(student, won, race)] + [fit_on(model, batch) for model, batch in
+                                         zip(candidate_denoisers or [denoiser] * len(candidate_noise),
+                                             candidate_noise)]
+        pick = 0
+        if len(fits) > 1:
+            if refine_candidates:
+                results = [refine(w) for _, w, _ in fits]
+                candidate_rms = [r[0] for r in results]
+            else:
+                with torch.no_grad():
+                    candidate_rms = [float(larger.loss(w["best"][1], w["form"], w["best"][2],
+                                                       selection_items(refine_noise))) for _, w, _ in fits]
             pick = min(range(len(fits)), key=lambda i: (not math.isfinite(candidate_rms[i]), candidate_rms[i]))
-            student, won, race = fits[pick]
-            final, u, delta = won["best"]
             say(f"calibration: {len(fits)} fits from different fitting noise; on the refining noise their RMS is "
-                + ", ".join(f"{v:.4g}" for v in candidate_rms) + f"; fit {pick + 1} goes on")
-        say(f"calibration: refining on {refine_noise.shape[0]} more noises ({refine_iterations} iterations)")
-        refined = _optimise(larger, *_resumed(won["best"]), won["form"], refine_iterations, REFINE["lr"], mode,
-                            gradient_items(refine_noise), selection_items(refine_noise), calls, steps,
-                            coefficient_penalty)
+                + ", ".join(f"{v:.4g}" for v in candidate_rms) + f"{' refined' if refine_candidates else ''}; "
+                f"fit {pick + 1} " + ("is kept" if refine_candidates else "goes on"))
+        student, won, race = fits[pick]
+        final = won["best"][0]
+        refined = results[pick] if candidate_rms is not None and refine_candidates else refine(won)
         _, u, delta = refined
     with torch.no_grad():
         sig, c, cc, shifts = student.parameters(u, won["form"], delta)
@@ -816,7 +827,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                  "seconds": round(seconds, 3), "rms_start": won["start"], "rms_fitted": final,
                  "sigma_min": s_min, "sigma_max": s_max})
     if candidate_rms is not None:
-        meta.update({"candidates": len(candidate_rms), "candidate_rms": candidate_rms})
+        meta.update({"candidates": len(candidate_rms), "candidate_rms": candidate_rms,
+                     "refine_candidates": bool(refine_candidates)})
     if refined is not None:
         meta.update({"refine_noises": int(refine_noise.shape[0]), "refine_iterations": refine_iterations,
                      "refine_lr": REFINE["lr"], "rms_refined": refined[0]})
@@ -871,8 +883,10 @@ def _digest_walk(h, value, leaf: Callable) -> None:
     walk(value)
 
 
-def conditioning_digest(conditioning) -> str:
-    """A digest of ComfyUI-style conditioning ([[tensor, {options}], ...]): tensors by content, the rest by repr."""
+def conditioning_digest(conditioning, by_content: bool = False) -> str:
+    """A digest of ComfyUI-style conditioning ([[tensor, {options}], ...]): tensors by content, numbers and
+    strings by repr, other objects (a ControlNet, say) by repr, which names the object in this process, or with
+    ``by_content`` by their content (``_content_walk``), the same in another process."""
     import hashlib
     h = hashlib.sha1()
 
@@ -881,6 +895,8 @@ def conditioning_digest(conditioning) -> str:
             t = v.detach().to("cpu", torch.float32).contiguous()
             h.update(str(tuple(t.shape)).encode())
             h.update(t.numpy().tobytes())
+        elif by_content and not isinstance(v, _PLAIN):
+            _content_walk(h, v)
         else:
             h.update(repr(v).encode())
     _digest_walk(h, conditioning, leaf)
@@ -899,8 +915,8 @@ def calibration_key(model, positive, negative, latent_shape, steps: int, cfg: fl
     state = patcher_state_digest(model)
     if state is not None:
         model_id += "+" + state
-    parts = [model_id, conditioning_digest(positive),
-             conditioning_digest(negative), str(tuple(latent_shape[1:])), str(int(steps)), repr(float(cfg)),
+    parts = [model_id, conditioning_digest(positive, by_content),
+             conditioning_digest(negative, by_content), str(tuple(latent_shape[1:])), str(int(steps)), repr(float(cfg)),
              json.dumps(settings, sort_keys=True)]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()
 
@@ -968,6 +984,7 @@ def model_fingerprint(model) -> Optional[str]:
 PATCHER_STATE = ("model_options", "object_patches", "weight_wrapper_patches", "wrappers", "callbacks", "injections",
                  "hook_patches", "forced_hooks")
 _STATE_DEPTH, _STATE_NODES = 12, 20_000
+_PLAIN = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)
 
 
 def _empty(value, depth: int = 0) -> bool:
@@ -987,30 +1004,30 @@ def _cell(cell):
         return None
 
 
-def patcher_state_digest(model) -> Optional[str]:
-    """A digest of what a ComfyUI ModelPatcher adds to its network besides weight patches (``PATCHER_STATE``), by
-    content: functions by name and the values they close over, objects by their classes and attributes, tensors
-    like ``model_fingerprint``'s.  The same for a clone (ComfyUI deep-copies model_options) and in another process;
-    None where there is nothing (a plain checkpoint; empty dicts and lists count as nothing), so that such a
-    model's keys are the ones they always were.
-    A model patcher met inside counts by its class only, and the walk stops at a depth and a size."""
+def _content_walk(h, value) -> None:
+    """Feed ``value`` into the digest ``h`` by content, the same in any process: dicts by sorted key and sequences
+    item by item (empty ones skipped), functions by name and the values they close over, other objects by their
+    classes and their attributes (None ones skipped: unset and cleared are the same), tensors by their bytes (a
+    module's parameters, and tensors over 2**24 values, like ``model_fingerprint``: a sample of their values).  A
+    model patcher met inside counts by its class only, and the walk stops at a depth and a size."""
     import functools
-    import hashlib
     import types
-    state = {name: getattr(model, name) for name in PATCHER_STATE if getattr(model, name, None) is not None}
-    if _empty(state):
-        return None
-    h, seen, budget = hashlib.sha1(), set(), [_STATE_NODES]
+    seen, budget = set(), [_STATE_NODES]
 
     def classes(v) -> bytes:
         return ">".join(c.__qualname__ for c in type(v).__mro__).encode()
 
     def walk(v, depth: int) -> None:
         budget[0] -= 1
-        if isinstance(v, (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)):
+        if isinstance(v, _PLAIN):
             h.update(repr(v).encode())
         elif isinstance(v, Tensor):
-            _fingerprint_leaf(h, v, None)
+            if isinstance(v, torch.nn.Parameter) or v.numel() > 1 << 24:
+                _fingerprint_leaf(h, v, None)
+            else:
+                t = v.detach().to("cpu").contiguous()
+                h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         elif isinstance(v, type):
             h.update(f"type:{v.__module__}.{v.__qualname__}".encode())
         elif depth > _STATE_DEPTH or budget[0] < 0 or id(v) in seen or hasattr(v, "get_model_object"):
@@ -1041,8 +1058,21 @@ def patcher_state_digest(model) -> Optional[str]:
                     h.update(f"{getattr(v, '__module__', '')}.{v.__qualname__}".encode())
                 attributes = getattr(v, "__dict__", None)
                 if isinstance(attributes, dict):
-                    walk(attributes, depth + 1)
-    walk(state, 0)
+                    walk({k: a for k, a in attributes.items() if a is not None}, depth + 1)
+    walk(value, 0)
+
+
+def patcher_state_digest(model) -> Optional[str]:
+    """A digest of what a ComfyUI ModelPatcher adds to its network besides weight patches (``PATCHER_STATE``), by
+    content (``_content_walk``): the same for a clone (ComfyUI deep-copies model_options) and in another process.
+    None where there is nothing (a plain checkpoint; empty dicts and lists count as nothing), so that such a
+    model's keys are the ones they always were."""
+    import hashlib
+    state = {name: getattr(model, name) for name in PATCHER_STATE if getattr(model, name, None) is not None}
+    if _empty(state):
+        return None
+    h = hashlib.sha1()
+    _content_walk(h, state)
     return h.hexdigest()
 
 

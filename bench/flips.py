@@ -9,6 +9,7 @@
     python bench/flips.py --selection | --penalty | --last-step | --refine-noises   # fit variants (stop 28)
     python bench/flips.py --refine-iterations [--cases 0,1,2,3]   # stop 29; a part of it (--merge-parts joins)
     python bench/flips.py --candidates   # stop 30: the better of two fits (by the refining set), refined
+    python bench/flips.py --refine-candidates   # stop 30: two fits, each refined, the better kept
 
 Where a mixture's modes are narrow and far apart, a few-step sampler sends the noises that lie near the
 boundary between two modes' basins to the wrong mode.  One such flip costs an RMS of about the distance between
@@ -36,7 +37,7 @@ adopted on: nine tuning cases, four fitting seeds, each fit with and without it,
 ``heldout.REFINE_NOISES = 4096`` was adopted on (stop 29).  The studies before it pin 1,024 (``AS_MEASURED``).
 ``--refine-iterations``: 300 refining iterations against 150, both on 4,096 noises (stop 29; not adopted).
 ``--candidates``: two fits from different fitting noise, the one with the lower RMS on the refining set refined,
-against one fit (stop 30).
+against one fit (stop 30); ``--refine-candidates``: both refined, the better after its refinement kept.
 """
 from __future__ import annotations
 
@@ -187,6 +188,12 @@ STUDIES = {  # flag: (variants, results file, what it compares); each at the set
                                          "candidates": 2}},
                    "candidates_tuning.json", "the better on the refining set of two fits from different fitting "
                                              "noise, refined, against one fit"),
+    "refine_candidates": ({"one fit": {"refine": True, "shift": True, "iterations": 600, "refine_noises": 4096},
+                           "best of two refined fits": {"refine": True, "shift": True, "iterations": 600,
+                                                        "refine_noises": 4096, "candidates": 2,
+                                                        "refine_candidates": True}},
+                          "refine_candidates_tuning.json", "two fits from different fitting noise, each refined, "
+                                                           "the better on the refining set kept, against one fit"),
 }
 
 

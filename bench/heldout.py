@@ -376,7 +376,7 @@ def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRA
               selection: str = CALIBRATION["selection"],
               coefficient_penalty: float = CALIBRATION["coefficient_penalty"],
               fit_last_step: bool = CALIBRATION["fit_last_step"], refine_iterations: int = REFINE["iterations"],
-              candidates: tuple = ()):
+              candidates: tuple = (), refine_candidates: bool = False):
     """``fit_calibration`` with this bench's settings (``CALIBRATION``) on a mixture's fitting model and noise;
     ``refine``: (model, noise) of the refining set, or None for none; ``candidates``: (model, noise) of more
     fitting sets (``fit_calibration``'s ``candidate_noise``)."""
@@ -388,7 +388,8 @@ def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRA
                            teacher_sigma_min=SIGMA_MIN * CALIBRATION["teacher_sigma_min_factor"],
                            refine_denoiser=refine_model, refine_noise=refine_noise,
                            refine_iterations=refine_iterations,
-                           candidate_denoisers=[m for m, _ in candidates], candidate_noise=[n for _, n in candidates])
+                           candidate_denoisers=[m for m, _ in candidates], candidate_noise=[n for _, n in candidates],
+                           refine_candidates=refine_candidates)
 
 
 def calibrate_rows(prob: Problem, budgets, log) -> list[dict]:

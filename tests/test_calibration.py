@@ -428,6 +428,36 @@ def test_patcher_state_goes_into_both_keys_by_content():
     unset = None  # noqa: F841
 
 
+def test_conditioning_objects_key_files_by_content():
+    """A ControlNet in the conditioning: files are keyed by its content (hint image, strength, weights), so they
+    load after a restart, and a different hint is another calibration."""
+    from ksampler.calibration import conditioning_digest
+
+    class Control:  # a ControlNet's parts: its network, hint and settings, and state its runs set and clear
+        def __init__(self, hint, strength=1.0):
+            torch.manual_seed(0)
+            self.control_model, self.cond_hint_original, self.strength = torch.nn.Linear(3, 3), hint, strength
+            self.timestep_range = None
+
+    def cond(control):
+        return [[torch.ones(1, 2, 4), {"pooled_output": torch.ones(1, 4), "control": control}]]
+    edges = torch.zeros(1, 3, 64, 64)
+    edges[0, :, 10, 20:40] = 1.0
+    moved = torch.zeros(1, 3, 64, 64)
+    moved[0, :, 11, 20:40] = 1.0  # an edge map differing from the first in a few pixels
+    a, twin = Control(edges), Control(edges.clone())
+    assert conditioning_digest(cond(a), by_content=True) == conditioning_digest(cond(twin), by_content=True)
+    for other in (Control(moved), Control(edges, strength=0.8)):
+        assert conditioning_digest(cond(a), by_content=True) != conditioning_digest(cond(other), by_content=True)
+    before = conditioning_digest(cond(a), by_content=True)
+    a.timestep_range = (999.0, 0.0)  # a sampling run's pre_run ...
+    a.timestep_range = None  # ... and its cleanup
+    assert conditioning_digest(cond(a), by_content=True) == before
+    # plain conditioning (tensors, numbers, strings) digests alike either way: files written before still load
+    plain = [[torch.ones(1, 2, 4), {"pooled_output": torch.ones(1, 4), "strength": 0.5, "area": (8, 8, 0, 0)}]]
+    assert conditioning_digest(plain) == conditioning_digest(plain, by_content=True)
+
+
 def test_node_outputs_descending_sigmas_and_ksampler_uses_them():
     clear_cache()
     model = analytic_model()
@@ -557,6 +587,15 @@ def test_candidate_fits_the_one_best_on_the_refining_noise_is_refined():
     assert torch.equal(best.sigmas, alone.sigmas) and torch.equal(best.coefficients, alone.coefficients)
     assert best.info["rms_refined"] == alone.info["rms_refined"] <= min(rms)
     assert best.info["model_calls"] > alone.info["model_calls"]
+    # refine_candidates: each fit is refined, and the one best there after its refinement is kept
+    after = fit_calibration(model, ms, draw[0], 4, candidate_noise=draw[1:], refine_candidates=True, **opts)
+    refined_alone = [fit_calibration(model, ms, noise, 4, **opts) for noise in draw]
+    for single, value in zip(refined_alone, after.info["candidate_rms"]):
+        assert math.isclose(single.info["rms_refined"], value, rel_tol=1e-9)
+    kept = refined_alone[min(range(3), key=after.info["candidate_rms"].__getitem__)]
+    assert after.info["refine_candidates"] and torch.equal(after.sigmas, kept.sigmas)
+    assert after.info["rms_refined"] == min(single.info["rms_refined"] for single in refined_alone)
+    assert after.info["backward_passes"] > best.info["backward_passes"]
     # a candidate set with its own denoiser (one bound to its batch) is fitted with that denoiser
     seen = []
 
