@@ -8,9 +8,10 @@ SamplerCustom node then samples with its SIGMAS and SAMPLER; our KSampler sample
 second node call must reuse the fit without a model call; at eta 0.5 (the same fit, re-noising from the seed)
 SamplerCustom and our KSampler must again agree; a fit refined on 8 more noises (``refine_noises``) must run; a
 calibration file written by one load of the checkpoint must load, without fitting, for a fresh load with an empty
-cache (as after a restart); FreeU (RescaleCFG on SD3) and a model sampling override (ModelSamplingDiscrete, ModelSamplingSD3) must
-each get a fit of their own.  ComfyUI is imported as a library (../shared/comfyui
-harness); nothing of it is copied here.
+cache (as after a restart); FreeU (RescaleCFG on SD3) and a model sampling override (ModelSamplingDiscrete,
+ModelSamplingSD3) must each get a fit of their own; with a ControlNet in the conditioning (SD1.5), a calibration
+file must load after a restart and be refused for another hint.  ComfyUI is imported as a library
+(../shared/comfyui harness); nothing of it is copied here.
 """
 from __future__ import annotations
 
@@ -31,6 +32,57 @@ HARNESS = next((os.path.join(d, "shared", "comfyui") for d in (os.path.dirname(R
 def _first(node_output):
     """The first output of a node call (a classic tuple or a V3 NodeOutput)."""
     return node_output[0] if isinstance(node_output, tuple) else node_output.result[0]
+
+
+def _controlnet_file_check(nodes, classes, m, latent, args, work) -> bool:
+    """A ControlNet in the conditioning (a random-weight one built for the tiny UNet, applied by ComfyUI's own
+    ControlNetApplyAdvanced): a calibration file written with it loads, without fitting, for everything built anew
+    (as after a restart) once a sampling run has used and cleaned up the ControlNet; a hint moved by one pixel row
+    is refused as other inputs."""
+    import torch
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    from harness_nodes import random_conditioning
+
+    def build(row: int):
+        model = nodes.CheckpointLoaderSimple().load_checkpoint(m["checkpoint"])[0]
+        config = dict(model.model.model_config.unet_config, hint_channels=3, operations=comfy.ops.manual_cast,
+                      dtype=torch.float32, device=torch.device("cpu"))
+        config.pop("out_channels", None)
+        torch.manual_seed(0)
+        network = comfy.cldm.cldm.ControlNet(**config)
+        with torch.no_grad():
+            for p in network.parameters():
+                p.normal_(0, 0.02)
+        control = comfy.controlnet.ControlNet(network, load_device=torch.device("cpu"), manual_cast_dtype=None)
+        hint = torch.zeros(1, 32, 32, 3)
+        hint[:, row, 5:25, :] = 1.0  # an edge map: mostly zeros
+        pos = random_conditioning(101, m["cond_tokens"], m["cond_dim"], m["pooled_dim"])
+        neg = random_conditioning(202, m["cond_tokens"], m["cond_dim"], m["pooled_dim"])
+        pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 0.8, 0.0, 1.0)
+        return model, pos, neg
+    path = os.path.join(work, "controlnet.safetensors")
+    node, cache = classes["ksampler_CalibratedScheduler"](), sys.modules["ksampler_pack.calibration"]
+
+    def calibrate(model, pos, neg):
+        return node.calibrate(model, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=2,
+                              teacher_steps=args.teacher_steps, calibration_file=path)[2]
+    with torch.inference_mode():
+        model, pos, neg = build(10)
+        cal = calibrate(model, pos, neg)
+        nodes.KSampler().sample(model, 1, 3, 5.0, "euler", "karras", pos, neg, latent)
+        cache.clear_cache()
+        t = time.time()
+        again = calibrate(*build(10))
+        reloaded = torch.equal(again.sigmas, cal.sigmas) and again is not cal and time.time() - t < 5.0
+        cache.clear_cache()
+        try:
+            calibrate(*build(11))
+            refused = False
+        except Exception as exc:  # noqa: BLE001  (the node's input error)
+            refused = "other inputs" in str(exc)
+    return reloaded and refused
 
 
 def main() -> int:
@@ -125,10 +177,10 @@ def main() -> int:
             reload_s = time.time() - t
             reloaded = (os.path.exists(path) and restarted is not cal and torch.equal(restarted.sigmas, cal.sigmas)
                         and reload_s < 0.5 * fit_s)
-            # what ComfyUI patches into the model besides its weights counts as another model: FreeU
-            # or RescaleCFG (model_options) and a ModelSamplingDiscrete override (an object patch) each get a fit of their own,
-            # the same settings again (a new node run, a deep-copied clone) reuse it, and the file written for the
-            # plain model is refused for the patched one
+            # what ComfyUI patches into the model besides its weights counts as another model: FreeU or
+            # RescaleCFG (model_options) and a model sampling override (an object patch) each get a fit of their
+            # own, the same settings again (a new node run, a deep-copied clone) reuse it, and the file written
+            # for the plain model is refused for the patched one
             outcomes = []
 
             def fit_for(patched, file=None):
@@ -152,6 +204,7 @@ def main() -> int:
                     refused = "other inputs" in str(exc)
                 outcomes.append(with_patch is not cal and repeat is with_patch and refused)
             patched_apart = all(outcomes) and len(set(patch_keys + [cal.info["key"]])) == 3
+            controlled = _controlnet_file_check(nodes, classes, m, latent, args, work) if key == "sd15_eps" else True
         print(f"{key}: sigmas {[round(float(s), 4) for s in sigmas]}; fit {fit_s:.1f}s "
               f"({cal.info['model_calls']} model calls, gradient: {cal.info['gradient']}); RMS to the teacher "
               f"{cal.info['rms_start']:.4g} -> {cal.info['rms_fitted']:.4g}; shifts of the first and last calls "
@@ -162,9 +215,11 @@ def main() -> int:
               f"({refine_s:.1f}s, RMS on them {refined.info.get('rms_refined', float('nan')):.4g}), SamplerCustom "
               f"finite: {refinement}; the file reloaded for a fresh checkpoint load with an empty cache, without "
               f"fitting ({reload_s:.2f}s): {reloaded}; FreeU (SD3: RescaleCFG) and a model sampling override "
-              f"fitted apart, "
-              f"reused for a clone, the plain model's file refused: {patched_apart}")
-        failures += not (ok and same and cached and stochastic and refinement and reloaded and patched_apart)
+              f"fitted apart, reused for a clone, the plain model's file refused: {patched_apart}"
+              + ("" if key != "sd15_eps" else f"; with a ControlNet, the file reloaded after a sampling run for a "
+                 f"fresh load and refused for a moved hint: {controlled}"))
+        failures += not (ok and same and cached and stochastic and refinement and reloaded and patched_apart
+                         and controlled)
     print("PASS" if not failures else f"FAIL ({failures})")
     return 1 if failures else 0
 
