@@ -1008,8 +1008,9 @@ def _content_walk(h, value) -> None:
     """Feed ``value`` into the digest ``h`` by content, the same in any process: dicts by sorted key and sequences
     item by item (empty ones skipped), functions by name and the values they close over, other objects by their
     classes and their attributes (None ones skipped: unset and cleared are the same), tensors by their bytes (a
-    module's parameters, and tensors over 2**24 values, like ``model_fingerprint``: a sample of their values).  A
-    model patcher met inside counts by its class only, and the walk stops at a depth and a size."""
+    module's parameters, and tensors over 2**24 values, like ``model_fingerprint``: a sample of their values; one
+    whose values cannot be read, by its identity in this process).  A model patcher met inside counts by its class
+    only, and the walk stops at a depth and a size."""
     import functools
     import types
     seen, budget = set(), [_STATE_NODES]
@@ -1022,12 +1023,15 @@ def _content_walk(h, value) -> None:
         if isinstance(v, _PLAIN):
             h.update(repr(v).encode())
         elif isinstance(v, Tensor):
-            if isinstance(v, torch.nn.Parameter) or v.numel() > 1 << 24:
-                _fingerprint_leaf(h, v, None)
-            else:
-                t = v.detach().to("cpu").contiguous()
-                h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            try:
+                if isinstance(v, torch.nn.Parameter) or v.numel() > 1 << 24:
+                    _fingerprint_leaf(h, v, None)
+                else:
+                    t = v.detach().to("cpu").contiguous()
+                    h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+                    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            except (RuntimeError, TypeError, NotImplementedError):  # values it cannot read (meta, quantised):
+                h.update(f"{classes(v)!r}@{id(v)}".encode())  # this object, in this process only
         elif isinstance(v, type):
             h.update(f"type:{v.__module__}.{v.__qualname__}".encode())
         elif depth > _STATE_DEPTH or budget[0] < 0 or id(v) in seen or hasattr(v, "get_model_object"):

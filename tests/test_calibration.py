@@ -426,6 +426,11 @@ def test_patcher_state_goes_into_both_keys_by_content():
                                                "inner": plain}})
     assert patcher_state_digest(odd) != patcher_state_digest(swapped)
     unset = None  # noqa: F841
+    # a tensor whose values cannot be read (on the meta device) counts as itself: never equal to another's
+    ghost = Patcher({"transformer_options": {"embeds": torch.empty(4, device="meta")}})
+    assert patcher_state_digest(ghost) == patcher_state_digest(ghost)
+    assert patcher_state_digest(ghost) != patcher_state_digest(
+        Patcher({"transformer_options": {"embeds": torch.empty(4, device="meta")}}))
 
 
 def test_conditioning_objects_key_files_by_content():
