@@ -796,7 +796,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
         fits = [(student, won, race)] + [fit_on(model, batch) for model, batch in
                                          zip(candidate_denoisers or [denoiser] * len(candidate_noise),
                                              candidate_noise)]
-        pick = 0
+        pick, results = 0, None
         if len(fits) > 1:
             if refine_candidates:
                 results = [refine(w) for _, w, _ in fits]
@@ -811,7 +811,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                 f"fit {pick + 1} " + ("is kept" if refine_candidates else "goes on"))
         student, won, race = fits[pick]
         final = won["best"][0]
-        refined = results[pick] if candidate_rms is not None and refine_candidates else refine(won)
+        refined = results[pick] if results is not None else refine(won)
         _, u, delta = refined
     with torch.no_grad():
         sig, c, cc, shifts = student.parameters(u, won["form"], delta)

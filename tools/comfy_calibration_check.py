@@ -197,6 +197,7 @@ def main() -> int:
                 with_patch = fit_for(patched)
                 repeat = fit_for(patched.clone())
                 patch_keys.append(with_patch.info["key"])
+                sys.modules["ksampler_pack.calibration"].clear_cache()  # so that the file is read
                 try:
                     fit_for(patched, path)
                     refused = False
