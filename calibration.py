@@ -64,7 +64,7 @@ from .samplers._common import emit, get_model_sampling, renoise, resolve_noise_s
 from .samplers.traits import traits
 from .validation import KSamplerInputError, check_float, check_int
 
-__all__ = ["Calibration", "calibrate", "fit_calibration", "DEFAULT_FIT", "sample_calibrated", "teacher_solve",
+__all__ = ["Calibration", "calibrate", "candidate_fitting_noise", "fit_calibration", "DEFAULT_FIT", "sample_calibrated", "teacher_solve",
            "multistep_coefficients", "cached_calibration", "calibration_key", "fitting_noise", "clear_cache",
            "CALIBRATION_FORMAT", "CALIBRATION_FORMATS", "REFINE", "check_eta", "fit_settings",
            "calibration_keys", "check_calibration_path", "model_fingerprint"]
@@ -1082,7 +1082,7 @@ def patcher_state_digest(model) -> Optional[str]:
 
 def fitting_noise(seed: int, count: int, shape, dtype=torch.float32, stream: int = 0) -> Tensor:
     """``count`` unit noises shaped like one latent item, from the salted fitting stream of ``seed`` (``stream`` 1:
-    a second stream, apart from the first, for the refining noise)."""
+    a second stream, apart from the first, for the refining noise; 2 and up: the other candidate fits')."""
     gen = torch.Generator().manual_seed(((int(seed) ^ FIT_SALT) + int(stream) * 0x9E3779B97F4A7C15) % (1 << 63))
     return torch.randn((count,) + tuple(shape), generator=gen, dtype=dtype)
 
@@ -1149,23 +1149,37 @@ def clear_cache() -> None:
 
 
 def fit_settings(order: int, fit_noises: int, seed: int, iterations: int, teacher_steps: int,
-                 refine_noises: int = 0) -> dict:
+                 refine_noises: int = 0, fit_candidates: int = 1) -> dict:
     """The settings of a ``calibrate`` fit (ours or the host's), checked, as they go into the cache key."""
     if isinstance(fit_noises, bool) or not isinstance(fit_noises, int) or fit_noises < 4:
         raise ValueError(f"fit_noises: expected an int >= 4, got {fit_noises!r}")
     if isinstance(refine_noises, bool) or not isinstance(refine_noises, int) or not (refine_noises == 0 or
                                                                                      refine_noises >= 4):
         raise ValueError(f"refine_noises: expected 0 (no refinement) or an int >= 4, got {refine_noises!r}")
+    if isinstance(fit_candidates, bool) or not isinstance(fit_candidates, int) or not 1 <= fit_candidates <= 4:
+        raise ValueError(f"fit_candidates: expected an int in 1..4, got {fit_candidates!r}")
+    if fit_candidates > 1 and not refine_noises:
+        raise ValueError(f"fit_candidates: {fit_candidates} fits are told apart on the refining noises; set "
+                         "refine_noises (e.g. 8 times fit_noises) or fit_candidates to 1")
     settings = {"order": order, "fit_noises": fit_noises, "seed": int(seed), "iterations": iterations,
                 "teacher_steps": teacher_steps}
     if refine_noises:  # only then in the key, so that the files of unrefined calibrations keep theirs
         settings.update({"refine_noises": refine_noises, "refine": dict(REFINE)})
+    if fit_candidates > 1:  # likewise
+        settings["fit_candidates"] = fit_candidates
     return settings
+
+
+def candidate_fitting_noise(seed: int, settings: dict, shape) -> list:
+    """The fitting noise of each candidate fit after the first (``fit_candidates`` - 1 sets, from streams of
+    ``seed`` of their own, apart from the fitting and the refining noise)."""
+    return [fitting_noise(seed, settings["fit_noises"], shape, stream=1 + k)
+            for k in range(1, settings.get("fit_candidates", 1))]
 
 
 def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *, order: int = 3,
               fit_noises: int = 8, seed: int = 0, iterations: int = DEFAULT_FIT["iterations"],
-              teacher_steps: int = DEFAULT_FIT["teacher_steps"], refine_noises: int = 0,
+              teacher_steps: int = DEFAULT_FIT["teacher_steps"], refine_noises: int = 0, fit_candidates: int = 1,
               path: Optional[str] = None, log: Callable[[str], None] = default_log) -> Calibration:
     """Fit (once; cached per model, conditioning, latent shape, steps, cfg and settings) a calibration for one of
     our models (``models.DiffusionModel``) sampling txt2img with this conditioning.
@@ -1175,6 +1189,9 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
     it to.  The fitting noise comes from a stream of ``seed`` salted apart from the sampling noise.
     ``refine_noises``: that many more fitting noises (from a second stream), on which the fit is refined
     (``fit_calibration``'s ``refine_noise``; several times ``fit_noises`` to see rare noises; 0: none).
+    ``fit_candidates``: with ``refine_noises``, that many fits from fitting noises of their own, each refined, and
+    the one best on the refining noises kept (``fit_calibration``'s ``refine_candidates``; it costs that many
+    fits).
     """
     from .conditioning.cfg import Guidance
     from .validation import check_latent, check_model
@@ -1182,7 +1199,7 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
     check_model(model)
     samples, _, _ = check_latent(latent, model.latent_format.latent_channels,
                                  dims=getattr(model.latent_format, "latent_dimensions", 2) + 2)
-    settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises)
+    settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises, fit_candidates)
     key, file_key = calibration_keys(model, positive, negative, samples.shape, steps, cfg, settings)
 
     def fit() -> Calibration:
@@ -1197,7 +1214,10 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
             refine_guided = guidance.bind(model, ms, refine_noise.shape, device)
         return fit_calibration(guided, ms, noise, steps, order=order, iterations=iterations,
                                teacher_steps=teacher_steps, refine_noise=refine_noise,
-                               refine_denoiser=refine_guided, log=log, info={"cfg": float(cfg), **settings})
+                               refine_denoiser=refine_guided, refine_candidates=True,
+                               candidate_noise=[n.to(device) for n in
+                                                candidate_fitting_noise(seed, settings, samples.shape[1:])],
+                               log=log, info={"cfg": float(cfg), **settings})
     return cached_calibration(key, fit, path, log, settings, file_key)
 
 

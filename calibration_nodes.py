@@ -45,7 +45,10 @@ __all__ = ["CalibratedScheduler", "CALIBRATION_NODES"]
            "stream of fit_seed of their own), on which the fit goes on at a smaller step, keeping the iterate best "
            f"there. Costs a teacher solve and {REFINE['iterations']} more iterations on this batch, which must fit "
            "in memory.",
-           default=0, min=0, max=1024, optional=True)),
+           default=0, min=0, max=1024, optional=True),
+        In("fit_candidates", "INT", "1: one fit. Else (with refine_noises) this many fits, each from fitting noises "
+           "of its own and each refined, keeping the one best on the refining noises; costs that many fits.",
+           default=1, min=1, max=4, optional=True)),
     outputs=(Out("SIGMAS", "The fitted sigmas, descending, ending in 0.", "sigmas"),
              Out("SAMPLER", "The fitted multistep sampler, with its corrector if the fit chose one and the "
                  "fitted sigmas of its first and last model calls, run at eta (for SamplerCustom).", "sampler"),
@@ -55,7 +58,8 @@ class CalibratedScheduler:
     """Fits a step schedule and multistep coefficients to this model, conditioning, steps and cfg (cached)."""
 
     def calibrate(self, model, positive, negative, latent_image, steps, cfg, order=3, fit_noises=8, fit_seed=0,
-                  iterations=100, teacher_steps=100, calibration_file="", eta=0.0, refine_noises=0):
+                  iterations=100, teacher_steps=100, calibration_file="", eta=0.0, refine_noises=0,
+                  fit_candidates=1):
         from .calibration import check_eta
         from .nodes import is_comfy_model
 
@@ -66,6 +70,7 @@ class CalibratedScheduler:
         check_int("iterations", iterations, 0, 5000)
         check_int("teacher_steps", teacher_steps, 10, 1000)
         check_int("refine_noises", refine_noises, 0, 1024)  # 1 to 3: refused by calibration.fit_settings
+        check_int("fit_candidates", fit_candidates, 1, 4)  # without refine_noises: refused there too
         check_float("cfg", cfg, 0.0, 100.0)
         check_eta(eta)
         if not isinstance(calibration_file, str):
@@ -74,7 +79,8 @@ class CalibratedScheduler:
         if path is not None:
             check_calibration_path("calibration_file", path)
         options = {"order": order, "fit_noises": fit_noises, "seed": fit_seed, "iterations": iterations,
-                   "teacher_steps": teacher_steps, "refine_noises": refine_noises, "path": path}
+                   "teacher_steps": teacher_steps, "refine_noises": refine_noises,
+                   "fit_candidates": fit_candidates, "path": path}
         try:
             if is_comfy_model(model):
                 from .comfy_calibration import CalibratedSampler, calibrate_host

@@ -11,8 +11,8 @@ import comfy.sample
 import comfy.samplers
 import torch
 
-from .calibration import (Calibration, cached_calibration, calibration_keys, default_log, fit_calibration,
-                          fit_settings, fitting_noise)
+from .calibration import (Calibration, cached_calibration, calibration_keys, candidate_fitting_noise, default_log,
+                          fit_calibration, fit_settings, fitting_noise)
 from .comfy_adapter import guarded_host_denoiser
 
 __all__ = ["CalibratedSampler", "calibrate_host"]
@@ -66,6 +66,8 @@ class _FittingSampler(comfy.samplers.Sampler):
         options = dict(self.options)
         if options.get("refine_noise") is not None:  # where ComfyUI put the fitting noise
             options["refine_noise"] = options["refine_noise"].to(device=noise.device, dtype=noise.dtype)
+        options["candidate_noise"] = [n.to(device=noise.device, dtype=noise.dtype)
+                                      for n in options.get("candidate_noise", ())]
         with output_guard:
             self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, **options)
         return latent_image
@@ -73,10 +75,11 @@ class _FittingSampler(comfy.samplers.Sampler):
 
 def calibrate_host(model, positive, negative, latent: dict, steps: int, cfg: float, *, order: int = 3,
                    fit_noises: int = 8, seed: int = 0, iterations: int = 100, teacher_steps: int = 100,
-                   refine_noises: int = 0, path: str | None = None, log=default_log) -> Calibration:
+                   refine_noises: int = 0, fit_candidates: int = 1, path: str | None = None,
+                   log=default_log) -> Calibration:
     """``calibration.calibrate`` for a ComfyUI MODEL (a ModelPatcher): fitted once per inputs, cached."""
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises)
+    settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises, fit_candidates)
     key, file_key = calibration_keys(model, positive, negative, samples.shape, steps, cfg, settings)
 
     def fit() -> Calibration:
@@ -89,7 +92,10 @@ def calibrate_host(model, positive, negative, latent: dict, steps: int, cfg: flo
             guider.set_conds(positive, negative)
             guider.set_cfg(cfg)
             fitter = _FittingSampler(steps, {"order": order, "iterations": iterations, "teacher_steps": teacher_steps,
-                                             "refine_noise": refine_noise, "log": log,
+                                             "refine_noise": refine_noise, "refine_candidates": True,
+                                             "candidate_noise": candidate_fitting_noise(seed, settings,
+                                                                                        samples.shape[1:]),
+                                             "log": log,
                                              "info": {"cfg": float(cfg), **settings}})
             sigmas = torch.tensor([float(ms.sigma_max), 0.0])
             guider.sample(noise, torch.zeros_like(noise), fitter, sigmas, seed=seed, disable_pbar=True)

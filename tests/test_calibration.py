@@ -503,6 +503,20 @@ def test_node_outputs_descending_sigmas_and_ksampler_uses_them():
         with pytest.raises(KSamplerInputError, match="refine_noises"):
             CalibratedScheduler().calibrate(model, pos, neg, latent, 4, 3.0, fit_noises=4, iterations=2,
                                             refine_noises=bad)
+    # fit_candidates: that many fits from fitting noises of their own, each refined, the best on the refining
+    # noises kept; a cache entry of its own
+    _, _, best = CalibratedScheduler().calibrate(model, pos, neg, latent, 4, 3.0, fit_noises=4, iterations=2,
+                                                 refine_noises=8, fit_candidates=2)
+    assert best.info["candidates"] == 2 and best.info["refine_candidates"] and best.info["fit_candidates"] == 2
+    assert best.info["key"] != refined.info["key"]
+    assert best.info["rms_refined"] == min(best.info["candidate_rms"])
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(KSamplerInputError, match="fit_candidates"):
+            CalibratedScheduler().calibrate(model, pos, neg, latent, 4, 3.0, fit_noises=4, iterations=2,
+                                            refine_noises=8, fit_candidates=bad)
+    with pytest.raises(KSamplerInputError, match="fit_candidates.*refine_noises"):
+        CalibratedScheduler().calibrate(model, pos, neg, latent, 4, 3.0, fit_noises=4, iterations=2,
+                                        fit_candidates=2)
     # the KSampler path runs a calibration's corrector (dropping it would change the latent)
     ve = torch.cat([cal.sigmas[:-1].double(), torch.zeros(1, dtype=torch.float64)])
     plain = Calibration(cal.sigmas, cal.coefficients, dict(cal.info))
@@ -648,6 +662,14 @@ def test_refine_settings_are_checked_and_keyed_apart():
     assert plain.info["key"] == calibration_key(net_model, pos, neg, (1, 4, 4, 4), 3, 3.0, old_settings)
     refined = calibrate(net_model, pos, neg, latent, 3, 3.0, refine_noises=8, log=lambda m: None, **opts)
     assert refined is not plain and refined.info["key"] != plain.info["key"] and refined.info["refine_noises"] == 8
+    # and fit_candidates 1 keeps the key of a refined calibration; each candidate fit draws noise of its own
+    assert calibrate(net_model, pos, neg, latent, 3, 3.0, refine_noises=8, fit_candidates=1, log=lambda m: None,
+                     **opts) is refined
+    from ksampler.calibration import candidate_fitting_noise, fit_settings
+    more = candidate_fitting_noise(7, fit_settings(3, 4, 7, 2, 10, 8, 3), (3,))
+    assert len(more) == 2 and not torch.allclose(more[0], more[1])
+    for other in (fitting_noise(7, 4, (3,)), fitting_noise(7, 4, (3,), stream=1)):
+        assert not any(torch.allclose(other, n) for n in more)
 
 
 def test_selection_and_penalty_settings_are_checked():

@@ -418,6 +418,15 @@ def test_calibration_fits_and_samples_through_the_host(host, monkeypatch):
     with pytest.raises(ValueError, match="refine_noises"):
         comfy_calibration.calibrate_host(patcher, _cond(1.0), _cond(-1.0), latent, 3, 3.0, fit_noises=4,
                                          refine_noises=2)
+    # two candidate fits through the host, each refined, the better kept
+    best = comfy_calibration.calibrate_host(patcher, _cond(1.0), _cond(-1.0), latent, 3, 3.0, fit_noises=4,
+                                            iterations=2, teacher_steps=10, refine_noises=8, fit_candidates=2,
+                                            log=messages.append)
+    assert best is not refined and best.info["candidates"] == 2 and len(best.info["candidate_rms"]) == 2
+    assert any("2 fits from different fitting noise" in m for m in messages)
+    with pytest.raises(ValueError, match="fit_candidates"):
+        comfy_calibration.calibrate_host(patcher, _cond(1.0), _cond(-1.0), latent, 3, 3.0, fit_noises=4,
+                                         fit_candidates=2)
     out = modules["comfy.samplers"].sample(patcher, torch.randn(1, 4, 8, 8), _cond(1.0), _cond(-1.0), 3.0, "cpu",
                                            comfy_calibration.CalibratedSampler(cal), cal.sigmas,
                                            latent_image=torch.zeros(1, 4, 8, 8), seed=3)

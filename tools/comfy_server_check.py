@@ -10,8 +10,9 @@ new optional inputs at the end, KSampler+ (Two Models) and Sampler Options+; the
 * KSampler+ (Two Models) on two loads of the flow checkpoint (switch by sigma), and its switch_step output;
 * the same node on an eps and a flow model, which must fail with an error naming model_low;
 * a sampler option the sampler does not take, which must fail naming the option and the sampler;
-* the Calibrated Scheduler+ (its optional inputs ending in eta, refine_noises) fitted and refined on the flow
-  model into ComfyUI's SamplerCustom, and with refine_noises 2, which must fail naming refine_noises.
+* the Calibrated Scheduler+ (its optional inputs ending in eta, refine_noises, fit_candidates) fitted and refined
+  on the flow model into ComfyUI's SamplerCustom (without fit_candidates in the graph, as saved before it, and
+  with 2), and with refine_noises 2 or fit_candidates 2 without refinement, which must fail naming the input.
 Exit status 0 when every expectation holds.
 """
 from __future__ import annotations
@@ -65,14 +66,17 @@ def two_model_graph(m_high, m_low):
     return g
 
 
-def calibration_graph(m, refine_noises: int):
-    """The Calibrated Scheduler+ (a quick fit, refined on ``refine_noises`` more noises) into ComfyUI's SamplerCustom."""
+def calibration_graph(m, refine_noises: int, fit_candidates=None):
+    """The Calibrated Scheduler+ (a quick fit, refined on ``refine_noises`` more noises; ``fit_candidates`` fits if
+    given, else the input left out, as in a workflow saved before it existed) into ComfyUI's SamplerCustom."""
     g = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": m["checkpoint"]}}, **conditioning(m)}
     g["4"] = {"class_type": m["empty_latent_node"], "inputs": {"width": 64, "height": 64, "batch_size": 1}}
     g["5"] = {"class_type": "ksampler_CalibratedScheduler", "inputs": {
         "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "steps": 3,
         "cfg": 4.0, "order": 3, "fit_noises": 4, "fit_seed": 0, "iterations": 2, "teacher_steps": 10,
         "calibration_file": "", "eta": 0.0, "refine_noises": refine_noises}}
+    if fit_candidates is not None:
+        g["5"]["inputs"]["fit_candidates"] = fit_candidates
     g["6"] = {"class_type": "SamplerCustom", "inputs": {
         "model": ["1", 0], "add_noise": True, "noise_seed": 5, "cfg": 4.0, "positive": ["2", 0],
         "negative": ["3", 0], "sampler": ["5", 1], "sigmas": ["5", 0], "latent_image": ["4", 0]}}
@@ -134,16 +138,23 @@ def main(argv=None) -> int:
         cal = info.get("ksampler_CalibratedScheduler", {}).get("input", {})
         cal_order = info.get("ksampler_CalibratedScheduler", {}).get("input_order", {}).get(
             "optional", list(cal.get("optional", {})))
-        expect("Calibrated Scheduler+ serves eta, then refine_noises, last", cal_order[-2:] == ["eta", "refine_noises"],
-               str(cal_order))
+        expect("Calibrated Scheduler+ serves eta, refine_noises, then fit_candidates, last",
+               cal_order[-3:] == ["eta", "refine_noises", "fit_candidates"], str(cal_order))
         models = manifest["models"]
         res = e2e.run_graph(server.base, calibration_graph(models["sd3_flow"], 8), 600)
         expect("Calibrated Scheduler+ refined on 8 noises, into SamplerCustom (sd3_flow)", res["ok"],
                res.get("error", ""))
+        res = e2e.run_graph(server.base, calibration_graph(models["sd3_flow"], 8, 2), 600)
+        expect("Calibrated Scheduler+ keeping the better of 2 refined fits, into SamplerCustom (sd3_flow)",
+               res["ok"], res.get("error", ""))
         res = e2e.run_graph(server.base, calibration_graph(models["sd3_flow"], 2), 300)
         message = str((res.get("error") or {}).get("exception_message", ""))
         expect("Calibrated Scheduler+ with refine_noises 2: clear error naming refine_noises",
                not res["ok"] and "refine_noises" in message, message[:160])
+        res = e2e.run_graph(server.base, calibration_graph(models["sd3_flow"], 0, 2), 300)
+        message = str((res.get("error") or {}).get("exception_message", ""))
+        expect("Calibrated Scheduler+ with fit_candidates 2 and no refinement: clear error naming both",
+               not res["ok"] and "fit_candidates" in message and "refine_noises" in message, message[:160])
         for key, sampler, options in (("sd15_eps", "euler_ancestral", "eta=0.6, s_noise=1.01"),
                                       ("sd3_flow", "dpmpp_2m_sde", "eta=0.5\nsolver_type=heun")):
             res = e2e.run_graph(server.base, advanced_graph(models[key], options, sampler), 300)
