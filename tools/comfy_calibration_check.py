@@ -185,7 +185,7 @@ def main() -> int:
 
             def fit_for(patched, file=None):
                 return classes["ksampler_CalibratedScheduler"]().calibrate(
-                    patched, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=2,
+                    patched, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
                     teacher_steps=args.teacher_steps, **({"calibration_file": file} if file else {}))[2]
             variants = [_first(nodes_freelunch.FreeU_V2.execute(model, 1.3, 1.4, 0.9, 0.2)) if key == "sd15_eps"
                         else _first(nodes_model_advanced.RescaleCFG().patch(model, 0.7)),  # FreeU needs a UNet
