@@ -269,8 +269,8 @@ class Problem:
         ev = torch.Generator().manual_seed(EVAL_SEED + family.seed)
         fi = torch.Generator().manual_seed(FIT_SEED + family.seed)
         assert EVAL_SEED + family.seed not in (FIT_SEED + family.seed, REFINE_SEED + family.seed,
-                                               *(CANDIDATE_SEED + 1000 * k + family.seed
-                                                 for k in range(FIT_CANDIDATES - 1)))
+                                               *(CANDIDATE_SEED + 1000 * (j - 1) + family.seed
+                                                 for j in range(1, FIT_CANDIDATES)))
         self.labels = torch.randint(0, k, (n_eval,), generator=ev)
         self.noise = torch.randn(n_eval, family.dim, generator=ev, dtype=torch.float64)
         self.model = MixtureDenoiser(self.gmm, self.labels, cfg=cfg, model_sampling=MS)
@@ -278,7 +278,7 @@ class Problem:
         self.refine = fitting_set(self.gmm, cfg, REFINE_NOISES,
                                   torch.Generator().manual_seed(REFINE_SEED + family.seed))
         self.candidates = tuple(fitting_set(self.gmm, cfg, n_fit, torch.Generator().manual_seed(
-            CANDIDATE_SEED + 1000 * (k - 1) + family.seed)) for k in range(1, FIT_CANDIDATES))
+            CANDIDATE_SEED + 1000 * (j - 1) + family.seed)) for j in range(1, FIT_CANDIDATES))
         self._refs = {}
         self.probe = MixtureDenoiser(self.gmm, self.labels[:1], cfg=cfg, model_sampling=MS)
 
