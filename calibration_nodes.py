@@ -69,8 +69,7 @@ class CalibratedScheduler:
         check_int("fit_seed", fit_seed, 0, MAX_SEED)
         check_int("iterations", iterations, 0, 5000)
         check_int("teacher_steps", teacher_steps, 10, 1000)
-        check_int("refine_noises", refine_noises, 0, 1024)  # 1 to 3: refused by calibration.fit_settings
-        check_int("fit_candidates", fit_candidates, 1, 4)  # without refine_noises: refused there too
+        check_int("refine_noises", refine_noises, 0, 1024)  # 1 to 3 and fit_candidates: calibration.fit_settings
         check_float("cfg", cfg, 0.0, 100.0)
         check_eta(eta)
         if not isinstance(calibration_file, str):
