@@ -1099,21 +1099,13 @@ def cached_calibration(key: str, fit: Callable[[], Calibration], path: Optional[
     cal = _CACHE.get(key)
     if cal is not None:
         log(f"calibration: reusing the fitted schedule ({cal.steps} steps, key {key[:10]})")
-        if path and not os.path.exists(path):  # fitted before a file was asked for: write it now
+        if path and os.path.exists(path):  # the file must still be this calibration's, as on a cache miss
+            _load_matching(path, key, file_key, settings)
+        elif path:  # fitted before a file was asked for: write it now
             _save(cal, path, file_key() if file_key is not None else None, log)
         return cal
-    content_key = file_key() if (path and file_key is not None) else None
     if path and os.path.exists(path):
-        cal = Calibration.load(path)
-        same = cal.info.get("key") == key or (content_key is not None and cal.info.get("file_key") == content_key)
-        if not same:
-            differ = [f"{name}={cal.info[name]!r} (this call: {value!r})" for name, value in (settings or {}).items()
-                      if name in cal.info and cal.info[name] != value]
-            if differ:
-                raise ValueError(f"calibration_file: {path!r} was fitted with other settings: {', '.join(differ)}; "
-                                 "pass the file's settings to use it, or delete it to fit anew")
-            raise ValueError(f"calibration_file: {path!r} holds a calibration fitted for other inputs (model, "
-                             "conditioning, steps, cfg or settings); delete it or choose another file name")
+        cal = _load_matching(path, key, file_key, settings)
         log(f"calibration: loaded {path}")
         _CACHE[key] = cal
         return cal
@@ -1122,8 +1114,28 @@ def cached_calibration(key: str, fit: Callable[[], Calibration], path: Optional[
     cal.info["key"] = key
     _CACHE[key] = cal
     if path:
-        _save(cal, path, content_key, log)
+        _save(cal, path, file_key() if file_key is not None else None, log)
     return cal
+
+
+def _load_matching(path: str, key: str, file_key: Optional[Callable[[], Optional[str]]],
+                   settings: Optional[dict]) -> Calibration:
+    """The calibration in ``path`` when it was fitted for ``key`` (or, from another process, for the content key
+    ``file_key()``, computed only when the process key differs); else a ValueError naming calibration_file and
+    the settings that differ."""
+    cal = Calibration.load(path)
+    if cal.info.get("key") == key:
+        return cal
+    content_key = file_key() if file_key is not None else None
+    if content_key is not None and cal.info.get("file_key") == content_key:
+        return cal
+    differ = [f"{name}={cal.info[name]!r} (this call: {value!r})" for name, value in (settings or {}).items()
+              if name in cal.info and cal.info[name] != value]
+    if differ:
+        raise ValueError(f"calibration_file: {path!r} was fitted with other settings: {', '.join(differ)}; "
+                         "pass the file's settings to use it, or delete it to fit anew")
+    raise ValueError(f"calibration_file: {path!r} holds a calibration fitted for other inputs (model, "
+                     "conditioning, steps, cfg or settings); delete it or choose another file name")
 
 
 def _save(cal: Calibration, path: str, content_key: Optional[str], log: Callable[[str], None]) -> None:

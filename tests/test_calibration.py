@@ -307,6 +307,18 @@ def test_cache_hit_does_not_call_the_model(tmp_path):
         calibrate(model, pos, neg, latent, 3, 3.0, path=path, log=messages.append, **{**opts, "iterations": 3})
     assert calibrate(model, pos, neg, latent, 3, 3.0, path=path, log=messages.append, **opts).info["key"] == \
         cal.info["key"]
+    # with the calibration already in memory, a file holding another one is refused just the same (not ignored)
+    other_path = str(tmp_path / "other.safetensors")
+    other.save(other_path)
+    with open(other_path, "rb") as f:
+        stored = f.read()
+    with pytest.raises(ValueError, match="calibration_file: .*other inputs"):
+        calibrate(model, pos, neg, latent, 3, 3.0, path=other_path, log=messages.append, **opts)
+    calibrate(model, pos, neg, latent, 3, 3.0, log=messages.append, **{**opts, "iterations": 3})
+    with pytest.raises(ValueError, match=r"iterations=2 \(this call: 3\)"):
+        calibrate(model, pos, neg, latent, 3, 3.0, path=path, log=messages.append, **{**opts, "iterations": 3})
+    with open(other_path, "rb") as f:
+        assert f.read() == stored
 
 
 def test_a_calibration_file_loads_in_another_process_for_the_same_model(tmp_path):
