@@ -558,10 +558,11 @@ def _penalised(loss: Tensor, delta: Optional[dict], penalty: float) -> Tensor:
 
 
 def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, iterations: int, lr: float,
-              mode: str, fit_idx, sel_idx, calls: dict, steps: int, penalty: float = 0.0) -> tuple:
+              mode: str, fit_idx, sel_idx, calls: dict, steps: int, penalty: float = 0.0,
+              tick: Optional[Callable[[], None]] = None) -> tuple:
     """Adam on (u, delta) with the gradient from the items ``fit_idx`` (of the loss ``_penalised`` by ``penalty``);
     returns (loss, u, delta) of the iterate with the lowest plain loss on the items ``sel_idx``, checked every 10
-    iterations (the start included)."""
+    iterations (the start included).  ``tick()`` is called before each iteration."""
     params = [u] + list((delta or {}).values())
 
     def snapshot(loss: float) -> tuple:
@@ -572,6 +573,8 @@ def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, 
         best = snapshot(float(student.loss(u, form, delta, sel_idx)))
     gen = torch.Generator().manual_seed(0)
     for it in range(iterations):
+        if tick is not None:
+            tick()
         for p in params:
             p.grad = None
         if mode == "autograd":
@@ -594,7 +597,7 @@ def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, 
 
 
 def _race(student: _Student, runs: list, race: int, iterations: int, lr: float, mode: str, items: tuple,
-          calls: dict, steps: int, say, penalty: float = 0.0) -> dict:
+          calls: dict, steps: int, say, penalty: float = 0.0, tick: Optional[Callable[[], None]] = None) -> dict:
     """Fit each run (a form's start) for ``race`` iterations, then the best on the items ``items[1]`` for the rest
     (all ``iterations`` for a single run); returns that run with its result under "best"."""
     fit_idx, sel_idx = items
@@ -603,13 +606,13 @@ def _race(student: _Student, runs: list, race: int, iterations: int, lr: float, 
             + (f" ({race} iterations, then the better of the two forms goes on)" if race else "")
             + f"; start RMS to the teacher {run['start']:.4g}")
         run["best"] = _optimise(student, run["u"], run["delta"], run["form"], race or iterations, lr, mode, fit_idx,
-                                sel_idx, calls, steps, penalty)
+                                sel_idx, calls, steps, penalty, tick)
     won = min(runs, key=lambda r: r["best"][0])
     if race:
         say(f"calibration: {won['name']} leads (RMS {won['best'][0]:.4g} against "
             f"{max(r['best'][0] for r in runs):.4g}); {iterations - race} more iterations")
         won["best"] = _optimise(student, *_resumed(won["best"]), won["form"], iterations - race, lr, mode, fit_idx,
-                                sel_idx, calls, steps, penalty)
+                                sel_idx, calls, steps, penalty, tick)
     return won
 
 
@@ -690,7 +693,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                     refine_noise: Optional[Tensor] = None, refine_denoiser: Optional[Denoiser] = None,
                     refine_iterations: int = REFINE["iterations"], candidate_noise: Sequence[Tensor] = (),
                     candidate_denoisers: Optional[Sequence[Denoiser]] = None, refine_candidates: bool = False,
-                    log: Optional[Callable[[str], None]] = None, info: Optional[dict] = None) -> Calibration:
+                    log: Optional[Callable[[str], None]] = None, info: Optional[dict] = None,
+                    progress: Optional[Callable[[int, int], None]] = None) -> Calibration:
     """Fit a step schedule (and multistep coefficients) to ``denoiser`` on ``noise`` (see the module docstring).
 
     denoiser: ``denoiser(x, sigma) -> denoised`` in the model's frame, guidance included (a CFG-guided
@@ -727,6 +731,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     coefficient_penalty: shrinks the coefficient corrections towards the Adams weights (``_penalised``; 0: none).
     fit_last_step: False keeps the step into sigma 0 on the newest estimate alone (its call may still shift), so
         that it does not extrapolate the denoised estimate to sigma 0.
+    progress: ``progress(done, total)`` before each optimiser iteration, counted over the whole fit (candidates
+        and refinements included): for a progress bar, or to stop the fit by raising (the host's interrupt).
     """
     _check_fit_args(noise, steps, order, refine_noise)
     candidate_noise = list(candidate_noise)
@@ -747,6 +753,14 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     refine_iterations = check_int("refine_iterations", refine_iterations, 0, 100_000)
     ms, say, t_start = model_sampling, log or (lambda msg: None), time.perf_counter()
     calls = {"forward": 0, "backward_passes": 0}
+    fits_planned = 1 + len(candidate_noise)
+    refinements = 0 if refine_noise is None else (fits_planned if refine_candidates and fits_planned > 1 else 1)
+    plan = {"done": 0, "total": None}
+
+    def tick() -> None:
+        plan["done"] += 1
+        if progress is not None:
+            progress(plan["done"], max(plan["total"], plan["done"]))
 
     def counting(model: Denoiser) -> Denoiser:
         def counted(x, sigma, **kw):
@@ -779,8 +793,10 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
             mode = _gradient_mode(gradient, student, runs[0]["u"], runs[0]["form"], runs[0]["delta"], fit_idx,
                                   s_min, say)
         race = iterations // 3 if len(runs) > 1 else 0
+        if plan["total"] is None:  # the later fits are planned alike (their forms' count may differ by one)
+            plan["total"] = fits_planned * (race * len(runs) + iterations - race) + refinements * refine_iterations
         return student, _race(student, runs, race, iterations, lr, mode, (fit_idx, selection_items(batch)), calls,
-                               steps, say, coefficient_penalty), race
+                               steps, say, coefficient_penalty, tick), race
 
     student, won, race = fit_on(denoiser, noise)
     final, u, delta = won["best"]  # its loss is already measured on the selection's noises
@@ -792,7 +808,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
             say(f"calibration: refining on {refine_noise.shape[0]} more noises ({refine_iterations} iterations)")
             return _optimise(larger, *_resumed(fitted["best"]), fitted["form"], refine_iterations, REFINE["lr"],
                              mode, gradient_items(refine_noise), selection_items(refine_noise), calls, steps,
-                             coefficient_penalty)
+                             coefficient_penalty, tick)
         fits = [(student, won, race)] + [fit_on(model, batch) for model, batch in
                                          zip(candidate_denoisers or [denoiser] * len(candidate_noise),
                                              candidate_noise)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
+import comfy.utils
 import torch
 
 from .calibration import (Calibration, cached_calibration, calibration_keys, candidate_fitting_noise, default_log,
@@ -48,7 +49,8 @@ class CalibratedSampler(comfy.samplers.Sampler):
 
 
 class _FittingSampler(comfy.samplers.Sampler):
-    """Runs ``fit_calibration`` on the host's guided denoiser; the 'sample' it returns is the unchanged latent."""
+    """Runs ``fit_calibration`` on the host's guided denoiser; the 'sample' it returns is the unchanged latent.
+    The node's progress bar follows the fit's iterations, and a stop request ends it at the next model call."""
 
     def __init__(self, steps: int, options: dict):
         self.steps, self.options, self.result = steps, options, None
@@ -62,14 +64,21 @@ class _FittingSampler(comfy.samplers.Sampler):
                                                    "calibration fit", check_finite=False)
 
         def denoiser(x, sigma):
+            comfy.model_management.throw_exception_if_processing_interrupted()
             return host(x, sigma, **extra_args)
+        bar = comfy.utils.ProgressBar(1)
+
+        def progress(done: int, total: int) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            bar.update_absolute(done, total)
         options = dict(self.options)
         if options.get("refine_noise") is not None:  # where ComfyUI put the fitting noise
             options["refine_noise"] = options["refine_noise"].to(device=noise.device, dtype=noise.dtype)
         options["candidate_noise"] = [n.to(device=noise.device, dtype=noise.dtype)
                                       for n in options.get("candidate_noise", ())]
         with output_guard:
-            self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, **options)
+            self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, progress=progress,
+                                          **options)
         return latent_image
 
 

@@ -431,3 +431,35 @@ def test_calibration_fits_and_samples_through_the_host(host, monkeypatch):
                                            comfy_calibration.CalibratedSampler(cal), cal.sigmas,
                                            latent_image=torch.zeros(1, 4, 8, 8), seed=3)
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_a_calibration_fit_in_the_host_shows_progress_and_stops_when_asked(host, monkeypatch):
+    """Inside ComfyUI a fit can take minutes: the node's progress bar follows its iterations to the end, and a
+    stop request (the host's interrupt) ends it mid-fit, caching nothing, so the next run fits anew."""
+    modules, adapter = host
+    monkeypatch.delitem(sys.modules, "ksampler.comfy_calibration", raising=False)
+    import importlib
+    comfy_calibration = importlib.import_module("ksampler.comfy_calibration")
+    from ksampler.calibration import clear_cache
+    clear_cache()
+    patcher = StandInModelPatcher(modules, "eps")
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    opts = {"fit_noises": 4, "iterations": 6, "teacher_steps": 10, "log": lambda m: None}
+    bar = modules["comfy.utils"].STANDIN_PROGRESS
+    bar.clear()
+    comfy_calibration.calibrate_host(patcher, _cond(1.0), _cond(-1.0), latent, 3, 3.0, **opts)
+    total = bar[-1][1]
+    assert total >= 6 and bar == [(done, total) for done in range(1, total + 1)]
+    clear_cache()
+    checks = modules["comfy.samplers"].STANDIN_CALLS
+    state = modules["comfy.model_management"].STANDIN_STATE
+    state["interrupt_at"] = checks["interrupt_checks"] + 20  # mid-fit: the teacher alone checks 10 times
+    try:
+        with pytest.raises(StandInInterrupt):
+            comfy_calibration.calibrate_host(patcher, _cond(1.0), _cond(-1.0), latent, 3, 4.0, **opts)
+    finally:
+        state["interrupt_at"] = None
+    messages = []
+    comfy_calibration.calibrate_host(patcher, _cond(1.0), _cond(-1.0), latent, 3, 4.0,
+                                     **{**opts, "log": messages.append})
+    assert any("fitting once" in m for m in messages)
