@@ -1208,7 +1208,8 @@ def candidate_fitting_noise(seed: int, settings: dict, shape) -> list:
 def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *, order: int = 3,
               fit_noises: int = 8, seed: int = 0, iterations: int = DEFAULT_FIT["iterations"],
               teacher_steps: int = DEFAULT_FIT["teacher_steps"], refine_noises: int = 0, fit_candidates: int = 1,
-              path: Optional[str] = None, log: Callable[[str], None] = default_log) -> Calibration:
+              path: Optional[str] = None, log: Callable[[str], None] = default_log,
+              progress: Optional[Callable[[int, int], None]] = None) -> Calibration:
     """Fit (once; cached per model, conditioning, latent shape, steps, cfg and settings) a calibration for one of
     our models (``models.DiffusionModel``) sampling txt2img with this conditioning.
 
@@ -1219,7 +1220,7 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
     (``fit_calibration``'s ``refine_noise``; several times ``fit_noises`` to see rare noises; 0: none).
     ``fit_candidates``: with ``refine_noises``, that many fits from fitting noises of their own, each refined, and
     the one best on the refining noises kept (``fit_calibration``'s ``refine_candidates``; it costs that many
-    fits).
+    fits).  ``progress``: ``fit_calibration``'s (a fit's iterations as they go; raise from it to stop the fit).
     """
     from .conditioning.cfg import Guidance
     from .validation import check_latent, check_model
@@ -1245,7 +1246,7 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
                                refine_denoiser=refine_guided, refine_candidates=True,
                                candidate_noise=[n.to(device) for n in
                                                 candidate_fitting_noise(seed, settings, samples.shape[1:])],
-                               log=log, info={"cfg": float(cfg), **settings})
+                               log=log, info={"cfg": float(cfg), **settings}, progress=progress)
     return cached_calibration(key, fit, path, log, settings, file_key)
 
 

@@ -5,6 +5,7 @@ Outputs SIGMAS and SAMPLER for SamplerCustom, and a KSAMPLER_CALIBRATION for our
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 
 from .calibration import REFINE, check_calibration_path
@@ -77,6 +78,7 @@ class CalibratedScheduler:
         path = calibration_file.strip() or None
         if path is not None:
             check_calibration_path("calibration_file", path)
+        in_host = "comfy.samplers" in sys.modules
         options = {"order": order, "fit_noises": fit_noises, "seed": fit_seed, "iterations": iterations,
                    "teacher_steps": teacher_steps, "refine_noises": refine_noises,
                    "fit_candidates": fit_candidates, "path": path}
@@ -87,11 +89,14 @@ class CalibratedScheduler:
                                                **options), eta)
                 return cal.sigmas.clone(), CalibratedSampler(cal), cal
             from .calibration import calibrate
+            if in_host:  # one of our models inside ComfyUI: the node's progress bar and the stop request
+                from .comfy_calibration import fit_progress
+                options["progress"] = fit_progress()
             cal = _with_eta(calibrate(model, positive, negative, latent_image, steps, float(cfg), **options), eta)
         except ValueError as exc:
             raise KSamplerInputError(str(exc)) from exc
         sampler = cal.sampler()
-        if "comfy.samplers" in __import__("sys").modules:
+        if in_host:
             from .comfy_calibration import CalibratedSampler
             sampler = CalibratedSampler(cal)
         return cal.sigmas.clone(), sampler, cal

@@ -16,7 +16,18 @@ from .calibration import (Calibration, cached_calibration, calibration_keys, can
                           fit_calibration, fit_settings, fitting_noise)
 from .comfy_adapter import guarded_host_denoiser
 
-__all__ = ["CalibratedSampler", "calibrate_host"]
+__all__ = ["CalibratedSampler", "calibrate_host", "fit_progress"]
+
+
+def fit_progress():
+    """``fit_calibration``'s progress for a fit run by a node: the node's progress bar, and the host's stop request
+    honoured at each iteration."""
+    bar = comfy.utils.ProgressBar(1)
+
+    def progress(done: int, total: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total)
+    return progress
 
 
 class CalibratedSampler(comfy.samplers.Sampler):
@@ -66,18 +77,13 @@ class _FittingSampler(comfy.samplers.Sampler):
         def denoiser(x, sigma):
             comfy.model_management.throw_exception_if_processing_interrupted()
             return host(x, sigma, **extra_args)
-        bar = comfy.utils.ProgressBar(1)
-
-        def progress(done: int, total: int) -> None:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            bar.update_absolute(done, total)
         options = dict(self.options)
         if options.get("refine_noise") is not None:  # where ComfyUI put the fitting noise
             options["refine_noise"] = options["refine_noise"].to(device=noise.device, dtype=noise.dtype)
         options["candidate_noise"] = [n.to(device=noise.device, dtype=noise.dtype)
                                       for n in options.get("candidate_noise", ())]
         with output_guard:
-            self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, progress=progress,
+            self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, progress=fit_progress(),
                                           **options)
         return latent_image
 

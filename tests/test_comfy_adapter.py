@@ -463,3 +463,16 @@ def test_a_calibration_fit_in_the_host_shows_progress_and_stops_when_asked(host,
     comfy_calibration.calibrate_host(patcher, _cond(1.0), _cond(-1.0), latent, 3, 4.0,
                                      **{**opts, "log": messages.append})
     assert any("fitting once" in m for m in messages)
+    # one of our own models on the node inside the host: the same progress bar and stop request
+    from analytic import analytic_model, conditioning
+    from ksampler.calibration_nodes import CalibratedScheduler
+    ours, node_opts = analytic_model(), {"fit_noises": 4, "iterations": 6, "teacher_steps": 10}
+    bar.clear()
+    CalibratedScheduler().calibrate(ours, conditioning(1.0), conditioning(-0.5), latent, 3, 3.0, **node_opts)
+    assert bar and bar[-1][0] == bar[-1][1] >= 6 and [done for done, _ in bar] == list(range(1, len(bar) + 1))
+    state["interrupt_at"] = checks["interrupt_checks"] + 3
+    try:
+        with pytest.raises(StandInInterrupt):
+            CalibratedScheduler().calibrate(ours, conditioning(1.0), conditioning(-0.5), latent, 3, 4.0, **node_opts)
+    finally:
+        state["interrupt_at"] = None
