@@ -12,7 +12,9 @@ new optional inputs at the end, KSampler+ (Two Models) and Sampler Options+; the
 * a sampler option the sampler does not take, which must fail naming the option and the sampler;
 * the Calibrated Scheduler+ (its optional inputs ending in eta, refine_noises, fit_candidates) fitted and refined
   on the flow model into ComfyUI's SamplerCustom (without fit_candidates in the graph, as saved before it, and
-  with 2), and with refine_noises 2 or fit_candidates 2 without refinement, which must fail naming the input.
+  with 2), and with refine_noises 2 or fit_candidates 2 without refinement, which must fail naming the input;
+* a long calibration fit watched over the websocket: the node's progress bar moves during the fit, Cancel
+  (POST /interrupt) ends it within seconds as execution_interrupted, and the next prompt runs as before.
 Exit status 0 when every expectation holds.
 """
 from __future__ import annotations
@@ -84,6 +86,55 @@ def calibration_graph(m, refine_noises: int, fit_candidates=None):
     return g
 
 
+def watch_interrupted_fit(base: str, graph: dict, node: str, after: int, timeout: float) -> dict:
+    """Queue ``graph`` on a websocket of its own, POST /interrupt once ``node`` has reported ``after`` progress
+    updates, and return what came back: the progress values seen, whether execution_interrupted came, and the
+    seconds from the interrupt to it."""
+    import asyncio
+    import json
+    import time
+    import uuid
+
+    import aiohttp
+
+    async def run() -> dict:
+        client_id = str(uuid.uuid4())
+        seen, out = [], {"progress": [], "interrupted": False, "seconds_to_stop": None, "error": None}
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{base.replace('http', 'ws', 1)}/ws?clientId={client_id}") as ws:
+                async with session.post(f"{base}/prompt", json={"prompt": graph, "client_id": client_id}) as r:
+                    body = await r.json()
+                if "prompt_id" not in body:
+                    out["error"] = body
+                    return out
+                t_interrupt, deadline = None, time.time() + timeout
+                while time.time() < deadline:
+                    try:
+                        msg = await ws.receive(timeout=max(0.1, deadline - time.time()))
+                    except asyncio.TimeoutError:
+                        break
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    data = json.loads(msg.data)
+                    kind, payload = data.get("type"), data.get("data", {})
+                    if kind == "progress" and str(payload.get("node")) == node:
+                        seen.append((payload["value"], payload["max"]))
+                        if len(seen) == after and t_interrupt is None:
+                            t_interrupt = time.time()
+                            async with session.post(f"{base}/interrupt", json={}) as r:
+                                await r.read()
+                    elif kind == "execution_interrupted":
+                        out["interrupted"] = True
+                        out["seconds_to_stop"] = None if t_interrupt is None else round(time.time() - t_interrupt, 2)
+                        break
+                    elif kind in ("execution_error", "execution_success"):
+                        out["error"] = kind
+                        break
+        out["progress"] = seen
+        return out
+    return asyncio.run(run())
+
+
 def _node_table() -> dict:
     """nodes.NODE_TABLE read from the source (the tool runs outside the package)."""
     import ast
@@ -147,6 +198,17 @@ def main(argv=None) -> int:
         res = e2e.run_graph(server.base, calibration_graph(models["sd3_flow"], 8, 2), 600)
         expect("Calibrated Scheduler+ keeping the better of 2 refined fits, into SamplerCustom (sd3_flow)",
                res["ok"], res.get("error", ""))
+        long_fit = calibration_graph(models["sd3_flow"], 0)
+        long_fit["5"]["inputs"]["iterations"] = 5000
+        watched = watch_interrupted_fit(server.base, long_fit, "5", 5, 300)
+        values = [v for v, _ in watched["progress"]]
+        expect("a long calibration fit shows progress on its node, and Cancel stops it within seconds",
+               watched["interrupted"] and watched["seconds_to_stop"] is not None and watched["seconds_to_stop"] < 10
+               and len(values) >= 5 and values[:5] == [1, 2, 3, 4, 5] and watched["progress"][0][1] > 5000,
+               f"progress {watched['progress'][:3]}..., stopped {watched['seconds_to_stop']}s after the interrupt, "
+               f"error {watched['error']}")
+        res = e2e.run_graph(server.base, calibration_graph(models["sd3_flow"], 0), 600)
+        expect("the next prompt after the interrupted fit (the same graph, 2 iterations) runs", res["ok"], res.get("error", ""))
         res = e2e.run_graph(server.base, calibration_graph(models["sd3_flow"], 2), 300)
         message = str((res.get("error") or {}).get("exception_message", ""))
         expect("Calibrated Scheduler+ with refine_noises 2: clear error naming refine_noises",
