@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from comfy_standins import StandInInterrupt, StandInModelPatcher, install
+from ksampler.calibration import clear_cache
 from ksampler.samplers import SAMPLERS
 from ksampler.schedulers import SCHEDULERS, sampling_sigmas
 
@@ -21,6 +22,15 @@ def _cond(value):
 def host(monkeypatch):
     modules, adapter = install(monkeypatch)
     return modules, adapter
+
+
+@pytest.fixture
+def comfy_calibration(host, monkeypatch):
+    """ksampler.comfy_calibration imported against the stand-ins, with an empty calibration cache."""
+    monkeypatch.delitem(sys.modules, "ksampler.comfy_calibration", raising=False)
+    import importlib
+    clear_cache()
+    return importlib.import_module("ksampler.comfy_calibration")
 
 
 def test_core_never_imports_comfy():
@@ -392,16 +402,11 @@ def test_variation_seed_on_a_nested_latent_is_a_clear_error(host):
     assert all(torch.equal(a, b) for a, b in zip(plain.unbind(), same.unbind()))
 
 
-def test_calibration_fits_and_samples_through_the_host(host, monkeypatch):
+def test_calibration_fits_and_samples_through_the_host(host, comfy_calibration):
     """The Calibrated Scheduler's ComfyUI path: the fit runs inside the host's CFGGuider, its SAMPLER through
     the host's sample() (as SamplerCustom runs it), both with the adapter's guarded denoiser; a second call for
     the same inputs reuses the fit."""
     modules, adapter = host
-    monkeypatch.delitem(sys.modules, "ksampler.comfy_calibration", raising=False)
-    import importlib
-    comfy_calibration = importlib.import_module("ksampler.comfy_calibration")
-    from ksampler.calibration import clear_cache
-    clear_cache()
     patcher = StandInModelPatcher(modules, "flow")
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     messages = []
@@ -433,15 +438,10 @@ def test_calibration_fits_and_samples_through_the_host(host, monkeypatch):
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
 
 
-def test_a_calibration_fit_in_the_host_shows_progress_and_stops_when_asked(host, monkeypatch):
+def test_a_calibration_fit_in_the_host_shows_progress_and_stops_when_asked(host, comfy_calibration):
     """Inside ComfyUI a fit can take minutes: the node's progress bar follows its iterations to the end, and a
     stop request (the host's interrupt) ends it mid-fit, caching nothing, so the next run fits anew."""
     modules, adapter = host
-    monkeypatch.delitem(sys.modules, "ksampler.comfy_calibration", raising=False)
-    import importlib
-    comfy_calibration = importlib.import_module("ksampler.comfy_calibration")
-    from ksampler.calibration import clear_cache
-    clear_cache()
     patcher = StandInModelPatcher(modules, "eps")
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     opts = {"fit_noises": 4, "iterations": 6, "teacher_steps": 10, "log": lambda m: None}
