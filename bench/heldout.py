@@ -72,8 +72,8 @@ REFINE_NOISES = 4096  # the fit is refined on these (calibration.REFINE; tuning 
 CALIBRATION = {**DEFAULT_FIT, "teacher_sigma_min_factor": 0.01}  # the library's defaults (chosen here, --tune)
 # fits from fitting sets of their own, each refined, the best on the refining set kept (fit_calibration's
 # refine_candidates).  2 passed the tuning-split rule in stop 30 (python bench/flips.py --refine-candidates); the
-# held-out figures are still 1's until both draws are re-run with --recalibrate at 2
-FIT_CANDIDATES = 1
+# held-out figures since stop 31 are 2's (1's are in the git history of the results files)
+FIT_CANDIDATES = 2
 CANDIDATE_SEED = 4000  # candidate k's fitting set: CANDIDATE_SEED + 1000 * (k - 1) + the family's seed
 CALIBRATED_BUDGETS = BUDGETS
 
