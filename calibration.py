@@ -1023,10 +1023,11 @@ def _cell(cell):
 def _content_walk(h, value) -> None:
     """Feed ``value`` into the digest ``h`` by content, the same in any process: dicts by sorted key and sequences
     item by item (empty ones skipped), functions by name and the values they close over, other objects by their
-    classes and their attributes (None ones skipped: unset and cleared are the same), tensors by their bytes (a
-    module's parameters, and tensors over 2**24 values, like ``model_fingerprint``: a sample of their values; one
-    whose values cannot be read, by its identity in this process).  A model patcher met inside counts by its class
-    only, and the walk stops at a depth and a size."""
+    classes and their attributes (None ones skipped: unset and cleared are the same; devices skipped), a network
+    (``torch.nn.Module``) by its class and its weights only (a sample of each tensor's values, as in
+    ``model_fingerprint``; not the attributes the host sets on it when it loads it), tensors by their bytes (a
+    parameter, and tensors over 2**24 values: a sample; one whose values cannot be read, by its identity in this
+    process).  A model patcher met inside counts by its class only, and the walk stops at a depth and a size."""
     import functools
     import types
     seen, budget = set(), [_STATE_NODES]
@@ -1054,7 +1055,15 @@ def _content_walk(h, value) -> None:
             h.update(classes(v))
         else:
             seen.add(id(v))
-            if isinstance(v, dict):  # empty entries skipped: {} and {"patches": {}} are the same options
+            if isinstance(v, torch.nn.Module):  # a network by its weights, not what the host notes on it
+                h.update(classes(v))
+                try:
+                    for name, tensor in sorted(v.state_dict().items()):
+                        h.update(name.encode())
+                        _fingerprint_leaf(h, tensor, None)
+                except (RuntimeError, TypeError, NotImplementedError):
+                    h.update(f"@{id(v)}".encode())  # weights it cannot read: this object, in this process only
+            elif isinstance(v, dict):  # empty entries skipped: {} and {"patches": {}} are the same options
                 for k in sorted(v, key=repr):
                     if not _empty(v[k]):
                         h.update(repr(k).encode())
@@ -1077,8 +1086,9 @@ def _content_walk(h, value) -> None:
                 if callable(v) and hasattr(v, "__qualname__"):  # a builtin function, a class's method
                     h.update(f"{getattr(v, '__module__', '')}.{v.__qualname__}".encode())
                 attributes = getattr(v, "__dict__", None)
-                if isinstance(attributes, dict):
-                    walk({k: a for k, a in attributes.items() if a is not None}, depth + 1)
+                if isinstance(attributes, dict):  # where it runs is not what it computes: devices skipped
+                    walk({k: a for k, a in attributes.items() if a is not None and not isinstance(a, torch.device)},
+                         depth + 1)
     walk(value, 0)
 
 
@@ -1116,12 +1126,13 @@ def cached_calibration(key: str, fit: Callable[[], Calibration], path: Optional[
     if cal is not None:
         log(f"calibration: reusing the fitted schedule ({cal.steps} steps, key {key[:10]})")
         if path and os.path.exists(path):  # the file must still be this calibration's, as on a cache miss
-            _load_matching(path, key, file_key, settings)
+            _load_matching(path, (key, cal.info.get("key")), file_key, settings)
         elif path:  # fitted before a file was asked for: write it now
             _save(cal, path, file_key() if file_key is not None else None, log)
         return cal
+    content_key = file_key() if (path and file_key is not None) else None  # the inputs as given, before a fit
     if path and os.path.exists(path):
-        cal = _load_matching(path, key, file_key, settings)
+        cal = _load_matching(path, (key,), lambda: content_key, settings)
         log(f"calibration: loaded {path}")
         _CACHE[key] = cal
         return cal
@@ -1130,17 +1141,18 @@ def cached_calibration(key: str, fit: Callable[[], Calibration], path: Optional[
     cal.info["key"] = key
     _CACHE[key] = cal
     if path:
-        _save(cal, path, file_key() if file_key is not None else None, log)
+        _save(cal, path, content_key, log)
     return cal
 
 
-def _load_matching(path: str, key: str, file_key: Optional[Callable[[], Optional[str]]],
+def _load_matching(path: str, keys: tuple, file_key: Optional[Callable[[], Optional[str]]],
                    settings: Optional[dict]) -> Calibration:
-    """The calibration in ``path`` when it was fitted for ``key`` (or, from another process, for the content key
-    ``file_key()``, computed only when the process key differs); else a ValueError naming calibration_file and
-    the settings that differ."""
+    """The calibration in ``path`` when it was fitted under one of ``keys`` (this process's key; on a cache hit
+    also the cached calibration's own, which a file loaded from another process keeps), or for the content key
+    ``file_key()`` (computed only when those differ); else a ValueError naming calibration_file and the settings
+    that differ."""
     cal = Calibration.load(path)
-    if cal.info.get("key") == key:
+    if cal.info.get("key") in [k for k in keys if k is not None]:
         return cal
     content_key = file_key() if file_key is not None else None
     if content_key is not None and cal.info.get("file_key") == content_key:

@@ -321,6 +321,32 @@ def test_cache_hit_does_not_call_the_model(tmp_path):
         assert f.read() == stored
 
 
+def test_a_file_is_keyed_by_the_inputs_as_given_before_the_fit_runs_them(tmp_path):
+    """A fit that leaves state on its inputs (the host notes things on a ControlNet it ran) must not key the file
+    by that state: the file loads for the same inputs as given, in another process."""
+    clear_cache()
+    state = {"ran": False}
+    path = str(tmp_path / "c.safetensors")
+    cal = Calibration(torch.tensor([2.0, 1.0, 0.0]), torch.ones(2, 1, dtype=torch.float64), {})
+
+    def fit():
+        state["ran"] = True
+        return cal
+
+    def file_key():
+        return f"inputs, run={state['ran']}"
+    cached_calibration("process-a", fit, path, lambda m: None, file_key=file_key)
+    clear_cache()
+    state["ran"] = False  # another process, inputs as given
+    loaded = cached_calibration("process-b", lambda: pytest.fail("refitted"), path, lambda m: None,
+                                file_key=file_key)
+    assert torch.equal(loaded.sigmas, cal.sigmas)
+    # on a cache hit the file loaded from another process is the cached calibration: no content key needed
+    state["ran"] = True
+    assert cached_calibration("process-b", lambda: pytest.fail("refitted"), path, lambda m: None,
+                              file_key=lambda: pytest.fail("content key computed")) is loaded
+
+
 def test_a_calibration_file_loads_in_another_process_for_the_same_model(tmp_path):
     """A file is keyed by the model's content too: another process (here: another object with the same weights and
     model sampling, so another process-local token) loads it without fitting; another model is refused."""
@@ -470,6 +496,17 @@ def test_conditioning_objects_key_files_by_content():
     a.timestep_range = (999.0, 0.0)  # a sampling run's pre_run ...
     a.timestep_range = None  # ... and its cleanup
     assert conditioning_digest(cond(a), by_content=True) == before
+    # what the host notes on a network when it loads it (ComfyUI: its loaded memory, the patches' uuid) and where
+    # it puts it (a load device, set or cleared) do not count; its weights do, every tensor of them
+    a.control_model.model_loaded_weight_memory, a.control_model.current_weight_patches_uuid = 4096, object()
+    a.load_device = torch.device("cpu")
+    assert conditioning_digest(cond(a), by_content=True) == before
+    deep = Control(edges)
+    deep.control_model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(3, 3)) for _ in range(12)])
+    digest = conditioning_digest(cond(deep), by_content=True)
+    with torch.no_grad():
+        deep.control_model[11][0].bias[0] += 1.0  # the last layer, deeper than the walk's depth limit
+    assert conditioning_digest(cond(deep), by_content=True) != digest
     # plain conditioning (tensors, numbers, strings) digests alike either way: files written before still load
     plain = [[torch.ones(1, 2, 4), {"pooled_output": torch.ones(1, 4), "strength": 0.5, "area": (8, 8, 0, 0)}]]
     assert conditioning_digest(plain) == conditioning_digest(plain, by_content=True)

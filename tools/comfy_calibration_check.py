@@ -10,7 +10,8 @@ SamplerCustom and our KSampler must again agree; a fit refined on 8 more noises 
 calibration file written by one load of the checkpoint must load, without fitting, for a fresh load with an empty
 cache (as after a restart); FreeU (RescaleCFG on SD3) and a model sampling override (ModelSamplingDiscrete,
 ModelSamplingSD3) must each get a fit of their own; with a ControlNet in the conditioning (SD1.5), a calibration
-file must load after a restart and be refused for another hint.  ComfyUI is imported as a library
+file must load after a restart and be refused for another hint; ComfyUI's progress hook must see a fit's
+iterations one by one, and a stop request (interrupt_current_processing) must end the fit at the next one.  ComfyUI is imported as a library
 (../shared/comfyui harness); nothing of it is copied here.
 """
 from __future__ import annotations
@@ -37,8 +38,8 @@ def _first(node_output):
 def _controlnet_file_check(nodes, classes, m, latent, args, work) -> bool:
     """A ControlNet in the conditioning (a random-weight one built for the tiny UNet, applied by ComfyUI's own
     ControlNetApplyAdvanced): a calibration file written with it loads, without fitting, for everything built anew
-    (as after a restart) once a sampling run has used and cleaned up the ControlNet; a hint moved by one pixel row
-    is refused as other inputs."""
+    (as after a restart), also when a sampling run has loaded and run the new ControlNet first; a hint moved by one
+    pixel row is refused as other inputs."""
     import torch
     import comfy.cldm.cldm
     import comfy.controlnet
@@ -72,9 +73,13 @@ def _controlnet_file_check(nodes, classes, m, latent, args, work) -> bool:
         model, pos, neg = build(10)
         cal = calibrate(model, pos, neg)
         nodes.KSampler().sample(model, 1, 3, 5.0, "euler", "karras", pos, neg, latent)
+        # as after a restart, with the new ControlNet already used by a sampling run (ComfyUI keeps node outputs,
+        # so a second queue hands the calibration a ControlNet its KSampler has loaded and run)
+        fresh = build(10)
+        nodes.KSampler().sample(fresh[0], 1, 3, 5.0, "euler", "karras", fresh[1], fresh[2], latent)
         cache.clear_cache()
         t = time.time()
-        again = calibrate(*build(10))
+        again = calibrate(*fresh)
         reloaded = torch.equal(again.sigmas, cal.sigmas) and again is not cal and time.time() - t < 5.0
         cache.clear_cache()
         try:
@@ -83,6 +88,34 @@ def _controlnet_file_check(nodes, classes, m, latent, args, work) -> bool:
         except Exception as exc:  # noqa: BLE001  (the node's input error)
             refused = "other inputs" in str(exc)
     return reloaded and refused
+
+
+def _progress_and_stop_check(classes, model, pos, neg, latent, args) -> tuple:
+    """A fit through the node reports each iteration to ComfyUI's progress hook (its node's bar), and a stop
+    request raised after the fifth update ends the fit at the next one, by the host's own exception.  The hook
+    here only records (the server's hook also checks for a stop; this checks that the fit does)."""
+    import comfy.model_management as mm
+    import comfy.utils
+    seen = []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        seen.append((value, total))
+        if len(seen) == 5:
+            mm.interrupt_current_processing(True)
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        classes["ksampler_CalibratedScheduler"]().calibrate(
+            model, pos, neg, latent, args.steps, 6.5, fit_noises=4, iterations=max(args.iterations, 30),
+            teacher_steps=args.teacher_steps)
+        stopped = False
+    except mm.InterruptProcessingException:
+        stopped = True
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    total = seen[0][1] if seen else None
+    ok = stopped and seen == [(i, total) for i in range(1, 6)] and total > max(args.iterations, 30)
+    return ok, f"{seen[:2]}...{seen[-1:]} ({len(seen)} updates)"
 
 
 def main() -> int:
@@ -206,6 +239,7 @@ def main() -> int:
                 outcomes.append(with_patch is not cal and repeat is with_patch and refused)
             patched_apart = all(outcomes) and len(set(patch_keys + [cal.info["key"]])) == 3
             controlled = _controlnet_file_check(nodes, classes, m, latent, args, work) if key == "sd15_eps" else True
+            progress_stop = _progress_and_stop_check(classes, model, pos, neg, latent, args)
         print(f"{key}: sigmas {[round(float(s), 4) for s in sigmas]}; fit {fit_s:.1f}s "
               f"({cal.info['model_calls']} model calls, gradient: {cal.info['gradient']}); RMS to the teacher "
               f"{cal.info['rms_start']:.4g} -> {cal.info['rms_fitted']:.4g}; shifts of the first and last calls "
@@ -218,9 +252,10 @@ def main() -> int:
               f"fitting ({reload_s:.2f}s): {reloaded}; FreeU (SD3: RescaleCFG) and a model sampling override "
               f"fitted apart, reused for a clone, the plain model's file refused: {patched_apart}"
               + ("" if key != "sd15_eps" else f"; with a ControlNet, the file reloaded after a sampling run for a "
-                 f"fresh load and refused for a moved hint: {controlled}"))
+                 f"fresh load and refused for a moved hint: {controlled}")
+              + f"; progress hook {progress_stop[1]}, stopped mid-fit on request: {progress_stop[0]}")
         failures += not (ok and same and cached and stochastic and refinement and reloaded and patched_apart
-                         and controlled)
+                         and controlled and progress_stop[0])
     print("PASS" if not failures else f"FAIL ({failures})")
     return 1 if failures else 0
 
