@@ -206,6 +206,26 @@ class _Progress:
             self.bar.close()
 
 
+class _FitProgress:
+    """A tqdm bar over a calibration fit's iterations (``fit_calibration``'s progress drives it)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc="calibration fit", unit="it", leave=True, file=sys.stderr)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def generate(args) -> list:
     """Run ``generate``; returns [(path, seed, batch_index)] of the written images."""
     import torch
@@ -239,12 +259,16 @@ def generate(args) -> list:
     controls = _controls(args)
     if args.calibrate is not None:
         from .calibration import calibrate
+        fit_bar = _FitProgress(not args.no_progress)
         try:
             controls["calibration"] = calibrate(model, positive, negative, latent, args.steps, args.cfg,
                                                 iterations=args.calibrate_iterations, path=args.calibrate or None,
-                                                log=lambda message: print(message, file=sys.stderr, flush=True))
+                                                log=lambda message: print(message, file=sys.stderr, flush=True),
+                                                progress=fit_bar)
         except ValueError as exc:
             raise KSamplerInputError("--calibrate: " + str(exc).replace("calibration_file: ", "", 1)) from exc
+        finally:
+            fit_bar.close()
     for run in range(args.runs):
         progress = _Progress(args.steps, f"run {run + 1}/{args.runs} seed {seed}", not args.no_progress)
         callback = progress

@@ -794,7 +794,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                                   s_min, say)
         race = iterations // 3 if len(runs) > 1 else 0
         if plan["total"] is None:  # the later fits are planned alike (their forms' count may differ by one)
-            plan["total"] = fits_planned * (race * len(runs) + iterations - race) + refinements * refine_iterations
+            per_fit = len(runs) * (race or iterations) + (iterations - race if race else 0)
+            plan["total"] = fits_planned * per_fit + refinements * refine_iterations
         return student, _race(student, runs, race, iterations, lr, mode, (fit_idx, selection_items(batch)), calls,
                                steps, say, coefficient_penalty, tick), race
 

@@ -683,24 +683,25 @@ def test_candidate_fits_the_one_best_on_the_refining_noise_is_refined():
         fit_calibration(model, ms, draw[0], 4, candidate_noise=draw[1:], candidate_denoisers=[model], **opts)
 
 
-@pytest.mark.parametrize("candidates, refine, refine_candidates, corrector", [
-    (1, False, False, True), (1, True, False, False), (3, True, False, True), (3, True, True, True)])
+@pytest.mark.parametrize("candidates, refine, refine_candidates, corrector, iterations", [
+    (1, False, False, True, 9), (1, True, False, False, 9), (3, True, False, True, 9), (3, True, True, True, 9),
+    (1, False, False, True, 2)])
 def test_progress_counts_every_iteration_of_the_fit_and_can_stop_it(candidates, refine, refine_candidates,
-                                                                     corrector):
+                                                                     corrector, iterations):
     """progress(done, total) comes before each optimiser iteration: done runs 1..total exactly, over the race of
     the two forms, the candidate fits and the refinements; raising from it stops the fit there."""
     ms = EPS()
     model = Mixture2D(ms)
     draw = [torch.randn(16, 2, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
             for s in range(candidates)]
-    opts = {"iterations": 9, "teacher_steps": 20, "refine_iterations": 4, "corrector": corrector,
+    opts = {"iterations": iterations, "teacher_steps": 20, "refine_iterations": 4, "corrector": corrector,
             "candidate_noise": draw[1:], "refine_candidates": refine_candidates,
             "refine_noise": torch.randn(64, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
             if refine else None}
     seen = []
     fit_calibration(model, ms, draw[0], 4, progress=lambda done, total: seen.append((done, total)), **opts)
-    race = 3 if corrector else 0
-    per_fit = 2 * race + 9 - race
+    race = iterations // 3 if corrector else 0  # the two forms race, then the leader goes on; too few: both go on
+    per_fit = 2 * race + iterations - race if race else (2 if corrector else 1) * iterations
     refinements = 0 if not refine else (candidates if refine_candidates and candidates > 1 else 1)
     total = candidates * per_fit + refinements * 4
     assert seen == [(done, total) for done in range(1, total + 1)]
@@ -708,11 +709,11 @@ def test_progress_counts_every_iteration_of_the_fit_and_can_stop_it(candidates, 
     class Stop(Exception):
         pass
 
-    def stop_at_5(done, total):
-        if done == 5:
+    def stop_at_3(done, total):
+        if done == 3:
             raise Stop
     with pytest.raises(Stop):
-        fit_calibration(model, ms, draw[0], 4, progress=stop_at_5, **opts)
+        fit_calibration(model, ms, draw[0], 4, progress=stop_at_3, **opts)
 
 
 def test_refine_settings_are_checked_and_keyed_apart():

@@ -177,6 +177,11 @@ def test_calibrate_fits_once_saves_and_reloads_in_another_run(tmp_path, capsys):
     code, _, err = main(["generate", "--prompt", "a small blue square", "--out", str(tmp_path / "d"),
                          "--no-progress", *flags]), *capsys.readouterr()
     assert code == 2 and "--calibrate:" in err and "other inputs" in err
+    # with progress shown, the fit has a bar over its iterations
+    code, _, err = main(["generate", "--prompt", "a small blue square", "--out", str(tmp_path / "e"), "--seed", "3",
+                         "--batch-size", "1", "--steps", "3", "--calibrate", "--calibrate-iterations", "2"]), \
+        *capsys.readouterr()
+    assert code == 0 and "calibration fit" in err and "fitting once" in err
 
 
 @pytest.mark.parametrize("args, message", [
