@@ -10,6 +10,7 @@
     python bench/flips.py --refine-iterations [--cases 0,1,2,3]   # stop 29; a part of it (--merge-parts joins)
     python bench/flips.py --candidates   # stop 30: the better of two fits (by the refining set), refined
     python bench/flips.py --refine-candidates   # stop 30: two fits, each refined, the better kept
+    python bench/flips.py --gradient   # stop 31: SPSA (the fit inside ComfyUI's server) against autograd
 
 Where a mixture's modes are narrow and far apart, a few-step sampler sends the noises that lie near the
 boundary between two modes' basins to the wrong mode.  One such flip costs an RMS of about the distance between
@@ -194,6 +195,11 @@ STUDIES = {  # flag: (variants, results file, what it compares); each at the set
                                                         "refine_candidates": True}},
                           "refine_candidates_tuning.json", "two fits from different fitting noise, each refined, "
                                                            "the better on the refining set kept, against one fit"),
+    "gradient": ({"autograd": {"refine": True, "shift": True, "iterations": 600, "refine_noises": 4096},
+                  "spsa": {"refine": True, "shift": True, "iterations": 600, "refine_noises": 4096,
+                           "gradient": "spsa"}},
+                 "gradient_tuning.json", "the fit by SPSA (as inside ComfyUI's executor, whose weights give no "
+                                         "gradient) against autograd, one fit each"),
 }
 
 

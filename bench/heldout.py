@@ -385,10 +385,11 @@ def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRA
               selection: str = CALIBRATION["selection"],
               coefficient_penalty: float = CALIBRATION["coefficient_penalty"],
               fit_last_step: bool = CALIBRATION["fit_last_step"], refine_iterations: int = REFINE["iterations"],
-              candidates: tuple = (), refine_candidates: bool = False):
+              candidates: tuple = (), refine_candidates: bool = False, gradient: str = "auto"):
     """``fit_calibration`` with this bench's settings (``CALIBRATION``) on a mixture's fitting model and noise;
     ``refine``: (model, noise) of the refining set, or None for none; ``candidates``: (model, noise) of more
-    fitting sets (``fit_calibration``'s ``candidate_noise``)."""
+    fitting sets (``fit_calibration``'s ``candidate_noise``); ``gradient``: ``fit_calibration``'s (these models
+    give one, so "auto" is autograd)."""
     refine_model, refine_noise = refine or (None, None)
     return fit_calibration(model, MS, noise, budget, order=CALIBRATION["order"], iterations=iterations,
                            lr=CALIBRATION["lr"], teacher_steps=CALIBRATION["teacher_steps"],
@@ -398,7 +399,7 @@ def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRA
                            refine_denoiser=refine_model, refine_noise=refine_noise,
                            refine_iterations=refine_iterations,
                            candidate_denoisers=[m for m, _ in candidates], candidate_noise=[n for _, n in candidates],
-                           refine_candidates=refine_candidates)
+                           refine_candidates=refine_candidates, gradient=gradient)
 
 
 def calibrate_rows(prob: Problem, budgets, log) -> list[dict]:
