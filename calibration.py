@@ -334,7 +334,8 @@ def _model_differentiable(denoiser, x: Tensor, sigma: float) -> bool:
 
 
 def _differentiable(loss_fn) -> bool:
-    """Whether a loss built through the model carries a gradient (False under no_grad or with inference tensors)."""
+    """Whether a loss built through the model carries a gradient (False under no_grad, with inference tensors, or
+    where the model's forward changes in place a tensor the backward needs, as ComfyUI's ControlNet path does)."""
     try:
         with torch.enable_grad():
             loss = loss_fn()
@@ -343,7 +344,8 @@ def _differentiable(loss_fn) -> bool:
             loss.backward()
         return True
     except RuntimeError as exc:
-        if "inference" in str(exc).lower() or "does not require grad" in str(exc).lower():
+        if any(reason in str(exc).lower() for reason in ("inference", "does not require grad",
+                                                         "modified by an inplace operation")):
             return False
         raise
 
@@ -632,8 +634,9 @@ def _gradient_mode(gradient: str, student: _Student, u: Tensor, form: tuple, del
     if _model_differentiable(student.denoiser, student.x0, 4 * s_min) and \
             _differentiable(lambda: student.loss(u, form, delta, fit_idx)):
         return "autograd"
-    say("calibration: the model gives no gradient here (no_grad or inference tensors, as inside ComfyUI); "
-        "fitting with SPSA (two evaluations per iteration) instead of autograd")
+    say("calibration: the model gives no gradient here (no_grad, inference tensors, or an in-place change that the "
+        "backward needs, as with a ControlNet in ComfyUI); fitting with SPSA (two evaluations per iteration) "
+        "instead of autograd")
     return "spsa"
 
 

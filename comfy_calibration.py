@@ -6,6 +6,8 @@ give no gradient: the fit then says so and uses SPSA (``calibration.fit_calibrat
 """
 from __future__ import annotations
 
+import contextlib
+
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -59,6 +61,39 @@ class CalibratedSampler(comfy.samplers.Sampler):
         return host_ms.inverse_noise_scaling(sigmas[-1], samples)
 
 
+@contextlib.contextmanager
+def ordinary_weights(modules, log=default_log):
+    """While the fit runs, the weights of ``modules`` (networks; other objects are skipped) created in inference mode (ComfyUI's executor loads checkpoints in
+    it) are swapped for ordinary copies, so that autograd may save them and the fit gets a gradient instead of
+    falling back to SPSA; the originals are put back after.  Where the copies would not fit in the free memory of
+    their device, nothing is swapped and the log says so (the fit then says it uses SPSA)."""
+    owners = {id(owner): owner for module in modules if isinstance(module, torch.nn.Module)
+              for owner in module.modules()}.values()
+    found = [(owner, kind, name, tensor) for owner in owners for kind in ("_parameters", "_buffers")
+             for name, tensor in getattr(owner, kind).items() if tensor is not None and tensor.is_inference()]
+    need: dict = {}
+    for *_, tensor in found:
+        need[tensor.device] = need.get(tensor.device, 0) + tensor.numel() * tensor.element_size()
+    short = [device for device, size in need.items()
+             if size > 0.9 * comfy.model_management.get_free_memory(device)]
+    if short:
+        log(f"calibration: copying the model's weights for a gradient needs {max(need.values()) / 2**30:.2f} GiB "
+            f"more on {short[0]} than is free; the fit goes on without them")
+        found = []
+    swapped = []
+    try:
+        with torch.inference_mode(False):
+            for owner, kind, name, tensor in found:
+                copy = tensor.clone()
+                getattr(owner, kind)[name] = torch.nn.Parameter(copy, requires_grad=False) \
+                    if isinstance(tensor, torch.nn.Parameter) else copy
+                swapped.append((owner, kind, name, tensor))
+        yield
+    finally:
+        for owner, kind, name, tensor in swapped:
+            getattr(owner, kind)[name] = tensor
+
+
 class _FittingSampler(comfy.samplers.Sampler):
     """Runs ``fit_calibration`` on the host's guided denoiser; the 'sample' it returns is the unchanged latent.
     The node's progress bar follows the fit's iterations, and a stop request ends it at the next model call."""
@@ -82,7 +117,7 @@ class _FittingSampler(comfy.samplers.Sampler):
             options["refine_noise"] = options["refine_noise"].to(device=noise.device, dtype=noise.dtype)
         options["candidate_noise"] = [n.to(device=noise.device, dtype=noise.dtype)
                                       for n in options.get("candidate_noise", ())]
-        with output_guard:
+        with output_guard, ordinary_weights([model_wrap.inner_model], options.get("log") or default_log):
             self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, progress=fit_progress(),
                                           **options)
         return latent_image

@@ -10,7 +10,7 @@ what comfy_adapter documents it uses (see its module docstring):
 * comfy.model_patcher.set_model_options_post_cfg_function
 * ``model_options['model_function_wrapper']`` (a model patch around apply_model)
 * comfy.sample.fix_empty_latent_channels
-* comfy.model_management (interrupt check, intermediate device)
+* comfy.model_management (interrupt check, intermediate device, free memory)
 * comfy.utils (ProgressBar, PROGRESS_BAR_ENABLED)
 * latent_preview.prepare_callback
 """
@@ -258,7 +258,7 @@ def build_standin_modules():
 
     sample_mod.fix_empty_latent_channels = fix_empty_latent_channels
 
-    state = {"interrupt_at": None}
+    state = {"interrupt_at": None, "free_memory": 1 << 40}
 
     def throw_exception_if_processing_interrupted():
         calls["interrupt_checks"] += 1
@@ -266,6 +266,7 @@ def build_standin_modules():
             raise StandInInterrupt()
 
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    mm.get_free_memory = lambda dev=None, torch_free_too=False: state["free_memory"]
     mm.intermediate_device = lambda: torch.device("cpu")
     mm.STANDIN_STATE = state
 

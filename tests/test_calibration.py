@@ -601,6 +601,16 @@ def test_a_model_without_gradient_is_fitted_by_spsa_and_says_so():
     assert cal.info["gradient"] == "spsa" and any("SPSA" in m for m in messages)
     assert cal.info["backward_passes"] == 0
     assert cal.info["rms_fitted"] <= cal.info["rms_start"] * 1.05
+    # a forward that changes in place a tensor its backward needs (ComfyUI's ControlNet path adds its residuals
+    # so) gives no usable gradient either: SPSA, said so, not a crash in the backward pass
+
+    def in_place_model(x, sigma, **kw):
+        one = (x * 0).exp()  # exp keeps its output for the backward ...
+        one.mul_(1.0)  # ... which is then changed in place
+        return inner(x, sigma) + one - 1
+    messages.clear()
+    cal = fit_calibration(in_place_model, ms, noise, 4, iterations=4, teacher_steps=40, log=messages.append)
+    assert cal.info["gradient"] == "spsa" and any("in-place" in m and "SPSA" in m for m in messages)
 
 
 def test_refining_on_more_noise_is_never_worse_there_and_counts_its_calls():

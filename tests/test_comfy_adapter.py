@@ -476,3 +476,34 @@ def test_a_calibration_fit_in_the_host_shows_progress_and_stops_when_asked(host,
             CalibratedScheduler().calibrate(ours, conditioning(1.0), conditioning(-0.5), latent, 3, 4.0, **node_opts)
     finally:
         state["interrupt_at"] = None
+
+
+def test_weights_loaded_in_inference_mode_are_copied_for_the_fits_gradient(host, comfy_calibration):
+    """ComfyUI's executor loads checkpoints in inference mode, whose tensors autograd cannot save: while a fit
+    runs, ordinary copies stand in for them (a gradient through the network works), and the originals are put
+    back after, also when the fit fails; without the free memory for the copies nothing is swapped, and the log
+    says so."""
+    modules, _ = host
+    with torch.inference_mode():
+        network = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    originals = list(network.parameters()) + list(network.buffers())
+    assert all(t.is_inference() for t in originals)
+    x = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+        network.eval()(x).sum().backward()
+    messages = []
+    with comfy_calibration.ordinary_weights([network, "not a network"], messages.append):
+        assert not any(t.is_inference() for t in list(network.parameters()) + list(network.buffers()))
+        network.eval()(x).sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        assert not any(p.requires_grad for p in network.parameters())
+    assert all(a is b for a, b in zip(list(network.parameters()) + list(network.buffers()), originals))
+    with pytest.raises(ValueError, match="boom"):
+        with comfy_calibration.ordinary_weights([network], messages.append):
+            raise ValueError("boom")
+    assert all(a is b for a, b in zip(list(network.parameters()) + list(network.buffers()), originals))
+    assert not messages
+    modules["comfy.model_management"].STANDIN_STATE["free_memory"] = 16
+    with comfy_calibration.ordinary_weights([network], messages.append):
+        assert all(t.is_inference() for t in network.parameters())
+    assert messages and "than is free" in messages[0]

@@ -13,6 +13,7 @@ new optional inputs at the end, KSampler+ (Two Models) and Sampler Options+; the
 * the Calibrated Scheduler+ (its optional inputs ending in eta, refine_noises, fit_candidates) fitted and refined
   on the flow model into ComfyUI's SamplerCustom (without fit_candidates in the graph, as saved before it, and
   with 2), and with refine_noises 2 or fit_candidates 2 without refinement, which must fail naming the input;
+* the fit logged as "by autograd", not SPSA (the checkpoint's weights, loaded in inference mode, copied for it);
 * a long calibration fit interrupted (POST /interrupt) 5 s into its run: it ends within seconds as
   execution_interrupted, and the next prompt runs as before (the progress bar: comfy_calibration_check.py).
 Exit status 0 when every expectation holds.
@@ -176,6 +177,11 @@ def main(argv=None) -> int:
         res = e2e.run_graph(server.base, calibration_graph(models["sd3_flow"], 8), 600)
         expect("Calibrated Scheduler+ refined on 8 noises, into SamplerCustom (sd3_flow)", res["ok"],
                res.get("error", ""))
+        with open(server.log_path, encoding="utf-8", errors="replace") as f:
+            fit_log = [line.strip() for line in f if line.startswith("calibration: fitting ") and " by " in line]
+        expect("the fit in the server gets a gradient (the weights loaded in inference mode are copied for it)",
+               bool(fit_log) and all(line.split(" by ")[-1].startswith("autograd") for line in fit_log),
+               fit_log[0] if fit_log else "no fit logged")
         res = e2e.run_graph(server.base, calibration_graph(models["sd3_flow"], 8, 2), 600)
         expect("Calibrated Scheduler+ keeping the better of 2 refined fits, into SamplerCustom (sd3_flow)",
                res["ok"], res.get("error", ""))
