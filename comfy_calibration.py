@@ -63,10 +63,11 @@ class CalibratedSampler(comfy.samplers.Sampler):
 
 @contextlib.contextmanager
 def ordinary_weights(modules, log=default_log):
-    """While the fit runs, the weights of ``modules`` (networks; other objects are skipped) created in inference mode (ComfyUI's executor loads checkpoints in
-    it) are swapped for ordinary copies, so that autograd may save them and the fit gets a gradient instead of
-    falling back to SPSA; the originals are put back after.  Where the copies would not fit in the free memory of
-    their device, nothing is swapped and the log says so (the fit then says it uses SPSA)."""
+    """While the fit runs, the weights of ``modules`` (networks; other objects are skipped) that were made in
+    inference mode (ComfyUI's executor loads checkpoints in it) are swapped for ordinary copies, so that autograd
+    may save them and the fit gets a gradient instead of falling back to SPSA; the originals are put back after.
+    Where the copies would not fit in their device's free memory, nothing is swapped and the log says so (the fit
+    then says it uses SPSA)."""
     owners = {id(owner): owner for module in modules if isinstance(module, torch.nn.Module)
               for owner in module.modules()}.values()
     found = [(owner, kind, name, tensor) for owner in owners for kind in ("_parameters", "_buffers")
@@ -77,21 +78,33 @@ def ordinary_weights(modules, log=default_log):
     short = [device for device, size in need.items()
              if size > 0.9 * comfy.model_management.get_free_memory(device)]
     if short:
-        log(f"calibration: copying the model's weights for a gradient needs {max(need.values()) / 2**30:.2f} GiB "
-            f"more on {short[0]} than is free; the fit goes on without them")
+        log(f"calibration: a copy of the model's weights for a gradient needs {need[short[0]] / 2**30:.2f} GiB on "
+            f"{short[0]}, more than is free; the weights stay as they are")
         found = []
     swapped = []
+
+    def restore() -> None:
+        for owner, kind, name, tensor in swapped:
+            getattr(owner, kind)[name] = tensor
+        swapped.clear()
     try:
         with torch.inference_mode(False):
             for owner, kind, name, tensor in found:
-                copy = tensor.clone()
+                try:
+                    copy = tensor.clone()
+                except RuntimeError as exc:  # out of memory after all: none of the copies
+                    if "out of memory" not in str(exc).lower():
+                        raise
+                    restore()
+                    log("calibration: out of memory copying the model's weights for a gradient; the weights stay "
+                        "as they are")
+                    break
                 getattr(owner, kind)[name] = torch.nn.Parameter(copy, requires_grad=False) \
                     if isinstance(tensor, torch.nn.Parameter) else copy
                 swapped.append((owner, kind, name, tensor))
         yield
     finally:
-        for owner, kind, name, tensor in swapped:
-            getattr(owner, kind)[name] = tensor
+        restore()
 
 
 class _FittingSampler(comfy.samplers.Sampler):

@@ -478,7 +478,7 @@ def test_a_calibration_fit_in_the_host_shows_progress_and_stops_when_asked(host,
         state["interrupt_at"] = None
 
 
-def test_weights_loaded_in_inference_mode_are_copied_for_the_fits_gradient(host, comfy_calibration):
+def test_weights_loaded_in_inference_mode_are_copied_for_the_fits_gradient(host, comfy_calibration, monkeypatch):
     """ComfyUI's executor loads checkpoints in inference mode, whose tensors autograd cannot save: while a fit
     runs, ordinary copies stand in for them (a gradient through the network works), and the originals are put
     back after, also when the fit fails; without the free memory for the copies nothing is swapped, and the log
@@ -506,4 +506,19 @@ def test_weights_loaded_in_inference_mode_are_copied_for_the_fits_gradient(host,
     modules["comfy.model_management"].STANDIN_STATE["free_memory"] = 16
     with comfy_calibration.ordinary_weights([network], messages.append):
         assert all(t.is_inference() for t in network.parameters())
-    assert messages and "than is free" in messages[0]
+    assert messages and "more than is free" in messages[0]
+    # out of memory while copying after all: the copies made so far are dropped, the originals stay, it says so
+    modules["comfy.model_management"].STANDIN_STATE["free_memory"] = 1 << 40
+    messages.clear()
+    real_clone, clones = torch.Tensor.clone, []
+
+    def clone_then_fail(self, *args, **kwargs):
+        clones.append(1)
+        if len(clones) == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_clone(self, *args, **kwargs)
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.Tensor, "clone", clone_then_fail)
+        with comfy_calibration.ordinary_weights([network], messages.append):
+            assert all(a is b for a, b in zip(list(network.parameters()) + list(network.buffers()), originals))
+    assert len(clones) == 2 and messages and "out of memory" in messages[0]
