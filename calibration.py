@@ -64,8 +64,8 @@ from .samplers._common import emit, get_model_sampling, renoise, resolve_noise_s
 from .samplers.traits import traits
 from .validation import KSamplerInputError, check_float, check_int
 
-__all__ = ["Calibration", "calibrate", "candidate_fitting_noise", "fit_calibration", "DEFAULT_FIT", "sample_calibrated", "teacher_solve",
-           "multistep_coefficients", "cached_calibration", "calibration_key", "fitting_noise", "clear_cache",
+__all__ = ["Calibration", "calibrate", "candidate_fitting_noise", "fit_calibration", "DEFAULT_FIT",
+           "sample_calibrated", "teacher_solve", "multistep_coefficients", "cached_calibration", "calibration_key", "fitting_noise", "clear_cache",
            "CALIBRATION_FORMAT", "CALIBRATION_FORMATS", "REFINE", "check_eta", "fit_settings",
            "calibration_keys", "check_calibration_path", "model_fingerprint"]
 
@@ -967,6 +967,19 @@ def _fingerprint_leaf(h, value, walk, samples: int = 16) -> None:
                  type(value).__name__.encode())
 
 
+_UNREADABLE = (RuntimeError, TypeError, NotImplementedError)  # reading tensors that hold no plain values
+
+
+def _feed_weights(h, network, backup: Optional[dict] = None) -> None:
+    """Feed each of ``network``'s weights into the digest ``h`` by name, as ``_fingerprint_leaf`` (a sample of its
+    values); for a weight the host has patched in place, its original from ``backup`` (ComfyUI's
+    ModelPatcher.backup).  Raises one of ``_UNREADABLE`` for weights whose values cannot be read."""
+    for name, tensor in sorted(network.state_dict().items()):
+        original = (backup or {}).get(name)
+        h.update(name.encode())
+        _digest_walk(h, getattr(original, "weight", original) if original is not None else tensor, _fingerprint_leaf)
+
+
 def model_fingerprint(model) -> Optional[str]:
     """A digest of a model's content, the same for the same weights in any process: its weights (a sample of each
     tensor's values), its model sampling, and for a ComfyUI ModelPatcher its patches (LoRAs and the like), with the
@@ -978,14 +991,9 @@ def model_fingerprint(model) -> Optional[str]:
     if not callable(getattr(target, "state_dict", None)):
         return None  # nothing to identify it by: its files load in this process only (by model_token)
     h = hashlib.sha1()
-    backup = getattr(model, "backup", None) or {}
     try:
-        for name, tensor in sorted(target.state_dict().items()):
-            original = backup.get(name)
-            h.update(name.encode())
-            _digest_walk(h, getattr(original, "weight", original) if original is not None else tensor,
-                         _fingerprint_leaf)
-    except (RuntimeError, TypeError, NotImplementedError):  # weights that cannot be read as values (quantised)
+        _feed_weights(h, target, getattr(model, "backup", None) or {})
+    except _UNREADABLE:  # weights that cannot be read as values (quantised)
         return None
     ms = model.get_model_object("model_sampling") if patcher else getattr(model, "model_sampling", None)
     h.update(type(ms).__name__.encode())
@@ -1051,7 +1059,7 @@ def _content_walk(h, value) -> None:
                     t = v.detach().to("cpu").contiguous()
                     h.update(f"{tuple(t.shape)}{t.dtype}".encode())
                     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-            except (RuntimeError, TypeError, NotImplementedError):  # values it cannot read (meta, quantised):
+            except _UNREADABLE:  # values it cannot read (meta, quantised):
                 h.update(f"{classes(v)!r}@{id(v)}".encode())  # this object, in this process only
         elif isinstance(v, type):
             h.update(f"type:{v.__module__}.{v.__qualname__}".encode())
@@ -1062,10 +1070,8 @@ def _content_walk(h, value) -> None:
             if isinstance(v, torch.nn.Module):  # a network by its weights, not what the host notes on it
                 h.update(classes(v))
                 try:
-                    for name, tensor in sorted(v.state_dict().items()):
-                        h.update(name.encode())
-                        _fingerprint_leaf(h, tensor, None)
-                except (RuntimeError, TypeError, NotImplementedError):
+                    _feed_weights(h, v)
+                except _UNREADABLE:
                     h.update(f"@{id(v)}".encode())  # weights it cannot read: this object, in this process only
             elif isinstance(v, dict):  # empty entries skipped: {} and {"patches": {}} are the same options
                 for k in sorted(v, key=repr):

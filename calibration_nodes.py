@@ -90,8 +90,8 @@ class CalibratedScheduler:
                 return cal.sigmas.clone(), CalibratedSampler(cal), cal
             from .calibration import calibrate
             if in_host:  # one of our models inside ComfyUI: the node's progress bar and the stop request
-                from .comfy_calibration import fit_progress
-                options["progress"] = fit_progress()
+                from .comfy_adapter import host_progress
+                options["progress"] = host_progress()
             cal = _with_eta(calibrate(model, positive, negative, latent_image, steps, float(cfg), **options), eta)
         except ValueError as exc:
             raise KSamplerInputError(str(exc)) from exc

@@ -42,7 +42,8 @@ from .comfy_checks import HostOutputGuard, check_host_graph, model_label
 from .guard import StepGuard
 from .validation import MAX_STEPS, KSamplerInputError
 
-__all__ = ["RegistrySampler", "host_model_sampling", "common_ksampler", "SamplerSelect", "Scheduler", "core_callback"]
+__all__ = ["RegistrySampler", "host_model_sampling", "common_ksampler", "SamplerSelect", "Scheduler", "core_callback",
+           "host_progress"]
 
 
 class _HostDelegate:
@@ -342,13 +343,23 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
     return out
 
 
+def host_progress(total: int = 1):
+    """``progress(done, total)`` for work a node runs: the host's stop request honoured, then the node's progress
+    bar moved (a calibration fit's iterations: ``fit_calibration``'s ``progress``)."""
+    pbar = comfy.utils.ProgressBar(total)
+
+    def progress(done: int, total: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(done, total)
+    return progress
+
+
 def core_callback(steps: int):
     """Progress bar and interrupt checks for runs of our own models inside ComfyUI."""
-    pbar = comfy.utils.ProgressBar(steps)
+    progress = host_progress(steps)
 
     def callback(step, denoised, x, total_steps):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        pbar.update_absolute(step + 1, total_steps)
+        progress(step + 1, total_steps)
     return callback
 
 

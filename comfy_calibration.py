@@ -11,25 +11,13 @@ import contextlib
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
-import comfy.utils
 import torch
 
 from .calibration import (Calibration, cached_calibration, calibration_keys, candidate_fitting_noise, default_log,
                           fit_calibration, fit_settings, fitting_noise)
-from .comfy_adapter import guarded_host_denoiser
+from .comfy_adapter import guarded_host_denoiser, host_progress
 
-__all__ = ["CalibratedSampler", "calibrate_host", "fit_progress"]
-
-
-def fit_progress():
-    """``fit_calibration``'s progress for a fit run by a node: the node's progress bar, and the host's stop request
-    honoured at each iteration."""
-    bar = comfy.utils.ProgressBar(1)
-
-    def progress(done: int, total: int) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        bar.update_absolute(done, total)
-    return progress
+__all__ = ["CalibratedSampler", "calibrate_host", "ordinary_weights"]
 
 
 class CalibratedSampler(comfy.samplers.Sampler):
@@ -131,7 +119,7 @@ class _FittingSampler(comfy.samplers.Sampler):
         options["candidate_noise"] = [n.to(device=noise.device, dtype=noise.dtype)
                                       for n in options.get("candidate_noise", ())]
         with output_guard, ordinary_weights([model_wrap.inner_model], options.get("log") or default_log):
-            self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, progress=fit_progress(),
+            self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, progress=host_progress(),
                                           **options)
         return latent_image
 
