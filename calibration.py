@@ -439,10 +439,16 @@ class _Student:
     """The calibrated sampler as a function of its parameters, run on the fitting batch against the teacher."""
 
     def __init__(self, denoiser: Denoiser, ms, x0: Tensor, teacher: Tensor, s_max: float, hi: float, lo: float,
-                 order: int, t_min: float):
+                 order: int, t_min: float, solve_start: Optional[Callable[[], None]] = None):
         self.denoiser, self.ms, self.x0, self.teacher, self.s_max = denoiser, ms, x0, teacher, s_max
+        self.solve_start = solve_start
         self.log_hi, self.log_lo, self.order = math.log(hi), math.log(lo), order
         self.log_eval_range = (math.log(t_min), math.log(s_max))  # where the model may be called
+
+    def begin_solve(self) -> None:
+        """Before each pass through the model: the host resets what its model keeps from call to call."""
+        if self.solve_start is not None:
+            self.solve_start()
 
     def parameters(self, u: Tensor, form: tuple, delta: Optional[dict]) -> tuple:
         """(model sigmas, coefficients, corrector or None, shift or None) of the calibrated sampler.
@@ -479,6 +485,7 @@ class _Student:
     def loss(self, u: Tensor, form: tuple, delta: Optional[dict], idx) -> Tensor:
         """RMS gap to the teacher's final samples over the items ``idx``."""
         sig, c, cc, shift = self.parameters(u, form, delta)
+        self.begin_solve()
         return _rms_gap(_solve(self.denoiser, self.x0, sig, c, self.ms, {}, corrector=cc, shift=shift)[idx],
                         self.teacher[idx])
 
@@ -631,6 +638,7 @@ def _gradient_mode(gradient: str, student: _Student, u: Tensor, form: tuple, del
         raise ValueError(f"gradient: must be 'auto', 'autograd' or 'spsa', got {gradient!r}")
     if gradient != "auto":
         return gradient
+    student.begin_solve()
     if _model_differentiable(student.denoiser, student.x0, 4 * s_min) and \
             _differentiable(lambda: student.loss(u, form, delta, fit_idx)):
         return "autograd"
@@ -697,7 +705,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                     refine_iterations: int = REFINE["iterations"], candidate_noise: Sequence[Tensor] = (),
                     candidate_denoisers: Optional[Sequence[Denoiser]] = None, refine_candidates: bool = False,
                     log: Optional[Callable[[str], None]] = None, info: Optional[dict] = None,
-                    progress: Optional[Callable[[int, int], None]] = None) -> Calibration:
+                    progress: Optional[Callable[[int, int], None]] = None,
+                    solve_start: Optional[Callable[[], None]] = None) -> Calibration:
     """Fit a step schedule (and multistep coefficients) to ``denoiser`` on ``noise`` (see the module docstring).
 
     denoiser: ``denoiser(x, sigma) -> denoised`` in the model's frame, guidance included (a CFG-guided
@@ -736,6 +745,9 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
         that it does not extrapolate the denoised estimate to sigma 0.
     progress: ``progress(done, total)`` before each optimiser iteration, counted over the whole fit (candidates
         and refinements included): for a progress bar, or to stop the fit by raising (the host's interrupt).
+    solve_start: called before each solve from the start noise through the model (the teacher's, and each run of
+        the fitted sampler): for a model that keeps state from call to call within a sample, to reset it as a new
+        sample would (ComfyUI's hook keyframes step on as the sigmas fall).
     """
     _check_fit_args(noise, steps, order, refine_noise)
     candidate_noise = list(candidate_noise)
@@ -776,8 +788,10 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
 
     def student_on(model: Denoiser, batch: Tensor) -> _Student:
         x0 = ms.noise_scaling(torch.tensor(s_max, dtype=batch.dtype), batch, torch.zeros_like(batch), max_denoise)
+        if solve_start is not None:
+            solve_start()
         teacher = teacher_solve(model, ms, x0, s_max, t_min, teacher_steps).to(batch.dtype)
-        return _Student(model, ms, x0, teacher, s_max, hi, lo, order, t_min)
+        return _Student(model, ms, x0, teacher, s_max, hi, lo, order, t_min, solve_start)
 
     def gradient_items(batch: Tensor) -> slice:  # the gradient's items: all but the first quarter
         return slice(max(1, batch.shape[0] // 4), None)
@@ -871,7 +885,10 @@ def default_log(msg: str) -> None:
 
 
 def model_token(model) -> str:
-    """A stable identity for a model object (a token attached to it; ComfyUI patches add their uuid)."""
+    """A stable identity for a model object in this process: a token attached to its network, and for a ComfyUI
+    ModelPatcher a digest of its weight patches (LoRAs: a sample of their values, as in ``model_fingerprint``).
+    Not the patcher's ``patches_uuid``: ComfyUI draws that anew each time a sample registers hook patches, the
+    model unchanged, so a conditioning with hooks would refit at every run."""
     target = getattr(model, "model", model) if hasattr(model, "get_model_object") else model
     token = getattr(target, "_ksampler_calibration_token", None)
     if token is None:
@@ -881,8 +898,13 @@ def model_token(model) -> str:
             setattr(target, "_ksampler_calibration_token", token)
         except AttributeError as exc:
             raise ValueError(f"model: cannot tag a {type(target).__name__} for the calibration cache") from exc
-    patches = getattr(model, "patches_uuid", None)
-    return token + (f"/{patches}" if patches is not None else "")
+    patches = getattr(model, "patches", None) if hasattr(model, "get_model_object") else None
+    if not patches:
+        return token
+    import hashlib
+    h = hashlib.sha1()
+    _digest_walk(h, patches, _fingerprint_leaf)
+    return f"{token}/{h.hexdigest()}"
 
 
 def _digest_walk(h, value, leaf: Callable) -> None:
@@ -1011,6 +1033,11 @@ def model_fingerprint(model) -> Optional[str]:
 # the like), wrappers, hooks, injections
 PATCHER_STATE = ("model_options", "object_patches", "weight_wrapper_patches", "wrappers", "callbacks", "injections",
                  "hook_patches", "forced_hooks")
+# what ComfyUI's hook keyframes note on themselves as a sample runs (where the sample is; each keyframe's start_t,
+# worked out from its start_percent and the model when a sample starts), by class: not what they compute
+SAMPLE_STATE = {"HookKeyframeGroup": frozenset({"_current_keyframe", "_current_used_steps", "_current_index",
+                                                 "_current_strength", "_curr_t", "curr_t"}),
+                "HookKeyframe": frozenset({"start_t"})}
 _STATE_DEPTH, _STATE_NODES = 12, 20_000
 _PLAIN = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)
 
@@ -1035,14 +1062,16 @@ def _cell(cell):
 def _content_walk(h, value) -> None:
     """Feed ``value`` into the digest ``h`` by content, the same in any process: dicts by sorted key and sequences
     item by item (empty ones skipped), functions by name and the values they close over, other objects by their
-    classes and their attributes (None ones skipped: unset and cleared are the same; devices skipped), a network
+    classes and their attributes (None ones skipped: unset and cleared are the same; devices and the
+    ``SAMPLE_STATE`` of ComfyUI's hook keyframes skipped), a network
     (``torch.nn.Module``) by its class and its weights only (a sample of each tensor's values, as in
     ``model_fingerprint``; not the attributes the host sets on it when it loads it), tensors by their bytes (a
     parameter, and tensors over 2**24 values: a sample; one whose values cannot be read, by its identity in this
     process).  A model patcher met inside counts by its class only, and the walk stops at a depth and a size."""
     import functools
     import types
-    seen, budget = set(), [_STATE_NODES]
+    seen: dict = {}  # id -> the object, kept alive: a freed temporary's id may be reused by the next one
+    budget = [_STATE_NODES]
 
     def classes(v) -> bytes:
         return ">".join(c.__qualname__ for c in type(v).__mro__).encode()
@@ -1066,7 +1095,7 @@ def _content_walk(h, value) -> None:
         elif depth > _STATE_DEPTH or budget[0] < 0 or id(v) in seen or hasattr(v, "get_model_object"):
             h.update(classes(v))
         else:
-            seen.add(id(v))
+            seen[id(v)] = v
             if isinstance(v, torch.nn.Module):  # a network by its weights, not what the host notes on it
                 h.update(classes(v))
                 try:
@@ -1097,8 +1126,9 @@ def _content_walk(h, value) -> None:
                     h.update(f"{getattr(v, '__module__', '')}.{v.__qualname__}".encode())
                 attributes = getattr(v, "__dict__", None)
                 if isinstance(attributes, dict):  # where it runs is not what it computes: devices skipped
-                    walk({k: a for k, a in attributes.items() if a is not None and not isinstance(a, torch.device)},
-                         depth + 1)
+                    noted = SAMPLE_STATE.get(type(v).__name__, ())
+                    walk({k: a for k, a in attributes.items()
+                          if a is not None and not isinstance(a, torch.device) and k not in noted}, depth + 1)
     walk(value, 0)
 
 

@@ -1,8 +1,10 @@
 """Calibration inside ComfyUI: fitting through the host's own model and guidance, and a SAMPLER that runs a fit.
 
 The fit runs inside a ``comfy.samplers.Sampler`` handed to ComfyUI's ``CFGGuider``, so the model, its patches
-and the conditioning go through ComfyUI's own code.  ComfyUI runs nodes in inference mode, where its weights
-give no gradient: the fit then says so and uses SPSA (``calibration.fit_calibration``).
+and the conditioning go through ComfyUI's own code.  ComfyUI loads checkpoints in inference mode, whose weights
+give no gradient: while the fit runs they are swapped for ordinary copies (``ordinary_weights``).  Where that is
+not possible, or where hooks on the conditioning change the weights between model calls (``_HostHooks``), the fit
+says so and uses SPSA (``calibration.fit_calibration``).
 """
 from __future__ import annotations
 
@@ -95,6 +97,55 @@ def ordinary_weights(modules, log=default_log):
         restore()
 
 
+def _hook_groups(conds) -> list:
+    """The distinct hook groups on the conditioning entries ComfyUI runs (``CFGGuider.conds``: dicts, or
+    conditioning's [tensor, options] pairs), None for none."""
+    groups: list = []
+    for entries in (conds or {}).values():
+        for entry in entries or ():
+            options = entry[1] if isinstance(entry, (list, tuple)) and len(entry) > 1 else entry
+            group = options.get("hooks") if isinstance(options, dict) else None
+            if not any(group is seen for seen in groups):
+                groups.append(group)
+    return groups
+
+
+def _keyframed(hook) -> bool:
+    """Whether a hook's strength changes during a sample (keyframes of more than one strength)."""
+    keyframes = getattr(getattr(hook, "hook_keyframe", None), "keyframes", None) or ()
+    return len({float(kf.strength) for kf in keyframes}) > 1
+
+
+def _weight_hooks(group) -> frozenset:
+    """The weight-patching hooks of a hook group, each with its strength (what ComfyUI patches into the weights
+    while the entries with that group run)."""
+    return frozenset((hook, float(getattr(hook, "strength_model", 1.0))) for hook in getattr(group, "hooks", ())
+                     if getattr(getattr(hook, "hook_type", None), "value", None) == "weight")
+
+
+class _HostHooks:
+    """What ComfyUI's hooks on the conditioning mean for a fit.  ComfyUI patches a weight hook's weights into the
+    model in place (through ``.data``, unseen by autograd) when the entries it is on run, and again when a keyframe
+    changes its strength; so where the weights change between the model calls of one solve (entries with
+    different weight hooks, or keyframes of more than one strength) a gradient through them would be silently
+    wrong, and the fit uses SPSA.  Keyframes step on as the sigmas fall and never step back; ComfyUI resets them
+    when a sample starts, and ``solve_start`` does so before each of the fit's solves."""
+
+    def __init__(self, model_wrap):
+        self.patcher = getattr(model_wrap, "model_patcher", None)
+        self.groups = [g for g in _hook_groups(getattr(model_wrap, "conds", None)) if g is not None]
+        weight_sets = {_weight_hooks(g) for g in _hook_groups(getattr(model_wrap, "conds", None))}
+        self.keyframed = any(_keyframed(hook) for g in self.groups for hook in getattr(g, "hooks", ()))
+        self.weights_change = len(weight_sets) > 1 or any(_keyframed(hook) for hooks in weight_sets
+                                                           for hook, _ in hooks)
+
+    def solve_start(self) -> None:
+        for group in self.groups:
+            group.reset()
+        if self.patcher is not None:  # unpatched: the next call patches the first keyframe's strength
+            self.patcher.clear_cached_hook_weights()
+
+
 class _FittingSampler(comfy.samplers.Sampler):
     """Runs ``fit_calibration`` on the host's guided denoiser; the 'sample' it returns is the unchanged latent.
     The node's progress bar follows the fit's iterations, and a stop request ends it at the next model call."""
@@ -114,11 +165,20 @@ class _FittingSampler(comfy.samplers.Sampler):
             comfy.model_management.throw_exception_if_processing_interrupted()
             return host(x, sigma, **extra_args)
         options = dict(self.options)
+        log = options.get("log") or default_log
+        hooks, networks = _HostHooks(model_wrap), [model_wrap.inner_model]
+        if hooks.keyframed:
+            options["solve_start"] = hooks.solve_start
+        if hooks.weights_change:
+            log("calibration: hooks on the conditioning change the model's weights in place between its calls (hook "
+                "keyframes, or weight hooks on only some of the conditioning), which autograd cannot follow; "
+                "fitting with SPSA (two evaluations per iteration) instead")
+            options["gradient"], networks = "spsa", []
         if options.get("refine_noise") is not None:  # where ComfyUI put the fitting noise
             options["refine_noise"] = options["refine_noise"].to(device=noise.device, dtype=noise.dtype)
         options["candidate_noise"] = [n.to(device=noise.device, dtype=noise.dtype)
                                       for n in options.get("candidate_noise", ())]
-        with output_guard, ordinary_weights([model_wrap.inner_model], options.get("log") or default_log):
+        with output_guard, ordinary_weights(networks, log):
             self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, progress=host_progress(),
                                           **options)
         return latent_image

@@ -181,8 +181,8 @@ def build_standin_modules():
             self.inner_model = types.SimpleNamespace(model_sampling=self.model_patcher.model_sampling_object)
             guider = self
 
-            class Wrap:
-                inner_model = self.inner_model
+            class Wrap:  # ComfyUI hands the guider itself to the sampler: its conds and patcher too
+                inner_model, conds, model_patcher = self.inner_model, self.conds, self.model_patcher
 
                 def __call__(self, x, sigma, model_options={}, seed=None):
                     return guider.predict_noise(x, sigma, model_options, seed)
@@ -397,6 +397,9 @@ class StandInModelPatcher:
     def get_model_object(self, name):
         assert name in ("model_sampling", "latent_format")
         return self.model_sampling_object if name == "model_sampling" else self.latent_format
+
+    def clear_cached_hook_weights(self):  # ComfyUI: drops hook weights cached for a keyframe, unpatches them
+        self.hook_weight_clears = getattr(self, "hook_weight_clears", 0) + 1
 
 
 def install(monkeypatch):

@@ -230,6 +230,35 @@ def test_shifts_stay_where_the_model_may_be_called():
                                          shift=torch.zeros(cal.steps, dtype=torch.float64)))
 
 
+@pytest.mark.parametrize("gradient", ["auto", "spsa"])
+def test_solve_start_comes_before_every_pass_through_the_model(gradient):
+    """A model that keeps state from call to call within a sample (ComfyUI's hook keyframes step on as the
+    sigmas fall, and never back) is reset before each of the fit's passes through it: the teacher's, the
+    gradient probe, every run of the fitted sampler (race, candidates, refinement, SPSA's pairs).  No pass starts
+    without it and none is cut by it: between two resets the model's sigmas never rise."""
+    ms = EPS()
+    inner, trace = Mixture2D(ms), []
+
+    def model(x, sigma, **kw):
+        trace.append(float(sigma.detach().max()))
+        return inner(x, sigma, **kw)
+    gen = torch.Generator().manual_seed(6)
+    noise, other = (torch.randn(8, 2, generator=gen, dtype=torch.float64) for _ in range(2))
+    cal = fit_calibration(model, ms, noise, 3, iterations=6, teacher_steps=20, gradient=gradient,
+                          refine_noise=torch.randn(32, 2, generator=gen, dtype=torch.float64), refine_iterations=3,
+                          candidate_noise=[other], refine_candidates=True, solve_start=lambda: trace.append("start"))
+    assert trace[0] == "start" and cal.info["gradient"] == ("autograd" if gradient == "auto" else "spsa")
+    passes, current = [], None
+    for item in trace:
+        if item == "start":
+            current = []
+            passes.append(current)
+        else:
+            current.append(item)
+    assert len(passes) > 20 and all(passes), "every reset is followed by a pass"
+    assert all(later <= earlier for calls in passes for earlier, later in zip(calls, calls[1:]))
+
+
 def test_save_load_round_trip_is_bit_identical(tmp_path):
     ms = EPS()
     cal = fit_calibration(Mixture2D(ms), ms, torch.randn(8, 2, dtype=torch.float64), 3, iterations=2,
@@ -510,6 +539,79 @@ def test_conditioning_objects_key_files_by_content():
     # plain conditioning (tensors, numbers, strings) digests alike either way: files written before still load
     plain = [[torch.ones(1, 2, 4), {"pooled_output": torch.ones(1, 4), "strength": 0.5, "area": (8, 8, 0, 0)}]]
     assert conditioning_digest(plain) == conditioning_digest(plain, by_content=True)
+
+
+def test_the_content_walk_counts_each_object_by_its_content_whatever_was_freed_before():
+    """Objects walked one after another: the attribute dicts the walk builds for the first are freed before the
+    second, and Python may give the next one the same id; each object still counts by its own content, and a
+    digest is the same however often it is taken."""
+    from ksampler.calibration import conditioning_digest
+
+    class Setting:
+        def __init__(self, value):
+            self.value = value
+
+    class Holder:  # one object in the conditioning (a ControlNet, a hook group) holding several
+        def __init__(self, values):
+            self.settings = [Setting(v) for v in values]
+
+    def cond(*values):
+        return [[torch.ones(1, 2, 4), {"control": Holder(values)}]]
+    digests = {conditioning_digest(cond(1.0, second), by_content=True) for second in (2.0, 3.0, 4.0)}
+    assert len(digests) == 3
+    one = cond(1.0, 2.0)
+    assert len({conditioning_digest(one, by_content=True) for _ in range(5)}) == 1
+
+
+def test_hook_keyframes_count_by_their_settings_not_where_a_sample_left_them():
+    """ComfyUI's hook keyframes note on themselves where a sample is (the current keyframe, its steps, the last
+    sigma) and each keyframe's start sigma when a sample starts: a file keyed before a run loads after it; a
+    keyframe's strength or start is another calibration."""
+    from ksampler.calibration import conditioning_digest
+
+    class HookKeyframe:
+        def __init__(self, strength, start_percent):
+            self.strength, self.start_percent, self.guarantee_steps, self.start_t = strength, start_percent, 1, 1e9
+
+    class HookKeyframeGroup:
+        def __init__(self, *keyframes):
+            self.keyframes = list(keyframes)
+            self._current_keyframe, self._current_used_steps, self._current_index = self.keyframes[0], 0, 0
+            self._current_strength, self._curr_t = None, -1.0
+
+    def cond(group):
+        return [[torch.ones(1, 2, 4), {"hooks": [group]}]]
+    group = HookKeyframeGroup(HookKeyframe(1.0, 0.0), HookKeyframe(0.5, 0.5))
+    before = conditioning_digest(cond(group), by_content=True)
+    group._current_keyframe, group._current_used_steps, group._current_index = group.keyframes[1], 3, 1
+    group._current_strength, group._curr_t, group.curr_t = torch.tensor(0.5), torch.tensor(0.03), -1.0
+    group.keyframes[1].start_t = 4.09  # a sample ran: where it left them does not count
+    assert conditioning_digest(cond(group), by_content=True) == before
+    for other in (HookKeyframeGroup(HookKeyframe(1.0, 0.0), HookKeyframe(0.25, 0.5)),
+                  HookKeyframeGroup(HookKeyframe(1.0, 0.0), HookKeyframe(0.5, 0.7))):
+        assert conditioning_digest(cond(other), by_content=True) != before
+
+
+def test_a_patchers_cache_identity_follows_its_weight_patches_not_its_uuid():
+    """ComfyUI draws a patcher's ``patches_uuid`` anew whenever a sample registers hook patches: the in-memory
+    key follows the weight patches themselves, so a conditioning with hooks does not refit at every run."""
+    from ksampler.calibration import model_token
+    net = torch.nn.Linear(3, 3)
+
+    class Patcher:
+        def __init__(self, patches):
+            self.model, self.patches, self.patches_uuid = net, patches, object()
+
+        def get_model_object(self, name):
+            return None
+    lora = {"weight": [(1.0, (torch.ones(3, 3),), 1.0, None, None)]}
+    plain, with_lora = Patcher({}), Patcher(lora)
+    token = model_token(with_lora)
+    with_lora.patches_uuid = object()  # a sample registered hook patches
+    assert model_token(with_lora) == token
+    assert model_token(Patcher({"weight": [(1.0, (torch.ones(3, 3),), 1.0, None, None)]})) == token
+    assert len({model_token(plain), token, model_token(Patcher({"weight": [(0.5, (torch.ones(3, 3),), 1.0, None,
+                                                                             None)]}))}) == 3
 
 
 def test_node_outputs_descending_sigmas_and_ksampler_uses_them():

@@ -4,6 +4,7 @@ There is no ComfyUI in CI; the real host is checked by ../shared/comfyui/parity.
 "Verifying against ComfyUI").
 """
 import sys
+import types
 
 import pytest
 import torch
@@ -476,6 +477,54 @@ def test_a_calibration_fit_in_the_host_shows_progress_and_stops_when_asked(host,
             CalibratedScheduler().calibrate(ours, conditioning(1.0), conditioning(-0.5), latent, 3, 4.0, **node_opts)
     finally:
         state["interrupt_at"] = None
+
+
+class _HookGroup:
+    """ComfyUI's hooks on a conditioning entry, as the fit sees them: weight hooks, each with its strength and
+    keyframes, and the group's reset (what ComfyUI does to them when a sample starts)."""
+
+    class WeightHook:
+        hook_type = types.SimpleNamespace(value="weight")  # comfy.hooks.EnumHookType.Weight
+
+        def __init__(self, *strengths):
+            self.strength_model = 1.0
+            self.hook_keyframe = types.SimpleNamespace(keyframes=[types.SimpleNamespace(strength=s)
+                                                                  for s in strengths])
+
+    def __init__(self, *hooks):
+        self.hooks, self.resets = list(hooks), 0
+
+    def reset(self):
+        self.resets += 1
+
+
+@pytest.mark.parametrize("case", ["keyframes", "positive only", "the same on both"])
+def test_hooks_on_the_conditioning_are_followed_by_the_fit(host, comfy_calibration, case):
+    """ComfyUI patches a weight hook's weights into the model in place, through ``.data``, where autograd does not
+    see it: with keyframes of more than one strength, or weight hooks on only some entries, the weights change
+    between the calls of one pass, a gradient would be silently wrong, and the fit uses SPSA and says why.  Hook
+    keyframes step on as the sigmas fall and never back: they are reset, and the weights cached for them
+    cleared, before each of the fit's passes, as ComfyUI does when a sample starts.  One unchanging hook on every
+    entry leaves the gradient as it was."""
+    modules, _ = host
+    patcher = StandInModelPatcher(modules, "eps")
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    hook = _HookGroup.WeightHook(*((1.0, 0.5, 0.0) if case == "keyframes" else (1.0,)))
+    group = _HookGroup(hook)
+    positive = [[torch.full((1, 4, 8), 1.0), {"hooks": group}]]
+    negative = _cond(-1.0) if case == "positive only" else [[torch.full((1, 4, 8), -1.0), {"hooks": group}]]
+    messages = []
+    cal = comfy_calibration.calibrate_host(patcher, positive, negative, latent, 3, 3.0, fit_noises=4, iterations=3,
+                                           teacher_steps=10, log=messages.append)
+    said = any("hooks on the conditioning change the model's weights" in m for m in messages)
+    if case == "the same on both":
+        assert cal.info["gradient"] == "autograd" and not said and group.resets == 0
+    else:
+        assert cal.info["gradient"] == "spsa" and said
+    if case == "keyframes":  # the teacher, the probe, each iteration's pair of passes: all from the first keyframe
+        assert group.resets >= 2 + 2 * 3 and patcher.hook_weight_clears == group.resets
+    else:
+        assert group.resets == 0 and not hasattr(patcher, "hook_weight_clears")
 
 
 def test_weights_loaded_in_inference_mode_are_copied_for_the_fits_gradient(host, comfy_calibration, monkeypatch):

@@ -11,13 +11,16 @@ calibration file written by one load of the checkpoint must load, without fittin
 cache (as after a restart); FreeU (RescaleCFG on SD3) and a model sampling override (ModelSamplingDiscrete,
 ModelSamplingSD3) must each get a fit of their own; with a ControlNet in the conditioning (SD1.5), a calibration
 file must load after a restart and be refused for another hint; ComfyUI's progress hook must see a fit's
-iterations one by one, and a stop request (interrupt_current_processing) must end the fit at the next one.  ComfyUI is imported as a library
+iterations one by one, and a stop request (interrupt_current_processing) must end the fit at the next one; with
+hooks on the conditioning (SD1.5: keyframed and not), the fit must follow them (``_hooks_check``).  ComfyUI is imported as a library
 (../shared/comfyui harness); nothing of it is copied here.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import math
 import os
 import sys
@@ -88,6 +91,73 @@ def _controlnet_file_check(nodes, classes, m, latent, args, work) -> bool:
         except Exception as exc:  # noqa: BLE001  (the node's input error)
             refused = "other inputs" in str(exc)
     return reloaded and refused
+
+
+def _hooks_check(nodes, classes, m, latent, args, work) -> tuple:
+    """Hooks on the conditioning (ComfyUI's weight hooks: the checkpoint's own weights, perturbed, as a "model as
+    LoRA" hook, put on both prompts by ComfyUI's own hook nodes), with keyframes from strength 1 to 0 and without.
+    With keyframes, each of the fit's passes starts at the first keyframe's strength (as each sample does), the
+    fit runs by SPSA and says why, a second call after a KSampler run reuses the fit, a file written by it loads
+    after a KSampler run (ComfyUI notes where a sample left the keyframes on them), and the model samples as
+    before the fit.  One unchanging hook on both: the fit runs by autograd."""
+    import torch
+    import comfy.hooks
+    import comfy_extras.nodes_hooks as nodes_hooks
+    from harness_nodes import random_conditioning
+    model = nodes.CheckpointLoaderSimple().load_checkpoint(m["checkpoint"])[0]
+    pos = random_conditioning(101, m["cond_tokens"], m["cond_dim"], m["pooled_dim"])
+    neg = random_conditioning(202, m["cond_tokens"], m["cond_dim"], m["pooled_dim"])
+    gen = torch.Generator().manual_seed(0)
+    weights = {f"diffusion_model.{k}": v.clone() * (1 + 0.1 * torch.randn(v.shape, generator=gen))
+               for k, v in model.model.diffusion_model.state_dict().items()}
+    plain_hook = comfy.hooks.create_hook_model_as_lora(weights, None, 1.0, 1.0)
+    keyframes = _first(nodes_hooks.CreateHookKeyframesInterpolated().create_hook_keyframes(
+        1.0, 0.0, "linear", 0.0, 1.0, 5))
+    keyed_hook = _first(nodes_hooks.SetHookKeyframes().set_hook_keyframes(plain_hook, keyframes))
+    node, cache = classes["ksampler_CalibratedScheduler"](), sys.modules["ksampler_pack.calibration"]
+    path = os.path.join(work, "hooks.safetensors")
+    seen = []
+    original = comfy.hooks.HookKeyframeGroup.prepare_current_keyframe
+
+    def spy(self, curr_t, transformer_options):
+        changed = original(self, curr_t, transformer_options)
+        seen.append((float(curr_t), float(self.strength)))
+        return changed
+
+    def calibrate(p, n, **extra):
+        return node.calibrate(model, p, n, latent, args.steps, 5.0, fit_noises=4, iterations=2,
+                              teacher_steps=args.teacher_steps, **extra)[2]
+    comfy.hooks.HookKeyframeGroup.prepare_current_keyframe = spy
+    printed = io.StringIO()
+    try:
+        with torch.inference_mode():
+            p, n = (_first(nodes_hooks.SetModelHooksOnCond().attach_hook(c, keyed_hook)) for c in (pos, neg))
+            before = nodes.KSampler().sample(model, 3, args.steps, 5.0, "euler", "karras", p, n, latent)[0]
+            seen.clear()
+            with contextlib.redirect_stdout(printed):  # the fit's log
+                cal = calibrate(p, n, calibration_file=path)
+            messages = printed.getvalue().splitlines()
+            sigma_max = float(model.get_model_object("model_sampling").sigma_max)
+            starts = [strength for (t, strength), (t_before, _) in zip(seen[1:], seen) if t > t_before] + \
+                [seen[0][1]]
+            from_first = len(starts) > 4 and all(strength == 1.0 for strength in starts) and \
+                min(strength for _, strength in seen) < 1.0 and seen[0][0] == sigma_max
+            spsa = cal.info["gradient"] == "spsa" and any("hooks on the conditioning" in msg for msg in messages)
+            after = nodes.KSampler().sample(model, 3, args.steps, 5.0, "euler", "karras", p, n, latent)[0]
+            unchanged = torch.equal(before["samples"], after["samples"])
+            reused = calibrate(p, n) is cal
+            cache.clear_cache()
+            t = time.time()
+            from_file = calibrate(p, n, calibration_file=path)
+            loaded = torch.equal(from_file.sigmas, cal.sigmas) and time.time() - t < 5.0
+            p, n = (_first(nodes_hooks.SetModelHooksOnCond().attach_hook(c, plain_hook)) for c in (pos, neg))
+            steady = calibrate(p, n).info["gradient"] == "autograd"
+    finally:
+        comfy.hooks.HookKeyframeGroup.prepare_current_keyframe = original
+    ok = from_first and spsa and unchanged and reused and loaded and steady
+    return ok, (f"passes from the first keyframe {from_first} ({len(starts)} passes), SPSA with the reason {spsa}, "
+                f"KSampler unchanged by the fit {unchanged}, reused after a KSampler run {reused}, the file loaded "
+                f"after a KSampler run {loaded}; one unchanging hook by autograd {steady}")
 
 
 def _progress_and_stop_check(classes, model, pos, neg, latent, args) -> tuple:
@@ -240,6 +310,7 @@ def main() -> int:
             patched_apart = all(outcomes) and len(set(patch_keys + [cal.info["key"]])) == 3
             controlled = _controlnet_file_check(nodes, classes, m, latent, args, work) if key == "sd15_eps" else True
             progress_stop = _progress_and_stop_check(classes, model, pos, neg, latent, args)
+            hooked = _hooks_check(nodes, classes, m, latent, args, work) if key == "sd15_eps" else (True, "")
         print(f"{key}: sigmas {[round(float(s), 4) for s in sigmas]}; fit {fit_s:.1f}s "
               f"({cal.info['model_calls']} model calls, gradient: {cal.info['gradient']}); RMS to the teacher "
               f"{cal.info['rms_start']:.4g} -> {cal.info['rms_fitted']:.4g}; shifts of the first and last calls "
@@ -253,9 +324,10 @@ def main() -> int:
               f"fitted apart, reused for a clone, the plain model's file refused: {patched_apart}"
               + ("" if key != "sd15_eps" else f"; with a ControlNet, the file reloaded after a sampling run for a "
                  f"fresh load and refused for a moved hint: {controlled}")
-              + f"; progress hook {progress_stop[1]}, stopped mid-fit on request: {progress_stop[0]}")
+              + f"; progress hook {progress_stop[1]}, stopped mid-fit on request: {progress_stop[0]}"
+              + ("" if key != "sd15_eps" else f"; hooks: {hooked[1]}"))
         failures += not (ok and same and cached and stochastic and refinement and reloaded and patched_apart
-                         and controlled and progress_stop[0])
+                         and controlled and progress_stop[0] and hooked[0])
     print("PASS" if not failures else f"FAIL ({failures})")
     return 1 if failures else 0
 
