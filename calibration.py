@@ -925,10 +925,10 @@ def _digest_walk(h, value, leaf: Callable) -> None:
     walk(value)
 
 
-def conditioning_digest(conditioning, by_content: bool = False) -> str:
-    """A digest of ComfyUI-style conditioning ([[tensor, {options}], ...]): tensors by content, numbers and
-    strings by repr, other objects (a ControlNet, say) by repr, which names the object in this process, or with
-    ``by_content`` by their content (``_content_walk``), the same in another process."""
+def conditioning_digest(conditioning) -> str:
+    """A digest of ComfyUI-style conditioning ([[tensor, {options}], ...]) by content, the same in another
+    process: tensors by their values, numbers and strings by repr, other objects (a ControlNet, say) as
+    ``_content_walk`` feeds them."""
     import hashlib
     h = hashlib.sha1()
 
@@ -937,7 +937,7 @@ def conditioning_digest(conditioning, by_content: bool = False) -> str:
             t = v.detach().to("cpu", torch.float32).contiguous()
             h.update(str(tuple(t.shape)).encode())
             h.update(t.numpy().tobytes())
-        elif by_content and not isinstance(v, _PLAIN):
+        elif not isinstance(v, _PLAIN):
             _content_walk(h, v)
         else:
             h.update(repr(v).encode())
@@ -949,7 +949,9 @@ def calibration_key(model, positive, negative, latent_shape, steps: int, cfg: fl
                     by_content: bool = False) -> Optional[str]:
     """The cache key: model, conditioning, latent shape, sampler settings, steps and cfg.  The model is this
     process's object (``model_token``), or with ``by_content`` its weights (``model_fingerprint``: the same in
-    another process, for calibration files; None for a model without weights)."""
+    another process, for calibration files; None for a model without weights).  The conditioning counts by
+    content either way: an object's address names it only while it lives, and the next one (a ControlNet copied
+    for another hint image) may get the same address."""
     import hashlib
     model_id = model_fingerprint(model) if by_content else model_token(model)
     if model_id is None:
@@ -957,8 +959,8 @@ def calibration_key(model, positive, negative, latent_shape, steps: int, cfg: fl
     state = patcher_state_digest(model)
     if state is not None:
         model_id += "+" + state
-    parts = [model_id, conditioning_digest(positive, by_content),
-             conditioning_digest(negative, by_content), str(tuple(latent_shape[1:])), str(int(steps)), repr(float(cfg)),
+    parts = [model_id, conditioning_digest(positive),
+             conditioning_digest(negative), str(tuple(latent_shape[1:])), str(int(steps)), repr(float(cfg)),
              json.dumps(settings, sort_keys=True)]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()
 

@@ -518,27 +518,28 @@ def test_conditioning_objects_key_files_by_content():
     moved = torch.zeros(1, 3, 64, 64)
     moved[0, :, 11, 20:40] = 1.0  # an edge map differing from the first in a few pixels
     a, twin = Control(edges), Control(edges.clone())
-    assert conditioning_digest(cond(a), by_content=True) == conditioning_digest(cond(twin), by_content=True)
+    assert conditioning_digest(cond(a)) == conditioning_digest(cond(twin))
     for other in (Control(moved), Control(edges, strength=0.8)):
-        assert conditioning_digest(cond(a), by_content=True) != conditioning_digest(cond(other), by_content=True)
-    before = conditioning_digest(cond(a), by_content=True)
+        assert conditioning_digest(cond(a)) != conditioning_digest(cond(other))
+    before = conditioning_digest(cond(a))
     a.timestep_range = (999.0, 0.0)  # a sampling run's pre_run ...
     a.timestep_range = None  # ... and its cleanup
-    assert conditioning_digest(cond(a), by_content=True) == before
+    assert conditioning_digest(cond(a)) == before
     # what the host notes on a network when it loads it (ComfyUI: its loaded memory, the patches' uuid) and where
     # it puts it (a load device, set or cleared) do not count; its weights do, every tensor of them
     a.control_model.model_loaded_weight_memory, a.control_model.current_weight_patches_uuid = 4096, object()
     a.load_device = torch.device("cpu")
-    assert conditioning_digest(cond(a), by_content=True) == before
+    assert conditioning_digest(cond(a)) == before
     deep = Control(edges)
     deep.control_model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(3, 3)) for _ in range(12)])
-    digest = conditioning_digest(cond(deep), by_content=True)
+    digest = conditioning_digest(cond(deep))
     with torch.no_grad():
         deep.control_model[11][0].bias[0] += 1.0  # the last layer, deeper than the walk's depth limit
-    assert conditioning_digest(cond(deep), by_content=True) != digest
-    # plain conditioning (tensors, numbers, strings) digests alike either way: files written before still load
+    assert conditioning_digest(cond(deep)) != digest
+    # plain conditioning (tensors, numbers, strings) keeps the digest it has had since files were first keyed
+    # (pinned from stop 31's code), so files written before still load
     plain = [[torch.ones(1, 2, 4), {"pooled_output": torch.ones(1, 4), "strength": 0.5, "area": (8, 8, 0, 0)}]]
-    assert conditioning_digest(plain) == conditioning_digest(plain, by_content=True)
+    assert conditioning_digest(plain) == "c0a23a2412c63e919dda06c9d0c1a07e6fd1755e"
 
 
 def test_the_content_walk_counts_each_object_by_its_content_whatever_was_freed_before():
@@ -557,10 +558,31 @@ def test_the_content_walk_counts_each_object_by_its_content_whatever_was_freed_b
 
     def cond(*values):
         return [[torch.ones(1, 2, 4), {"control": Holder(values)}]]
-    digests = {conditioning_digest(cond(1.0, second), by_content=True) for second in (2.0, 3.0, 4.0)}
+    digests = {conditioning_digest(cond(1.0, second)) for second in (2.0, 3.0, 4.0)}
     assert len(digests) == 3
     one = cond(1.0, 2.0)
-    assert len({conditioning_digest(one, by_content=True) for _ in range(5)}) == 1
+    assert len({conditioning_digest(one) for _ in range(5)}) == 1
+
+
+def test_the_in_memory_key_follows_the_conditioning_not_where_its_objects_live():
+    """A ControlNet copied for each new hint image, the old copy freed: the new one may live at the old one's
+    address, and the in-memory key still tells them apart (by content), so another hint is never served the
+    calibration fitted for the last one."""
+    from ksampler.calibration import calibration_key
+
+    class Control:
+        def __init__(self, hint=None):
+            self.hint = hint
+
+        def copy(self):
+            return Control(self.hint)
+    model, base, keys = torch.nn.Linear(2, 2), Control(), set()
+    for i in range(20):
+        control = base.copy()
+        control.hint = torch.full((3,), float(i))
+        keys.add(calibration_key(model, [[torch.ones(1, 2, 4), {"control": control}]], [], (1, 4, 8, 8), 5, 3.0, {}))
+        del control
+    assert len(keys) == 20
 
 
 def test_hook_keyframes_count_by_their_settings_not_where_a_sample_left_them():
@@ -582,14 +604,14 @@ def test_hook_keyframes_count_by_their_settings_not_where_a_sample_left_them():
     def cond(group):
         return [[torch.ones(1, 2, 4), {"hooks": [group]}]]
     group = HookKeyframeGroup(HookKeyframe(1.0, 0.0), HookKeyframe(0.5, 0.5))
-    before = conditioning_digest(cond(group), by_content=True)
+    before = conditioning_digest(cond(group))
     group._current_keyframe, group._current_used_steps, group._current_index = group.keyframes[1], 3, 1
     group._current_strength, group._curr_t, group.curr_t = torch.tensor(0.5), torch.tensor(0.03), -1.0
     group.keyframes[1].start_t = 4.09  # a sample ran: where it left them does not count
-    assert conditioning_digest(cond(group), by_content=True) == before
+    assert conditioning_digest(cond(group)) == before
     for other in (HookKeyframeGroup(HookKeyframe(1.0, 0.0), HookKeyframe(0.25, 0.5)),
                   HookKeyframeGroup(HookKeyframe(1.0, 0.0), HookKeyframe(0.5, 0.7))):
-        assert conditioning_digest(cond(other), by_content=True) != before
+        assert conditioning_digest(cond(other)) != before
 
 
 def test_a_patchers_cache_identity_follows_its_weight_patches_not_its_uuid():
