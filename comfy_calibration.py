@@ -133,8 +133,9 @@ class _HostHooks:
 
     def __init__(self, model_wrap):
         self.patcher = getattr(model_wrap, "model_patcher", None)
-        self.groups = [g for g in _hook_groups(getattr(model_wrap, "conds", None)) if g is not None]
-        weight_sets = {_weight_hooks(g) for g in _hook_groups(getattr(model_wrap, "conds", None))}
+        every = _hook_groups(getattr(model_wrap, "conds", None))
+        self.groups = [g for g in every if g is not None]
+        weight_sets = {_weight_hooks(g) for g in every}
         self.keyframed = any(_keyframed(hook) for g in self.groups for hook in getattr(g, "hooks", ()))
         self.weights_change = len(weight_sets) > 1 or any(_keyframed(hook) for hooks in weight_sets
                                                            for hook, _ in hooks)

@@ -8,8 +8,8 @@ SamplerCustom node then samples with its SIGMAS and SAMPLER; our KSampler sample
 second node call must reuse the fit without a model call; at eta 0.5 (the same fit, re-noising from the seed)
 SamplerCustom and our KSampler must again agree; a fit refined on 8 more noises (``refine_noises``) must run; a
 calibration file written by one load of the checkpoint must load, without fitting, for a fresh load with an empty
-cache (as after a restart); FreeU (RescaleCFG on SD3) and a model sampling override (ModelSamplingDiscrete,
-ModelSamplingSD3) must each get a fit of their own; with a ControlNet in the conditioning (SD1.5), a calibration
+cache (as after a restart); FreeU (RescaleCFG on SD3), a model sampling override (ModelSamplingDiscrete,
+ModelSamplingSD3) and LoRA-style weight patches must each get a fit of their own; with a ControlNet in the conditioning (SD1.5), a calibration
 file must load after a restart and be refused for another hint; ComfyUI's progress hook must see a fit's
 iterations one by one, and a stop request (interrupt_current_processing) must end the fit at the next one; with
 hooks on the conditioning (SD1.5: keyframed and not), the fit must follow them (``_hooks_check``).  ComfyUI is imported as a library
@@ -36,6 +36,18 @@ HARNESS = next((os.path.join(d, "shared", "comfyui") for d in (os.path.dirname(R
 def _first(node_output):
     """The first output of a node call (a classic tuple or a V3 NodeOutput)."""
     return node_output[0] if isinstance(node_output, tuple) else node_output.result[0]
+
+
+def _lora_like(model):
+    """A clone of ``model`` with weight patches as a LoRA loader adds them (ComfyUI's own ``add_patches``: a
+    random diff on eight of the network's weights, at strength 0.5)."""
+    import torch
+    patched = model.clone()
+    weights = model.model.state_dict()
+    names = [n for n in weights if n.startswith("diffusion_model.") and n.endswith(".weight")][:8]
+    gen = torch.Generator().manual_seed(1)
+    patched.add_patches({n: (0.05 * torch.randn(weights[n].shape, generator=gen),) for n in names}, 0.5)
+    return patched
 
 
 def _controlnet_file_check(nodes, classes, m, latent, args, work) -> bool:
@@ -294,7 +306,8 @@ def main() -> int:
                         else _first(nodes_model_advanced.RescaleCFG().patch(model, 0.7)),  # FreeU needs a UNet
                         _first(nodes_model_advanced.ModelSamplingDiscrete().patch(model, "v_prediction", False))
                         if key == "sd15_eps" else
-                        _first(nodes_model_advanced.ModelSamplingSD3().patch(model, 6.0))]
+                        _first(nodes_model_advanced.ModelSamplingSD3().patch(model, 6.0)),
+                        _lora_like(model)]
             patch_keys = []
             for patched in variants:
                 with_patch = fit_for(patched)
@@ -307,7 +320,7 @@ def main() -> int:
                 except Exception as exc:  # noqa: BLE001  (the node's input error)
                     refused = "other inputs" in str(exc)
                 outcomes.append(with_patch is not cal and repeat is with_patch and refused)
-            patched_apart = all(outcomes) and len(set(patch_keys + [cal.info["key"]])) == 3
+            patched_apart = all(outcomes) and len(set(patch_keys + [cal.info["key"]])) == len(variants) + 1
             controlled = _controlnet_file_check(nodes, classes, m, latent, args, work) if key == "sd15_eps" else True
             progress_stop = _progress_and_stop_check(classes, model, pos, neg, latent, args)
             hooked = _hooks_check(nodes, classes, m, latent, args, work) if key == "sd15_eps" else (True, "")
@@ -320,8 +333,9 @@ def main() -> int:
               f"refit) KSampler == SamplerCustom, and unlike eta 0: {stochastic}; refined on 8 noises "
               f"({refine_s:.1f}s, RMS on them {refined.info.get('rms_refined', float('nan')):.4g}), SamplerCustom "
               f"finite: {refinement}; the file reloaded for a fresh checkpoint load with an empty cache, without "
-              f"fitting ({reload_s:.2f}s): {reloaded}; FreeU (SD3: RescaleCFG) and a model sampling override "
-              f"fitted apart, reused for a clone, the plain model's file refused: {patched_apart}"
+              f"fitting ({reload_s:.2f}s): {reloaded}; FreeU (SD3: RescaleCFG), a model sampling override and "
+              f"LoRA-style weight patches fitted apart, reused for a clone, the plain model's file refused: "
+              f"{patched_apart}"
               + ("" if key != "sd15_eps" else f"; with a ControlNet, the file reloaded after a sampling run for a "
                  f"fresh load and refused for a moved hint: {controlled}")
               + f"; progress hook {progress_stop[1]}, stopped mid-fit on request: {progress_stop[0]}"
