@@ -19,7 +19,7 @@ from .calibration import (Calibration, cached_calibration, calibration_keys, can
                           fit_calibration, fit_settings, fitting_noise)
 from .comfy_adapter import guarded_host_denoiser, host_progress
 
-__all__ = ["CalibratedSampler", "calibrate_host", "ordinary_weights"]
+__all__ = ["CalibratedSampler", "calibrate_host", "ordinary_weights", "without_step_caches"]
 
 
 class CalibratedSampler(comfy.samplers.Sampler):
@@ -95,6 +95,29 @@ def ordinary_weights(modules, log=default_log):
         yield
     finally:
         restore()
+
+
+STEP_CACHES = {"easycache": "EasyCache", "lazycache": "LazyCache"}  # ComfyUI's: their wrappers' keys, names
+
+
+def without_step_caches(model, log=default_log):
+    """``model``, or where ComfyUI's EasyCache or LazyCache is on it, a clone without them.  They skip model calls
+    by reusing earlier outputs, deciding from the calls before, which the fit's passes (and its gradient) cannot
+    go through: ComfyUI crashes inside them.  The calibration is the model's; sampling with the cache on uses it
+    as usual.  The clone keys the calibration as the model without the cache does, so they share it."""
+    wrappers = getattr(model, "wrappers", None) or {}
+    found = sorted({key for by_key in wrappers.values() for key in by_key if key in STEP_CACHES})
+    if not found:
+        return model
+    clone = model.clone()
+    for wrapper_type in list(clone.wrappers):
+        for key in found:
+            clone.remove_wrappers_with_key(wrapper_type, key)
+    clone.model_options.get("transformer_options", {}).pop("easycache", None)  # both keep their state there
+    log(f"calibration: {' and '.join(STEP_CACHES[key] for key in found)} on the model reuses earlier outputs in "
+        f"place of model calls, which a fit cannot follow; the calibration is the model's without it (sampling "
+        f"with it on uses the calibration as usual)")
+    return clone
 
 
 def _hook_groups(conds) -> list:
@@ -190,6 +213,7 @@ def calibrate_host(model, positive, negative, latent: dict, steps: int, cfg: flo
                    refine_noises: int = 0, fit_candidates: int = 1, path: str | None = None,
                    log=default_log) -> Calibration:
     """``calibration.calibrate`` for a ComfyUI MODEL (a ModelPatcher): fitted once per inputs, cached."""
+    model = without_step_caches(model, log)
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises, fit_candidates)
     key, file_key = calibration_keys(model, positive, negative, samples.shape, steps, cfg, settings)

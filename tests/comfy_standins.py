@@ -16,6 +16,7 @@ what comfy_adapter documents it uses (see its module docstring):
 """
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import types
@@ -400,6 +401,22 @@ class StandInModelPatcher:
 
     def clear_cached_hook_weights(self):  # ComfyUI: drops hook weights cached for a keyframe, unpatches them
         self.hook_weight_clears = getattr(self, "hook_weight_clears", 0) + 1
+
+    # sampling wrappers as ComfyUI keeps them: {wrapper type: {key: [wrapper, ...]}}; a clone copies each level
+    wrappers: dict = {}
+
+    def add_wrapper_with_key(self, wrapper_type, key, wrapper):
+        self.wrappers = {t: dict(by_key) for t, by_key in self.wrappers.items()}
+        self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(wrapper)
+
+    def remove_wrappers_with_key(self, wrapper_type, key):
+        self.wrappers.get(wrapper_type, {}).pop(key, None)
+
+    def clone(self):
+        twin = copy.copy(self)
+        twin.model_options = copy.deepcopy(self.model_options)
+        twin.wrappers = {t: {k: list(w) for k, w in by_key.items()} for t, by_key in self.wrappers.items()}
+        return twin
 
 
 def install(monkeypatch):

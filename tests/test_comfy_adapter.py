@@ -527,6 +527,33 @@ def test_hooks_on_the_conditioning_are_followed_by_the_fit(host, comfy_calibrati
         assert group.resets == 0 and not hasattr(patcher, "hook_weight_clears")
 
 
+@pytest.mark.parametrize("cache", ["easycache", "lazycache"])
+def test_a_step_cache_on_the_model_is_left_out_of_the_fit(host, comfy_calibration, cache):
+    """ComfyUI's EasyCache and LazyCache skip model calls by reusing earlier outputs, deciding from the calls
+    before, which the fit's passes cannot go through (ComfyUI crashes inside them): the fit runs on a clone without
+    them and says so, the model with the cache shares the calibration of the model without it, and the model
+    handed in keeps its cache."""
+    modules, _ = host
+    plain = StandInModelPatcher(modules, "eps")
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    opts = {"fit_noises": 4, "iterations": 2, "teacher_steps": 10}
+
+    def skipping_wrapper(executor, *args, **kwargs):  # stands in for the cache's wrapper
+        return executor(*args, **kwargs)
+    cached = plain.clone()
+    cached.model_options["transformer_options"]["easycache"] = object()
+    cached.add_wrapper_with_key("outer_sample", cache, skipping_wrapper)
+    messages = []
+    cal = comfy_calibration.calibrate_host(cached, _cond(1.0), _cond(-1.0), latent, 3, 3.0, log=messages.append,
+                                           **opts)
+    assert any("reuses earlier outputs" in m and "the calibration is the model's without it" in m
+                             for m in messages)
+    assert comfy_calibration.calibrate_host(plain, _cond(1.0), _cond(-1.0), latent, 3, 3.0, **opts) is cal
+    assert cached.wrappers["outer_sample"][cache] == [skipping_wrapper]
+    assert "easycache" in cached.model_options["transformer_options"]
+    assert comfy_calibration.without_step_caches(plain, messages.append) is plain
+
+
 def test_weights_loaded_in_inference_mode_are_copied_for_the_fits_gradient(host, comfy_calibration, monkeypatch):
     """ComfyUI's executor loads checkpoints in inference mode, whose tensors autograd cannot save: while a fit
     runs, ordinary copies stand in for them (a gradient through the network works), and the originals are put

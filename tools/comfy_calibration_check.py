@@ -12,7 +12,8 @@ cache (as after a restart); FreeU (RescaleCFG on SD3), a model sampling override
 ModelSamplingSD3) and LoRA-style weight patches must each get a fit of their own; with a ControlNet in the conditioning (SD1.5), a calibration
 file must load after a restart and be refused for another hint; ComfyUI's progress hook must see a fit's
 iterations one by one, and a stop request (interrupt_current_processing) must end the fit at the next one; with
-hooks on the conditioning (SD1.5: keyframed and not), the fit must follow them (``_hooks_check``).  ComfyUI is imported as a library
+hooks on the conditioning (SD1.5: keyframed and not), the fit must follow them (``_hooks_check``); EasyCache and
+LazyCache on the model must share the plain model's fit (``_step_cache_check``).  ComfyUI is imported as a library
 (../shared/comfyui harness); nothing of it is copied here.
 """
 from __future__ import annotations
@@ -111,7 +112,7 @@ def _hooks_check(nodes, classes, m, latent, args, work) -> tuple:
     With keyframes, each of the fit's passes starts at the first keyframe's strength (as each sample does), the
     fit runs by SPSA and says why, a second call after a KSampler run reuses the fit, a file written by it loads
     after a KSampler run (ComfyUI notes where a sample left the keyframes on them), and the model samples as
-    before the fit.  One unchanging hook on both: the fit runs by autograd."""
+    before the fit.  One unchanging hook on both: the fit runs by autograd, and the model samples as before it."""
     import torch
     import comfy.hooks
     import comfy_extras.nodes_hooks as nodes_hooks
@@ -163,13 +164,34 @@ def _hooks_check(nodes, classes, m, latent, args, work) -> tuple:
             from_file = calibrate(p, n, calibration_file=path)
             loaded = torch.equal(from_file.sigmas, cal.sigmas) and time.time() - t < 5.0
             p, n = (_first(nodes_hooks.SetModelHooksOnCond().attach_hook(c, plain_hook)) for c in (pos, neg))
-            steady = calibrate(p, n).info["gradient"] == "autograd"
+            before = nodes.KSampler().sample(model, 3, args.steps, 5.0, "euler", "karras", p, n, latent)[0]
+            steady = calibrate(p, n).info["gradient"] == "autograd"  # with the weights swapped for the gradient
+            after = nodes.KSampler().sample(model, 3, args.steps, 5.0, "euler", "karras", p, n, latent)[0]
+            unchanged &= torch.equal(before["samples"], after["samples"])
     finally:
         comfy.hooks.HookKeyframeGroup.prepare_current_keyframe = original
     ok = from_first and spsa and unchanged and reused and loaded and steady
     return ok, (f"passes from the first keyframe {from_first} ({len(starts)} passes), SPSA with the reason {spsa}, "
-                f"KSampler unchanged by the fit {unchanged}, reused after a KSampler run {reused}, the file loaded "
+                f"KSampler unchanged by either fit {unchanged}, reused after a KSampler run {reused}, the file loaded "
                 f"after a KSampler run {loaded}; one unchanging hook by autograd {steady}")
+
+
+def _step_cache_check(classes, model, pos, neg, latent, args, cal) -> bool:
+    """ComfyUI's EasyCache and LazyCache on the model (its own nodes): the calibration node shares the fit of the
+    model without them (``cal``, in the cache) instead of crashing inside them, and our KSampler samples the
+    cached model with it."""
+    import torch
+    import comfy_extras.nodes_easycache as nodes_easycache
+    ok = True
+    for node in (nodes_easycache.EasyCacheNode, nodes_easycache.LazyCacheNode):
+        cached = _first(node.execute(model, 0.2, 0.15, 0.95, False))
+        shared = classes["ksampler_CalibratedScheduler"]().calibrate(
+            cached, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
+            teacher_steps=args.teacher_steps)[2]
+        out = classes["ksampler_KSampler"]().sample(cached, 3, args.steps, 5.0, "euler", "karras", pos, neg, latent,
+                                                    calibration=shared)[0]
+        ok &= shared is cal and bool(torch.isfinite(out["samples"]).all())
+    return ok
 
 
 def _progress_and_stop_check(classes, model, pos, neg, latent, args) -> tuple:
@@ -254,6 +276,7 @@ def main() -> int:
                 model, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
                 teacher_steps=args.teacher_steps)
             cached = again[2] is cal and time.time() - t < 1.0
+            step_caches = _step_cache_check(classes, model, pos, neg, latent, args, cal)
             # eta > 0: the same fit, re-noising from the seed; SamplerCustom and our KSampler draw the same noise
             _, noisy_sampler, noisy = classes["ksampler_CalibratedScheduler"]().calibrate(
                 model, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
@@ -338,10 +361,11 @@ def main() -> int:
               f"{patched_apart}"
               + ("" if key != "sd15_eps" else f"; with a ControlNet, the file reloaded after a sampling run for a "
                  f"fresh load and refused for a moved hint: {controlled}")
-              + f"; progress hook {progress_stop[1]}, stopped mid-fit on request: {progress_stop[0]}"
+              + f"; progress hook {progress_stop[1]}, stopped mid-fit on request: {progress_stop[0]}; EasyCache and "
+                f"LazyCache share the plain model's fit, and sample with it: {step_caches}"
               + ("" if key != "sd15_eps" else f"; hooks: {hooked[1]}"))
         failures += not (ok and same and cached and stochastic and refinement and reloaded and patched_apart
-                         and controlled and progress_stop[0] and hooked[0])
+                         and controlled and progress_stop[0] and hooked[0] and step_caches)
     print("PASS" if not failures else f"FAIL ({failures})")
     return 1 if failures else 0
 
