@@ -14,6 +14,8 @@ new optional inputs at the end, KSampler+ (Two Models) and Sampler Options+; the
   on the flow model into ComfyUI's SamplerCustom (without fit_candidates in the graph, as saved before it, and
   with 2), and with refine_noises 2 or fit_candidates 2 without refinement, which must fail naming the input;
 * the fit logged as "by autograd", not SPSA (the checkpoint's weights, loaded in inference mode, copied for it);
+* the Calibrated Scheduler+ with keyframed hooks on both prompts (ComfyUI's hook nodes), fitted by SPSA saying why,
+  and on a model with EasyCache or LazyCache, fitted without it saying so;
 * a long calibration fit interrupted (POST /interrupt) 5 s into its run: it ends within seconds as
   execution_interrupted, and the next prompt runs as before (the progress bar: comfy_calibration_check.py).
 Exit status 0 when every expectation holds.
@@ -84,6 +86,32 @@ def calibration_graph(m, refine_noises: int, fit_candidates=None):
         "model": ["1", 0], "add_noise": True, "noise_seed": 5, "cfg": 4.0, "positive": ["2", 0],
         "negative": ["3", 0], "sampler": ["5", 1], "sigmas": ["5", 0], "latent_image": ["4", 0]}}
     g["9"] = {"class_type": "HarnessLatentStats", "inputs": {"samples": ["6", 0]}}
+    return g
+
+
+def hooked_calibration_graph(m):
+    """``calibration_graph`` with ComfyUI's hook nodes on both prompts: the checkpoint as a "model as LoRA" hook,
+    its strength keyframed from 1 to 0 over the sample."""
+    g = calibration_graph(m, 0)
+    g["20"] = {"class_type": "CreateHookModelAsLoraModelOnly", "inputs": {"ckpt_name": m["checkpoint"],
+                                                                         "strength_model": 0.5}}
+    g["21"] = {"class_type": "CreateHookKeyframesInterpolated", "inputs": {
+        "strength_start": 1.0, "strength_end": 0.0, "interpolation": "linear", "start_percent": 0.0,
+        "end_percent": 1.0, "keyframes_count": 5, "print_keyframes": False}}
+    g["22"] = {"class_type": "SetHookKeyframes", "inputs": {"hooks": ["20", 0], "hook_kf": ["21", 0]}}
+    for nid, cond in (("23", "2"), ("24", "3")):
+        g[nid] = {"class_type": "SetModelHooksOnCond", "inputs": {"conditioning": [cond, 0], "hooks": ["22", 0]}}
+    for node in ("5", "6"):
+        g[node]["inputs"]["positive"], g[node]["inputs"]["negative"] = ["23", 0], ["24", 0]
+    return g
+
+
+def step_cache_calibration_graph(m, cache: str):
+    """``calibration_graph`` with ComfyUI's EasyCache or LazyCache on the model, for the fit and the sampling."""
+    g = calibration_graph(m, 0)
+    g["20"] = {"class_type": cache, "inputs": {"model": ["1", 0], "reuse_threshold": 0.2, "start_percent": 0.15,
+                                               "end_percent": 0.95, "verbose": False}}
+    g["5"]["inputs"]["model"] = g["6"]["inputs"]["model"] = ["20", 0]
     return g
 
 
@@ -182,6 +210,18 @@ def main(argv=None) -> int:
         expect("the fit in the server gets a gradient (the weights loaded in inference mode are copied for it)",
                bool(fit_log) and all(line.split(" by ")[-1].startswith("autograd") for line in fit_log),
                fit_log[0] if fit_log else "no fit logged")
+        res = e2e.run_graph(server.base, hooked_calibration_graph(models["sd15_eps"]), 600)
+        with open(server.log_path, encoding="utf-8", errors="replace") as f:
+            hooked_log = [line.strip() for line in f if line.startswith("calibration: ")][len(fit_log):]
+        expect("Calibrated Scheduler+ with keyframed hooks on both prompts (sd15_eps): fitted by SPSA, saying why",
+               res["ok"] and any("hooks on the conditioning change" in line for line in hooked_log)
+               and any(" by spsa" in line for line in hooked_log), res.get("error", ""))
+        for cache in ("EasyCache", "LazyCache"):
+            res = e2e.run_graph(server.base, step_cache_calibration_graph(models["sd3_flow"], cache), 600)
+            with open(server.log_path, encoding="utf-8", errors="replace") as f:
+                said = any(line.startswith(f"calibration: {cache} on the model") for line in f)
+            expect(f"Calibrated Scheduler+ on a model with {cache} (sd3_flow): fitted without it, saying so",
+                   res["ok"] and said, res.get("error", ""))
         res = e2e.run_graph(server.base, calibration_graph(models["sd3_flow"], 8, 2), 600)
         expect("Calibrated Scheduler+ keeping the better of 2 refined fits, into SamplerCustom (sd3_flow)",
                res["ok"], res.get("error", ""))
