@@ -925,10 +925,11 @@ def _digest_walk(h, value, leaf: Callable) -> None:
     walk(value)
 
 
-def conditioning_digest(conditioning) -> str:
+def conditioning_digest(conditioning, in_process: bool = False) -> str:
     """A digest of ComfyUI-style conditioning ([[tensor, {options}], ...]) by content, the same in another
     process: tensors by their values, numbers and strings by repr, other objects (a ControlNet, say) as
-    ``_content_walk`` feeds them."""
+    ``_content_walk`` feeds them.  ``in_process``: a model patcher in it (GLIGEN's) also counts by its
+    ``model_token``, which tells models apart in this process only."""
     import hashlib
     h = hashlib.sha1()
 
@@ -938,7 +939,7 @@ def conditioning_digest(conditioning) -> str:
             h.update(str(tuple(t.shape)).encode())
             h.update(t.numpy().tobytes())
         elif not isinstance(v, _PLAIN):
-            _content_walk(h, v)
+            _content_walk(h, v, in_process)
         else:
             h.update(repr(v).encode())
     _digest_walk(h, conditioning, leaf)
@@ -951,7 +952,7 @@ def calibration_key(model, positive, negative, latent_shape, steps: int, cfg: fl
     process's object (``model_token``), or with ``by_content`` its weights (``model_fingerprint``: the same in
     another process, for calibration files; None for a model without weights).  The conditioning counts by
     content either way: an object's address names it only while it lives, and the next one (a ControlNet copied
-    for another hint image) may get the same address."""
+    for another hint image) may get the same address; a model patcher in it also by its ``model_token``."""
     import hashlib
     model_id = model_fingerprint(model) if by_content else model_token(model)
     if model_id is None:
@@ -959,9 +960,8 @@ def calibration_key(model, positive, negative, latent_shape, steps: int, cfg: fl
     state = patcher_state_digest(model)
     if state is not None:
         model_id += "+" + state
-    parts = [model_id, conditioning_digest(positive),
-             conditioning_digest(negative), str(tuple(latent_shape[1:])), str(int(steps)), repr(float(cfg)),
-             json.dumps(settings, sort_keys=True)]
+    parts = [model_id, conditioning_digest(positive, not by_content), conditioning_digest(negative, not by_content),
+             str(tuple(latent_shape[1:])), str(int(steps)), repr(float(cfg)), json.dumps(settings, sort_keys=True)]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()
 
 
@@ -1061,7 +1061,7 @@ def _cell(cell):
         return None
 
 
-def _content_walk(h, value) -> None:
+def _content_walk(h, value, in_process: bool = False) -> None:
     """Feed ``value`` into the digest ``h`` by content, the same in any process: dicts by sorted key and sequences
     item by item (empty ones skipped), functions by name and the values they close over, other objects by their
     classes and their attributes (None ones skipped: unset and cleared are the same; devices and the
@@ -1069,7 +1069,8 @@ def _content_walk(h, value) -> None:
     (``torch.nn.Module``) by its class and its weights only (a sample of each tensor's values, as in
     ``model_fingerprint``; not the attributes the host sets on it when it loads it), tensors by their bytes (a
     parameter, and tensors over 2**24 values: a sample; one whose values cannot be read, by its identity in this
-    process).  A model patcher met inside counts by its class only, and the walk stops at a depth and a size."""
+    process).  A model patcher met inside counts by its class only (``in_process``: and its ``model_token``), and
+    the walk stops at a depth and a size."""
     import functools
     import types
     seen: dict = {}  # id -> the object, kept alive: a freed temporary's id may be reused by the next one
@@ -1096,6 +1097,8 @@ def _content_walk(h, value) -> None:
             h.update(f"type:{v.__module__}.{v.__qualname__}".encode())
         elif depth > _STATE_DEPTH or budget[0] < 0 or id(v) in seen or hasattr(v, "get_model_object"):
             h.update(classes(v))
+            if in_process and hasattr(v, "get_model_object"):
+                h.update(model_token(v).encode())
         else:
             seen[id(v)] = v
             if isinstance(v, torch.nn.Module):  # a network by its weights, not what the host notes on it

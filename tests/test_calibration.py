@@ -583,6 +583,20 @@ def test_the_in_memory_key_follows_the_conditioning_not_where_its_objects_live()
         keys.add(calibration_key(model, [[torch.ones(1, 2, 4), {"control": control}]], [], (1, 4, 8, 8), 5, 3.0, {}))
         del control
     assert len(keys) == 20
+    # a model patcher in the conditioning (GLIGEN's): in memory, one model is told from another
+
+    class Patcher:
+        def __init__(self):
+            self.model, self.patches = torch.nn.Linear(2, 2), {}
+
+        def get_model_object(self, name):
+            return None
+    first, second = Patcher(), Patcher()
+
+    def key(patcher):
+        return calibration_key(model, [[torch.ones(1, 2, 4), {"gligen": ("position", patcher, [])}]], [],
+                               (1, 4, 8, 8), 5, 3.0, {})
+    assert key(first) == key(first) != key(second)
 
 
 def test_hook_keyframes_count_by_their_settings_not_where_a_sample_left_them():

@@ -2,19 +2,19 @@
 
     /tmp/comfy/venv/bin/python tools/comfy_calibration_check.py [--comfyui-dir DIR] [--steps 5]
 
-For each tiny model (SD1.5 eps, SD3 flow) and under torch.inference_mode (as ComfyUI's executor runs nodes):
-our "Calibrated Scheduler (ksampler)" fits through the host's model (CFGGuider, ModelPatcher); ComfyUI's own
-SamplerCustom node then samples with its SIGMAS and SAMPLER; our KSampler samples with the calibration; a
-second node call must reuse the fit without a model call; at eta 0.5 (the same fit, re-noising from the seed)
-SamplerCustom and our KSampler must again agree; a fit refined on 8 more noises (``refine_noises``) must run; a
-calibration file written by one load of the checkpoint must load, without fitting, for a fresh load with an empty
-cache (as after a restart); FreeU (RescaleCFG on SD3), a model sampling override (ModelSamplingDiscrete,
-ModelSamplingSD3) and LoRA-style weight patches must each get a fit of their own; with a ControlNet in the conditioning (SD1.5), a calibration
-file must load after a restart and be refused for another hint; ComfyUI's progress hook must see a fit's
-iterations one by one, and a stop request (interrupt_current_processing) must end the fit at the next one; with
-hooks on the conditioning (SD1.5: keyframed and not), the fit must follow them (``_hooks_check``); EasyCache and
-LazyCache on the model must share the plain model's fit (``_step_cache_check``).  ComfyUI is imported as a library
-(../shared/comfyui harness); nothing of it is copied here.
+For each tiny model (SD1.5 eps, SD3 flow) and under torch.inference_mode (as ComfyUI's executor runs nodes): our
+"Calibrated Scheduler (ksampler)" fits through the host's model (CFGGuider, ModelPatcher); ComfyUI's own
+SamplerCustom node then samples with its SIGMAS and SAMPLER; our KSampler samples with the calibration; a second
+node call must reuse the fit without a model call; at eta 0.5 (the same fit, re-noising from the seed) SamplerCustom
+and our KSampler must again agree; a fit refined on 8 more noises (``refine_noises``) must run; a calibration file
+written by one load of the checkpoint must load, without fitting, for a fresh load with an empty cache (as after a
+restart); FreeU (RescaleCFG on SD3), a model sampling override (ModelSamplingDiscrete, ModelSamplingSD3) and LoRA-
+style weight patches must each get a fit of their own; with a ControlNet in the conditioning (SD1.5), a calibration
+file must load after a restart and be refused for another hint; ComfyUI's progress hook must see a fit's iterations
+one by one, and a stop request (interrupt_current_processing) must end the fit at the next one; with hooks on the
+conditioning (SD1.5: keyframed and not), the fit must follow them (``_hooks_check``); EasyCache and LazyCache on the
+model must share the plain model's fit (``_step_cache_check``). ComfyUI is imported as a library (../shared/comfyui
+harness); nothing of it is copied here.
 """
 from __future__ import annotations
 
@@ -107,12 +107,13 @@ def _controlnet_file_check(nodes, classes, m, latent, args, work) -> bool:
 
 
 def _hooks_check(nodes, classes, m, latent, args, work) -> tuple:
-    """Hooks on the conditioning (ComfyUI's weight hooks: the checkpoint's own weights, perturbed, as a "model as
-    LoRA" hook, put on both prompts by ComfyUI's own hook nodes), with keyframes from strength 1 to 0 and without.
-    With keyframes, each of the fit's passes starts at the first keyframe's strength (as each sample does), the
-    fit runs by SPSA and says why, a second call after a KSampler run reuses the fit, a file written by it loads
-    after a KSampler run (ComfyUI notes where a sample left the keyframes on them), and the model samples as
-    before the fit.  One unchanging hook on both: the fit runs by autograd, and the model samples as before it."""
+    """Hooks on the conditioning (ComfyUI's weight hooks: the checkpoint's own weights, perturbed, as a "model as LoRA"
+    hook, put on both prompts by ComfyUI's own hook nodes, as Cond Set Props does), with keyframes from strength 1
+    to 0 and without. With keyframes, each of the fit's passes starts at the first keyframe's strength (as each
+    sample does), the fit runs by SPSA and says why, a second call after a KSampler run reuses the fit, a file
+    written by it loads after a KSampler run (ComfyUI notes where a sample left the keyframes on them), and the
+    model samples as before the fit. One unchanging hook on both: the fit runs by autograd, and the model samples as
+    before it."""
     import torch
     import comfy.hooks
     import comfy_extras.nodes_hooks as nodes_hooks
@@ -137,6 +138,10 @@ def _hooks_check(nodes, classes, m, latent, args, work) -> tuple:
         seen.append((float(curr_t), float(self.strength)))
         return changed
 
+    def with_hooks(conditioning, hooks):  # ComfyUI's "Cond Set Props" node
+        return _first(nodes_hooks.ConditioningSetProperties().set_properties(conditioning, 1.0, "default",
+                                                                             hooks=hooks))
+
     def calibrate(p, n, **extra):
         return node.calibrate(model, p, n, latent, args.steps, 5.0, fit_noises=4, iterations=2,
                               teacher_steps=args.teacher_steps, **extra)[2]
@@ -144,7 +149,7 @@ def _hooks_check(nodes, classes, m, latent, args, work) -> tuple:
     printed = io.StringIO()
     try:
         with torch.inference_mode():
-            p, n = (_first(nodes_hooks.SetModelHooksOnCond().attach_hook(c, keyed_hook)) for c in (pos, neg))
+            p, n = (with_hooks(c, keyed_hook) for c in (pos, neg))
             before = nodes.KSampler().sample(model, 3, args.steps, 5.0, "euler", "karras", p, n, latent)[0]
             seen.clear()
             with contextlib.redirect_stdout(printed):  # the fit's log
@@ -163,7 +168,7 @@ def _hooks_check(nodes, classes, m, latent, args, work) -> tuple:
             t = time.time()
             from_file = calibrate(p, n, calibration_file=path)
             loaded = torch.equal(from_file.sigmas, cal.sigmas) and time.time() - t < 5.0
-            p, n = (_first(nodes_hooks.SetModelHooksOnCond().attach_hook(c, plain_hook)) for c in (pos, neg))
+            p, n = (with_hooks(c, plain_hook) for c in (pos, neg))
             before = nodes.KSampler().sample(model, 3, args.steps, 5.0, "euler", "karras", p, n, latent)[0]
             steady = calibrate(p, n).info["gradient"] == "autograd"  # with the weights swapped for the gradient
             after = nodes.KSampler().sample(model, 3, args.steps, 5.0, "euler", "karras", p, n, latent)[0]

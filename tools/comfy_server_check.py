@@ -100,7 +100,8 @@ def hooked_calibration_graph(m):
         "end_percent": 1.0, "keyframes_count": 5, "print_keyframes": False}}
     g["22"] = {"class_type": "SetHookKeyframes", "inputs": {"hooks": ["20", 0], "hook_kf": ["21", 0]}}
     for nid, cond in (("23", "2"), ("24", "3")):
-        g[nid] = {"class_type": "SetModelHooksOnCond", "inputs": {"conditioning": [cond, 0], "hooks": ["22", 0]}}
+        g[nid] = {"class_type": "ConditioningSetProperties", "inputs": {"cond_NEW": [cond, 0], "strength": 1.0,
+                                                                        "set_cond_area": "default", "hooks": ["22", 0]}}
     for node in ("5", "6"):
         g[node]["inputs"]["positive"], g[node]["inputs"]["negative"] = ["23", 0], ["24", 0]
     return g
