@@ -643,7 +643,7 @@ def _gradient_mode(gradient: str, student: _Student, u: Tensor, form: tuple, del
             _differentiable(lambda: student.loss(u, form, delta, fit_idx)):
         return "autograd"
     say("calibration: the model gives no gradient here (no_grad, inference tensors, or an in-place change that the "
-        "backward needs, as with a ControlNet in ComfyUI); fitting with SPSA (two evaluations per iteration) "
+        "backward needs, as ComfyUI's control sums make in a UNet without a middle block); fitting with SPSA (two evaluations per iteration) "
         "instead of autograd")
     return "spsa"
 

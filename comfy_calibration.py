@@ -2,13 +2,16 @@
 
 The fit runs inside a ``comfy.samplers.Sampler`` handed to ComfyUI's ``CFGGuider``, so the model, its patches
 and the conditioning go through ComfyUI's own code.  ComfyUI loads checkpoints in inference mode, whose weights
-give no gradient: while the fit runs they are swapped for ordinary copies (``ordinary_weights``).  Where that is
+give no gradient: while the fit runs they are swapped for ordinary copies (``ordinary_weights``), a control's
+networks included, and a UNet adds the controls' residuals out of place (``out_of_place_control``).  Where that is
 not possible, or where hooks on the conditioning change the weights between model calls (``_HostHooks``), the fit
 says so and uses SPSA (``calibration.fit_calibration``).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 
 import comfy.model_management
 import comfy.sample
@@ -19,7 +22,7 @@ from .calibration import (Calibration, cached_calibration, calibration_keys, can
                           fit_calibration, fit_settings, fitting_noise)
 from .comfy_adapter import guarded_host_denoiser, host_progress
 
-__all__ = ["CalibratedSampler", "calibrate_host", "ordinary_weights", "without_step_caches"]
+__all__ = ["CalibratedSampler", "calibrate_host", "ordinary_weights", "out_of_place_control", "without_step_caches"]
 
 
 class CalibratedSampler(comfy.samplers.Sampler):
@@ -120,17 +123,67 @@ def without_step_caches(model, log=default_log):
     return clone
 
 
-def _hook_groups(conds) -> list:
-    """The distinct hook groups on the conditioning entries ComfyUI runs (``CFGGuider.conds``: dicts, or
-    conditioning's [tensor, options] pairs), None for none."""
-    groups: list = []
+def _entry_options(conds):
+    """The options of each conditioning entry ComfyUI runs (``CFGGuider.conds``: dicts, or conditioning's
+    [tensor, options] pairs)."""
     for entries in (conds or {}).values():
         for entry in entries or ():
             options = entry[1] if isinstance(entry, (list, tuple)) and len(entry) > 1 else entry
-            group = options.get("hooks") if isinstance(options, dict) else None
-            if not any(group is seen for seen in groups):
-                groups.append(group)
+            yield options if isinstance(options, dict) else {}
+
+
+def _hook_groups(conds) -> list:
+    """The distinct hook groups on the conditioning entries, None for none."""
+    groups: list = []
+    for options in _entry_options(conds):
+        group = options.get("hooks")
+        if not any(group is seen for seen in groups):
+            groups.append(group)
     return groups
+
+
+def _control_networks(conds) -> list:
+    """The networks of the controls on the conditioning entries (a ControlNet's, a T2I adapter's), the controls
+    chained before them included."""
+    networks: list = []
+    for options in _entry_options(conds):
+        control = options.get("control")
+        while control is not None:
+            networks += [value for value in vars(control).values()
+                         if isinstance(value, torch.nn.Module) and not any(value is seen for seen in networks)]
+            control = getattr(control, "previous_controlnet", None)
+    return networks
+
+
+@contextlib.contextmanager
+def out_of_place_control(network):
+    """ComfyUI's UNet adds a control's residuals into its hidden states in place (``openaimodel.apply_control``),
+    into skip connections too that a later block has saved for the backward, which autograd then refuses.  While
+    the fit runs, the same sums are made out of place, so that a gradient goes through them.  The values are the
+    same where no block hands on its input as it is; a UNet without a middle block does (ComfyUI's in-place sum
+    then also lands in the last skip connection), and for it, and for any other network, nothing changes.  Yields
+    whether the sums were swapped."""
+    unet = sys.modules.get("comfy.ldm.modules.diffusionmodules.openaimodel")
+    original = getattr(unet, "apply_control", None)
+    middle = getattr(getattr(network, "diffusion_model", None), "middle_block", None)
+    if original is None or not isinstance(middle, torch.nn.Module) or len(middle) == 0:
+        yield False
+        return
+
+    def apply_control(h, control, name):
+        residuals = control.get(name) if control is not None else None
+        residual = residuals.pop() if residuals else None
+        if residual is None:
+            return h
+        if residual.shape != h.shape:  # as the host does: a residual of another shape is left out, with a warning
+            logging.warning(f"control could not be applied {h.shape} {residual.shape}")
+            return h
+        return h + residual
+    unet.apply_control = apply_control
+    try:
+        yield True
+    finally:
+        unet.apply_control = original
 
 
 def _keyframed(hook) -> bool:
@@ -190,7 +243,9 @@ class _FittingSampler(comfy.samplers.Sampler):
             return host(x, sigma, **extra_args)
         options = dict(self.options)
         log = options.get("log") or default_log
-        hooks, networks = _HostHooks(model_wrap), [model_wrap.inner_model]
+        hooks = _HostHooks(model_wrap)
+        controls = _control_networks(getattr(model_wrap, "conds", None))
+        networks = [model_wrap.inner_model] + controls
         if hooks.keyframed:
             options["solve_start"] = hooks.solve_start
         if hooks.weights_change:
@@ -202,7 +257,8 @@ class _FittingSampler(comfy.samplers.Sampler):
             options["refine_noise"] = options["refine_noise"].to(device=noise.device, dtype=noise.dtype)
         options["candidate_noise"] = [n.to(device=noise.device, dtype=noise.dtype)
                                       for n in options.get("candidate_noise", ())]
-        with output_guard, ordinary_weights(networks, log):
+        with output_guard, ordinary_weights(networks, log), \
+                (out_of_place_control(model_wrap.inner_model) if controls else contextlib.nullcontext()):
             self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, progress=host_progress(),
                                           **options)
         return latent_image

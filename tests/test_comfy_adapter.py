@@ -554,6 +554,69 @@ def test_a_step_cache_on_the_model_is_left_out_of_the_fit(host, comfy_calibratio
     assert comfy_calibration.without_step_caches(plain, messages.append) is plain
 
 
+def _unet_with_controls(apply_control, middle: bool):
+    """A UNet's skeleton as ComfyUI writes it: a block's output goes on to the next block (which saves it for the
+    backward) and onto the skip stack; the middle block (if any) and the way back add the control's residuals
+    with ``apply_control``."""
+    torch.manual_seed(0)
+    down, mid, up = torch.nn.Linear(3, 3), torch.nn.Sequential(*([torch.nn.Linear(3, 3)] if middle else [])), \
+        torch.nn.Linear(6, 3)
+
+    def forward(x, residuals):
+        control = {"middle": [residuals[0]], "output": [residuals[1]]}
+        h = torch.tanh(down(x))
+        skips = [h]
+        h = apply_control(mid(torch.tanh(h)), control, "middle")
+        skip = apply_control(skips.pop(), control, "output")
+        return up(torch.cat([h, skip], 1))
+    return types.SimpleNamespace(diffusion_model=types.SimpleNamespace(middle_block=mid)), forward
+
+
+def test_a_controls_residuals_are_added_out_of_place_while_a_fit_runs(host, comfy_calibration, monkeypatch):
+    """ComfyUI's UNet adds a control's residuals into its hidden states in place, skip connections included that
+    a later block saved for the backward: autograd refuses the gradient, so a ControlNet fit fell back to SPSA.
+    While the fit runs the sums are made out of place: the same values, and a gradient; the host's function is
+    put back after.  A UNet without a middle block hands a skip connection on as the middle's output, so the
+    in-place sum lands in both; there nothing is swapped."""
+    def host_apply_control(h, control, name):  # as ComfyUI's openaimodel.apply_control adds them
+        residual = control[name].pop()
+        h += residual
+        return h
+    unet_module = types.ModuleType("comfy.ldm.modules.diffusionmodules.openaimodel")
+    unet_module.apply_control = host_apply_control
+    monkeypatch.setitem(sys.modules, unet_module.__name__, unet_module)
+    network, forward = _unet_with_controls(lambda *a: unet_module.apply_control(*a), middle=True)
+    x, residuals = torch.randn(2, 3), [torch.randn(2, 3), torch.randn(2, 3)]
+    with torch.no_grad():
+        expected = forward(x, residuals)
+    probe = x.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        forward(probe, residuals).sum().backward()
+    with comfy_calibration.out_of_place_control(network) as swapped:
+        assert swapped and unet_module.apply_control is not host_apply_control
+        out = forward(probe, residuals)
+        out.sum().backward()
+    assert torch.equal(out.detach(), expected) and probe.grad is not None and torch.isfinite(probe.grad).all()
+    assert unet_module.apply_control is host_apply_control
+    without_middle, _ = _unet_with_controls(host_apply_control, middle=False)
+    with comfy_calibration.out_of_place_control(without_middle) as swapped:
+        assert not swapped and unet_module.apply_control is host_apply_control
+    with comfy_calibration.out_of_place_control(types.SimpleNamespace()) as swapped:  # a DiT: no UNet blocks
+        assert not swapped
+
+
+def test_the_networks_of_the_controls_on_the_conditioning_are_found(host, comfy_calibration):
+    """A ControlNet's network and those of the controls chained before it (ControlNetApply on top of another)
+    are the weights copied for the fit's gradient, each once."""
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    earlier = types.SimpleNamespace(control_model=first, previous_controlnet=None, strength=1.0)
+    later = types.SimpleNamespace(control_model=second, previous_controlnet=earlier, strength=0.5)
+    conds = {"positive": [{"control": later}], "negative": [{"control": later}, {}]}
+    found = comfy_calibration._control_networks(conds)
+    assert len(found) == 2 and found[0] is second and found[1] is first
+    assert comfy_calibration._control_networks({"positive": [[torch.ones(1), {}]]}) == []
+
+
 def test_weights_loaded_in_inference_mode_are_copied_for_the_fits_gradient(host, comfy_calibration, monkeypatch):
     """ComfyUI's executor loads checkpoints in inference mode, whose tensors autograd cannot save: while a fit
     runs, ordinary copies stand in for them (a gradient through the network works), and the originals are put

@@ -13,13 +13,15 @@ style weight patches must each get a fit of their own; with a ControlNet in the 
 file must load after a restart and be refused for another hint; ComfyUI's progress hook must see a fit's iterations
 one by one, and a stop request (interrupt_current_processing) must end the fit at the next one; with hooks on the
 conditioning (SD1.5: keyframed and not), the fit must follow them (``_hooks_check``); EasyCache and LazyCache on the
-model must share the plain model's fit (``_step_cache_check``). ComfyUI is imported as a library (../shared/comfyui
+model must share the plain model's fit (``_step_cache_check``); a ControlNet on a UNet with a middle block must be
+fitted by autograd (``_controlnet_gradient_check``). ComfyUI is imported as a library (../shared/comfyui
 harness); nothing of it is copied here.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import importlib.util
 import io
 import math
@@ -37,6 +39,76 @@ HARNESS = next((os.path.join(d, "shared", "comfyui") for d in (os.path.dirname(R
 def _first(node_output):
     """The first output of a node call (a classic tuple or a V3 NodeOutput)."""
     return node_output[0] if isinstance(node_output, tuple) else node_output.result[0]
+
+
+def _with_controlnet(nodes, model, m, row: int) -> tuple:
+    """The random prompts with a random-weight ControlNet for ``model``'s UNet, applied by ComfyUI's own
+    ControlNetApplyAdvanced on an edge-map hint (a line at pixel row ``row``)."""
+    import torch
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    from harness_nodes import random_conditioning
+    config = dict(model.model.model_config.unet_config, hint_channels=3, operations=comfy.ops.manual_cast,
+                  dtype=torch.float32, device=torch.device("cpu"))
+    config.pop("out_channels", None)
+    torch.manual_seed(0)
+    network = comfy.cldm.cldm.ControlNet(**config)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.normal_(0, 0.02)
+    control = comfy.controlnet.ControlNet(network, load_device=torch.device("cpu"), manual_cast_dtype=None)
+    hint = torch.zeros(1, 32, 32, 3)
+    hint[:, row, 5:25, :] = 1.0  # an edge map: mostly zeros
+    pos = random_conditioning(101, m["cond_tokens"], m["cond_dim"], m["pooled_dim"])
+    neg = random_conditioning(202, m["cond_tokens"], m["cond_dim"], m["pooled_dim"])
+    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 0.8, 0.0, 1.0)
+    return pos, neg, network
+
+
+def _controlnet_gradient_check(nodes, classes, m, latent, args) -> tuple:
+    """A ControlNet on a UNet with a middle block (the tiny SD1.5 UNet's config with one, random weights, loaded by
+    ComfyUI as SD1.5 in inference mode, as the executor loads it): the fit runs by autograd through the
+    ControlNet, the out-of-place residual sums give the host's values bit for bit, and the weights are the host's
+    inference tensors again after.  The tiny checkpoint itself has no middle block: there the fit stays SPSA."""
+    import torch
+    import comfy.ops
+    import comfy.samplers
+    import comfy.sd
+    import make_tiny_models
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    torch.manual_seed(0)
+    unet = UNetModel(**dict(make_tiny_models.SD15_UNET, transformer_depth_middle=1), dtype=torch.float32,
+                     device="cpu", operations=comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0, 0.02)
+    with torch.inference_mode():
+        model = comfy.sd.load_diffusion_model_state_dict(unet.state_dict())
+        pos, neg, network = _with_controlnet(nodes, model, m, 10)
+        same = []
+        out_of_place = importlib.import_module("ksampler_pack.comfy_calibration").out_of_place_control
+
+        class Compare(comfy.samplers.Sampler):  # one guided call each way, inside ComfyUI's sampling
+            def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                       disable_pbar=False):
+                sigma = sigmas[:1].expand(noise.shape[0])
+                host = model_wrap(noise * float(sigmas[0]), sigma, **extra_args)
+                with out_of_place(model_wrap.inner_model) as swapped:
+                    ours = model_wrap(noise * float(sigmas[0]), sigma, **extra_args)
+                same.append(swapped and torch.equal(host, ours))
+                return latent_image
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(pos, neg)
+        guider.set_cfg(5.0)
+        noise = torch.randn(2, m["latent_channels"], 4, 4, generator=torch.Generator().manual_seed(3))
+        guider.sample(noise, torch.zeros_like(noise), Compare(), torch.tensor([5.0, 0.0]), seed=0, disable_pbar=True)
+        cal = classes["ksampler_CalibratedScheduler"]().calibrate(
+            model, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=2, teacher_steps=args.teacher_steps)[2]
+        restored = all(p.is_inference() for p in network.parameters())
+    ok = same == [True] and cal.info["gradient"] == "autograd" and restored
+    return ok, (f"the residual sums out of place give the host's values {same == [True]}, fitted by "
+                f"{cal.info['gradient']}, the ControlNet's weights the host's again {restored}")
 
 
 def _lora_like(model):
@@ -57,28 +129,10 @@ def _controlnet_file_check(nodes, classes, m, latent, args, work) -> bool:
     (as after a restart), also when a sampling run has loaded and run the new ControlNet first; a hint moved by one
     pixel row is refused as other inputs."""
     import torch
-    import comfy.cldm.cldm
-    import comfy.controlnet
-    import comfy.ops
-    from harness_nodes import random_conditioning
 
     def build(row: int):
         model = nodes.CheckpointLoaderSimple().load_checkpoint(m["checkpoint"])[0]
-        config = dict(model.model.model_config.unet_config, hint_channels=3, operations=comfy.ops.manual_cast,
-                      dtype=torch.float32, device=torch.device("cpu"))
-        config.pop("out_channels", None)
-        torch.manual_seed(0)
-        network = comfy.cldm.cldm.ControlNet(**config)
-        with torch.no_grad():
-            for p in network.parameters():
-                p.normal_(0, 0.02)
-        control = comfy.controlnet.ControlNet(network, load_device=torch.device("cpu"), manual_cast_dtype=None)
-        hint = torch.zeros(1, 32, 32, 3)
-        hint[:, row, 5:25, :] = 1.0  # an edge map: mostly zeros
-        pos = random_conditioning(101, m["cond_tokens"], m["cond_dim"], m["pooled_dim"])
-        neg = random_conditioning(202, m["cond_tokens"], m["cond_dim"], m["pooled_dim"])
-        pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, control, hint, 0.8, 0.0, 1.0)
-        return model, pos, neg
+        return (model,) + _with_controlnet(nodes, model, m, row)[:2]
     path = os.path.join(work, "controlnet.safetensors")
     node, cache = classes["ksampler_CalibratedScheduler"](), sys.modules["ksampler_pack.calibration"]
 
@@ -352,6 +406,7 @@ def main() -> int:
             controlled = _controlnet_file_check(nodes, classes, m, latent, args, work) if key == "sd15_eps" else True
             progress_stop = _progress_and_stop_check(classes, model, pos, neg, latent, args)
             hooked = _hooks_check(nodes, classes, m, latent, args, work) if key == "sd15_eps" else (True, "")
+            graded = _controlnet_gradient_check(nodes, classes, m, latent, args) if key == "sd15_eps" else (True, "")
         print(f"{key}: sigmas {[round(float(s), 4) for s in sigmas]}; fit {fit_s:.1f}s "
               f"({cal.info['model_calls']} model calls, gradient: {cal.info['gradient']}); RMS to the teacher "
               f"{cal.info['rms_start']:.4g} -> {cal.info['rms_fitted']:.4g}; shifts of the first and last calls "
@@ -368,9 +423,10 @@ def main() -> int:
                  f"fresh load and refused for a moved hint: {controlled}")
               + f"; progress hook {progress_stop[1]}, stopped mid-fit on request: {progress_stop[0]}; EasyCache and "
                 f"LazyCache share the plain model's fit, and sample with it: {step_caches}"
-              + ("" if key != "sd15_eps" else f"; hooks: {hooked[1]}"))
+              + ("" if key != "sd15_eps" else f"; hooks: {hooked[1]}; a ControlNet on a UNet with a middle block: "
+                 f"{graded[1]}"))
         failures += not (ok and same and cached and stochastic and refinement and reloaded and patched_apart
-                         and controlled and progress_stop[0] and hooked[0] and step_caches)
+                         and controlled and progress_stop[0] and hooked[0] and step_caches and graded[0])
     print("PASS" if not failures else f"FAIL ({failures})")
     return 1 if failures else 0
 
