@@ -244,21 +244,23 @@ class _FittingSampler(comfy.samplers.Sampler):
         options = dict(self.options)
         log = options.get("log") or default_log
         hooks = _HostHooks(model_wrap)
-        controls = _control_networks(getattr(model_wrap, "conds", None))
-        networks = [model_wrap.inner_model] + controls
         if hooks.keyframed:
             options["solve_start"] = hooks.solve_start
         if hooks.weights_change:
             log("calibration: hooks on the conditioning change the model's weights in place between its calls (hook "
                 "keyframes, or weight hooks on only some of the conditioning), which autograd cannot follow; "
                 "fitting with SPSA (two evaluations per iteration) instead")
-            options["gradient"], networks = "spsa", []
+            options["gradient"] = "spsa"
         if options.get("refine_noise") is not None:  # where ComfyUI put the fitting noise
             options["refine_noise"] = options["refine_noise"].to(device=noise.device, dtype=noise.dtype)
         options["candidate_noise"] = [n.to(device=noise.device, dtype=noise.dtype)
                                       for n in options.get("candidate_noise", ())]
-        with output_guard, ordinary_weights(networks, log), \
-                (out_of_place_control(model_wrap.inner_model) if controls else contextlib.nullcontext()):
+        with output_guard, contextlib.ExitStack() as for_the_gradient:
+            if options.get("gradient") != "spsa":  # the weights copied, a control's where its sums go out of place
+                controls = _control_networks(getattr(model_wrap, "conds", None))
+                summed = bool(controls) and for_the_gradient.enter_context(out_of_place_control(model_wrap.inner_model))
+                for_the_gradient.enter_context(ordinary_weights([model_wrap.inner_model] + (controls if summed else []),
+                                                                log))
             self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, progress=host_progress(),
                                           **options)
         return latent_image
