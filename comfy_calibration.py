@@ -2,10 +2,10 @@
 
 The fit runs inside a ``comfy.samplers.Sampler`` handed to ComfyUI's ``CFGGuider``, so the model, its patches
 and the conditioning go through ComfyUI's own code.  ComfyUI loads checkpoints in inference mode, whose weights
-give no gradient: while the fit runs they are swapped for ordinary copies (``ordinary_weights``), a control's
-networks included, and a UNet adds the controls' residuals out of place (``out_of_place_control``).  Where that is
-not possible, or where hooks on the conditioning change the weights between model calls (``_HostHooks``), the fit
-says so and uses SPSA (``calibration.fit_calibration``).
+give no gradient: while the fit runs they are swapped for ordinary copies (``ordinary_weights``), and on a UNet
+with a middle block a ControlNet's too, its residuals then added out of place (``out_of_place_control``).  Where
+that is not possible, or where hooks on the conditioning change the weights between model calls (``_HostHooks``),
+the fit says so and uses SPSA (``calibration.fit_calibration``).
 """
 from __future__ import annotations
 
