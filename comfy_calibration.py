@@ -175,10 +175,14 @@ def out_of_place_control(network):
         residual = residuals.pop() if residuals else None
         if residual is None:
             return h
-        if residual.shape != h.shape:  # as the host does: a residual of another shape is left out, with a warning
+        try:  # what the host's in-place sum gives: the residual broadcast to h, in h's dtype
+            summed = h + residual
+        except RuntimeError:
+            summed = None
+        if summed is None or summed.shape != h.shape:  # as the host does: left out, with a warning
             logging.warning(f"control could not be applied {h.shape} {residual.shape}")
             return h
-        return h + residual
+        return summed.to(h.dtype)
     unet.apply_control = apply_control
     try:
         yield True

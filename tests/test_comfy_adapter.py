@@ -596,6 +596,16 @@ def test_a_controls_residuals_are_added_out_of_place_while_a_fit_runs(host, comf
         assert swapped and unet_module.apply_control is not host_apply_control
         out = forward(probe, residuals)
         out.sum().backward()
+        # as the host's in-place sum: a residual broadcast to h, in h's dtype; one that cannot be is left out
+        h = torch.ones(2, 3, dtype=torch.float16)
+        for residual in (torch.full((1, 3), 0.1), torch.ones(2, 4), torch.ones(3, 2, 3)):
+            host_sum = h.clone()
+            try:
+                host_sum += residual
+            except RuntimeError:
+                host_sum = h
+            ours = unet_module.apply_control(h, {"output": [residual]}, "output")
+            assert torch.equal(ours, host_sum) and ours.dtype == h.dtype
     assert torch.equal(out.detach(), expected) and probe.grad is not None and torch.isfinite(probe.grad).all()
     assert unet_module.apply_control is host_apply_control
     without_middle, _ = _unet_with_controls(host_apply_control, middle=False)
