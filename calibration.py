@@ -65,9 +65,9 @@ from .samplers.traits import traits
 from .validation import KSamplerInputError, check_float, check_int
 
 __all__ = ["Calibration", "calibrate", "candidate_fitting_noise", "fit_calibration", "DEFAULT_FIT",
-           "sample_calibrated", "teacher_solve", "multistep_coefficients", "cached_calibration", "calibration_key", "fitting_noise", "clear_cache",
-           "CALIBRATION_FORMAT", "CALIBRATION_FORMATS", "REFINE", "check_eta", "fit_settings",
-           "calibration_keys", "check_calibration_path", "model_fingerprint"]
+           "sample_calibrated", "teacher_solve", "multistep_coefficients", "cached_calibration", "calibration_key",
+           "fitting_noise", "clear_cache", "CALIBRATION_FORMAT", "CALIBRATION_FORMATS", "REFINE", "check_eta",
+           "fit_settings", "calibration_keys", "check_calibration_path", "model_fingerprint"]
 
 CALIBRATION_FORMAT = "ksampler.calibration/1"  # without a corrector (what every earlier version reads)
 # [with a corrector, with evaluation shifts (and a corrector or not)]
@@ -643,8 +643,8 @@ def _gradient_mode(gradient: str, student: _Student, u: Tensor, form: tuple, del
             _differentiable(lambda: student.loss(u, form, delta, fit_idx)):
         return "autograd"
     say("calibration: the model gives no gradient here (no_grad, inference tensors, or an in-place change that the "
-        "backward needs, as ComfyUI's control sums make in a UNet without a middle block); fitting with SPSA (two evaluations per iteration) "
-        "instead of autograd")
+        "backward needs, as ComfyUI's control sums make in a UNet without a middle block); fitting with SPSA (two "
+        "evaluations per iteration) instead of autograd")
     return "spsa"
 
 

@@ -389,6 +389,7 @@ class StandInModelPatcher:
     def __init__(self, modules, kind="eps", family="SD15", latent_dims=2):
         self.model_sampling_object = make_model_sampling(modules, kind)
         self.model_options = {"transformer_options": {}}
+        self.wrappers = {}  # as ComfyUI keeps them: {wrapper type: {key: [wrapper, ...]}}; a clone copies each level
         self.load_device = torch.device("cpu")
         self.latent_channels = 4 if family == "SD15" else 16
         cls = BaseModel if family == "SD15" else StandInSD3
@@ -402,11 +403,7 @@ class StandInModelPatcher:
     def clear_cached_hook_weights(self):  # ComfyUI: drops hook weights cached for a keyframe, unpatches them
         self.hook_weight_clears = getattr(self, "hook_weight_clears", 0) + 1
 
-    # sampling wrappers as ComfyUI keeps them: {wrapper type: {key: [wrapper, ...]}}; a clone copies each level
-    wrappers: dict = {}
-
     def add_wrapper_with_key(self, wrapper_type, key, wrapper):
-        self.wrappers = {t: dict(by_key) for t, by_key in self.wrappers.items()}
         self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(wrapper)
 
     def remove_wrappers_with_key(self, wrapper_type, key):
