@@ -69,22 +69,7 @@ CONTINUED = ("tune-wide96",)  # the overlapping family: where the sampler's path
 N_EVAL = 2048
 
 
-def item_errors(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Each item's RMS error."""
-    return (out.double() - ref).pow(2).mean(1).sqrt()
-
-
-def _rms(errors: torch.Tensor) -> float:
-    """The RMS over items of equal size, from their RMS errors."""
-    return float(errors.pow(2).mean().sqrt()) if len(errors) else math.nan
-
-
-def flips(out: torch.Tensor, ref: torch.Tensor, family: heldout.Family) -> dict:
-    per_item = item_errors(out, ref)
-    flipped = per_item > 0.2 * family.mean_scale * math.sqrt(2)
-    kept = per_item.sort().values[:len(per_item) - len(per_item) // 100]
-    return {"rms": _rms(per_item), "flips": int(flipped.sum()), "rest": _rms(per_item[~flipped]),
-            "worst": float(per_item.max()), "trimmed": _rms(kept)}
+item_errors, _rms, flips = heldout.item_errors, heldout.rms_of, heldout.flip_stats
 
 
 def continued(prob: heldout.Problem, cal, ref: torch.Tensor) -> dict:
