@@ -5,6 +5,7 @@
     python bench/heldout.py --quick         # fewer noises, NFE 5 and 10
     python bench/heldout.py --second-draw   # the second held-out draw (HELDOUT_2) -> results/heldout_second.json
     python bench/heldout.py --eval-noises 2048 [--second-draw]   # NFE 5 and 10 on 2,048 evaluation noises
+    python bench/heldout.py --eval-noises 2048 --recalibrate --node-fit   # the same, the node's default fit size
 
 Two splits of problems, kept apart in code: ``TUNING`` (the mixtures that the
 ``gits`` table, ``bench/accuracy.py`` and the calibration settings below were
@@ -71,6 +72,10 @@ N_EVAL, FIT_NOISES = 64, 192
 # 64 noises one noise sent to another mode decides a cell on the sharp families, and either side's best is picked
 # after the fact from well over a hundred runs; N noises measure the rates behind those draws
 LARGE_EVAL_SEED, LARGE_EVAL_BUDGETS = 6000, (5, 10)
+# --node-fit: the Calibrated Scheduler node's default fit size (calibration_nodes: fit_noises 8, iterations 100; no
+# refinement, one candidate) in place of the bench's, the rest of CALIBRATION as it is: what a user gets who keeps
+# the node's defaults (its own fitting set of 8: the family's fitting stream, drawn at that size)
+NODE_FIT = {"fit_noises": 8, "iterations": 100}
 REFINE_NOISES = 4096  # the fit is refined on these (calibration.REFINE; tuning split: python bench/flips.py --refine,
 # and 4,096 over 1,024: python bench/flips.py --refine-noises)
 # chosen on the TUNING split (python bench/heldout.py --tune); constants for every held-out run
@@ -435,12 +440,20 @@ def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRA
                            refine_candidates=refine_candidates, gradient=gradient)
 
 
-def calibrate_rows(prob: Problem, budgets, log) -> list[dict]:
+def calibrate_rows(prob: Problem, budgets, log, node_fit: bool = False) -> list[dict]:
+    """The calibrated sampler's rows: the bench's fit (``CALIBRATION``, refined, ``FIT_CANDIDATES``), or with
+    ``node_fit`` the node's default fit size (``NODE_FIT``)."""
     rows = []
+    if node_fit:
+        node_model, node_noise = fitting_set(prob.gmm, prob.cfg, NODE_FIT["fit_noises"],
+                                             torch.Generator().manual_seed(FIT_SEED + prob.family.seed))
     for budget in [b for b in budgets if b in CALIBRATED_BUDGETS]:
         t = time.perf_counter()
-        cal = calibrate(prob.fit_model, prob.fit_noise, budget, refine=prob.refine, candidates=prob.candidates,
-                        refine_candidates=True)
+        if node_fit:
+            cal = calibrate(node_model, node_noise, budget, iterations=NODE_FIT["iterations"])
+        else:
+            cal = calibrate(prob.fit_model, prob.fit_noise, budget, refine=prob.refine, candidates=prob.candidates,
+                            refine_candidates=True)
         seconds = time.perf_counter() - t
         model = Counting(prob.model)
         out = cal.sampler()(model, prob.noise * float(cal.sigmas[0]), cal.sigmas, disable=True)
@@ -557,7 +570,8 @@ def plot(summary: list[dict], budgets, path: str) -> None:
     img.save(path)
 
 
-def recalibrate(split, cfgs, n_eval: int, stored: str, log) -> list[dict]:
+def recalibrate(split, cfgs, n_eval: int, stored: str, log, eval_seed: int = EVAL_SEED,
+                node_fit: bool = False) -> list[dict]:
     """The stored results with their calibrated rows fitted and measured again (registry and ComfyUI rows kept)."""
     import json
     with open(os.path.join(RESULTS_DIR, stored)) as f:
@@ -566,10 +580,11 @@ def recalibrate(split, cfgs, n_eval: int, stored: str, log) -> list[dict]:
     for res in results:
         if res["family"] not in families or res["cfg"] not in cfgs:
             continue
-        prob = Problem(families[res["family"]], res["cfg"], n_eval, FIT_NOISES)
+        prob = Problem(families[res["family"]], res["cfg"], n_eval, FIT_NOISES, eval_seed=eval_seed)
         budgets = sorted({r["budget"] for r in res["rows"]})
         log(f"{prob.name}: recalibrating at NFE {budgets}")
-        res["rows"] = [r for r in res["rows"] if r["impl"] != "calibrated"] + calibrate_rows(prob, budgets, log)
+        res["rows"] = [r for r in res["rows"] if r["impl"] != "calibrated"] + calibrate_rows(prob, budgets, log,
+                                                                                             node_fit)
     return results
 
 
@@ -589,10 +604,14 @@ def main() -> None:
                     help=f"NFE {' and '.join(map(str, LARGE_EVAL_BUDGETS))} on N evaluation noises of a stream of "
                          "their own, with each row's tail (flips, worst, trimmed) -> "
                          "results/heldout[_second]_evalN.json")
+    ap.add_argument("--node-fit", action="store_true",
+                    help="with --recalibrate: the calibrated rows with the node's default fit size (NODE_FIT) "
+                         "-> the stored file's name + _nodefit")
     args = ap.parse_args()
-    if args.eval_noises is not None and (args.eval_noises <= N_EVAL or args.tune or args.quick or args.recalibrate):
-        ap.error(f"--eval-noises takes more than {N_EVAL} noises, on a held-out draw, without --tune, --quick "
-                 "or --recalibrate")
+    if args.eval_noises is not None and (args.eval_noises <= N_EVAL or args.tune or args.quick):
+        ap.error(f"--eval-noises takes more than {N_EVAL} noises, on a held-out draw, without --tune or --quick")
+    if args.node_fit and not args.recalibrate:
+        ap.error("--node-fit goes with --recalibrate (the stored registry and ComfyUI rows are kept)")
     torch.set_num_threads(1)
     split = TUNING if args.tune else HELDOUT_2 if args.second_draw else HELDOUT
     stored = "heldout_tuning.json" if args.tune else "heldout_second.json" if args.second_draw else "heldout.json"
@@ -617,7 +636,7 @@ def main() -> None:
             with open(os.path.join(RESULTS_DIR, f"heldout{large}_{fam.name}.json")) as f:
                 results += json.load(f)["results"]
     elif args.recalibrate:
-        results = recalibrate(split, cfgs, n_eval, stored, log)
+        results = recalibrate(split, cfgs, n_eval, stored, log, eval_seed, args.node_fit)
     else:
         for fam in split:
             for cfg in cfgs:
@@ -648,6 +667,11 @@ def main() -> None:
     if args.families and not (args.merge or args.recalibrate):
         write_json(f"heldout{large}_{split[0].name}.json" if len(split) == 1 else f"heldout{large}_part.json",
                    payload)
+        return
+    if args.node_fit:
+        payload["calibration"] = {**CALIBRATION, **NODE_FIT, "refine": False, "fit_candidates": 1}
+        payload["fit_noises"], payload["refine_noises"], payload["fit_candidates"] = NODE_FIT["fit_noises"], 0, 1
+        write_json(stored.replace(".json", "_nodefit.json"), payload)
         return
     write_json(stored, payload)
     if not (args.tune or args.second_draw or large):
