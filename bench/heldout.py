@@ -40,6 +40,7 @@ passes, seconds) is reported beside it.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import sys
@@ -56,6 +57,7 @@ from gmm import GaussianMixture, MixtureDenoiser, reference_solve  # noqa: E402
 
 require_ksampler()
 from ksampler.calibration import DEFAULT_FIT, REFINE, fit_calibration  # noqa: E402
+from ksampler.calibration_nodes import CalibratedScheduler  # noqa: E402
 from ksampler.models import EPS  # noqa: E402
 from ksampler.samplers import SAMPLERS, sampler_traits  # noqa: E402
 from ksampler.schedulers import SCHEDULERS, sampling_sigmas  # noqa: E402
@@ -72,10 +74,12 @@ N_EVAL, FIT_NOISES = 64, 192
 # 64 noises one noise sent to another mode decides a cell on the sharp families, and either side's best is picked
 # after the fact from well over a hundred runs; N noises measure the rates behind those draws
 LARGE_EVAL_SEED, LARGE_EVAL_BUDGETS = 6000, (5, 10)
-# --node-fit: the Calibrated Scheduler node's default fit size (calibration_nodes: fit_noises 8, iterations 100; no
+# --node-fit: the Calibrated Scheduler node's default fit size (fit_noises and iterations, read from the node; no
 # refinement, one candidate) in place of the bench's, the rest of CALIBRATION as it is: what a user gets who keeps
-# the node's defaults (its own fitting set of 8: the family's fitting stream, drawn at that size)
-NODE_FIT = {"fit_noises": 8, "iterations": 100}
+# the node's defaults (its own fitting set: the family's fitting stream, drawn at that size)
+_NODE_DEFAULTS = inspect.signature(CalibratedScheduler.calibrate).parameters
+NODE_FIT = {name: _NODE_DEFAULTS[name].default for name in ("fit_noises", "iterations")}
+assert not _NODE_DEFAULTS["refine_noises"].default and _NODE_DEFAULTS["fit_candidates"].default == 1
 REFINE_NOISES = 4096  # the fit is refined on these (calibration.REFINE; tuning split: python bench/flips.py --refine,
 # and 4,096 over 1,024: python bench/flips.py --refine-noises)
 # chosen on the TUNING split (python bench/heldout.py --tune); constants for every held-out run
