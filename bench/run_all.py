@@ -13,8 +13,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = ("model_calls.py", "import_time.py", "overhead.py", "accuracy.py", "heldout.py", "heldout_bundled.py",
            "flips.py", "adherence.py", "end_to_end.py", "unet_overhead.py", "guard.py")
 FULL_FLAGS = {"heldout_bundled.py": ["--comfy-samplers", "all"]}  # the README's figures: every ComfyUI sampler
-# second runs of a bench, full mode only: the tuning evidence and the second held-out draw
-FULL_EXTRA = {"flips.py": [["--refine"], ["--shift"], ["--iterations"]], "heldout.py": [["--second-draw"]]}
+# second runs of a bench, full mode only: the tuning evidence, the second held-out draw, and both draws on 2,048
+# evaluation noises (then refitted at the node's default fit size, which reads those runs' stored rows)
+LARGE = ["--eval-noises", "2048"]
+FULL_EXTRA = {"flips.py": [["--refine"], ["--shift"], ["--iterations"]],
+              "heldout.py": [["--second-draw"], LARGE, LARGE + ["--second-draw"],
+                             LARGE + ["--recalibrate", "--node-fit"],
+                             LARGE + ["--recalibrate", "--node-fit", "--second-draw"]]}
 QUICK_FLAGS = {"overhead.py": ["--quick"], "accuracy.py": ["--quick"], "heldout.py": ["--quick"], "flips.py": ["--quick"],
                "heldout_bundled.py": ["--quick", "--models", "flow"],
                "import_time.py": ["--runs", "3"], "adherence.py": ["--quick"], "end_to_end.py": ["--runs", "1"],
