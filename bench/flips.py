@@ -69,7 +69,7 @@ CONTINUED = ("tune-wide96",)  # the overlapping family: where the sampler's path
 N_EVAL = 2048
 
 
-item_errors, _rms, flips = heldout.item_errors, heldout.rms_of, heldout.flip_stats
+item_errors, flips = heldout.item_errors, heldout.flip_stats
 
 
 def continued(prob: heldout.Problem, cal, ref: torch.Tensor) -> dict:
