@@ -10,6 +10,7 @@
     python bench/heldout_bundled.py --over-seeds --select-on-tuning --prompts 48 --models flow   # ComfyUI's pick
     python bench/heldout_bundled.py --recalibrate --calibrations DIR   # after a change to the fit: ours again,
     python bench/heldout_bundled.py --over-seeds --recalibrate --calibrations DIR   # and ours over seeds
+    python bench/heldout_bundled.py --recalibrate --node-fit   # ours as a node user with its defaults gets it
 
 For each bundled checkpoint: held-out prompts (``adherence.bench_prompts`` with a seed that no other bench
 uses) and held-out noise seeds, txt2img at cfg 5.
@@ -27,6 +28,11 @@ uses) and held-out noise seeds, txt2img at cfg 5.
 - **Scores:** latent RMS to the reference (the stored latent), decoded image RMS to the reference's image (RGB
   0..1), and adherence (the share of images whose colour and shape match the prompt: ``adherence.Scorer``).
   "ComfyUI best" is the best sampler + scheduler per score, picked after the fact (a favour to ComfyUI).
+
+- **At the node's default size** (``--node-fit``): one fit per prompt, as a user of the Calibrated Scheduler node
+  with its defaults makes it (its fit_noises and iterations, read from the node), scored against the stored
+  ComfyUI rows; written to results/heldout_bundled_nodefit.json.
+- **Fixed picks:** ComfyUI's dpmpp_2m + karras and euler + normal are scored beside its best (``FIXED_PICKS``).
 
 Results go to bench/results/heldout_bundled.json.
 """
@@ -48,13 +54,14 @@ from _common import RESULTS as RESULTS_DIR, environment, require_ksampler, table
 
 require_ksampler()
 import adherence  # noqa: E402  (the scorer and the prompt grammar)
-from heldout import COMFYUI_DIR, Comfy  # noqa: E402
+from heldout import COMFYUI_DIR, NODE_FIT, Comfy  # noqa: E402
 from ksampler.bundled.loader import load_bundled  # noqa: E402
 from ksampler.calibration import DEFAULT_FIT, Calibration, fit_calibration, teacher_solve  # noqa: E402
 from ksampler.conditioning.cfg import Guidance  # noqa: E402
 
 PROMPT_SEED = 7_301  # held out: the adherence bench uses seed 0, training draws prompts from the renderer
 EVAL_SEED, FIT_SEED = 31_000, 47_000
+NODE_FIT_SEED = 48_000  # --node-fit: prompt i's fitting noise (NODE_FIT["fit_noises"] of them) comes from this + i
 # --select-on-tuning: ComfyUI's best picked on prompts and noise of its own, then scored on the held-out run;
 # --tune-eta: the calibrated sampler's eta chosen on those prompts, from a fit on noise of their own
 TUNE_PROMPT_SEED, TUNE_EVAL_SEED, TUNE_FIT_SEED = 7_302, 59_000, 91_000
@@ -69,6 +76,8 @@ STEPS = (5, 8)
 CFG = 5.0
 REFERENCE_STEPS = 1000
 QUICK_SAMPLERS = ("euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "ipndm", "deis")
+# what a user might pick without a search: ComfyUI's popular default and its plainest pair (scored beside "best")
+FIXED_PICKS = (("dpmpp_2m", "karras"), ("euler", "normal"))
 STOCHASTIC = ("euler_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "er_sde")  # the most used stochastic ones
 # ComfyUI samplers that call the model once per step, as the calibrated sampler does (counted on the checkout at 5
 # and 8 steps; the others, such as heun, dpm_2, exp_heun_2_x0 or seeds_2, call it twice or more per step and so
@@ -100,12 +109,10 @@ class Setup:
         self.model, self.clip, self.vae = load_bundled(kind)
         self.ms = self.model.model_sampling
         prompts = adherence.bench_prompts(n, seed=prompt_seed)
-        self.targets = [t for _, t in prompts]
+        self.texts, self.targets = [p for p, _ in prompts], [t for _, t in prompts]
         size = self.model.config["image_size"]
         self.shape = (n, 3, size, size)
-        positive = [[self.clip.encode_context([p for p, _ in prompts]), {}]]
-        self.denoiser = Guidance(positive, self.clip.encode(""), CFG).bind(self.model, self.ms, self.shape,
-                                                                            torch.device("cpu"))
+        self.denoiser = self.guided(self.texts, self.shape)
         self.eval_seed = eval_seed
         self.noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(eval_seed))
         self.fit_noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(fit_seed))
@@ -118,6 +125,12 @@ class Setup:
         self.reference_image = self.image(self.reference_latent)
         self.reference_scores = {"adherence": scorer.score(self.reference_image, self.targets)["both"]}
         log(f"{kind}: reference ({REFERENCE_STEPS} steps) in {time.perf_counter() - t:.0f}s")
+
+    def guided(self, texts: list[str], shape: tuple):
+        """The guided denoiser (cfg ``CFG``, empty negative) of ``texts`` (one per item, or one for all) on a batch
+        of ``shape``."""
+        positive = [[self.clip.encode_context(texts), {}]]
+        return Guidance(positive, self.clip.encode(""), CFG).bind(self.model, self.ms, shape, torch.device("cpu"))
 
     def comfy(self) -> Comfy:
         """ComfyUI's samplers with its model sampling for this checkpoint (the flow shift of a flow model)."""
@@ -202,6 +215,36 @@ def calibrated_rows(setup: Setup, steps: int, log, save: str = None) -> list[dic
         rows.append({"impl": "calibrated_stochastic", "sampler": f"calibrated, eta {STOCHASTIC_ETA:g}",
                      "scheduler": "calibrated", "steps": steps, "eta": STOCHASTIC_ETA,
                      **setup.scores(sample(setup, cal, STOCHASTIC_ETA, setup.eval_seed)), **fitted})
+    return rows
+
+
+def node_fit_rows(setup: Setup, steps: int, log) -> list[dict]:
+    """The calibrated rows as a node user gets them: one fit per prompt, of the Calibrated Scheduler node's default
+    size (``NODE_FIT``: its fit_noises, from a seed of the prompt's own, and its iterations; no refinement, one
+    candidate; the rest of ``DEFAULT_FIT``), each run on its prompt's evaluation noise."""
+    fits, seconds = [], 0.0
+    for i, text in enumerate(setup.texts):
+        noise = torch.randn((NODE_FIT["fit_noises"],) + setup.shape[1:],
+                            generator=torch.Generator().manual_seed(NODE_FIT_SEED + i))
+        t = time.perf_counter()
+        fits.append(fit_calibration(setup.guided([text], noise.shape), setup.ms, noise, steps,
+                                    **{**DEFAULT_FIT, "iterations": NODE_FIT["iterations"]}))
+        seconds += time.perf_counter() - t
+        log(f"  {setup.kind} {steps} steps, prompt {i + 1}/{len(setup.texts)}: fitted in "
+            f"{time.perf_counter() - t:.1f}s")
+
+    def run(eta: float = 0.0, seed: int = None) -> torch.Tensor:  # each prompt's item from its own fit
+        return torch.stack([sample(setup, cal, eta, seed)[i] for i, cal in enumerate(fits)])
+    fitted = {"fit_model_calls": sum(c.info["model_calls"] for c in fits),
+              "fit_backward_passes": sum(c.info["backward_passes"] for c in fits), "fit_seconds": round(seconds, 1),
+              "fits": len(fits), "fit_noises": NODE_FIT["fit_noises"], "iterations": NODE_FIT["iterations"],
+              "inits": sorted({c.info["init"] for c in fits})}
+    rows = [{"impl": "calibrated", "sampler": "calibrated (node size, per prompt)", "scheduler": "calibrated",
+             "steps": steps, **setup.scores(run()), **fitted}]
+    if STOCHASTIC_ETA:
+        rows.append({"impl": "calibrated_stochastic", "sampler": f"calibrated (node size, per prompt), eta "
+                     f"{STOCHASTIC_ETA:g}", "scheduler": "calibrated", "steps": steps, "eta": STOCHASTIC_ETA,
+                     **setup.scores(run(STOCHASTIC_ETA, setup.eval_seed)), **fitted})
     return rows
 
 
@@ -400,13 +443,20 @@ def summarise(entry: dict) -> tuple[list, list[dict]]:
                 "image_rms (one call per step)": min(one, key=lambda r: r["image_rms"]),
                 "adherence": max(com, key=lambda r: r["adherence"]),
                 "adherence (deterministic)": max(det, key=lambda r: r["adherence"])}
+        fixed = {f"{s} + {k}": r for s, k in FIXED_PICKS for r in com if (r["sampler"], r["scheduler"]) == (s, k)}
         summary.append({"model": kind, "steps": steps, "calibrated": cal, "reference": entry.get("reference"),
                         "comfyui_best": {k: {"sampler": r["sampler"], "scheduler": r["scheduler"],
-                                             "value": r[k.split(" ")[0]]} for k, r in best.items()}})
+                                             "value": r[k.split(" ")[0]]} for k, r in best.items()},
+                        "comfyui_fixed": {name: {score: r[score] for score in ("latent_rms", "image_rms", "adherence")}
+                                          for name, r in fixed.items()}})
         for key, b in best.items():
             score = key.split(" ")[0]
             lines.append([kind, steps, key, cal[score], b[score], f"{b['sampler']} + {b['scheduler']}",
                           cal[score] / b[score] if score != "adherence" and b[score] > 0 else None])
+        for name, r in fixed.items():
+            for score in ("latent_rms", "adherence"):
+                lines.append([kind, steps, f"{score}, a fixed pick", cal[score], r[score], name,
+                              cal[score] / r[score] if score != "adherence" and r[score] > 0 else None])
         stochastic = next((r for r in rows if r["impl"] == "calibrated_stochastic" and r["steps"] == steps), None)
         if stochastic:
             summary[-1]["calibrated_stochastic"] = stochastic
@@ -432,10 +482,11 @@ def summarise(entry: dict) -> tuple[list, list[dict]]:
 
 
 def run_model(kind: str, n: int, scorer, which: str, reference_only: bool, log, stored: dict = None,
-              step_counts=STEPS, mode: str = "fresh", calibrations: str = None) -> dict:
+              step_counts=STEPS, mode: str = "fresh", calibrations: str = None, node_fit: bool = False) -> dict:
     """One checkpoint's rows.  mode "recalibrate": the ComfyUI rows of ``stored`` (an earlier run of it) are kept
-    and only the calibrated rows run again; "add_comfy": every stored row is kept and only the ComfyUI samplers
-    of ``which`` that it lacks are run.  ``calibrations``: a folder to save the fits to (for --over-seeds)."""
+    and only the calibrated rows run again (``node_fit``: as ``node_fit_rows``); "add_comfy": every stored row is
+    kept and only the ComfyUI samplers of ``which`` that it lacks are run.  ``calibrations``: a folder to save the
+    fits to (for --over-seeds)."""
     setup = Setup(kind, n, scorer, log)
     log(f"{kind}: reference adherence {setup.reference_scores['adherence']:.4g}")
     if reference_only:
@@ -449,7 +500,8 @@ def run_model(kind: str, n: int, scorer, which: str, reference_only: bool, log, 
             rows += kept + comfy_rows(setup, comfy, [s for s in comfy_samplers(comfy, which) if s not in have],
                                       steps, log)
             continue
-        calibrated = calibrated_rows(setup, steps, log, held_out_fit_path(calibrations, kind, steps, n))
+        calibrated = node_fit_rows(setup, steps, log) if node_fit else \
+            calibrated_rows(setup, steps, log, held_out_fit_path(calibrations, kind, steps, n))
         log(f"{kind} {steps} steps calibrated: {calibrated}")
         rows += calibrated
         rows += [r for r in kept if not r["impl"].startswith("calibrated")] if mode == "recalibrate" else \
@@ -471,6 +523,10 @@ def main() -> None:
     ap.add_argument("--recalibrate", action="store_true", help="run only the calibrated rows of --models again "
                                                                  "(after a change to the calibration); the stored "
                                                                  "ComfyUI rows are kept")
+    ap.add_argument("--node-fit", action="store_true",
+                    help="with --recalibrate: the calibrated rows as a node user with the Calibrated Scheduler's "
+                         "default fit size gets them (one fit per prompt; node_fit_rows), written beside the stored "
+                         "run as *_nodefit.json")
     ap.add_argument("--add-comfy", action="store_true", help="run only the ComfyUI samplers (of --comfy-samplers) "
                                                                "that the stored results of --models lack; every "
                                                                "stored row is kept")
@@ -494,6 +550,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads (default: up to 2); 1 when two runs share 2 cores")
     ap.add_argument("--scorer", default=os.path.join(HERE, "results", "shape_scorer.safetensors"))
     args = ap.parse_args()
+    if args.node_fit and not (args.recalibrate and not (args.over_seeds or args.select_on_tuning or args.tune_eta)):
+        ap.error("--node-fit goes with --recalibrate alone (the stored ComfyUI rows are kept)")
     torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
     n = 16 if args.quick else args.prompts  # with --select-on-tuning: the tuning prompts (the held-out run's stay)
 
@@ -501,6 +559,7 @@ def main() -> None:
         print(msg, file=sys.stderr, flush=True)
     scorer = adherence.Scorer(adherence.train_shape_net(args.scorer))
     path = os.path.join(RESULTS_DIR, args.results)
+    out_name = args.results.replace(".json", "_nodefit.json") if args.node_fit else args.results
     step_counts = tuple(int(v) for v in args.steps.split(","))
     stored = {}
     if os.path.isfile(path) and not args.quick:
@@ -554,7 +613,8 @@ def main() -> None:
             ap.error(f"--{mode.replace('_', '-')}: no stored {kind} run with {n} prompts and steps {args.steps} in "
                      f"{args.results} to keep the rows of")
         entry = run_model(kind, n, scorer, which, args.reference_only, log,
-                          stored.get(kind) if mode != "fresh" else None, step_counts, mode, args.calibrations)
+                          stored.get(kind) if mode != "fresh" else None, step_counts, mode, args.calibrations,
+                          args.node_fit)
         if args.reference_only:
             stored.setdefault(kind, {"model": kind, "prompts": n, "rows": []})["reference"] = entry["reference"]
         else:
@@ -563,6 +623,15 @@ def main() -> None:
             if mode != "fresh" and "over_seeds" in stored[kind]:  # ComfyUI's rows over seeds stay valid; after a
                 entry["over_seeds"] = stored[kind]["over_seeds"]  # refit, --over-seeds --recalibrate redoes ours
             stored[kind] = entry
+    if args.node_fit:  # its file holds the models fitted at node size: now, or by an earlier run (read now, so
+        ran_now = [m for m in args.models.split(",") if m and m != "none"]  # that two runs side by side keep both)
+        earlier = os.path.join(RESULTS_DIR, out_name)
+        if os.path.isfile(earlier):
+            with open(earlier) as f:
+                kept = {e["model"]: e for e in json.load(f)["results"] if e["model"] not in ran_now}
+        else:
+            kept = {}
+        stored = {**kept, **{m: stored[m] for m in ran_now}}
     if args.select_on_tuning or args.over_seeds:  # the tables and the file are the held-out run's
         n = max(e["prompts"] for e in stored.values())
     lines, summary = [], []
@@ -583,12 +652,14 @@ def main() -> None:
                     "first; the same start noise)"))
     if not args.quick:
         ran = sorted({r["sampler"] for e in stored.values() for r in e.get("rows", []) if r["impl"] == "comfyui"})
-        write_json(args.results, {"environment": environment(), "cfg": CFG, "prompts": n, "comfy_samplers": ran,
-                                  "reference_steps": REFERENCE_STEPS, "fit": DEFAULT_FIT, "summary": summary,
-                                  "results": list(stored.values()),
-                                  # this invocation's time only: a --recalibrate or --add-comfy run keeps the
-                                  # rows (and their fit_seconds) of earlier ones
-                                  "seconds_this_invocation": time.perf_counter() - t0})
+        fit = {**DEFAULT_FIT, "iterations": NODE_FIT["iterations"], "fit_noises": NODE_FIT["fit_noises"],
+               "per_prompt": True} if args.node_fit else DEFAULT_FIT
+        write_json(out_name, {"environment": environment(), "cfg": CFG, "prompts": n, "comfy_samplers": ran,
+                              "reference_steps": REFERENCE_STEPS, "fit": fit, "summary": summary,
+                              "results": list(stored.values()),
+                              # this invocation's time only: a --recalibrate or --add-comfy run keeps the
+                              # rows (and their fit_seconds) of earlier ones
+                              "seconds_this_invocation": time.perf_counter() - t0})
 
 
 if __name__ == "__main__":
