@@ -14,9 +14,11 @@ BENCHES = ("model_calls.py", "import_time.py", "overhead.py", "accuracy.py", "he
            "flips.py", "adherence.py", "end_to_end.py", "unet_overhead.py", "guard.py")
 FULL_FLAGS = {"heldout_bundled.py": ["--comfy-samplers", "all"]}  # the README's figures: every ComfyUI sampler
 # second runs of a bench, full mode only: the tuning evidence, the second held-out draw, and both draws on 2,048
-# evaluation noises (then refitted at the node's default fit size, which reads those runs' stored rows)
+# evaluation noises (then refitted at the node's default fit size, which reads those runs' stored rows); the bundled
+# networks refitted at that size, one fit per prompt (on the stored run's ComfyUI rows)
 LARGE = ["--eval-noises", "2048"]
 FULL_EXTRA = {"flips.py": [["--refine"], ["--shift"], ["--iterations"]],
+              "heldout_bundled.py": [["--recalibrate", "--node-fit"]],
               "heldout.py": [["--second-draw"], LARGE, LARGE + ["--second-draw"],
                              LARGE + ["--recalibrate", "--node-fit"],
                              LARGE + ["--recalibrate", "--node-fit", "--second-draw"]]}
