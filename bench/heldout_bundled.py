@@ -62,6 +62,7 @@ from ksampler.conditioning.cfg import Guidance  # noqa: E402
 PROMPT_SEED = 7_301  # held out: the adherence bench uses seed 0, training draws prompts from the renderer
 EVAL_SEED, FIT_SEED = 31_000, 47_000
 NODE_FIT_SEED = 48_000  # --node-fit: prompt i's fitting noise (NODE_FIT["fit_noises"] of them) comes from this + i
+NODE_SIZE_FIT = {**DEFAULT_FIT, "iterations": NODE_FIT["iterations"]}  # --node-fit's fit_calibration settings
 # --select-on-tuning: ComfyUI's best picked on prompts and noise of its own, then scored on the held-out run;
 # --tune-eta: the calibrated sampler's eta chosen on those prompts, from a fit on noise of their own
 TUNE_PROMPT_SEED, TUNE_EVAL_SEED, TUNE_FIT_SEED = 7_302, 59_000, 91_000
@@ -220,15 +221,14 @@ def calibrated_rows(setup: Setup, steps: int, log, save: str = None) -> list[dic
 
 def node_fit_rows(setup: Setup, steps: int, log) -> list[dict]:
     """The calibrated rows as a node user gets them: one fit per prompt, of the Calibrated Scheduler node's default
-    size (``NODE_FIT``: its fit_noises, from a seed of the prompt's own, and its iterations; no refinement, one
-    candidate; the rest of ``DEFAULT_FIT``), each run on its prompt's evaluation noise."""
+    size (``NODE_FIT``'s fit_noises, from a seed of the prompt's own; ``NODE_SIZE_FIT``: its iterations and the
+    rest of ``DEFAULT_FIT``; no refinement, one candidate), each run on its prompt's evaluation noise."""
     fits, seconds = [], 0.0
     for i, text in enumerate(setup.texts):
         noise = torch.randn((NODE_FIT["fit_noises"],) + setup.shape[1:],
                             generator=torch.Generator().manual_seed(NODE_FIT_SEED + i))
         t = time.perf_counter()
-        fits.append(fit_calibration(setup.guided([text], noise.shape), setup.ms, noise, steps,
-                                    **{**DEFAULT_FIT, "iterations": NODE_FIT["iterations"]}))
+        fits.append(fit_calibration(setup.guided([text], noise.shape), setup.ms, noise, steps, **NODE_SIZE_FIT))
         seconds += time.perf_counter() - t
         log(f"  {setup.kind} {steps} steps, prompt {i + 1}/{len(setup.texts)}: fitted in "
             f"{time.perf_counter() - t:.1f}s")
@@ -652,8 +652,8 @@ def main() -> None:
                     "first; the same start noise)"))
     if not args.quick:
         ran = sorted({r["sampler"] for e in stored.values() for r in e.get("rows", []) if r["impl"] == "comfyui"})
-        fit = {**DEFAULT_FIT, "iterations": NODE_FIT["iterations"], "fit_noises": NODE_FIT["fit_noises"],
-               "per_prompt": True} if args.node_fit else DEFAULT_FIT
+        fit = {**NODE_SIZE_FIT, "fit_noises": NODE_FIT["fit_noises"], "per_prompt": True} if args.node_fit \
+            else DEFAULT_FIT
         write_json(out_name, {"environment": environment(), "cfg": CFG, "prompts": n, "comfy_samplers": ran,
                               "reference_steps": REFERENCE_STEPS, "fit": fit, "summary": summary,
                               "results": list(stored.values()),
