@@ -11,6 +11,7 @@
     python bench/flips.py --candidates   # stop 30: the better of two fits (by the refining set), refined
     python bench/flips.py --refine-candidates   # stop 30: two fits, each refined, the better kept
     python bench/flips.py --gradient   # stop 31: SPSA (the fit inside ComfyUI's server) against autograd
+    python bench/flips.py --refine-noises-8192   # stop 35: the default refined on 8,192 noises, not 4,096
 
 Where a mixture's modes are narrow and far apart, a few-step sampler sends the noises that lie near the
 boundary between two modes' basins to the wrong mode.  One such flip costs an RMS of about the distance between
@@ -39,6 +40,7 @@ adopted on: nine tuning cases, four fitting seeds, each fit with and without it,
 ``--refine-iterations``: 300 refining iterations against 150, both on 4,096 noises (stop 29; not adopted).
 ``--candidates``: two fits from different fitting noise, the one with the lower RMS on the refining set refined,
 against one fit (stop 30); ``--refine-candidates``: both refined, the better after its refinement kept.
+``--refine-noises-8192``: that default on 8,192 refining noises against 4,096 (stop 35).
 """
 from __future__ import annotations
 
@@ -180,6 +182,12 @@ STUDIES = {  # flag: (variants, results file, what it compares); each at the set
                                                         "refine_candidates": True}},
                           "refine_candidates_tuning.json", "two fits from different fitting noise, each refined, "
                                                            "the better on the refining set kept, against one fit"),
+    "refine_noises_8192": ({"4096 noises": {"refine": True, "shift": True, "iterations": 600, "refine_noises": 4096,
+                                            "candidates": 2, "refine_candidates": True},
+                            "8192 noises": {"refine": True, "shift": True, "iterations": 600, "refine_noises": 8192,
+                                            "candidates": 2, "refine_candidates": True}},
+                           "refine_noises_8192_tuning.json", "the default's two refined candidates on 8,192 refining "
+                                                             "noises against 4,096 (stop 35; not adopted)"),
     "gradient": ({"autograd": {"refine": True, "shift": True, "iterations": 600, "refine_noises": 4096},
                   "spsa": {"refine": True, "shift": True, "iterations": 600, "refine_noises": 4096,
                            "gradient": "spsa"}},
