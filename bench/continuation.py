@@ -140,9 +140,10 @@ def locked_results():
     try:
         fcntl.flock(folder, fcntl.LOCK_EX)
         path = os.path.join(RESULTS, RESULTS_FILE)
-        payload = json.load(open(path)) if os.path.exists(path) else {"split": "tuning", "rule": RULE,
-                                                                       "baseline": f"{BASELINE_FILE}: {BASELINE}",
-                                                                       "variants": {}}
+        payload = {"split": "tuning", "rule": RULE, "baseline": f"{BASELINE_FILE}: {BASELINE}", "variants": {}}
+        if os.path.exists(path):
+            with open(path) as f:
+                payload = json.load(f)
         yield payload
         write_json(RESULTS_FILE, payload)
     finally:
