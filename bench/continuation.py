@@ -64,17 +64,16 @@ class ContinuationStudent(calibration._Student):
         super().__init__(*args, **kwargs)
         self.weight = weight
         ms, steps = self.ms, heldout.CALIBRATION["teacher_steps"]
-        hi, lo = calibration._ve_bounds(ms, self.s_max, math.exp(self.log_eval_range[0]))
-        ve = torch.exp(torch.linspace(math.log(hi), math.log(lo), steps, dtype=torch.float64))
-        sigmas = torch.cat([calibration._model_sigma(ms, ve), ve.new_zeros(1)])
-        if float(ms.alpha(torch.tensor(float(self.s_max)))) <= 0:
-            sigmas[0] = float(self.s_max)  # as calibration.teacher_solve: flow's pure-noise start
-        weights = calibration.multistep_coefficients(torch.cat([ve, ve.new_zeros(1)]), 3, 3)
+        t_min = math.exp(self.log_eval_range[0])
+        hi, lo = calibration._ve_bounds(ms, self.s_max, t_min)
         states = []
-        with torch.enable_grad():  # the teacher's solve again, this time with its graph
+
+        def recording(x, sigma, **extra):  # the teacher calls the model once per step, at that step's state
+            states.append(x)
+            return self.denoiser(x, sigma, **extra)
+        with torch.enable_grad():  # the teacher's own solve (past its no_grad), this time with its graph
             start = self.x0.detach().clone().requires_grad_(True)
-            end = calibration._solve(self.denoiser, start, sigmas, weights, ms, {},
-                                     callback=lambda d: states.append(d["x"]))
+            end = calibration.teacher_solve.__wrapped__(recording, ms, start, self.s_max, t_min, steps)
             gen = torch.Generator().manual_seed(PROBE_SEED)
             probes = []
             for p in range(PROBES):
