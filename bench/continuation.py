@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -132,53 +133,72 @@ def students(weight: float, candidates: tuple, refine_noises: int):
 
 
 @contextlib.contextmanager
-def locked_results():
+def locked_results(results_file: str = RESULTS_FILE, baseline: str = f"{BASELINE_FILE}: {BASELINE}"):
     """The results file's contents, written back on exit, under a lock (parts may run side by side)."""
     os.makedirs(RESULTS, exist_ok=True)
     folder = os.open(RESULTS, os.O_RDONLY)
     try:
         fcntl.flock(folder, fcntl.LOCK_EX)
-        path = os.path.join(RESULTS, RESULTS_FILE)
-        payload = {"split": "tuning", "rule": RULE, "baseline": f"{BASELINE_FILE}: {BASELINE}", "variants": {}}
+        path = os.path.join(RESULTS, results_file)
+        payload = {"split": "tuning", "rule": RULE, "baseline": baseline, "variants": {}}
         if os.path.exists(path):
             with open(path) as f:
                 payload = json.load(f)
         yield payload
-        write_json(RESULTS_FILE, payload)
+        write_json(results_file, payload)
     finally:
         os.close(folder)  # and the lock with it
 
 
-def summary(cases: list) -> dict:
-    logs = [math.log(r["variant"]["rms"] / r["default"]["rms"]) for c in cases for r in c["fits"]]
-    return {"fits": len(logs), "geomean_ratio": math.exp(sum(logs) / len(logs)) if logs else math.nan,
-            "cases_better": sum(c["geomean_ratio"] < 1 for c in cases), "cases": len(cases),
-            "flips_default": sum(r["default"]["flips"] for c in cases for r in c["fits"]),
-            "flips_variant": sum(r["variant"]["flips"] for c in cases for r in c["fits"])}
+def summary(cases: list, key: Optional[str] = None) -> dict:
+    """The rule's figures over ``cases``: from each side's result, or from its ``key`` entry (another evaluation)."""
+    of = (lambda r, side: r[side]) if key is None else (lambda r, side: r[side][key])  # noqa: E731
+    logs = [[math.log(of(r, "variant")["rms"] / of(r, "default")["rms"]) for r in c["fits"]] for c in cases]
+    flat = [v for case in logs for v in case]
+    return {"fits": len(flat), "geomean_ratio": math.exp(sum(flat) / len(flat)) if flat else math.nan,
+            "cases_better": sum(sum(case) < 0 for case in logs), "cases": len(cases),
+            "flips_default": sum(of(r, "default")["flips"] for c in cases for r in c["fits"]),
+            "flips_variant": sum(of(r, "variant")["flips"] for c in cases for r in c["fits"])}
 
 
-def run_case(index: int, variant: str, seeds: list, log) -> dict:
-    weight, candidates = VARIANTS[variant]
+def evaluate(prob: heldout.Problem, cal) -> dict:
+    """flips.py's figures of ``cal`` on the case's ``flips.N_EVAL`` evaluation noises."""
+    out = cal.sampler()(prob.model, prob.noise * float(cal.sigmas[0]), cal.sigmas, disable=True)
+    return flips.flips(out, prob.reference(heldout.SIGMA_MAX), prob.family)
+
+
+def fit_case(index: int, seeds: list, log, students_for, default_for, measure=evaluate) -> dict:
+    """The default's fit of case ``index`` of ``flips.REFINE_CASES`` per fitting seed, with ``fit_calibration``'s
+    parts swapped inside ``students_for(prob, seed, refine_noises, extra)`` (which may fill ``extra``), measured by
+    ``measure(prob, cal)`` against ``default_for(prob, nfe, seed)``'s result."""
     options = flips.STUDIES["refine_candidates"][0][BASELINE]
-    with open(os.path.join(RESULTS, BASELINE_FILE)) as f:
-        stored = {(c["problem"], c["nfe"]): c for c in json.load(f)["cases"]}
     name, cfg, nfe = flips.REFINE_CASES[index]
     prob = heldout.Problem(next(f for f in heldout.TUNING if f.name == name), cfg, flips.N_EVAL, heldout.FIT_NOISES)
-    ref = prob.reference(heldout.SIGMA_MAX)
     rows = []
     for seed in seeds:
+        default = default_for(prob, nfe, seed)
         t0 = time.perf_counter()
-        with students(weight, candidates, options["refine_noises"]):
+        extra = {}
+        with students_for(prob, seed, options["refine_noises"], extra):
             cal = flips.fit(prob, nfe, seed, **options)
-        out = cal.sampler()(prob.model, prob.noise * float(cal.sigmas[0]), cal.sigmas, disable=True)
-        default = next(r for r in stored[(prob.name, nfe)]["fits"] if r["seed"] == seed)[BASELINE]
-        rows.append({"seed": seed, "variant": flips.flips(out, ref, prob.family), "default": default,
+        rows.append({"seed": seed, "variant": measure(prob, cal), "default": default,
                      "candidate_rms": cal.info.get("candidate_rms"), "model_calls": cal.info["model_calls"],
-                     "backward_passes": cal.info["backward_passes"], "seconds": time.perf_counter() - t0})
+                     "backward_passes": cal.info["backward_passes"], **extra,
+                     "seconds": time.perf_counter() - t0})
         log(f"  {prob.name} NFE {nfe} seed {seed}: RMS {default['rms']:.4g} -> {rows[-1]['variant']['rms']:.4g}, "
             f"flips {default['flips']} -> {rows[-1]['variant']['flips']}")
     ratio = math.exp(sum(math.log(r["variant"]["rms"] / r["default"]["rms"]) for r in rows) / len(rows))
     return {"case": index, "problem": prob.name, "nfe": nfe, "fits": rows, "geomean_ratio": ratio}
+
+
+def run_case(index: int, variant: str, seeds: list, log) -> dict:
+    weight, candidates = VARIANTS[variant]
+    with open(os.path.join(RESULTS, BASELINE_FILE)) as f:
+        stored = {(c["problem"], c["nfe"]): c for c in json.load(f)["cases"]}
+    return fit_case(index, seeds, log, lambda prob, seed, refine_noises, extra: students(weight, candidates,
+                                                                                        refine_noises),
+                    lambda prob, nfe, seed: next(r for r in stored[(prob.name, nfe)]["fits"]
+                                                 if r["seed"] == seed)[BASELINE])
 
 
 def main() -> None:

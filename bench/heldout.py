@@ -165,11 +165,14 @@ def rms_of(errors: torch.Tensor) -> float:
     return float(errors.pow(2).mean().sqrt()) if len(errors) else math.nan
 
 
+FLIP_SHARE = 0.2  # a flip: an item's RMS error over this share of the RMS distance between two means
+
+
 def flip_stats(out: torch.Tensor, ref: torch.Tensor, family: Family) -> dict:
     """The RMS and its tail.  A flip: an item whose RMS error exceeds a fifth of the RMS distance between two means
     (mean_scale * sqrt(2) per element); "rest": the RMS over the other items; "trimmed": without the worst 1 %."""
     per_item = item_errors(out, ref)
-    flipped = per_item > 0.2 * family.mean_scale * math.sqrt(2)
+    flipped = per_item > FLIP_SHARE * family.mean_scale * math.sqrt(2)
     kept = per_item.sort().values[:len(per_item) - len(per_item) // 100]
     return {"rms": rms_of(per_item), "flips": int(flipped.sum()), "rest": rms_of(per_item[~flipped]),
             "worst": float(per_item.max()), "trimmed": rms_of(kept)}
