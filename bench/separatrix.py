@@ -278,6 +278,8 @@ def after_refinement(prob: heldout.Problem, seed: int, refine_noises: int, extra
             return best
         if "crossings" not in state:
             state["crossings"] = _crossings_for(prob, seed, student, extra)
+        if not state["crossings"].count:  # no term: the default's refinement, as it is
+            return best
         polishing = SeparatrixStudent.__new__(SeparatrixStudent)
         polishing.__dict__.update(student.__dict__, crossings=state["crossings"], root=None)
         if search:
