@@ -201,12 +201,14 @@ def run_case(index: int, variant: str, seeds: list, log) -> dict:
                                                  if r["seed"] == seed)[BASELINE])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", choices=tuple(VARIANTS), required=True)
+def add_case_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cases", default=None, help="comma-separated indices into flips.REFINE_CASES (default: all)")
     ap.add_argument("--seeds", default=",".join(map(str, flips.REFINE_SEEDS)), help="fitting seeds (default 1-4)")
-    args = ap.parse_args()
+
+
+def cases_and_seeds(ap: argparse.ArgumentParser, args, baseline: str) -> tuple[list, list]:
+    """The case indices and fitting seeds of ``add_case_arguments``' options (``baseline`` names the default's
+    fits in the error for a seed it lacks)."""
     try:
         indices = [int(i) for i in args.cases.split(",")] if args.cases else list(range(len(flips.REFINE_CASES)))
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -215,7 +217,25 @@ def main() -> None:
     if not all(0 <= i < len(flips.REFINE_CASES) for i in indices):
         ap.error(f"--cases: indices into REFINE_CASES, 0 to {len(flips.REFINE_CASES) - 1}")
     if not set(seeds) <= set(flips.REFINE_SEEDS):
-        ap.error(f"--seeds: the stored default has seeds {', '.join(map(str, flips.REFINE_SEEDS))}")
+        ap.error(f"--seeds: {baseline} has seeds {', '.join(map(str, flips.REFINE_SEEDS))}")
+    return indices, seeds
+
+
+def print_cases(cases: list, label: str, title: str) -> None:
+    print(table(["problem", "NFE", "default RMS (seeds)", f"{label} RMS (seeds)", "ratio (geometric mean)", "flips"],
+                [[c["problem"], c["nfe"], " ".join(f"{r['default']['rms']:.3g}" for r in c["fits"]),
+                  " ".join(f"{r['variant']['rms']:.3g}" for r in c["fits"]), f"{c['geomean_ratio']:.3f}",
+                  f"{sum(r['default']['flips'] for r in c['fits'])} -> {sum(r['variant']['flips'] for r in c['fits'])}"]
+                 for c in cases], title))
+    print(summary(cases))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", choices=tuple(VARIANTS), required=True)
+    add_case_arguments(ap)
+    args = ap.parse_args()
+    indices, seeds = cases_and_seeds(ap, args, "the stored default")
     torch.set_num_threads(1)
     for index in indices:
         case = run_case(index, args.variant, seeds, lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -228,14 +248,8 @@ def main() -> None:
             entry["summary"] = summary(entry["cases"])
             entry["environment"] = environment()
             cases = entry["cases"]
-    print(table(["problem", "NFE", "default RMS (seeds)", f"{args.variant} RMS (seeds)", "ratio (geometric mean)",
-                 "flips"],
-                [[c["problem"], c["nfe"], " ".join(f"{r['default']['rms']:.3g}" for r in c["fits"]),
-                  " ".join(f"{r['variant']['rms']:.3g}" for r in c["fits"]), f"{c['geomean_ratio']:.3f}",
-                  f"{sum(r['default']['flips'] for r in c['fits'])} -> {sum(r['variant']['flips'] for r in c['fits'])}"]
-                 for c in cases],
-                f"the continuation loss, variant {args.variant} (tuning split; every case run so far)"))
-    print(summary(cases))
+    print_cases(cases, args.variant, f"the continuation loss, variant {args.variant} (tuning split; every case run "
+                                     "so far)")
 
 
 if __name__ == "__main__":

@@ -602,7 +602,8 @@ def main() -> None:
     ap.add_argument("--second-draw", action="store_true", help="the second held-out draw of families (HELDOUT_2)")
     ap.add_argument("--no-comfy", action="store_true", help="skip ComfyUI's side (when no checkout is around)")
     ap.add_argument("--families", default=None, help="comma-separated family names of the chosen split")
-    ap.add_argument("--cfgs", default=None, help="comma-separated: none,3,7.5")
+    ap.add_argument("--cfgs", default=None, help="comma-separated: none,3,7.5 (with --families, results go to a "
+                    "part file named after both)")
     ap.add_argument("--merge", action="store_true", help="merge the per-family results (bench/results/heldout_<family>.json)")
     ap.add_argument("--recalibrate", action="store_true",
                     help="re-run only the calibrated rows of the stored results (after a change to the calibration); "
@@ -660,7 +661,7 @@ def main() -> None:
     print(text)
     if args.merge or args.recalibrate or large:
         print("\n" + readme_tables(results, summary, budgets))
-    if args.quick or args.cfgs:
+    if args.quick or (args.cfgs and not args.families) or (args.cfgs and (args.merge or args.recalibrate)):
         return
     payload = {"environment": environment(), "calibration": CALIBRATION, "refine": REFINE,
                "fit_noises": FIT_NOISES, "refine_noises": REFINE_NOISES, "fit_candidates": FIT_CANDIDATES,
@@ -672,8 +673,9 @@ def main() -> None:
     if args.recalibrate:
         payload["recalibrated"] = "calibrated rows re-run with this CALIBRATION; the other rows as first measured"
     if args.families and not (args.merge or args.recalibrate):
-        write_json(f"heldout{large}_{split[0].name}.json" if len(split) == 1 else f"heldout{large}_part.json",
-                   payload)
+        part = split[0].name if len(split) == 1 else "part"
+        cfg_part = "" if not args.cfgs else "_cfg" + "_".join(args.cfgs.split(","))
+        write_json(f"heldout{large}_{part}{cfg_part}.json", payload)
         return
     if args.node_fit:
         payload["calibration"] = {**CALIBRATION, **NODE_FIT, "refine": False, "fit_candidates": 1}

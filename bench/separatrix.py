@@ -56,7 +56,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment, table  # noqa: E402
+from _common import RESULTS, environment  # noqa: E402
 import continuation  # noqa: E402  (the case loop, the results lock and the summary)
 import flips  # noqa: E402
 import heldout  # noqa: E402
@@ -318,21 +318,14 @@ def measured(prob: heldout.Problem, cal, size: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", choices=tuple(VARIANTS), required=True)
-    ap.add_argument("--cases", default=None, help="comma-separated indices into flips.REFINE_CASES (default: all)")
-    ap.add_argument("--seeds", default=",".join(map(str, flips.REFINE_SEEDS)), help="fitting seeds (default 1-4)")
+    continuation.add_case_arguments(ap)
     ap.add_argument("--large-eval", type=int, default=0, metavar="N",
                     help="also measure on N evaluation noises of a stream of their own (LARGE_EVAL_SEED), with the "
                          "default fitted again beside each fit")
     args = ap.parse_args()
-    try:
-        indices = [int(i) for i in args.cases.split(",")] if args.cases else list(range(len(flips.REFINE_CASES)))
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        ap.error("--cases and --seeds: comma-separated integers")
-    if not all(0 <= i < len(flips.REFINE_CASES) for i in indices):
-        ap.error(f"--cases: indices into REFINE_CASES, 0 to {len(flips.REFINE_CASES) - 1}")
-    if not set(seeds) <= set(flips.REFINE_SEEDS):
-        ap.error(f"--seeds: the re-run default has seeds {', '.join(map(str, flips.REFINE_SEEDS))}")
+    indices, seeds = continuation.cases_and_seeds(ap, args, "the re-run default")
+    if args.large_eval < 0:
+        ap.error("--large-eval: a number of evaluation noises (0: none)")
     with open(os.path.join(RESULTS, BASELINE_FILE)) as f:
         rerun = {(r["case"], r["seed"]): r["now"] for r in json.load(f)["rows"]}
     torch.set_num_threads(1)
@@ -349,6 +342,7 @@ def main() -> None:
         with continuation.locked_results(RESULTS_FILE, f"{BASELINE_FILE}: the default re-run (stop 35)") as payload:
             entry = payload["variants"].setdefault(name, {
                 "circles": CIRCLES, "angles": ANGLES, "bisections": BISECTIONS, "cases": [],
+                **({"default": "fitted again beside each fit"} if args.large_eval else {}),
                 **({"polish": POLISH} if args.variant == "polish" else {}),
                 **({"line_search": LINE_SEARCH} if args.variant == "line-search" else {})})
             entry["cases"] = sorted([c for c in entry["cases"] if c["case"] != index] + [case],
@@ -358,14 +352,8 @@ def main() -> None:
                 entry["summary_large"] = continuation.summary(entry["cases"], "large")
             entry["environment"] = environment()
             cases = entry["cases"]
-    print(table(["problem", "NFE", "default RMS (seeds)", f"{args.variant} RMS (seeds)", "ratio (geometric mean)",
-                 "flips"],
-                [[c["problem"], c["nfe"], " ".join(f"{r['default']['rms']:.3g}" for r in c["fits"]),
-                  " ".join(f"{r['variant']['rms']:.3g}" for r in c["fits"]), f"{c['geomean_ratio']:.3f}",
-                  f"{sum(r['default']['flips'] for r in c['fits'])} -> {sum(r['variant']['flips'] for r in c['fits'])}"]
-                 for c in cases],
-                f"the expected-flips term, variant {args.variant} (tuning split; every case run so far)"))
-    print(continuation.summary(cases))
+    continuation.print_cases(cases, args.variant, f"the expected-flips term, variant {args.variant} (tuning split; "
+                             "every case run so far)")
     if args.large_eval:
         print("on the large set:", continuation.summary(cases, "large"))
 
