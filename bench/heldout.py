@@ -661,7 +661,7 @@ def main() -> None:
     print(text)
     if args.merge or args.recalibrate or large:
         print("\n" + readme_tables(results, summary, budgets))
-    if args.quick or (args.cfgs and not args.families) or (args.cfgs and (args.merge or args.recalibrate)):
+    if args.quick or (args.cfgs and (not args.families or args.merge or args.recalibrate)):
         return
     payload = {"environment": environment(), "calibration": CALIBRATION, "refine": REFINE,
                "fit_noises": FIT_NOISES, "refine_noises": REFINE_NOISES, "fit_candidates": FIT_CANDIDATES,

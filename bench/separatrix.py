@@ -75,15 +75,6 @@ POLISH = {"iterations": 100, "lr": 0.002}
 LINE_SEARCH = {"steps": 10, "sizes": (0.03, 0.01, 0.003, 0.001, 0.0003)}
 
 
-class Counted:
-    def __init__(self, inner):
-        self.inner, self.calls = inner, 0
-
-    def __call__(self, x, sigma, **kwargs):
-        self.calls += 1
-        return self.inner(x, sigma, **kwargs)
-
-
 class Crossings:
     """The teacher's crossings between basins on ``CIRCLES`` great circles of the noise."""
 
@@ -96,7 +87,7 @@ class Crossings:
         self.ms, self.s_max, self.calls = ms, s_max, 0
 
         def teacher_end(lab, a_, b_, theta):
-            model = Counted(MixtureDenoiser(gmm, lab, cfg=prob.cfg, model_sampling=ms))
+            model = heldout.Counting(MixtureDenoiser(gmm, lab, cfg=prob.cfg, model_sampling=ms))
             end = calibration.teacher_solve(model, ms, self.start(a_, b_, theta), s_max, t_min, teacher_steps)
             self.calls += model.calls
             return end
@@ -119,7 +110,7 @@ class Crossings:
         jump = cost.sqrt() > heldout.FLIP_SHARE * prob.family.mean_scale * math.sqrt(2)  # flip_stats' flip
         self.e_a, self.e_b, self.cost, self.theta = e_a[jump], e_b[jump], cost[jump], ((lo + hi) / 2)[jump]
         self.a, self.b = a[jump], b[jump]
-        self.model = Counted(MixtureDenoiser(gmm, lab[jump], cfg=prob.cfg, model_sampling=ms))
+        self.model = heldout.Counting(MixtureDenoiser(gmm, lab[jump], cfg=prob.cfg, model_sampling=ms))
         self.count = len(self.theta)
 
     def start(self, a: torch.Tensor, b: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
