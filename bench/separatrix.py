@@ -1,6 +1,7 @@
 """The expected flips as a smooth term of the refinement's loss: a study on the TUNING split, never a result.
 
-    python bench/separatrix.py --variant refinement|polish [--cases 4,5,6,7,8] [--seeds 1,2,3,4]
+    python bench/separatrix.py --variant refinement|polish|line-search [--cases 6,7,8] [--seeds 1,2,3,4]
+    python bench/separatrix.py --variant polish --large-eval 16384   # the study (stop 36; bench/README.md)
 
 A flip is a noise that lies between the teacher's boundary of two basins and the calibrated sampler's.  The fit's
 loss counts the few flipped noises of its batch, and gives them no gradient that moves the boundary (inside a basin
@@ -21,11 +22,12 @@ noise costs about mean((e_A - e_B)^2) per element, so the refinement's loss beco
 
     loss = sqrt(MS on the refining batch + mean over circles of sum_k |dtheta_k| / 2 pi * mean((e_A - e_B)^2))
 
-with no weight to tune.  Two variants change only the refinement (``calibration.REFINE``; the default's two candidates
+with no weight to tune.  Three variants change only the refinement (``calibration.REFINE``; the default's two candidates
 are each refined, the better on the refinement's loss kept); the fits before it are the default's:
 - ``refinement``: the refinement runs on this loss;
 - ``polish``: the plain refinement, then ``POLISH["iterations"]`` more iterations on this loss at ``POLISH["lr"]``,
-  keeping the iterate best on it (the plain refinement's result included).
+  keeping the iterate best on it (the plain refinement's result included);
+- ``line-search``: the plain refinement, then ``line_search`` (steepest descent) on this loss.
 
 Measured on ``flips.py``'s nine ``REFINE_CASES``, four fitting seeds, 2,048 evaluation noises, against the default
 re-run with today's code (``results/refine_candidates_rerun_tuning.json``, "now"; stop 35 found that the stored
