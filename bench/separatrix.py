@@ -124,9 +124,12 @@ class Crossings:
 class SeparatrixStudent(calibration._Student):
     """The refining batch's student, with the expected flips of its crossings in its loss."""
 
-    def __init__(self, *args, crossings: Crossings, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.crossings, self.root = crossings, None
+    @classmethod
+    def around(cls, student: calibration._Student, crossings: Crossings) -> "SeparatrixStudent":
+        """``student`` (its batch, teacher and ranges) with the flip term over ``crossings``."""
+        made = cls.__new__(cls)
+        made.__dict__.update(student.__dict__, crossings=crossings, root=None)
+        return made
 
     def g(self, theta, sig, c, cc, shift) -> torch.Tensor:
         cr = self.crossings
@@ -210,7 +213,7 @@ def in_refinement(prob: heldout.Problem, seed: int, refine_noises: int, extra: d
             raise RuntimeError("separatrix: fit_calibration no longer builds its students in the order assumed")
         if built[-1] != 2:
             return student
-        return SeparatrixStudent(*args, crossings=_crossings_for(prob, seed, student, extra), **kwargs)
+        return SeparatrixStudent.around(student, _crossings_for(prob, seed, student, extra))
     calibration._Student = build
     try:
         with _counted(extra):
@@ -274,8 +277,7 @@ def after_refinement(prob: heldout.Problem, seed: int, refine_noises: int, extra
             state["crossings"] = _crossings_for(prob, seed, student, extra)
         if not state["crossings"].count:  # no term: the default's refinement, as it is
             return best
-        polishing = SeparatrixStudent.__new__(SeparatrixStudent)
-        polishing.__dict__.update(student.__dict__, crossings=state["crossings"], root=None)
+        polishing = SeparatrixStudent.around(student, state["crossings"])
         if search:
             return line_search(polishing, best, form, calls, steps)
         return plain(polishing, *calibration._resumed(best), form, POLISH["iterations"], POLISH["lr"], mode,
@@ -299,14 +301,8 @@ def measured(prob: heldout.Problem, cal, size: int) -> dict:
     """``continuation.evaluate``'s figures, and under "large" the same on ``size`` noises of their own stream."""
     key = (prob.name, size)
     if key not in _LARGE:
-        gen = torch.Generator().manual_seed(LARGE_EVAL_SEED + prob.family.seed)
-        labels = torch.randint(0, prob.gmm.n_classes, (size,), generator=gen)
-        noise = torch.randn(size, prob.gmm.dim, generator=gen, dtype=torch.float64)
-        model = MixtureDenoiser(prob.gmm, labels, cfg=prob.cfg, model_sampling=heldout.MS)
-        _LARGE[key] = model, noise, heldout.exact_reference(model.slope, noise * heldout.SIGMA_MAX, heldout.SIGMA_MAX)
-    model, noise, ref = _LARGE[key]
-    out = cal.sampler()(model, noise * float(cal.sigmas[0]), cal.sigmas, disable=True)
-    return {**continuation.evaluate(prob, cal), "large": flips.flips(out, ref, prob.family)}
+        _LARGE[key] = heldout.Problem(prob.family, prob.cfg, size, heldout.FIT_NOISES, eval_seed=LARGE_EVAL_SEED)
+    return {**continuation.evaluate(prob, cal), "large": continuation.evaluate(_LARGE[key], cal)}
 
 
 def main() -> None:
