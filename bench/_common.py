@@ -1,6 +1,8 @@
 """Shared helpers of the benchmarks: tables, JSON results, environment facts."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -41,6 +43,25 @@ def write_json(name: str, payload: dict) -> str:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, default=float)
     return path
+
+
+@contextlib.contextmanager
+def locked_json(name: str, empty: dict):
+    """A results file's contents (``empty`` where there is none yet), written back on exit under a lock on the
+    results folder, so that runs side by side can add to one file."""
+    os.makedirs(RESULTS, exist_ok=True)
+    folder = os.open(RESULTS, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        path = os.path.join(RESULTS, name)
+        payload = empty
+        if os.path.exists(path):
+            with open(path) as f:
+                payload = json.load(f)
+        yield payload
+        write_json(name, payload)
+    finally:
+        os.close(folder)  # and the lock with it
 
 
 def fmt(v, digits: int = 4) -> str:

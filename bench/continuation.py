@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment, table, write_json  # noqa: E402
+from _common import RESULTS, environment, locked_json, table  # noqa: E402
 import flips  # noqa: E402  (the tuning cases, the default's fit and the flip count)
 import heldout  # noqa: E402
 
@@ -132,22 +131,9 @@ def students(weight: float, candidates: tuple, refine_noises: int):
         calibration._Student = plain
 
 
-@contextlib.contextmanager
 def locked_results(results_file: str = RESULTS_FILE, baseline: str = f"{BASELINE_FILE}: {BASELINE}"):
-    """The results file's contents, written back on exit, under a lock (parts may run side by side)."""
-    os.makedirs(RESULTS, exist_ok=True)
-    folder = os.open(RESULTS, os.O_RDONLY)
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
-        path = os.path.join(RESULTS, results_file)
-        payload = {"split": "tuning", "rule": RULE, "baseline": baseline, "variants": {}}
-        if os.path.exists(path):
-            with open(path) as f:
-                payload = json.load(f)
-        yield payload
-        write_json(results_file, payload)
-    finally:
-        os.close(folder)  # and the lock with it
+    """The study's results file, under a lock (parts may run side by side)."""
+    return locked_json(results_file, {"split": "tuning", "rule": RULE, "baseline": baseline, "variants": {}})
 
 
 def summary(cases: list, key: Optional[str] = None) -> dict:

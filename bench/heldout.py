@@ -169,9 +169,14 @@ FLIP_SHARE = 0.2  # a flip: an item's RMS error over this share of the RMS dista
 
 
 def flip_stats(out: torch.Tensor, ref: torch.Tensor, family: Family) -> dict:
-    """The RMS and its tail.  A flip: an item whose RMS error exceeds a fifth of the RMS distance between two means
-    (mean_scale * sqrt(2) per element); "rest": the RMS over the other items; "trimmed": without the worst 1 %."""
-    per_item = item_errors(out, ref)
+    """``flip_stats_of`` the items' RMS errors of ``out`` against ``ref``."""
+    return flip_stats_of(item_errors(out, ref), family)
+
+
+def flip_stats_of(per_item: torch.Tensor, family: Family) -> dict:
+    """The RMS and its tail, from each item's RMS error.  A flip: an item whose RMS error exceeds a fifth of the
+    RMS distance between two means (mean_scale * sqrt(2) per element); "rest": the RMS over the other items;
+    "trimmed": without the worst 1 %."""
     flipped = per_item > FLIP_SHARE * family.mean_scale * math.sqrt(2)
     kept = per_item.sort().values[:len(per_item) - len(per_item) // 100]
     return {"rms": rms_of(per_item), "flips": int(flipped.sum()), "rest": rms_of(per_item[~flipped]),
@@ -388,6 +393,30 @@ def _largest_fitting(prob: Problem, run_fn, sigmas_of, budget: int, cache: dict)
     return None
 
 
+def ours_runner(name: str) -> tuple:
+    """(run_fn(model, x, sigmas), sigmas_of(scheduler, steps)) of a registry sampler or an ``OURS_EXTRA`` form."""
+    fn_name, opts = OURS_EXTRA.get(name, (name, {}))
+    fn, discard = SAMPLERS[fn_name], sampler_traits(fn_name).discard_penultimate_sigma
+
+    def run_fn(m, x, s):
+        with torch.no_grad():
+            return fn(m, x, s, disable=True, **opts)
+
+    def sigmas_of(scheduler: str, steps: int) -> torch.Tensor:
+        return sampling_sigmas(MS, scheduler, steps, discard_penultimate_sigma=discard)
+    return run_fn, sigmas_of
+
+
+def comfy_runner(comfy: Comfy, name: str) -> tuple:
+    """The same pair for one of ComfyUI's samplers, with its own schedulers."""
+    def run_fn(m, x, s):
+        return comfy.run(name, m, x, s)
+
+    def sigmas_of(scheduler: str, steps: int) -> torch.Tensor:
+        return comfy.sigmas(scheduler, steps, name)
+    return run_fn, sigmas_of
+
+
 def run_grid(prob: Problem, comfy: Optional[Comfy], budgets, log) -> list[dict]:
     rows = []
 
@@ -405,30 +434,16 @@ def run_grid(prob: Problem, comfy: Optional[Comfy], budgets, log) -> list[dict]:
         rows.append({"impl": impl, "sampler": sampler, "scheduler": scheduler, "budget": budget, "steps": steps,
                      "nfe": model.calls, **prob.scores(out, float(sig[0]))})
 
-    for name in OURS_DET + list(OURS_EXTRA):
-        fn_name, opts = OURS_EXTRA.get(name, (name, {}))
-        fn = SAMPLERS[fn_name]
-        discard = sampler_traits(fn_name).discard_penultimate_sigma
-
-        def run_fn(m, x, s, fn=fn, opts=opts):
-            with torch.no_grad():
-                return fn(m, x, s, disable=True, **opts)
+    grid = [("ours", name, ours_runner(name), SCHEDULERS) for name in OURS_DET + list(OURS_EXTRA)]
+    if comfy is not None:
+        grid += [("comfyui", name, comfy_runner(comfy, name), comfy.schedulers) for name in Comfy.DETERMINISTIC]
+    for impl, name, (run_fn, sigmas_of), schedulers in grid:
         cache = {}
-        for sch in SCHEDULERS:
+        for sch in schedulers:
             cache = {k: v for k, v in cache.items() if k == "linear"}
             for budget in budgets:
-                run("ours", name, sch, run_fn, lambda st, sch=sch, d=discard: sampling_sigmas(
-                    MS, sch, st, discard_penultimate_sigma=d), budget, cache)
-    if comfy is not None:
-        for name in Comfy.DETERMINISTIC:
-            def run_fn(m, x, s, name=name):
-                return comfy.run(name, m, x, s)
-            cache = {}
-            for sch in comfy.schedulers:
-                cache = {k: v for k, v in cache.items() if k == "linear"}
-                for budget in budgets:
-                    run("comfyui", name, sch, run_fn, lambda st, sch=sch, name=name: comfy.sigmas(sch, st, name),
-                        budget, cache)
+                run(impl, name, sch, run_fn, lambda st, sch=sch, sigmas_of=sigmas_of: sigmas_of(sch, st), budget,
+                    cache)
     return rows
 
 
