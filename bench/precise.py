@@ -1,7 +1,7 @@
 """Held-out cells decided by mode flips, measured again on a larger fresh draw (stop 37; measurement only).
 
-    python bench/precise.py --results heldout_eval16384_sharp16.json --problem "sharp16 cfg 3" --budget 10
-        [--noises 262144] [--top 12]
+    python bench/precise.py --results heldout_eval16384_sharp16.json --problem "sharp16 cfg 3"
+        [--budgets 5,10] [--noises 65536] [--top 12]
 
 On the sharp held-out mixtures a run's RMS is made by the few evaluation noises it sends to another mode than the
 exact flow does (flips).  On 16,384 noises the best runs of both sides flip 3 to 30 of them, and each side's best
@@ -83,12 +83,46 @@ def ratio_interval(ours: torch.Tensor, theirs: torch.Tensor) -> list[float]:
     return torch.tensor(ratios, dtype=torch.float64).quantile(levels).tolist()
 
 
+def measure_cell(prob: heldout.Problem, stored: dict, budget: int, top: int, comfy: heldout.Comfy, log) -> dict:
+    """One cell: the chosen rows on the fresh draw, each side's best there, and their ratio."""
+    t0 = time.perf_counter()
+    rows, errors = [], {}
+    key_of = lambda r: (r["impl"], r["sampler"], r["scheduler"])  # noqa: E731
+    for row in chosen_rows(stored, budget, top):
+        errors[key_of(row)] = rerun(prob, row, comfy, log)
+        tail = heldout.flip_stats_of(errors[key_of(row)], prob.family)
+        rows.append({"impl": row["impl"], "sampler": row["sampler"], "scheduler": row["scheduler"],
+                     "steps": row["steps"], "nfe": row["nfe"],
+                     "stored": {k: row[k] for k in ("rms_error", "flips", "trimmed")},
+                     "fresh": {"rms_error": tail["rms"], "flips": tail["flips"], "trimmed": tail["trimmed"]}})
+        log(f"  {row['impl']} {row['sampler']}/{row['scheduler']}: RMS {row['rms_error']:.4g} -> {tail['rms']:.4g}, "
+            f"flips {row['flips']} -> {tail['flips']} (per {len(prob.noise):,})")
+    best = {}
+    for side, impls in (("ours", ("calibrated", "ours")), ("comfyui", ("comfyui",))):
+        best[side] = min((r for r in rows if r["impl"] in impls), key=lambda r: r["fresh"]["rms_error"])
+    ratio = best["ours"]["fresh"]["rms_error"] / best["comfyui"]["fresh"]["rms_error"]
+    interval = ratio_interval(errors[key_of(best["ours"])], errors[key_of(best["comfyui"])])
+    stored_ratio = (min(r["stored"]["rms_error"] for r in rows if r["impl"] != "comfyui")
+                    / min(r["stored"]["rms_error"] for r in rows if r["impl"] == "comfyui"))
+    print(table(["impl", "sampler", "scheduler", "stored RMS", "stored flips", "fresh RMS", "fresh flips",
+                 "fresh trimmed"],
+                [[r["impl"], r["sampler"], r["scheduler"], r["stored"]["rms_error"], r["stored"]["flips"],
+                  r["fresh"]["rms_error"], r["fresh"]["flips"], r["fresh"]["trimmed"]] for r in rows]))
+    print(f"\n{stored['problem']}, NFE {budget}: ours / ComfyUI's best = {ratio:.3f} on {len(prob.noise):,} fresh "
+          f"noises (90 % interval {interval[0]:.3f}-{interval[1]:.3f}); {stored_ratio:.3f} on the stored draw\n",
+          flush=True)
+    return {"problem": stored["problem"], "budget": budget, "top": top, "ratio": ratio,
+            "ratio_interval_90": interval, "stored_ratio": stored_ratio,
+            "best": {side: key_of(r) for side, r in best.items()}, "rows": rows,
+            "environment": environment(), "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", required=True, help="a stored heldout.py --eval-noises results file (in results/)")
     ap.add_argument("--problem", required=True, help='the cell\'s problem, e.g. "sharp16 cfg 3"')
-    ap.add_argument("--budget", type=int, required=True, help="the cell's NFE budget")
-    ap.add_argument("--noises", type=int, default=262_144, help="fresh evaluation noises (default 262,144)")
+    ap.add_argument("--budgets", default="5,10", help="comma-separated NFE budgets, one cell each (default 5,10)")
+    ap.add_argument("--noises", type=int, default=65_536, help="fresh evaluation noises (default 65,536)")
     ap.add_argument("--top", type=int, default=12, help="runs kept per side besides the calibrated one (default 12)")
     args = ap.parse_args()
     try:
@@ -100,8 +134,12 @@ def main() -> None:
     if args.problem not in cells:
         ap.error(f"--problem: {args.problem!r} is not in {args.results}; it has {sorted(cells)}")
     stored = cells[args.problem]
-    if args.budget not in stored_run["budgets"]:
-        ap.error(f"--budget: {args.results} has the budgets {stored_run['budgets']}")
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        ap.error(f"--budgets: comma-separated whole numbers, not {args.budgets!r}")
+    if not budgets or not set(budgets) <= set(stored_run["budgets"]):
+        ap.error(f"--budgets: {args.results} has the budgets {stored_run['budgets']}")
     if args.noises <= stored_run["eval_noises"] or args.top < 1:
         ap.error(f"--noises takes more than the stored run's {stored_run['eval_noises']}; --top at least 1")
     torch.set_num_threads(1)
@@ -110,44 +148,16 @@ def main() -> None:
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
     comfy = heldout.Comfy(heldout.COMFYUI_DIR)
-    rows, errors = [], {}
-    for row in chosen_rows(stored, args.budget, args.top):
-        key = (row["impl"], row["sampler"], row["scheduler"])
-        errors[key] = rerun(prob, row, comfy, log)
-        tail = heldout.flip_stats_of(errors[key], family)
-        rows.append({"impl": row["impl"], "sampler": row["sampler"], "scheduler": row["scheduler"],
-                     "steps": row["steps"], "nfe": row["nfe"],
-                     "stored": {k: row[k] for k in ("rms_error", "flips", "trimmed")},
-                     "fresh": {"rms_error": tail["rms"], "flips": tail["flips"], "trimmed": tail["trimmed"]}})
-        log(f"  {row['impl']} {row['sampler']}/{row['scheduler']}: RMS {row['rms_error']:.4g} -> {tail['rms']:.4g}, "
-            f"flips {row['flips']} -> {tail['flips']} (per {args.noises:,})")
-    best = {}
-    for side, impls in (("ours", ("calibrated", "ours")), ("comfyui", ("comfyui",))):
-        best[side] = min((r for r in rows if r["impl"] in impls), key=lambda r: r["fresh"]["rms_error"])
-    key_of = lambda r: (r["impl"], r["sampler"], r["scheduler"])  # noqa: E731
-    ratio = best["ours"]["fresh"]["rms_error"] / best["comfyui"]["fresh"]["rms_error"]
-    interval = ratio_interval(errors[key_of(best["ours"])], errors[key_of(best["comfyui"])])
-    stored_ratio = (min(r["stored"]["rms_error"] for r in rows if r["impl"] != "comfyui")
-                    / min(r["stored"]["rms_error"] for r in rows if r["impl"] == "comfyui"))
-    cell = {"problem": args.problem, "budget": args.budget, "from": args.results,
-            "stored_eval_noises": stored_run["eval_noises"], "top": args.top,
-            "ratio": ratio, "ratio_interval_90": interval, "stored_ratio": stored_ratio,
-            "best": {side: key_of(r) for side, r in best.items()}, "rows": rows,
-            "environment": environment(), "seconds": round(time.perf_counter() - t0, 1)}
-    print(table(["impl", "sampler", "scheduler", "stored RMS", "stored flips", "fresh RMS", "fresh flips",
-                 "fresh trimmed"],
-                [[r["impl"], r["sampler"], r["scheduler"], r["stored"]["rms_error"], r["stored"]["flips"],
-                  r["fresh"]["rms_error"], r["fresh"]["flips"], r["fresh"]["trimmed"]] for r in rows]))
-    print(f"\n{args.problem}, NFE {args.budget}: ours / ComfyUI's best = {ratio:.3f} on {args.noises:,} fresh noises "
-          f"(90 % interval {interval[0]:.3f}-{interval[1]:.3f}); {stored_ratio:.3f} on the stored draw")
-    with locked_json(f"precise_eval{args.noises}.json", {
-            "about": "heldout.py cells measured again on a fresh draw, with runs chosen on the stored draw "
-                     "(bench/precise.py)",
-            "eval_seed": PRECISE_EVAL_SEED, "bootstrap": BOOTSTRAP, "cells": []}) as payload:
-        payload["cells"] = [c for c in payload["cells"]
-                            if (c["problem"], c["budget"]) != (args.problem, args.budget)] + [cell]
+    for budget in budgets:  # one Problem: the budgets share its reference solves
+        cell = measure_cell(prob, stored, budget, args.top, comfy, log)
+        cell["from"], cell["stored_eval_noises"] = args.results, stored_run["eval_noises"]
+        with locked_json(f"precise_eval{args.noises}.json", {
+                "about": "heldout.py cells measured again on a fresh draw, with runs chosen on the stored draw "
+                         "(bench/precise.py)",
+                "eval_seed": PRECISE_EVAL_SEED, "bootstrap": BOOTSTRAP, "cells": []}) as payload:
+            payload["cells"] = [c for c in payload["cells"]
+                                if (c["problem"], c["budget"]) != (cell["problem"], budget)] + [cell]
 
 
 if __name__ == "__main__":
