@@ -13,7 +13,8 @@ bests is uncertain by a third.  This script keeps the choice and the measurement
 - each is run again, at the step count and model calls it had there, on ``--noises`` evaluation noises of a
   stream of their own (``PRECISE_EVAL_SEED`` + the family's seed, apart from every other stream), against the
   same exact reference.  The calibrated sampler is fitted again on its fitting sets, which do not depend on the
-  evaluation draw (the same fit: its RMS on the fitting noise is checked against the stored one);
+  evaluation draw (the same fit, up to the run-to-run drift of a refit: its RMS on the fitting noise is recorded
+  beside the stored one);
 - each side's best is then the best of its runs on the fresh draw.  This is the same rule for both sides, and the
   pick among ComfyUI's top runs on the fresh draw still favours it slightly.  A paired bootstrap over the fresh
   noises gives a 90 % interval for the ratio of the two bests.  It resamples the noises, not the choice of runs.
@@ -49,16 +50,16 @@ def chosen_rows(stored: dict, budget: int, top: int) -> list[dict]:
     return chosen
 
 
-def rerun(prob: heldout.Problem, row: dict, comfy: heldout.Comfy, log) -> torch.Tensor:
-    """One chosen row's per-noise errors on the problem's evaluation noise."""
+def rerun(prob: heldout.Problem, row: dict, comfy: heldout.Comfy, log, notes: dict) -> torch.Tensor:
+    """One chosen row's per-noise errors on the problem's evaluation noise (the calibrated row's fitted RMS, fitted
+    again and stored, goes into ``notes``)."""
     if row["impl"] == "calibrated":
         t0 = time.perf_counter()
         cal = heldout.calibrate(prob.fit_model, prob.fit_noise, row["budget"], refine=prob.refine,
                                 candidates=prob.candidates, refine_candidates=True)
-        if not math.isclose(cal.info["rms_fitted"], row["rms_fitted"], rel_tol=1e-6):
-            raise SystemExit(f"precise: the calibration fitted again differs from the stored one "
-                             f"(RMS on its fitting noise {cal.info['rms_fitted']:.9g}, stored {row['rms_fitted']:.9g})")
-        log(f"  calibrated NFE {row['budget']} fitted again in {time.perf_counter() - t0:.0f}s")
+        notes["rms_fitted"] = {"again": cal.info["rms_fitted"], "stored": row["rms_fitted"]}
+        log(f"  calibrated NFE {row['budget']} fitted again in {time.perf_counter() - t0:.0f}s: RMS on its fitting "
+            f"noise {cal.info['rms_fitted']:.9g}, stored {row['rms_fitted']:.9g}")
         sigmas, run_fn = cal.sigmas, lambda m, x, s: cal.sampler()(m, x, s, disable=True)
     else:
         run_fn, sigmas_of = (heldout.ours_runner(row["sampler"]) if row["impl"] == "ours"
@@ -89,12 +90,14 @@ def measure_cell(prob: heldout.Problem, stored: dict, budget: int, top: int, com
     rows, errors = [], {}
     key_of = lambda r: (r["impl"], r["sampler"], r["scheduler"])  # noqa: E731
     for row in chosen_rows(stored, budget, top):
-        errors[key_of(row)] = rerun(prob, row, comfy, log)
+        notes = {}
+        errors[key_of(row)] = rerun(prob, row, comfy, log, notes)
         tail = heldout.flip_stats_of(errors[key_of(row)], prob.family)
         rows.append({"impl": row["impl"], "sampler": row["sampler"], "scheduler": row["scheduler"],
                      "steps": row["steps"], "nfe": row["nfe"],
                      "stored": {k: row[k] for k in ("rms_error", "flips", "trimmed")},
-                     "fresh": {"rms_error": tail["rms"], "flips": tail["flips"], "trimmed": tail["trimmed"]}})
+                     "fresh": {"rms_error": tail["rms"], "flips": tail["flips"], "trimmed": tail["trimmed"]},
+                     **notes})
         log(f"  {row['impl']} {row['sampler']}/{row['scheduler']}: RMS {row['rms_error']:.4g} -> {tail['rms']:.4g}, "
             f"flips {row['flips']} -> {tail['flips']} (per {len(prob.noise):,})")
     best = {}
