@@ -2,6 +2,7 @@
 
     python bench/precise.py --results heldout_eval16384_sharp16.json --problem "sharp16 cfg 3"
         [--budgets 5,10] [--noises 65536] [--top 12]
+    python bench/precise.py --table     # every held-out cell at NFE 5 and 10 on the largest draw it was measured on
 
 On the sharp held-out mixtures a run's RMS is made by the few evaluation noises it sends to another mode than the
 exact flow does (flips).  On 16,384 noises the best runs of both sides flip 3 to 30 of them, and each side's best
@@ -120,14 +121,55 @@ def measure_cell(prob: heldout.Problem, stored: dict, budget: int, top: int, com
             "environment": environment(), "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def largest_draw_table(noises: int = 65_536) -> str:
+    """The held-out ratios at NFE 5 and 10, each cell from the largest evaluation draw it has been measured on: this
+    script's fresh draw of ``noises``, else a ``heldout.py --eval-noises 16384`` run, else the 2,048-noise runs."""
+    import glob
+    ratios = {}  # (problem, budget) -> (ratio, evaluation noises, our best is a registry run)
+    for name in ["heldout_eval2048.json", "heldout_second_eval2048.json",
+                 *sorted(map(os.path.basename, glob.glob(os.path.join(RESULTS, "heldout_eval16384_*.json"))))]:
+        with open(os.path.join(RESULTS, name)) as f:
+            run = json.load(f)
+        for cell in run["summary"]:
+            ratio = cell["ours"]["rms_error"] / cell["comfyui"]["rms_error"]
+            ratios[(cell["problem"], cell["budget"])] = (ratio, run["eval_noises"], cell["ours"]["impl"] == "ours")
+    fresh = os.path.join(RESULTS, f"precise_eval{noises}.json")
+    if os.path.exists(fresh):
+        with open(fresh) as f:
+            for cell in json.load(f)["cells"]:
+                ratios[(cell["problem"], cell["budget"])] = (cell["ratio"], noises, cell["best"]["ours"][0] == "ours")
+    mark = {noises: "†", 16_384: "*", 2_048: ""}
+    lines = ["| problem | none | cfg 3 | cfg 7.5 |", "|---|---|---|---|"]
+    met = total = 0
+    for family in heldout.HELDOUT + heldout.HELDOUT_2:
+        cells = []
+        for cfg in ("no cfg", "cfg 3", "cfg 7.5"):
+            parts = []
+            for budget in (5, 10):
+                ratio, size, registry = ratios[(f"{family.name} {cfg}", budget)]
+                met, total = met + (ratio <= 0.5), total + 1
+                shown = f"{ratio:.3f}" if abs(ratio - 0.5) < 0.005 else f"{ratio:.2f}"  # which side of 0.5
+                parts.append(f"{shown}{'r' if registry else ''}{mark[size]}")
+            cells.append(" / ".join(parts))
+        lines.append(f"| {family.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (f"\n\nmet (at most 0.5x) in {met} of {total} cells; \u2020 {noises:,} fresh noises, "
+                               "* 16,384, else 2,048; r: our best is a registry run")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", required=True, help="a stored heldout.py --eval-noises results file (in results/)")
-    ap.add_argument("--problem", required=True, help='the cell\'s problem, e.g. "sharp16 cfg 3"')
+    ap.add_argument("--table", action="store_true", help="print the held-out table on the largest draws, and stop")
+    ap.add_argument("--results", help="a stored heldout.py --eval-noises results file (in results/)")
+    ap.add_argument("--problem", help='the cell\'s problem, e.g. "sharp16 cfg 3"')
     ap.add_argument("--budgets", default="5,10", help="comma-separated NFE budgets, one cell each (default 5,10)")
     ap.add_argument("--noises", type=int, default=65_536, help="fresh evaluation noises (default 65,536)")
     ap.add_argument("--top", type=int, default=12, help="runs kept per side besides the calibrated one (default 12)")
     args = ap.parse_args()
+    if args.table:
+        print(largest_draw_table(args.noises))
+        return
+    if not (args.results and args.problem):
+        ap.error("--results and --problem name the cell to measure (or --table)")
     try:
         with open(os.path.join(RESULTS, args.results)) as f:
             stored_run = json.load(f)
