@@ -469,6 +469,13 @@ def calibrate(model, noise: torch.Tensor, budget: int, iterations: int = CALIBRA
                            refine_candidates=refine_candidates, gradient=gradient)
 
 
+def bench_fit(prob: Problem, budget: int):
+    """The bench's calibration of ``prob`` at ``budget``: a ``CALIBRATION`` fit on each of its ``FIT_CANDIDATES``
+    fitting sets, each refined on its refining set, the better there kept."""
+    return calibrate(prob.fit_model, prob.fit_noise, budget, refine=prob.refine, candidates=prob.candidates,
+                     refine_candidates=True)
+
+
 def calibrate_rows(prob: Problem, budgets, log, node_fit: bool = False) -> list[dict]:
     """The calibrated sampler's rows: the bench's fit (``CALIBRATION``, refined, ``FIT_CANDIDATES``), or with
     ``node_fit`` the node's default fit size (``NODE_FIT``)."""
@@ -481,8 +488,7 @@ def calibrate_rows(prob: Problem, budgets, log, node_fit: bool = False) -> list[
         if node_fit:
             cal = calibrate(node_model, node_noise, budget, iterations=NODE_FIT["iterations"])
         else:
-            cal = calibrate(prob.fit_model, prob.fit_noise, budget, refine=prob.refine, candidates=prob.candidates,
-                            refine_candidates=True)
+            cal = bench_fit(prob, budget)
         seconds = time.perf_counter() - t
         model = Counting(prob.model)
         out = cal.sampler()(model, prob.noise * float(cal.sigmas[0]), cal.sigmas, disable=True)

@@ -60,8 +60,7 @@ def rerun(prob: heldout.Problem, row: dict, comfy: heldout.Comfy, log, notes: di
     again and stored, goes into ``notes``)."""
     if row["impl"] == "calibrated":
         t0 = time.perf_counter()
-        cal = heldout.calibrate(prob.fit_model, prob.fit_noise, row["budget"], refine=prob.refine,
-                                candidates=prob.candidates, refine_candidates=True)
+        cal = heldout.bench_fit(prob, row["budget"])
         notes["rms_fitted"] = {"again": cal.info["rms_fitted"], "stored": row["rms_fitted"]}
         log(f"  calibrated NFE {row['budget']} fitted again in {time.perf_counter() - t0:.0f}s: RMS on its fitting "
             f"noise {cal.info['rms_fitted']:.9g}, stored {row['rms_fitted']:.9g}")
