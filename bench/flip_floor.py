@@ -34,12 +34,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment, require_ksampler, table, write_json  # noqa: E402
+from _common import RESULTS, environment, table, write_json  # noqa: E402
 import heldout  # noqa: E402
 import separatrix  # noqa: E402  (its large evaluation stream, and the default's figures measured on it)
-
-require_ksampler()
-from ksampler.schedulers import SCHEDULERS  # noqa: E402
 
 FAMILIES = ("tune-narrow12", "tune-sharp32")
 CFGS = (None, 3.0)
@@ -47,36 +44,26 @@ BUDGETS = (5, 10)
 N_EVAL = 16_384
 
 
-def flip_split(per_item: torch.Tensor, family: heldout.Family) -> dict:
-    """The RMS, the flips, the RMS the flipped noises alone carry over all noises, and the rest's RMS."""
-    flipped = per_item > heldout.FLIP_SHARE * family.mean_scale * math.sqrt(2)
-    n = len(per_item)
-    return {"rms": heldout.rms_of(per_item), "flips": int(flipped.sum()),
-            "flip_only_rms": float(per_item[flipped].pow(2).sum().div(n).sqrt()),
-            "rest": heldout.rms_of(per_item[~flipped])}
+def flip_only_rms(stats: dict, n: int) -> float:
+    """The RMS over all ``n`` noises that the flipped ones alone carry, from ``heldout.flip_stats_of``'s RMS, flips
+    and the RMS of the rest: sqrt(RMS^2 - rest^2 x (n - flips) / n)."""
+    if stats["flips"] == 0:
+        return 0.0
+    rest = stats["rest"] if stats["flips"] < n else 0.0
+    return math.sqrt(max(0.0, stats["rms"] ** 2 - rest ** 2 * (n - stats["flips"]) / n))
 
 
 def registry_runs(prob: heldout.Problem, budget: int) -> list[dict]:
-    """Every deterministic registry sampler x scheduler with the most steps whose calls fit ``budget``."""
-    rows = []
-    for name in heldout.OURS_DET + list(heldout.OURS_EXTRA):
-        run_fn, sigmas_of = heldout.ours_runner(name)
-        cache = {}
-        for scheduler in SCHEDULERS:
-            cache = {k: v for k, v in cache.items() if k == "linear"}
-            found = heldout._largest_fitting(prob, run_fn, lambda st: sigmas_of(scheduler, st), budget, cache)
-            if found is None:
-                continue
-            steps, sigmas = found
-            try:
-                out = run_fn(prob.model, prob.noise * float(sigmas[0]), sigmas)
-            except Exception:  # a sampler that cannot run this schedule (as in heldout.run_grid)
-                continue
-            if not bool(torch.isfinite(out).all()):
-                continue
-            per_item = heldout.item_errors(out, prob.reference(float(sigmas[0])))
-            rows.append({"sampler": name, "scheduler": scheduler, "steps": steps, **flip_split(per_item, prob.family)})
-    return rows
+    """``heldout.run_grid``'s registry runs at ``budget`` (every deterministic sampler x scheduler), each scored by
+    ``heldout.flip_stats`` and ``flip_only_rms``; runs that failed or left a non-finite value are left out."""
+    def score(out, sigma0: float) -> dict:
+        if out is None or not bool(torch.isfinite(out).all()):
+            return {"rms": math.inf}
+        stats = heldout.flip_stats(out, prob.reference(sigma0), prob.family)
+        return {**stats, "flip_only_rms": flip_only_rms(stats, len(out))}
+    rows = heldout.run_grid(prob, None, (budget,), lambda msg: None, score)
+    return [{k: r[k] for k in ("sampler", "scheduler", "steps", "rms", "flips", "flip_only_rms", "rest")}
+            for r in rows if math.isfinite(r["rms"])]
 
 
 def stored_default(problem: str, nfe: int) -> dict | None:
@@ -90,11 +77,8 @@ def stored_default(problem: str, nfe: int) -> dict | None:
         for case in variant["cases"]:
             if case["problem"] == problem and case["nfe"] == nfe and "large" in case["fits"][0]["default"]:
                 fits = [fit["default"]["large"] for fit in case["fits"]]
-                # flip-only mean square = RMS^2 - rest^2 x (share of noises not flipped)
-                only = [math.sqrt(max(0.0, f["rms"] ** 2 - f["rest"] ** 2 * (N_EVAL - f["flips"]) / N_EVAL))
-                        for f in fits]
                 return {"seeds": len(fits), "rms": [f["rms"] for f in fits], "flips": [f["flips"] for f in fits],
-                        "flip_only_rms": only, "rest": [f["rest"] for f in fits]}
+                        "flip_only_rms": [flip_only_rms(f, N_EVAL) for f in fits], "rest": [f["rest"] for f in fits]}
     return None
 
 

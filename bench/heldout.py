@@ -417,8 +417,11 @@ def comfy_runner(comfy: Comfy, name: str) -> tuple:
     return run_fn, sigmas_of
 
 
-def run_grid(prob: Problem, comfy: Optional[Comfy], budgets, log) -> list[dict]:
-    rows = []
+def run_grid(prob: Problem, comfy: Optional[Comfy], budgets, log, score=None) -> list[dict]:
+    """Every registry sampler (and with ``comfy`` every ComfyUI sampler) x its schedulers, at the most steps whose
+    model calls fit each budget; a row's error fields are ``score(out, sigma0)`` (default ``prob.scores``; ``out``
+    is None where the run failed)."""
+    rows, score = [], score or prob.scores
 
     def run(impl, sampler, scheduler, run_fn, sigmas_of, budget, cache):
         found = _largest_fitting(prob, run_fn, sigmas_of, budget, cache)
@@ -432,7 +435,7 @@ def run_grid(prob: Problem, comfy: Optional[Comfy], budgets, log) -> list[dict]:
             log(f"  ! {impl} {sampler}/{scheduler}: {type(exc).__name__}: {exc}")
             out = None
         rows.append({"impl": impl, "sampler": sampler, "scheduler": scheduler, "budget": budget, "steps": steps,
-                     "nfe": model.calls, **prob.scores(out, float(sig[0]))})
+                     "nfe": model.calls, **score(out, float(sig[0]))})
 
     grid = [("ours", name, ours_runner(name), SCHEDULERS) for name in OURS_DET + list(OURS_EXTRA)]
     if comfy is not None:
