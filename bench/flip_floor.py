@@ -91,7 +91,8 @@ def floor_case(family: heldout.Family, cfg, budget: int, prob: heldout.Problem) 
     under = [r for r in rows if r["flip_only_rms"] <= goal]
     return {"problem": prob.name, "family": family.name, "cfg": cfg, "nfe": budget, "eval_noises": N_EVAL,
             "runs": len(rows), "best": best, "goal": goal, "lowest_flip_only": lowest, "fewest_flips": fewest,
-            "runs_under_goal": len(under), "default_fits": stored_default(prob.name, budget)}
+            "runs_under_goal": len(under), "under_goal": sorted(under, key=lambda r: r["flip_only_rms"]),
+            "default_fits": stored_default(prob.name, budget)}
 
 
 def main() -> None:
