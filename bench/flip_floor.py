@@ -12,7 +12,8 @@ samplers and schedules achieves.
 For each case, on 16,384 evaluation noises (``separatrix.py``'s large stream, so the default fits that
 ``separatrix.py --large-eval`` measured there can be read beside), every deterministic registry sampler x every
 registry scheduler at the budget (``heldout.run_grid``'s set: it holds ComfyUI's deterministic samplers and
-schedulers, so its best is at least as good as ComfyUI's best) is run and scored per noise:
+schedulers, whose held-out runs match ComfyUI's own, so its best stands for ComfyUI's best) is run and scored per
+noise:
 
 - "flip-only RMS": the RMS over all noises that the flipped ones alone carry, sqrt(sum of their squared errors / N).
   A sampler with this run's flips and no other error would score it.
