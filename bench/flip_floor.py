@@ -2,6 +2,7 @@
 
     python bench/flip_floor.py            # the two sharp tuning families, no guidance and cfg 3, NFE 5 and 10
     python bench/flip_floor.py --quick    # tune-narrow12 without guidance only
+    python bench/flip_floor.py --budgets 15,20   # the same at more model calls (flip_floor_nfe15-20_tuning.json)
 
 On the sharp held-out mixtures the goal (at most half the RMS error of ComfyUI's best) is missed at NFE 10 through
 the few noises that a sampler sends to another mode than the exact flow does (flips, as in ``flips.py``).  Every
@@ -99,14 +100,22 @@ def floor_case(family: heldout.Family, cfg, budget: int, prob: heldout.Problem) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tune-narrow12 without guidance only")
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
+                    help="comma-separated NFE budgets (default 5,10; others write flip_floor_nfe<B>_tuning.json)")
     args = ap.parse_args()
+    try:
+        budgets = tuple(int(b) for b in args.budgets.split(","))
+    except ValueError:
+        ap.error(f"--budgets: comma-separated whole numbers, not {args.budgets!r}")
+    if not all(2 <= b <= 100 for b in budgets):
+        ap.error("--budgets: each from 2 to 100 model calls")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     cases = []
     for family in (f for f in heldout.TUNING if f.name in FAMILIES[:1 if args.quick else None]):
         for cfg in CFGS[:1 if args.quick else None]:
             prob = heldout.Problem(family, cfg, N_EVAL, heldout.FIT_NOISES, eval_seed=separatrix.LARGE_EVAL_SEED)
-            for budget in BUDGETS:
+            for budget in budgets:
                 cases.append(floor_case(family, cfg, budget, prob))
                 print(f"{prob.name} NFE {budget} done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
 
@@ -130,9 +139,10 @@ def main() -> None:
                   f"{c['runs_under_goal']} of {c['runs']}", default(c)] for c in cases],
                 f"flips against the goal, {N_EVAL:,} evaluation noises (tuning split; a diagnostic)"))
     if not args.quick:
-        write_json("flip_floor_tuning.json", {"environment": environment(), "split": "tuning",
-                                              "eval_seed": separatrix.LARGE_EVAL_SEED, "cases": cases,
-                                              "seconds": time.perf_counter() - t0})
+        name = ("flip_floor_tuning.json" if budgets == BUDGETS
+                else f"flip_floor_nfe{'-'.join(map(str, budgets))}_tuning.json")
+        write_json(name, {"environment": environment(), "split": "tuning", "eval_seed": separatrix.LARGE_EVAL_SEED,
+                          "cases": cases, "seconds": time.perf_counter() - t0})
 
 
 if __name__ == "__main__":
