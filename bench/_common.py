@@ -23,6 +23,15 @@ def require_ksampler():
     return ksampler
 
 
+def int_list(text: str) -> list[int]:
+    """An argparse ``type``: comma-separated whole numbers ("5,10" -> [5, 10]), with the error naming the text."""
+    import argparse
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated whole numbers, not {text!r}") from None
+
+
 def environment() -> dict:
     import torch
     env = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment, locked_json, table  # noqa: E402
+from _common import RESULTS, environment, int_list, locked_json, table  # noqa: E402
 import flips  # noqa: E402  (the tuning cases, the default's fit and the flip count)
 import heldout  # noqa: E402
 
@@ -188,18 +188,17 @@ def run_case(index: int, variant: str, seeds: list, log) -> dict:
 
 
 def add_case_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--cases", default=None, help="comma-separated indices into flips.REFINE_CASES (default: all)")
-    ap.add_argument("--seeds", default=",".join(map(str, flips.REFINE_SEEDS)), help="fitting seeds (default 1-4)")
+    ap.add_argument("--cases", type=int_list, default=None,
+                    help="comma-separated indices into flips.REFINE_CASES (default: all)")
+    ap.add_argument("--seeds", type=int_list, default=",".join(map(str, flips.REFINE_SEEDS)),
+                    help="fitting seeds (default 1-4)")
 
 
 def cases_and_seeds(ap: argparse.ArgumentParser, args, baseline: str) -> tuple[list, list]:
     """The case indices and fitting seeds of ``add_case_arguments``' options (``baseline`` names the default's
     fits in the error for a seed it lacks)."""
-    try:
-        indices = [int(i) for i in args.cases.split(",")] if args.cases else list(range(len(flips.REFINE_CASES)))
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        ap.error("--cases and --seeds: comma-separated integers")
+    indices = args.cases if args.cases else list(range(len(flips.REFINE_CASES)))
+    seeds = args.seeds
     if not all(0 <= i < len(flips.REFINE_CASES) for i in indices):
         ap.error(f"--cases: indices into REFINE_CASES, 0 to {len(flips.REFINE_CASES) - 1}")
     if not set(seeds) <= set(flips.REFINE_SEEDS):

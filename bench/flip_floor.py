@@ -36,7 +36,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment, table, write_json  # noqa: E402
+from _common import RESULTS, environment, int_list, table, write_json  # noqa: E402
 import heldout  # noqa: E402
 import separatrix  # noqa: E402  (its large evaluation stream, and the default's figures measured on it)
 
@@ -84,14 +84,14 @@ def stored_default(problem: str, nfe: int) -> dict | None:
     return None
 
 
-def floor_case(family: heldout.Family, cfg, budget: int, prob: heldout.Problem) -> dict:
+def floor_case(prob: heldout.Problem, budget: int) -> dict:
     rows = registry_runs(prob, budget)
     best = min(rows, key=lambda r: r["rms"])
     goal = 0.5 * best["rms"]
     lowest = min(rows, key=lambda r: r["flip_only_rms"])
     fewest = min(rows, key=lambda r: (r["flips"], r["rms"]))
     under = [r for r in rows if r["flip_only_rms"] <= goal]
-    return {"problem": prob.name, "family": family.name, "cfg": cfg, "nfe": budget, "eval_noises": N_EVAL,
+    return {"problem": prob.name, "family": prob.family.name, "cfg": prob.cfg, "nfe": budget, "eval_noises": N_EVAL,
             "runs": len(rows), "best": best, "goal": goal, "lowest_flip_only": lowest, "fewest_flips": fewest,
             "runs_under_goal": len(under), "under_goal": sorted(under, key=lambda r: r["flip_only_rms"]),
             "default_fits": stored_default(prob.name, budget)}
@@ -100,13 +100,10 @@ def floor_case(family: heldout.Family, cfg, budget: int, prob: heldout.Problem) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tune-narrow12 without guidance only")
-    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
+    ap.add_argument("--budgets", type=int_list, default=",".join(map(str, BUDGETS)),
                     help="comma-separated NFE budgets (default 5,10; others write flip_floor_nfe<B>_tuning.json)")
     args = ap.parse_args()
-    try:
-        budgets = tuple(int(b) for b in args.budgets.split(","))
-    except ValueError:
-        ap.error(f"--budgets: comma-separated whole numbers, not {args.budgets!r}")
+    budgets = tuple(args.budgets)
     if not all(2 <= b <= 100 for b in budgets):
         ap.error("--budgets: each from 2 to 100 model calls")
     torch.set_num_threads(1)
@@ -116,7 +113,7 @@ def main() -> None:
         for cfg in CFGS[:1 if args.quick else None]:
             prob = heldout.Problem(family, cfg, N_EVAL, heldout.FIT_NOISES, eval_seed=separatrix.LARGE_EVAL_SEED)
             for budget in budgets:
-                cases.append(floor_case(family, cfg, budget, prob))
+                cases.append(floor_case(prob, budget))
                 print(f"{prob.name} NFE {budget} done ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
 
     def run(r):

@@ -53,7 +53,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment, require_ksampler, table, write_json  # noqa: E402
+from _common import RESULTS, environment, int_list, require_ksampler, table, write_json  # noqa: E402
 from gmm import MixtureDenoiser  # noqa: E402
 import heldout  # noqa: E402  (its families, problems, exact reference and calibration settings)
 
@@ -248,9 +248,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tune-narrow12 only, one fitting seed")
     for name, (_, _, what) in STUDIES.items():  # one flag per paired study, named by its STUDIES entry
         ap.add_argument("--" + name.replace("_", "-"), action="store_true", help=f"{what} (REFINE_CASES)")
-    ap.add_argument("--cases", default=None, help="with a study: comma-separated indices into REFINE_CASES (a part "
-                                                  "of the study, written to <results>_cases<indices>.json, for "
-                                                  "running parts side by side; --merge-parts joins them)")
+    ap.add_argument("--cases", type=int_list, default=None,
+                    help="with a study: comma-separated indices into REFINE_CASES (a part of the study, written to "
+                         "<results>_cases<indices>.json, for running parts side by side; --merge-parts joins them)")
     ap.add_argument("--merge-parts", action="store_true", help="with a study: join its parts' results files")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -262,7 +262,7 @@ def main() -> None:
         variants, results, what = STUDIES[study]
         (before, _), (after, _) = variants.items()
         t0 = time.perf_counter()
-        indices = [int(i) for i in args.cases.split(",")] if args.cases else None
+        indices = args.cases
         if indices and not all(0 <= i < len(REFINE_CASES) for i in indices):
             ap.error(f"--cases: indices into REFINE_CASES, 0 to {len(REFINE_CASES) - 1}")
         if indices:

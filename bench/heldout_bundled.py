@@ -50,7 +50,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import RESULTS as RESULTS_DIR, environment, require_ksampler, table, write_json  # noqa: E402
+from _common import RESULTS as RESULTS_DIR, environment, int_list, require_ksampler, table, write_json  # noqa: E402
 
 require_ksampler()
 import adherence  # noqa: E402  (the scorer and the prompt grammar)
@@ -544,7 +544,7 @@ def main() -> None:
                          "of the step counts not in --steps too")
     ap.add_argument("--calibrations", help="with --tune-eta or --over-seeds: a folder to load the fits from or save "
                                            "them to; with --recalibrate: a folder to save the new fits to")
-    ap.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma-separated step counts")
+    ap.add_argument("--steps", type=int_list, default=",".join(map(str, STEPS)), help="comma-separated step counts")
     ap.add_argument("--results", default="heldout_bundled.json", help="the results file in bench/results (a run "
                                                                      "with other prompts or steps: another file)")
     ap.add_argument("--threads", type=int, help="torch threads (default: up to 2); 1 when two runs share 2 cores")
@@ -560,7 +560,7 @@ def main() -> None:
     scorer = adherence.Scorer(adherence.train_shape_net(args.scorer))
     path = os.path.join(RESULTS_DIR, args.results)
     out_name = args.results.replace(".json", "_nodefit.json") if args.node_fit else args.results
-    step_counts = tuple(int(v) for v in args.steps.split(","))
+    step_counts = tuple(args.steps)
     stored = {}
     if os.path.isfile(path) and not args.quick:
         with open(path) as f:
@@ -610,8 +610,8 @@ def main() -> None:
         mode = "recalibrate" if args.recalibrate else "add_comfy" if args.add_comfy else "fresh"
         if mode != "fresh" and (kind not in stored or stored[kind]["prompts"] != n or
                                 {r["steps"] for r in stored[kind]["rows"]} != set(step_counts)):
-            ap.error(f"--{mode.replace('_', '-')}: no stored {kind} run with {n} prompts and steps {args.steps} in "
-                     f"{args.results} to keep the rows of")
+            ap.error(f"--{mode.replace('_', '-')}: no stored {kind} run with {n} prompts and steps "
+                     f"{','.join(map(str, step_counts))} in {args.results} to keep the rows of")
         entry = run_model(kind, n, scorer, which, args.reference_only, log,
                           stored.get(kind) if mode != "fresh" else None, step_counts, mode, args.calibrations,
                           args.node_fit)

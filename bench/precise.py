@@ -38,7 +38,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RESULTS, environment, locked_json, table  # noqa: E402
+from _common import RESULTS, environment, int_list, locked_json, table  # noqa: E402
 import heldout  # noqa: E402
 
 PRECISE_EVAL_SEED = 8_000  # + the family's seed: apart from heldout.py's streams and separatrix.py's 7,000
@@ -174,7 +174,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the held-out table on the largest draws, and stop")
     ap.add_argument("--results", help="a stored heldout.py --eval-noises results file (in results/)")
     ap.add_argument("--problem", help='the cell\'s problem, e.g. "sharp16 cfg 3"')
-    ap.add_argument("--budgets", default="5,10", help="comma-separated NFE budgets, one cell each (default 5,10)")
+    ap.add_argument("--budgets", type=int_list, default="5,10",
+                    help="comma-separated NFE budgets, one cell each (default 5,10)")
     ap.add_argument("--noises", type=int, default=65_536, help="fresh evaluation noises (default 65,536)")
     ap.add_argument("--top", type=int, default=12, help="runs kept per side besides the calibrated one (default 12)")
     args = ap.parse_args()
@@ -192,10 +193,7 @@ def main() -> None:
     if args.problem not in cells:
         ap.error(f"--problem: {args.problem!r} is not in {args.results}; it has {sorted(cells)}")
     stored = cells[args.problem]
-    try:
-        budgets = [int(b) for b in args.budgets.split(",")]
-    except ValueError:
-        ap.error(f"--budgets: comma-separated whole numbers, not {args.budgets!r}")
+    budgets = args.budgets
     if not budgets or not set(budgets) <= set(stored_run["budgets"]):
         ap.error(f"--budgets: {args.results} has the budgets {stored_run['budgets']}")
     if args.noises <= stored_run["eval_noises"] or args.top < 1:
