@@ -539,7 +539,8 @@ def summarise(results: list[dict], budgets) -> tuple[str, list[dict]]:
 
 
 def readme_tables(results: list[dict], summary: list[dict], budgets) -> str:
-    """Markdown for the README: per family, rows = guidance, columns = best RMS per NFE, ours / ComfyUI's / ratio."""
+    """Markdown per family, rows = guidance, columns = best RMS per NFE, ours / ComfyUI's / ratio (this run's draw;
+    the README's tables, each cell on its largest draw, come from ``precise.py --table``)."""
     out = []
     for fam in dict.fromkeys(r["family"] for r in results):
         res = [r for r in results if r["family"] == fam]
@@ -558,54 +559,6 @@ def readme_tables(results: list[dict], summary: list[dict], budgets) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
-
-
-def plot(summary: list[dict], budgets, path: str) -> None:
-    """Error against NFE per problem, ours (solid) and ComfyUI's best (dashed), drawn with PIL on log axes."""
-    from PIL import Image, ImageDraw
-
-    problems = list(dict.fromkeys(s["problem"] for s in summary))
-    cols = 3
-    rows_n = math.ceil(len(problems) / cols)
-    w, h, pad = 330, 240, 46
-    img = Image.new("RGB", (cols * w, rows_n * h + 30), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 8), "RMS error vs NFE (log-log): solid = ours (best incl. calibrated), dashed = ComfyUI best", fill="black")
-    for k, prob in enumerate(problems):
-        ox, oy = (k % cols) * w, 30 + (k // cols) * h
-        pts = [s for s in summary if s["problem"] == prob]
-        vals = [v for s in pts for v in (s["ours"] and s["ours"]["rms_error"], s["comfyui"] and s["comfyui"]["rms_error"])
-                if v]
-        lo, hi = math.log10(min(vals)) - 0.2, math.log10(max(vals)) + 0.2
-        bx0, bx1, by0, by1 = ox + pad, ox + w - 12, oy + 22, oy + h - 28
-        d.rectangle([bx0, by0, bx1, by1], outline="black")
-        d.text((ox + pad, oy + 6), prob, fill="black")
-
-        def xy(nfe, err):
-            fx = (math.log(nfe) - math.log(budgets[0])) / (math.log(budgets[-1]) - math.log(budgets[0]))
-            fy = (math.log10(err) - lo) / (hi - lo)
-            return bx0 + fx * (bx1 - bx0), by1 - fy * (by1 - by0)
-        for e in range(math.floor(lo), math.ceil(hi) + 1):
-            if lo <= e <= hi:
-                _, y = xy(budgets[0], 10.0 ** e)
-                d.line([bx0 - 4, y, bx0, y], fill="black")
-                d.text((ox + 4, y - 6), f"1e{e}", fill="black")
-        for b in budgets:
-            x, _ = xy(b, 10.0 ** lo)
-            d.text((x - 6, by1 + 4), str(b), fill="black")
-        for key, colour, dashed in (("ours", (200, 30, 30), False), ("comfyui", (30, 60, 200), True)):
-            line = [xy(s["budget"], s[key]["rms_error"]) for s in pts if s[key]]
-            for (x0, y0), (x1, y1) in zip(line, line[1:]):
-                if dashed:
-                    n = 12
-                    for j in range(0, n, 2):
-                        d.line([x0 + (x1 - x0) * j / n, y0 + (y1 - y0) * j / n, x0 + (x1 - x0) * (j + 1) / n,
-                                y0 + (y1 - y0) * (j + 1) / n], fill=colour, width=2)
-                else:
-                    d.line([x0, y0, x1, y1], fill=colour, width=2)
-            for x, y in line:
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-    img.save(path)
 
 
 def recalibrate(split, cfgs, n_eval: int, stored: str, log, eval_seed: int = EVAL_SEED,
@@ -714,9 +667,6 @@ def main() -> None:
         write_json(stored.replace(".json", "_nodefit.json"), payload)
         return
     write_json(stored, payload)
-    if not (args.tune or args.second_draw or large):
-        plot(summary, budgets, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                                            "heldout_error_vs_nfe.png"))
 
 
 if __name__ == "__main__":

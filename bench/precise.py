@@ -2,7 +2,7 @@
 
     python bench/precise.py --results heldout_eval16384_sharp16.json --problem "sharp16 cfg 3"
         [--budgets 5,10] [--noises 65536] [--top 12]
-    python bench/precise.py --table     # every held-out cell at NFE 5 and 10 on the largest draw it was measured on
+    python bench/precise.py --table [--plot]   # every held-out cell on the largest draw it was measured on
 
 On the sharp held-out mixtures a run's RMS is made by the few evaluation noises it sends to another mode than the
 exact flow does (flips).  On 16,384 noises the best runs of both sides flip 3 to 30 of them, and each side's best
@@ -45,6 +45,7 @@ PRECISE_EVAL_SEED = 8_000  # + the family's seed: apart from heldout.py's stream
 BOOTSTRAP, BOOTSTRAP_SEED = 2_000, 17
 FRESH_MARK = "\u2020"  # a cell measured on a fresh draw by this script (of 65,536 noises, or the size noted)
 FRESH_SMALL_MARK = "\u2021"  # the same on a fresh draw of 16,384
+PLOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "heldout_error_vs_nfe.png")
 
 
 def chosen_rows(stored: dict, budget: int, top: int) -> list[dict]:
@@ -125,53 +126,149 @@ def measure_cell(prob: heldout.Problem, stored: dict, budget: int, top: int, com
             "environment": environment(), "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def largest_draw_table() -> str:
-    """The held-out ratios at NFE 5 and 10, each cell from the largest evaluation draw it has been measured on: a
-    fresh draw of this script's, else a ``heldout.py --eval-noises 16384`` run, else the 2,048-noise runs."""
+def largest_draws() -> dict:
+    """Each held-out cell's best RMS per side, from the largest evaluation draw it has been measured on: a fresh
+    draw of this script's, else a ``heldout.py --eval-noises 16384`` run, else the 2,048- and then the 64-noise runs
+    (NFE 20 has only the 64).  Keyed by (problem, budget): ours, comfyui, noises, fresh, registry (our best is a
+    registry run)."""
     def draw_size(name: str) -> int:  # heldout_eval16384_x.json, precise_eval65536.json -> the evaluation noises
-        return int(name.split("_eval")[1].split("_")[0].split(".")[0])
+        return int(name.split("_eval")[1].split("_")[0].split(".")[0]) if "_eval" in name else 64
 
     def stored(pattern: str) -> list[str]:
         return sorted(map(os.path.basename, glob.glob(os.path.join(RESULTS, pattern))), key=draw_size)
-    ratios = {}  # (problem, budget) -> (ratio, evaluation noises, fresh draw, our best is a registry run)
-    for name in ["heldout_eval2048.json", "heldout_second_eval2048.json", *stored("heldout_eval16384_*.json")]:
+    cells = {}
+    for name in ["heldout.json", "heldout_second.json", "heldout_eval2048.json", "heldout_second_eval2048.json",
+                 *stored("heldout_eval16384_*.json")]:
         with open(os.path.join(RESULTS, name)) as f:
             run = json.load(f)
         for cell in run["summary"]:
-            ratio = cell["ours"]["rms_error"] / cell["comfyui"]["rms_error"]
-            ratios[(cell["problem"], cell["budget"])] = (ratio, run["eval_noises"], False,
-                                                         cell["ours"]["impl"] == "ours")
+            cells[(cell["problem"], cell["budget"])] = {
+                "ours": cell["ours"]["rms_error"], "comfyui": cell["comfyui"]["rms_error"],
+                "noises": run["eval_noises"], "fresh": False, "registry": cell["ours"]["impl"] == "ours"}
     for name in stored("precise_eval*.json"):  # smaller draws first, so that a larger one wins
         noises = draw_size(name)
         with open(os.path.join(RESULTS, name)) as f:
             for cell in json.load(f)["cells"]:
                 key = (cell["problem"], cell["budget"])
-                if noises >= ratios[key][1]:
-                    ratios[key] = (cell["ratio"], noises, True, cell["best"]["ours"][0] == "ours")
+                if noises >= cells[key]["noises"]:
+                    fresh_rms = {side: next(r["fresh"]["rms_error"] for r in cell["rows"]
+                                            if (r["impl"], r["sampler"], r["scheduler"]) == tuple(cell["best"][side]))
+                                 for side in ("ours", "comfyui")}
+                    cells[key] = {**fresh_rms, "noises": noises, "fresh": True,
+                                  "registry": cell["best"]["ours"][0] == "ours"}
+    return cells
+
+
+def _ratio_text(cell: dict) -> str:
+    """The cell's ratio, with a third digit where two would not show which side of 0.5 it is on."""
+    ratio = cell["ours"] / cell["comfyui"]
+    return f"{ratio:.3f}" if abs(ratio - 0.5) < 0.005 else f"{ratio:.2f}"
+
+
+def _marked(cell: dict, text: str) -> str:
+    """``text`` with the signs of the draw it comes from (see the table's legend)."""
+    mark = ((FRESH_SMALL_MARK if cell["noises"] == 16_384 else FRESH_MARK) if cell["fresh"]
+            else "*" if cell["noises"] > 2048 else "")
+    size_note = f" ({cell['noises']:,})" if cell["fresh"] and cell["noises"] not in (16_384, 65_536) else ""
+    return f"{text}{'r' if cell['registry'] else ''}{mark}{size_note}"
+
+
+LEGEND = (f"{FRESH_MARK} a fresh draw of 65,536 noises (or the number in brackets), {FRESH_SMALL_MARK} a fresh draw "
+          "of 16,384, * 16,384 noises of heldout.py's own run, else 2,048 (NFE 5 and 10) or 64 (NFE 20); r: our best "
+          "is a registry run, else the calibrated sampler")
+GUIDANCE = ("no cfg", "cfg 3", "cfg 7.5")
+
+
+def largest_draw_table(cells: dict) -> str:
+    """The held-out ratios at NFE 5 and 10 on the largest draws, and the goal's count."""
     lines = ["| problem | none | cfg 3 | cfg 7.5 |", "|---|---|---|---|"]
     met = total = 0
     for family in heldout.HELDOUT + heldout.HELDOUT_2:
-        cells = []
-        for cfg in ("no cfg", "cfg 3", "cfg 7.5"):
+        row = []
+        for cfg in GUIDANCE:
             parts = []
             for budget in (5, 10):
-                ratio, size, fresh, registry = ratios[(f"{family.name} {cfg}", budget)]
-                met, total = met + (ratio <= 0.5), total + 1
-                shown = f"{ratio:.3f}" if abs(ratio - 0.5) < 0.005 else f"{ratio:.2f}"  # which side of 0.5
-                mark = ((FRESH_SMALL_MARK if size == 16_384 else FRESH_MARK) if fresh
-                        else "*" if size > 2048 else "")
-                size_note = f" ({size:,})" if fresh and size not in (16_384, 65_536) else ""
-                parts.append(f"{shown}{'r' if registry else ''}{mark}{size_note}")
-            cells.append(" / ".join(parts))
-        lines.append(f"| {family.name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + (f"\n\nmet (at most 0.5x) in {met} of {total} cells; {FRESH_MARK} a fresh draw of 65,536 "
-                               f"noises (or the number in brackets), {FRESH_SMALL_MARK} a fresh draw of 16,384, * "
-                               "16,384 noises of heldout.py's own run, else 2,048; r: our best is a registry run")
+                cell = cells[(f"{family.name} {cfg}", budget)]
+                met, total = met + (cell["ours"] <= 0.5 * cell["comfyui"]), total + 1
+                parts.append(_marked(cell, _ratio_text(cell)))
+            row.append(" / ".join(parts))
+        lines.append(f"| {family.name} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + f"\n\nmet (at most 0.5x) in {met} of {total} cells; {LEGEND}"
+
+
+def error_tables(cells: dict) -> str:
+    """Per held-out family: the best RMS error of each side at NFE 5, 10 and 20 on the largest draws, and the
+    ratio."""
+    out = []
+    for family in heldout.HELDOUT + heldout.HELDOUT_2:
+        lines = [f"**{family.name}** (d = {family.dim}, K = {family.components}, spread/separation "
+                 f"{family.spread_to_separation():.3g})", "",
+                 "| guidance | " + " | ".join(f"NFE {b}: ours / ComfyUI (ratio)" for b in heldout.BUDGETS) + " |",
+                 "|---" * (len(heldout.BUDGETS) + 1) + "|"]
+        for cfg in GUIDANCE:
+            row = []
+            for budget in heldout.BUDGETS:
+                cell = cells[(f"{family.name} {cfg}", budget)]
+                row.append(_marked(cell, f"{cell['ours']:.3g} / {cell['comfyui']:.3g} ({_ratio_text(cell)})"))
+            lines.append(f"| {'none' if cfg == 'no cfg' else cfg} | " + " | ".join(row) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + f"\n\n{LEGEND}"
+
+
+def plot(cells: dict, path: str) -> None:
+    """Best RMS error against NFE per held-out problem on the largest draws, ours solid (red) and ComfyUI's dashed
+    (blue), drawn with PIL on log axes; points on 64 evaluation noises are hollow and not joined to the others."""
+    from PIL import Image, ImageDraw
+
+    problems = [f"{family.name} {cfg}" for family in heldout.HELDOUT + heldout.HELDOUT_2 for cfg in GUIDANCE]
+    budgets = heldout.BUDGETS
+    cols, (w, h, pad) = 3, (330, 240, 46)
+    img = Image.new("RGB", (cols * w, math.ceil(len(problems) / cols) * h + 44), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 6), "Best RMS error vs NFE on held-out mixtures (log-log): solid red = ours (registry or calibrated), "
+                    "dashed blue = ComfyUI's best.", fill="black")
+    d.text((10, 22), "NFE 5 and 10: the largest draw of each cell (16,384-65,536 noises); hollow points: 64 noises "
+                     "(NFE 20), not joined. bench/precise.py --table --plot", fill="black")
+    for k, prob in enumerate(problems):
+        ox, oy = (k % cols) * w, 44 + (k // cols) * h
+        pts = [(b, cells[(prob, b)]) for b in budgets]
+        vals = [c[side] for _, c in pts for side in ("ours", "comfyui")]
+        lo, hi = math.log10(min(vals)) - 0.2, math.log10(max(vals)) + 0.2
+        bx0, bx1, by0, by1 = ox + pad, ox + w - 12, oy + 22, oy + h - 28
+        d.rectangle([bx0, by0, bx1, by1], outline="black")
+        d.text((ox + pad, oy + 6), prob, fill="black")
+
+        def xy(nfe, err):
+            fx = (math.log(nfe) - math.log(budgets[0])) / (math.log(budgets[-1]) - math.log(budgets[0]))
+            fy = (math.log10(err) - lo) / (hi - lo)
+            return bx0 + fx * (bx1 - bx0), by1 - fy * (by1 - by0)
+        for e in range(math.floor(lo), math.ceil(hi) + 1):
+            if lo <= e <= hi:
+                _, y = xy(budgets[0], 10.0 ** e)
+                d.line([bx0 - 4, y, bx0, y], fill="black")
+                d.text((ox + 4, y - 6), f"1e{e}", fill="black")
+        for b in budgets:
+            x, _ = xy(b, 10.0 ** lo)
+            d.text((x - 6, by1 + 4), str(b), fill="black")
+        for side, colour, dashed in (("ours", (200, 30, 30), False), ("comfyui", (30, 60, 200), True)):
+            line = [(xy(b, c[side]), c["noises"] > 64) for b, c in pts]
+            for ((x0, y0), large0), ((x1, y1), large1) in zip(line, line[1:]):
+                if not (large0 and large1):  # a line would read as a trend across draws of other sizes
+                    continue
+                n = 12 if dashed else 1
+                for j in range(0, n, 2 if dashed else 1):
+                    d.line([x0 + (x1 - x0) * j / n, y0 + (y1 - y0) * j / n, x0 + (x1 - x0) * (j + 1) / n,
+                            y0 + (y1 - y0) * (j + 1) / n], fill=colour, width=2)
+            for (x, y), large in line:
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour if large else "white", outline=colour, width=2)
+    img.save(path)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--table", action="store_true", help="print the held-out table on the largest draws, and stop")
+    ap.add_argument("--table", action="store_true",
+                    help="print the held-out tables on the largest draws (ratios, then errors per family), and stop")
+    ap.add_argument("--plot", action="store_true", help=f"with --table: draw them against NFE into {PLOT}")
     ap.add_argument("--results", help="a stored heldout.py --eval-noises results file (in results/)")
     ap.add_argument("--problem", help='the cell\'s problem, e.g. "sharp16 cfg 3"')
     ap.add_argument("--budgets", type=int_list, default="5,10",
@@ -180,8 +277,14 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12, help="runs kept per side besides the calibrated one (default 12)")
     args = ap.parse_args()
     if args.table:
-        print(largest_draw_table())
+        cells = largest_draws()
+        print(largest_draw_table(cells) + "\n\n" + error_tables(cells))
+        if args.plot:
+            plot(cells, PLOT)
+            print(f"\nplot: {PLOT}")
         return
+    if args.plot:
+        ap.error("--plot goes with --table")
     if not (args.results and args.problem):
         ap.error("--results and --problem name the cell to measure (or --table)")
     try:
