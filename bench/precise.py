@@ -2,6 +2,7 @@
 
     python bench/precise.py --results heldout_eval16384_sharp16.json --problem "sharp16 cfg 3"
         [--budgets 5,10] [--noises 65536] [--top 12]
+    python bench/precise.py --results heldout.json --problem "sharp16 cfg 3" --budgets 20 --noises 16384
     python bench/precise.py --table [--plot]   # every held-out cell on the largest draw it was measured on
 
 On the sharp held-out mixtures a run's RMS is made by the few evaluation noises it sends to another mode than the
@@ -9,8 +10,9 @@ exact flow does (flips).  On 16,384 noises the best runs of both sides flip 3 to
 is the least of many such counts, so the pick favours whichever run drew few flips, and the ratio of the two
 bests is uncertain by a third.  This script keeps the choice and the measurement apart:
 
-- the runs are chosen on the stored draw of a ``heldout.py --eval-noises`` run: the calibrated sampler, and the
-  ``--top`` best registry runs and ComfyUI runs of that cell by RMS;
+- the runs are chosen on the stored draw of a ``heldout.py`` run (``--eval-noises`` at NFE 5 and 10; NFE 20 has
+  only the 64-noise runs, ``heldout.json`` and ``heldout_second.json``): the calibrated sampler, and the ``--top``
+  best registry runs and ComfyUI runs of that cell by RMS;
 - each is run again, at the step count and model calls it had there, on ``--noises`` evaluation noises of a
   stream of their own (``PRECISE_EVAL_SEED`` + the family's seed, apart from every other stream), against the
   same exact reference.  The calibrated sampler is fitted again on its fitting sets, which do not depend on the
@@ -101,11 +103,12 @@ def measure_cell(prob: heldout.Problem, stored: dict, budget: int, top: int, com
         tail = heldout.flip_stats_of(errors[key_of(row)], prob.family)
         rows.append({"impl": row["impl"], "sampler": row["sampler"], "scheduler": row["scheduler"],
                      "steps": row["steps"], "nfe": row["nfe"],
-                     "stored": {k: row[k] for k in ("rms_error", "flips", "trimmed")},
+                     # a run on 64 noises (heldout.py without --eval-noises) stores no tail
+                     "stored": {k: row[k] for k in ("rms_error", "flips", "trimmed") if k in row},
                      "fresh": {"rms_error": tail["rms"], "flips": tail["flips"], "trimmed": tail["trimmed"]},
                      **notes})
         log(f"  {row['impl']} {row['sampler']}/{row['scheduler']}: RMS {row['rms_error']:.4g} -> {tail['rms']:.4g}, "
-            f"flips {row['flips']} -> {tail['flips']} (per {len(prob.noise):,})")
+            f"flips {row.get('flips', '-')} -> {tail['flips']} (per {len(prob.noise):,})")
     best = {}
     for side, impls in (("ours", ("calibrated", "ours")), ("comfyui", ("comfyui",))):
         best[side] = min((r for r in rows if r["impl"] in impls), key=lambda r: r["fresh"]["rms_error"])
@@ -115,7 +118,7 @@ def measure_cell(prob: heldout.Problem, stored: dict, budget: int, top: int, com
                     / min(r["stored"]["rms_error"] for r in rows if r["impl"] == "comfyui"))
     print(table(["impl", "sampler", "scheduler", "stored RMS", "stored flips", "fresh RMS", "fresh flips",
                  "fresh trimmed"],
-                [[r["impl"], r["sampler"], r["scheduler"], r["stored"]["rms_error"], r["stored"]["flips"],
+                [[r["impl"], r["sampler"], r["scheduler"], r["stored"]["rms_error"], r["stored"].get("flips", "-"),
                   r["fresh"]["rms_error"], r["fresh"]["flips"], r["fresh"]["trimmed"]] for r in rows]))
     print(f"\n{stored['problem']}, NFE {budget}: ours / ComfyUI's best = {ratio:.3f} on {len(prob.noise):,} fresh "
           f"noises (90 % interval {interval[0]:.3f}-{interval[1]:.3f}); {stored_ratio:.3f} on the stored draw\n",
@@ -227,8 +230,8 @@ def plot(cells: dict, path: str) -> None:
     d = ImageDraw.Draw(img)
     d.text((10, 6), "Best RMS error vs NFE on held-out mixtures (log-log): solid red = ours (registry or calibrated), "
                     "dashed blue = ComfyUI's best.", fill="black")
-    d.text((10, 22), "NFE 5 and 10: the largest draw of each cell (16,384-65,536 noises); hollow points: 64 noises "
-                     "(NFE 20), not joined. bench/precise.py --table --plot", fill="black")
+    d.text((10, 22), "Each point on the largest draw of its cell (16,384-65,536 noises); hollow points: 64 noises, not "
+                     "joined to the others. bench/precise.py --table --plot", fill="black")
     for k, prob in enumerate(problems):
         ox, oy = (k % cols) * w, 44 + (k // cols) * h
         pts = [(b, cells[(prob, b)]) for b in budgets]
@@ -269,7 +272,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true",
                     help="print the held-out tables on the largest draws (ratios, then errors per family), and stop")
     ap.add_argument("--plot", action="store_true", help=f"with --table: draw them against NFE into {PLOT}")
-    ap.add_argument("--results", help="a stored heldout.py --eval-noises results file (in results/)")
+    ap.add_argument("--results", help="a stored heldout.py results file (in results/), e.g. "
+                                      "heldout_eval16384_sharp16.json, or heldout.json for NFE 20")
     ap.add_argument("--problem", help='the cell\'s problem, e.g. "sharp16 cfg 3"')
     ap.add_argument("--budgets", type=int_list, default="5,10",
                     help="comma-separated NFE budgets, one cell each (default 5,10)")
