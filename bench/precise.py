@@ -135,7 +135,7 @@ def largest_draws() -> dict:
     (NFE 20 has only the 64).  Keyed by (problem, budget): ours, comfyui, noises, fresh, registry (our best is a
     registry run)."""
     def draw_size(name: str) -> int:  # heldout_eval16384_x.json, precise_eval65536.json -> the evaluation noises
-        return int(name.split("_eval")[1].split("_")[0].split(".")[0]) if "_eval" in name else 64
+        return int(name.split("_eval")[1].split("_")[0].split(".")[0])
 
     def stored(pattern: str) -> list[str]:
         return sorted(map(os.path.basename, glob.glob(os.path.join(RESULTS, pattern))), key=draw_size)
