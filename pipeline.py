@@ -19,8 +19,8 @@ from torch import Tensor
 from .conditioning import Guidance, GuidanceSchedule, KSamplerInputError
 from .graph_checks import check_graph, headless_spec
 from .guard import all_finite, check_output_shape, nonfinite_error
-from .validation import (LATENT_LAYOUTS, MAX_SEED, check_int, check_model, check_noise_mask,
-                         check_sampler_args)
+from .validation import (LATENT_LAYOUTS, MAX_SEED, MAX_STEPS, MAX_MAGNITUDE, check_batch_index, check_bool,
+                         check_int, check_model, check_noise_mask, check_sampler_args, check_tensor)
 from .models.sampling import ModelSampling
 from .samplers import sampler_traits
 from .samplers.noise import check_variation, initial_noise, variation_noise
@@ -110,8 +110,13 @@ def _as_sigmas(sigmas) -> Tensor:
     if not isinstance(sigmas, Tensor):
         try:
             sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):
             raise KSamplerInputError(f"sigmas: expected a 1-D tensor of noise levels, got {type(sigmas).__name__}")
+    if sigmas.device.type == "meta":
+        raise KSamplerInputError("sigmas: the tensor is on the 'meta' device and holds no data; build the sigmas "
+                                 "with a scheduler from the registry (schedulers.sampling_sigmas)")
+    if sigmas.is_complex():
+        raise KSamplerInputError(f"sigmas: dtype {sigmas.dtype} is not real numbers; use float32")
     if sigmas.ndim != 1:
         raise KSamplerInputError(f"sigmas: expected a 1-D tensor, got shape {tuple(sigmas.shape)}")
     if not sigmas.is_floating_point():
@@ -122,7 +127,14 @@ def _as_sigmas(sigmas) -> Tensor:
         raise KSamplerInputError(f"sigmas: must be strictly descending, got {[round(float(s), 4) for s in sigmas]}")
     if len(sigmas) and float(sigmas[-1]) < 0:
         raise KSamplerInputError("sigmas: must not be negative")
+    if len(sigmas) and float(sigmas[0]) > MAX_MAGNITUDE:
+        raise KSamplerInputError(f"sigmas: the largest noise level is {float(sigmas[0]):g}, past {MAX_MAGNITUDE:g} "
+                                 "(real schedules start below a few thousand; larger ones overflow float32); build "
+                                 "the sigmas with a scheduler from the registry")
     return sigmas
+
+
+_MODEL_SAMPLING_NEEDS = ("sigma_max", "noise_scaling", "inverse_noise_scaling")
 
 
 def _checked_inputs(model, model_sampling, noise, latent, noise_mask, sigmas) -> tuple:
@@ -131,9 +143,12 @@ def _checked_inputs(model, model_sampling, noise, latent, noise_mask, sigmas) ->
         model_sampling = getattr(model, "model_sampling", None)
         if model_sampling is None:
             raise KSamplerInputError("model_sampling: the model has no .model_sampling; pass one (e.g. models.EPS())")
-    for name, t in (("noise", noise), ("latent", latent)):
-        if not isinstance(t, Tensor):
-            raise KSamplerInputError(f"{name}: expected a tensor, got {type(t).__name__}")
+    missing = [a for a in _MODEL_SAMPLING_NEEDS if not hasattr(model_sampling, a)]
+    if missing:
+        raise KSamplerInputError(f"model_sampling: expected a ModelSampling (e.g. models.EPS(), or the model's "
+                                 f".model_sampling), got {type(model_sampling).__name__} without {', '.join(missing)}")
+    check_tensor(noise, "noise", "draw it with torch.randn (samplers.noise.prepare_noise)", min_dims=2)
+    check_tensor(latent, "latent", "re-encode the image or start from zeros", min_dims=2)
     if noise.shape != latent.shape:
         raise KSamplerInputError(f"noise: shape {tuple(noise.shape)} differs from latent {tuple(latent.shape)}")
     mask_batch = 1
@@ -146,14 +161,30 @@ def _checked_inputs(model, model_sampling, noise, latent, noise_mask, sigmas) ->
     return model_sampling, mask_batch, _as_sigmas(sigmas)
 
 
+def _checked_noise_options(noise_options) -> NoiseOptions:
+    """``noise_options`` (None: the defaults) after checking its type and its flags."""
+    if noise_options is None:
+        return NoiseOptions()
+    if not isinstance(noise_options, NoiseOptions):
+        raise KSamplerInputError(f"noise_options: expected a NoiseOptions (e.g. NoiseOptions(batch_invariant=True)), "
+                                 f"got {type(noise_options).__name__}")
+    for flag in ("batch_invariant", "device_invariant"):
+        check_bool(f"noise_options.{flag}", getattr(noise_options, flag))
+    return noise_options
+
+
 def _checked_options(sampler, sampler_options, noise_options, seed) -> tuple:
     """(traits, noise options, seed) after the checks on ``sample``'s options."""
     _, _, tr = resolve_sampler(sampler)
-    if noise_options is not None and not isinstance(noise_options, NoiseOptions):
-        raise KSamplerInputError(f"noise_options: expected a NoiseOptions, got {type(noise_options).__name__}")
+    noise_options = _checked_noise_options(noise_options)
     if sampler_options is not None and not isinstance(sampler_options, dict):
         raise KSamplerInputError(f"sampler_options: expected a dict, got {type(sampler_options).__name__}")
-    return tr, noise_options or NoiseOptions(), 0 if seed is None else check_int("seed", seed, 0, MAX_SEED)
+    if sampler_options and sampler_options.get("return_info", False) is not False:
+        # sample() returns the final latent only; k-diffusion's info dict has nowhere to go
+        raise KSamplerInputError(f"sampler_options['return_info']: not supported (got "
+                                 f"{sampler_options['return_info']!r}); sample() returns the latent only: remove it "
+                                 "and read the step count with a callback")
+    return tr, noise_options, 0 if seed is None else check_int("seed", seed, 0, MAX_SEED)
 
 
 def _guided(model, model_sampling, guidance: Optional[Guidance], schedule: Optional[GuidanceSchedule],
@@ -161,6 +192,9 @@ def _guided(model, model_sampling, guidance: Optional[Guidance], schedule: Optio
     """The denoiser to sample: ``guidance`` bound to the model (its scale read from ``schedule``), or ``model``."""
     if schedule is not None and not isinstance(schedule, GuidanceSchedule):
         raise KSamplerInputError(f"guidance_schedule: expected a GuidanceSchedule, got {type(schedule).__name__}")
+    if guidance is not None and not isinstance(guidance, Guidance):
+        raise KSamplerInputError(f"guidance: expected a conditioning.Guidance(positive, negative, cfg) or None, got "
+                                 f"{type(guidance).__name__}")
     scheduled = schedule is not None and not schedule.is_default
     if guidance is None:
         if scheduled:
@@ -179,6 +213,13 @@ def _inpaint_noise(noise: Tensor, seed: int, random: bool, device) -> Tensor:
         return noise
     gen = torch.Generator("cpu").manual_seed((seed + 1) % (1 << 64))
     return torch.randn(noise.shape, generator=gen).to(device)
+
+
+def _reference_mode(reference_mode, compat) -> Optional[bool]:
+    """``reference_mode``, or its former name ``compat`` when given: a bool (None: the default, as the nodes pass)."""
+    if compat is not None:
+        return check_bool("compat", compat)
+    return reference_mode if reference_mode is None else check_bool("reference_mode", reference_mode)
 
 
 def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent: Tensor, sigmas: Tensor,
@@ -204,8 +245,13 @@ def sample(model, model_sampling: Optional[ModelSampling], noise: Tensor, latent
         ComfyUI does (``compat`` is its former name).
     sampler_options (validated: ``samplers.options``), guidance_schedule (``conditioning.schedule``), preview (PREVIEWS).
     """
-    reference_mode = bool(compat) if compat is not None else reference_mode
+    reference_mode = _reference_mode(reference_mode, compat)
+    check_bool("check_finite", check_finite)
+    if callback is not None and not callable(callback):
+        raise KSamplerInputError(f"callback: expected a function callback(step, denoised, x, total_steps), got "
+                                 f"{type(callback).__name__}")
     model_sampling, mask_batch, sigmas = _checked_inputs(model, model_sampling, noise, latent, noise_mask, sigmas)
+    batch_index = check_batch_index(batch_index, latent.shape[0])
     if len(sigmas) <= 1:
         return latent.float().clone()
     tr, noise_options, seed = _checked_options(sampler, sampler_options, noise_options, seed)
@@ -269,13 +315,23 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
 
     reference_mode (formerly ``compat``): see ``sample``.
     """
-    reference_mode = bool(compat) if compat is not None else reference_mode
+    reference_mode = _reference_mode(reference_mode, compat)
     check_model(model)
     check_sampler_args(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                        denoise=denoise)
+    check_bool("add_noise", add_noise)
+    check_bool("force_full_denoise", force_full_denoise)
+    for name, step in (("start_step", start_step), ("last_step", last_step)):
+        if step is not None:  # KSampler Advanced's start_at_step / end_at_step: 0 to 10000
+            check_int(name, step, 0, MAX_STEPS)
+    if scheduler_options is not None and not isinstance(scheduler_options, dict):
+        raise KSamplerInputError(f"scheduler_options: expected a dict of the scheduler's options (e.g. "
+                                 f"{{'rho': 7.0}} for karras), got {type(scheduler_options).__name__}")
     samples, batch_index, noise_mask = check_graph(headless_spec(model), positive, negative, latent, cfg,
                                                    sampler_traits(sampler_name).cfg_pp)
-    noise_options = noise_options or NoiseOptions()
+    guidance = Guidance(positive, negative, cfg)
+    guidance.check_latent(samples.shape)  # areas and masks against the latent, before any work
+    noise_options = _checked_noise_options(noise_options)
     samples = fix_empty_latent_channels(samples, model.latent_format.latent_channels)
 
     noise = initial_noise(samples, seed, batch_index, add_noise, noise_options.batch_invariant)
@@ -301,7 +357,6 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
     fmt = model.latent_format
     # in the latent's own dtype, then float32, as ComfyUI does (a float16 latent is scaled in float16)
     latent_in = fmt.process_in(samples).float() if torch.count_nonzero(samples) > 0 else samples.float()
-    guidance = Guidance(positive, negative, cfg)
     result = sample(model, ms, noise, latent_in, sigmas, guidance, sampler, seed, noise_mask=noise_mask,
                     callback=callback, disable=disable, sampler_options=sampler_options,
                     noise_options=noise_options, batch_index=batch_index, reference_mode=reference_mode,

@@ -9,7 +9,8 @@ import torch
 from .conditioning.validate import KSamplerInputError, check_mask_values
 
 __all__ = ["KSamplerInputError", "check_latent", "check_noise_mask", "check_model", "check_sampler_args",
-           "LATENT_LAYOUTS", "MAX_SEED", "MAX_STEPS"]
+           "check_batch_index", "check_bool", "check_tensor", "check_magnitude", "LATENT_LAYOUTS", "MAX_SEED",
+           "MAX_STEPS", "MAX_BATCH_INDEX", "MAX_MAGNITUDE"]
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_STEPS = 10000
@@ -28,6 +29,13 @@ def check_int(name: str, value, lo: int, hi: int) -> int:
         raise KSamplerInputError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
     if not lo <= value <= hi:
         raise KSamplerInputError(f"{name}: must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """A flag: True or False only (a string such as "no" is truthy, so it is refused rather than read as True)."""
+    if not isinstance(value, bool):
+        raise KSamplerInputError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -129,18 +137,32 @@ def check_latent(latent, channels: Optional[int] = None, name: str = "latent_ima
     return samples, batch_index, mask
 
 
+# Noise is drawn for every index up to the largest, so the largest index bounds the work.  ComfyUI's latent nodes
+# cap a batch at 4096 and its batch splitting / repeating nodes number items from 0; 16383 (four full batches) is
+# past any real graph, and drawing that many is about a second for a 512x512 SD latent.
+MAX_BATCH_INDEX = 16383
+
+
+def check_batch_index(batch_index, batch: int, name: str = "batch_index") -> Optional[list]:
+    """A latent's ``batch_index``: one int in [0, MAX_BATCH_INDEX] per batch item (or None); returned as a list."""
+    if batch_index is None:
+        return None
+    if not isinstance(batch_index, (list, tuple)) or not all(_is_int(i) for i in batch_index):
+        raise KSamplerInputError(f"{name}: expected a list of ints, got {batch_index!r}")
+    if len(batch_index) != batch:
+        raise KSamplerInputError(f"{name}: has {len(batch_index)} entries for a batch of "
+                                 f"{batch}; give one index per latent")
+    if any(i < 0 for i in batch_index):
+        raise KSamplerInputError(f"{name}: indices must be >= 0, got {list(batch_index)}")
+    if max(batch_index, default=0) > MAX_BATCH_INDEX:
+        raise KSamplerInputError(f"{name}: indices must be at most {MAX_BATCH_INDEX} (noise is drawn for every "
+                                 f"index up to the largest; ComfyUI's latent batches hold at most 4096), got "
+                                 f"{max(batch_index)}; renumber the batch from 0")
+    return [int(i) for i in batch_index]
+
+
 def _check_batch_index(latent: dict, batch: int, name: str):
-    batch_index = latent.get("batch_index")
-    if batch_index is not None:
-        if not isinstance(batch_index, (list, tuple)) or not all(_is_int(i) for i in batch_index):
-            raise KSamplerInputError(f"{name}['batch_index']: expected a list of ints, got {batch_index!r}")
-        if len(batch_index) != batch:
-            raise KSamplerInputError(f"{name}['batch_index']: has {len(batch_index)} entries for a batch of "
-                                     f"{batch}; give one index per latent")
-        if any(i < 0 for i in batch_index):
-            raise KSamplerInputError(f"{name}['batch_index']: indices must be >= 0, got {list(batch_index)}")
-        batch_index = [int(i) for i in batch_index]
-    return batch_index
+    return check_batch_index(latent.get("batch_index"), batch, f"{name}['batch_index']")
 
 
 def _streams(nested) -> list:
@@ -191,6 +213,41 @@ def _check_samples(samples, name: str, dims: Optional[int] = None) -> None:
     if not bool(torch.isfinite(samples).all()):
         raise KSamplerInputError(f"{name}: contains NaN or Inf; re-encode the image or create a new "
                                  "empty latent")
+    check_magnitude(samples, name, "re-encode the image or create a new empty latent")
+
+
+# Latents, noise and noise levels of real models stay within a few thousand; values past this overflow float32
+# in the model's arithmetic (squares, products) and would be reported as a broken model at step 1.
+MAX_MAGNITUDE = 1e6
+
+
+def check_magnitude(values: torch.Tensor, name: str, fix: str, limit: float = MAX_MAGNITUDE) -> None:
+    """``values`` (finite) must lie within +-``limit``; the error names the input, the largest value and ``fix``."""
+    largest = float(values.detach().abs().max()) if values.numel() else 0.0
+    if largest > limit:
+        raise KSamplerInputError(f"{name}: holds values up to {largest:g} in magnitude, past the {limit:g} any real "
+                                 f"input stays within (larger values overflow float32 while sampling); {fix}")
+
+
+def check_tensor(value, name: str, fix: str, min_dims: int = 1) -> torch.Tensor:
+    """A tensor with data (not on the meta device, not empty), real floating point or integer, finite, of sane
+    magnitude, with at least ``min_dims`` dims; the error names ``name`` and says ``fix``."""
+    if not isinstance(value, torch.Tensor):
+        raise KSamplerInputError(f"{name}: expected a tensor, got {type(value).__name__}")
+    if value.device.type == "meta":
+        raise KSamplerInputError(f"{name}: the tensor is on the 'meta' device and holds no data; "
+                                 "move it to the CPU or the model's device")
+    if value.ndim < min_dims:
+        raise KSamplerInputError(f"{name}: expected at least {min_dims} dims ([batch, ...]), got shape "
+                                 f"{tuple(value.shape)}")
+    if value.numel() == 0:
+        raise KSamplerInputError(f"{name}: is empty (shape {tuple(value.shape)})")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise KSamplerInputError(f"{name}: dtype {value.dtype} is not real numbers; use float32")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise KSamplerInputError(f"{name}: contains NaN or Inf; {fix}")
+    check_magnitude(value, name, fix)
+    return value
 
 
 # per latent layout (its number of spatial dims): the mask shapes accepted (as ComfyUI resizes masks)

@@ -16,10 +16,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .validate import check_conditioning
+from .validate import KSamplerInputError, check_area_fits, check_conditioning, check_mask_batch
 
 __all__ = ["Guidance", "GuidedDenoiser", "PreparedCond"]
 
+MAX_CFG = 100.0  # the KSampler node's cfg range is 0 to 100
 _FEATHER = 8  # latent pixels of edge feathering for area conditioning without a mask
 
 
@@ -45,18 +46,44 @@ class PreparedCond:
         return True
 
 
-def _resolve_area(area, dims) -> tuple:
-    """Area (h, w, y, x) in latent pixels; ('percentage', h, w, y, x) fractions are resolved against ``dims``."""
+_WHOLE_DIM = 2 ** 31  # the size ComfyUI gives a dim an area does not name (cut to the latent when used)
+
+
+def _resolve_area(area, dims, where: str = "area") -> tuple:
+    """Area (sizes, then offsets) in latent pixels, one of each per dim of ``dims``, as ComfyUI resolves it.
+
+    ('percentage', h, w, y, x) fractions are resolved against ``dims``.  An area in latent pixels that names
+    fewer dims than the latent has covers the leading ones whole (a 2-D area on a video latent: every frame);
+    one that names more keeps its first ones.  The result must start inside the latent (``check_area_fits``).
+    """
     if area[0] == "percentage":
         frac = area[1:]
         half = len(frac) // 2
+        if half < len(dims):
+            raise KSamplerInputError(f"{where}: a 'percentage' area needs {len(dims)} sizes and {len(dims)} offsets "
+                                     f"for a latent with {len(dims)} spatial dims {tuple(dims)}, got {tuple(area)}")
         sizes = tuple(max(1, round(frac[d] * dims[d])) for d in range(len(dims)))
         offsets = tuple(round(frac[d + half] * dims[d]) for d in range(len(dims)))
-        return sizes + offsets
-    area = tuple(int(a) for a in area)
-    if len(area) != 2 * len(dims):
-        raise ValueError(f"conditioning area: expected {2 * len(dims)} numbers (sizes then offsets), got {area}")
+        area = sizes + offsets
+    else:
+        values = [int(a) for a in area]
+        half = len(values) // 2
+        sizes, offsets = values[:half], values[half:]
+        while len(sizes) < len(dims):
+            sizes, offsets = [_WHOLE_DIM] + sizes, [0] + offsets
+        area = tuple(sizes[:len(dims)] + offsets[:len(dims)])
+    check_area_fits(area, dims, where)
     return area
+
+
+def check_regions(entries, name: str, latent_shape) -> None:
+    """Every entry's area and mask against a latent of ``latent_shape`` (before any model call)."""
+    dims = tuple(latent_shape[2:])
+    for k, (_, opts) in enumerate(entries):
+        if opts.get("area") is not None:
+            _resolve_area(opts["area"], dims, f"{name}[{k}]['area']")
+        if opts.get("mask") is not None:
+            check_mask_batch(opts["mask"], len(dims), latent_shape[0], f"{name}[{k}]['mask']")
 
 
 def _prepare(entries, dims, device, dtype, model_sampling, name) -> list[PreparedCond]:
@@ -68,7 +95,7 @@ def _prepare(entries, dims, device, dtype, model_sampling, name) -> list[Prepare
             cond.pooled = pooled.to(device=device, dtype=dtype)
         cond.strength = float(opts.get("strength", 1.0))
         if opts.get("area") is not None:
-            cond.area = _resolve_area(opts["area"], dims)
+            cond.area = _resolve_area(opts["area"], dims, f"{name}[{k}]['area']")
         if opts.get("mask") is not None:
             mask = opts["mask"].to(device=device, dtype=torch.float32)
             if mask.ndim == len(dims):
@@ -267,11 +294,13 @@ class Guidance:
     """CFG guidance: positive and negative ComfyUI conditioning and a scale, bound to a model at sampling time."""
 
     def __init__(self, positive: list, negative: Optional[list], cfg: float = 1.0):
+        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) \
+                or not 0.0 <= cfg <= MAX_CFG:
+            raise KSamplerInputError(f"cfg: must be a number between 0 and {MAX_CFG:g} (the KSampler node's range), "
+                                     f"got {cfg!r}")
         self.positive = check_conditioning(positive, "positive")
         self.negative = check_conditioning(negative, "negative", allow_empty=math.isclose(float(cfg), 1.0)) \
             if negative is not None else []
-        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
-            raise ValueError(f"cfg: must be a finite number, got {cfg!r}")
         if self.positive and self.negative and self.positive[0][0].shape[-1] != self.negative[0][0].shape[-1]:
             raise ValueError(f"negative: context width {self.negative[0][0].shape[-1]} differs from positive's "
                              f"{self.positive[0][0].shape[-1]}; encode both prompts with the same text encoder")
@@ -280,7 +309,13 @@ class Guidance:
                              "text) or set cfg to 1")
         self.cfg = float(cfg)
 
+    def check_latent(self, latent_shape) -> None:
+        """Check the conditioning's areas and masks against a latent of ``latent_shape`` (``bind`` does too)."""
+        check_regions(self.positive, "positive", latent_shape)
+        check_regions(self.negative, "negative", latent_shape)
+
     def bind(self, model, model_sampling, latent_shape, device, dtype=torch.float32, max_batch=None) -> GuidedDenoiser:
+        self.check_latent(latent_shape)
         dims = tuple(latent_shape[2:])
         positive = _prepare(self.positive, dims, device, dtype, model_sampling, "positive")
         negative = _prepare(self.negative, dims, device, dtype, model_sampling, "negative")

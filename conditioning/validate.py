@@ -1,9 +1,19 @@
 """Input checks for conditioning: every error names the input and says how to fix it."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
-__all__ = ["check_conditioning", "check_mask_values", "KSamplerInputError"]
+__all__ = ["check_conditioning", "check_mask_values", "check_area_fits", "check_mask_batch", "KSamplerInputError",
+           "MAX_CONTEXT_MAGNITUDE", "MAX_STRENGTH"]
+
+# Text encoders give values within a few thousand (LLM encoders' largest activations included); far larger ones
+# overflow float32 in attention and would be reported as a broken model at step 1.
+MAX_CONTEXT_MAGNITUDE = 1e6
+# ComfyUI's conditioning nodes set a strength of at most 10; 10000 leaves room for any other node pack's use
+MAX_STRENGTH = 1e4
 
 
 class KSamplerInputError(ValueError):
@@ -71,6 +81,15 @@ def _check_context(tensor, where: str) -> None:
     if not bool(torch.isfinite(tensor).all()):
         raise KSamplerInputError(f"{where}: the conditioning tensor contains NaN or Inf; re-encode the "
                                  "prompt (a broken text encoder, embedding or conditioning node upstream)")
+    _check_magnitude(tensor, where, "the conditioning tensor")
+
+
+def _check_magnitude(tensor: torch.Tensor, where: str, what: str) -> None:
+    largest = float(tensor.detach().abs().max())
+    if largest > MAX_CONTEXT_MAGNITUDE:
+        raise KSamplerInputError(f"{where}: {what} holds values up to {largest:g} in magnitude, past the "
+                                 f"{MAX_CONTEXT_MAGNITUDE:g} text encoders stay within (larger values overflow while "
+                                 "sampling); re-encode the prompt (a broken encoder or conditioning node upstream)")
 
 
 def _check_options(opts, where: str) -> None:
@@ -85,6 +104,9 @@ def _check_options(opts, where: str) -> None:
                 raise KSamplerInputError(f"{where}['{key}']: expected a number, got {type(value).__name__}")
             if value != value or value in (float("inf"), float("-inf")):
                 raise KSamplerInputError(f"{where}['{key}']: must be finite, got {value}")
+            if key.endswith("strength") and abs(value) > MAX_STRENGTH:
+                raise KSamplerInputError(f"{where}['{key}']: must be between {-MAX_STRENGTH:g} and "
+                                         f"{MAX_STRENGTH:g} (ComfyUI's nodes set at most 10), got {value:g}")
     if "mask" in opts and opts["mask"] is not None:
         mask = opts["mask"]
         if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
@@ -99,8 +121,65 @@ def _check_options(opts, where: str) -> None:
         if pooled.device.type == "meta" or not bool(torch.isfinite(pooled).all()):
             raise KSamplerInputError(f"{where}['pooled_output']: contains NaN or Inf (or no data); "
                                      "re-encode the prompt")
+        if pooled.numel():
+            _check_magnitude(pooled, f"{where}['pooled_output']", "the pooled output")
     if "area" in opts and opts["area"] is not None:
-        area = opts["area"]
-        if not isinstance(area, (list, tuple)) or len(area) not in (4, 5):
-            raise KSamplerInputError(f"{where}['area']: expected (height, width, y, x) in latent pixels "
-                                     f"or ('percentage', h, w, y, x), got {area!r}")
+        _check_area(opts["area"], f"{where}['area']")
+
+
+_AREA_FORMS = ("(height, width, y, x) in latent pixels (ComfyUI's Conditioning (Set Area)) or ('percentage', "
+               "height, width, y, x) as fractions of the latent (Conditioning (Set Area with Percentage))")
+
+
+def _check_area(area, where: str) -> None:
+    """An area's form: sizes then offsets (one of each per latent dim), in latent pixels or as fractions."""
+    if not isinstance(area, (list, tuple)) or not area:
+        raise KSamplerInputError(f"{where}: expected {_AREA_FORMS}, got {area!r}")
+    percentage = isinstance(area[0], str)
+    if percentage and area[0] != "percentage":
+        raise KSamplerInputError(f"{where}: the only named form is 'percentage', got {area[0]!r}; expected "
+                                 f"{_AREA_FORMS}")
+    values = area[1:] if percentage else area
+    if not values or len(values) % 2:
+        raise KSamplerInputError(f"{where}: expected as many offsets as sizes (e.g. {_AREA_FORMS}), got {area!r}")
+    half = len(values) // 2
+    for k, value in enumerate(values):
+        what = "size" if k < half else "offset"
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise KSamplerInputError(f"{where}: every {what} must be a finite number, got {value!r} in {area!r}; "
+                                     f"expected {_AREA_FORMS}")
+        if not percentage and not float(value).is_integer():
+            raise KSamplerInputError(f"{where}: sizes and offsets in latent pixels must be whole numbers, got "
+                                     f"{value!r} in {area!r}; round them, or use the 'percentage' form")
+        low = 0 if percentage or what == "offset" else 1
+        if value < low:
+            raise KSamplerInputError(f"{where}: every {what} must be >= {low}, got {value!r} in {area!r}; an area "
+                                     "starts inside the latent (offsets from its top-left corner) and has a size")
+
+
+_DIM_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("frames", "height", "width")}
+
+
+def check_area_fits(area: tuple, dims: tuple, where: str) -> None:
+    """A resolved area (sizes then offsets, in latent pixels, one per dim of ``dims``) must start inside the latent.
+
+    An area that runs past the latent's far edge is cut there, as ComfyUI does; one that starts at or past it
+    covers nothing (ComfyUI would hand the model an empty crop).
+    """
+    half = len(area) // 2
+    names = _DIM_NAMES.get(len(dims), tuple(f"dim {d}" for d in range(len(dims))))
+    for d, side in enumerate(dims):
+        size, offset = area[d], area[half + d]
+        if size < 1 or offset < 0 or offset >= side:
+            raise KSamplerInputError(f"{where}: lies outside the latent: its {names[d]} offset {offset} (size "
+                                     f"{size}) is not within the latent's {names[d]} {side} (latent pixels, 1/8 of "
+                                     "image pixels for most models); move the area inside the image")
+
+
+def check_mask_batch(mask: torch.Tensor, spatial_dims: int, batch: int, where: str) -> None:
+    """A conditioning mask's batch must be 1, at least the latent's, or divide it (masks repeat over the batch, and
+    ComfyUI fails on any other count)."""
+    count = mask.shape[0] if mask.ndim > spatial_dims else 1
+    if count < batch and batch % count:
+        raise KSamplerInputError(f"{where}: holds {count} masks for a latent batch of {batch}; give one mask, one "
+                                 f"per latent ({batch}), or a count that divides the batch (masks repeat over it)")

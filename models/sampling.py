@@ -20,7 +20,30 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from ..validation import MAX_MAGNITUDE, KSamplerInputError, check_bool, check_int
+
 Number = Union[float, Tensor]
+MAX_TIMESTEPS = 100000   # training schedules have 1000 (Flux 10000) steps
+MAX_RESOLUTION = 16384   # ComfyUI's largest image side
+
+
+def _check_real(owner: str, name: str, value, low: float, high: float, low_open: bool = True) -> float:
+    """A finite number in (low, high] (or [low, high]); the error names ``owner``'s argument ``name``."""
+    if isinstance(value, Tensor) and value.numel() == 1 and value.device.type != "meta":
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise KSamplerInputError(f"{owner}: {name} must be a finite number, got {value!r}")
+    if not (low < value if low_open else low <= value) or value > high:
+        raise KSamplerInputError(f"{owner}: {name} must be {'>' if low_open else '>='} {low:g} and <= {high:g}, "
+                                 f"got {value:g}")
+    return float(value)
+
+
+def _check_sigma_range(owner: str, sigma_min, sigma_max) -> None:
+    _check_real(owner, "sigma_min", sigma_min, 0.0, MAX_MAGNITUDE)
+    _check_real(owner, "sigma_max", sigma_max, 0.0, MAX_MAGNITUDE)
+    if not sigma_min < sigma_max:
+        raise KSamplerInputError(f"{owner}: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
 
 __all__ = [
     "ModelSampling", "EPS", "V", "X0", "EDM", "Flow", "FluxFlow", "VE",
@@ -88,6 +111,16 @@ class ModelSampling:
     sigma_data = 1.0
 
     def __init__(self, sigmas: Tensor):
+        owner = type(self).__name__
+        if not isinstance(sigmas, Tensor) or sigmas.ndim != 1 or len(sigmas) < 2 or sigmas.device.type == "meta" \
+                or not sigmas.is_floating_point():
+            raise KSamplerInputError(f"{owner}: sigmas must be a 1-D float tensor of at least 2 training noise levels, "
+                                     f"got {getattr(sigmas, 'shape', type(sigmas).__name__)}")
+        if not bool(torch.isfinite(sigmas).all()) or not bool((sigmas > 0).all()) \
+                or bool((sigmas[1:] < sigmas[:-1]).any()):
+            raise KSamplerInputError(f"{owner}: sigmas must be finite, positive and ascending (the training noise "
+                                     f"levels, lowest first), got values from {float(sigmas.min()):g} to "
+                                     f"{float(sigmas.max()):g}; check the schedule's parameters")
         # the log is taken at the table's own precision (float64 for DDPM tables), then stored as float32
         self.sigmas = sigmas.float()
         self.log_sigmas = sigmas.log().float()
@@ -206,7 +239,15 @@ class _Discrete(ModelSampling):
     def __init__(self, timesteps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012,
                  beta_schedule: str = "scaled_linear", zero_terminal_snr: bool = False,
                  sigmas: Tensor | None = None):
+        owner = type(self).__name__
+        check_bool(f"{owner}: zero_terminal_snr", zero_terminal_snr)
         if sigmas is None:
+            check_int(f"{owner}: timesteps", timesteps, 2, MAX_TIMESTEPS)
+            _check_real(owner, "linear_start", linear_start, 0.0, 1.0)
+            _check_real(owner, "linear_end", linear_end, 0.0, 1.0)
+            if not linear_start <= linear_end < 1:
+                raise KSamplerInputError(f"{owner}: need 0 < linear_start <= linear_end < 1 (betas), got "
+                                         f"{linear_start}, {linear_end}")
             sigmas = discrete_sigmas(timesteps, linear_start, linear_end, beta_schedule, zero_terminal_snr)
         super().__init__(sigmas)
         self.zero_terminal_snr = zero_terminal_snr
@@ -259,9 +300,8 @@ class EDM(ModelSampling):
     prediction_type = "edm"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 120.0, sigma_data: float = 1.0):
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"EDM: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-        self.sigma_data = float(sigma_data)
+        _check_sigma_range("EDM", sigma_min, sigma_max)
+        self.sigma_data = _check_real("EDM", "sigma_data", sigma_data, 0.0, MAX_MAGNITUDE)
         super().__init__(torch.linspace(math.log(sigma_min), math.log(sigma_max), 1000).exp())
 
     def calculate_denoised(self, sigma, model_output, model_input):
@@ -275,6 +315,7 @@ class VE(ModelSampling):
     prediction_type = "x0"
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        _check_sigma_range("VE", sigma_min, sigma_max)
         super().__init__(torch.linspace(math.log(sigma_min), math.log(sigma_max), 1000).exp())
 
     def calculate_input(self, sigma, x):
@@ -298,10 +339,10 @@ class Flow(ModelSampling):
     is_flow = True
 
     def __init__(self, shift: float = 1.0, multiplier: float = 1000.0, timesteps: int = 1000):
-        if not shift > 0:
-            raise ValueError(f"shift: must be > 0, got {shift}")
-        self.shift = float(shift)
-        self.multiplier = float(multiplier)
+        # ComfyUI's ModelSamplingSD3 / AuraFlow nodes allow a shift up to 100
+        self.shift = _check_real(type(self).__name__, "shift", shift, 0.0, 1000.0)
+        self.multiplier = _check_real(type(self).__name__, "multiplier", multiplier, 0.0, MAX_MAGNITUDE)
+        check_int(f"{type(self).__name__}: timesteps", timesteps, 2, MAX_TIMESTEPS)
         super().__init__(self._table(timesteps))
 
     def _table(self, timesteps: int) -> Tensor:
@@ -385,7 +426,9 @@ class FluxFlow(Flow):
     """Rectified flow with Flux's exponential shift ``mu`` (Black Forest Labs 2024): sigma = e^mu / (e^mu + 1/t - 1)."""
 
     def __init__(self, shift: float = 1.15, timesteps: int = 10000):
-        self.shift = float(shift)
+        # mu: e^mu must stay finite in float32 (it overflows past 88); Flux's largest images give mu below 50
+        self.shift = _check_real("FluxFlow", "shift (mu)", shift, -80.0, 80.0, low_open=False)
+        check_int("FluxFlow: timesteps", timesteps, 2, MAX_TIMESTEPS)
         self.multiplier = 1.0
         ModelSampling.__init__(self, self._table(timesteps))
 
@@ -416,6 +459,10 @@ class FluxFlow(Flow):
 
 def flux_shift_from_resolution(width: int, height: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
     """mu for an image of ``width`` x ``height`` pixels: base_shift at 256 patches, max_shift at 4096."""
+    for name, side in (("width", width), ("height", height)):  # ComfyUI's ModelSamplingFlux node's range
+        check_int(f"flux shift: {name}", side, 16, MAX_RESOLUTION)
+    for name, shift in (("base_shift", base_shift), ("max_shift", max_shift)):
+        _check_real("flux shift", name, shift, 0.0, 100.0, low_open=False)
     slope = (max_shift - base_shift) / (4096 - 256)
     return (width * height / (8 * 8 * 2 * 2)) * slope + base_shift - slope * 256
 

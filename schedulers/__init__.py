@@ -7,9 +7,10 @@ definitions.  To add one, write the function and add a line to ``SCHEDULERS``
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -17,11 +18,11 @@ from torch import Tensor
 from ._common import append_zero, karras_ramp, sigma_range
 from ._special import beta_ppf
 from . import extra as _extra
-from ..validation import check_new_entry, lookup_entry
+from ..validation import KSamplerInputError, check_new_entry, lookup_entry
 
 __all__ = [
     "SCHEDULERS", "COMFY_SCHEDULER_NAMES", "calculate_sigmas", "sampling_sigmas", "ksampler_sigmas",
-    "register_scheduler",
+    "register_scheduler", "check_scheduler_options", "SCHEDULER_OPTIONS",
     "karras_sigmas", "exponential_sigmas", "karras_ramp",
 ]
 
@@ -113,6 +114,10 @@ def linear_quadratic(model_sampling, steps: int, threshold_noise: float = 0.025,
     else:
         if linear_steps is None:
             linear_steps = steps // 2
+        if not 1 <= linear_steps < steps:
+            raise KSamplerInputError(f"scheduler_options['linear_steps']: scheduler 'linear_quadratic' needs "
+                                     f"1 <= linear_steps < the step count {steps}, got {linear_steps}; leave it out "
+                                     "for half the steps")
         linear_part = [i * threshold_noise / linear_steps for i in range(linear_steps)]
         step_diff = linear_steps - threshold_noise * steps
         quadratic_steps = steps - linear_steps
@@ -150,6 +155,8 @@ SCHEDULERS: "OrderedDict[str, SchedulerFn]" = OrderedDict([
     *_extra.EXTRA_SCHEDULERS.items(),
 ])
 
+_BUILTIN_SCHEDULERS = dict(SCHEDULERS)  # the specs above apply to these functions, not to replacements
+
 COMFY_SCHEDULER_NAMES = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
                          "linear_quadratic", "kl_optimal")
 
@@ -160,6 +167,76 @@ def register_scheduler(name: str, fn: SchedulerFn, *, replace: bool = False) -> 
     check_new_entry(SCHEDULERS, name, fn, replace, "register_scheduler")
     SCHEDULERS[name] = fn
     return fn
+
+
+# The options of the built-in schedulers: option -> (kind, low, high, low included), kind "real", "int" or "bool",
+# or a tuple of the names allowed.  The ranges are those of ComfyUI's scheduler nodes where one exists (Karras,
+# Polyexponential, Beta, VP, Laplace), otherwise where the formula holds (no division by zero, descending sigmas).
+SCHEDULER_OPTIONS: dict = {
+    "normal": {"sgm": ("bool", None, None, True)},
+    "karras": {"rho": ("real", 0.0, 100.0, False)},
+    "beta": {"alpha": ("real", 0.0, 50.0, False), "beta": ("real", 0.0, 50.0, False)},
+    "linear_quadratic": {"threshold_noise": ("real", 0.0, 1.0, False),
+                         "linear_steps": ("int", 1, MAX_SCHEDULE_STEPS, True)},
+    "polyexponential": {"rho": ("real", 0.0, 100.0, False)},
+    "vp": {"beta_d": ("real", 0.0, 5000.0, False), "beta_min": ("real", 0.0, 5000.0, True)},
+    "laplace": {"mu": ("real", -10.0, 10.0, True), "beta": ("real", 0.0, 10.0, False)},
+    "align_your_steps": {"model_type": (tuple(_extra.AYS_TABLES), None, None, True)},
+}
+
+
+def _option_names(fn) -> Optional[list]:
+    """The keyword options ``fn(model_sampling, steps, **options)`` takes (None: any, it has ``**kwargs``)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_scheduler_options(name: str, options) -> None:
+    """``options`` for scheduler ``name``: only the options it takes, each of the right type and in range."""
+    fn = lookup_entry(SCHEDULERS, name, "scheduler", "scheduler")
+    if not isinstance(options, Mapping):
+        raise KSamplerInputError(f"scheduler_options: expected a dict of the scheduler's options (e.g. "
+                                 f"{{'rho': 7.0}} for karras), got {type(options).__name__}")
+    allowed = _option_names(fn)
+    specs = SCHEDULER_OPTIONS.get(name, {}) if fn is _BUILTIN_SCHEDULERS.get(name) else {}
+    for key, value in options.items():
+        where = f"scheduler_options[{key!r}]"
+        if allowed is not None and key not in allowed:
+            takes = f"its options are: {', '.join(allowed)}" if allowed else "it takes no options"
+            raise KSamplerInputError(f"{where}: scheduler {name!r} has no option {key!r}; {takes}")
+        if key not in specs:
+            continue
+        kind, low, high, low_included = specs[key]
+        if isinstance(kind, tuple):
+            if value not in kind:
+                raise KSamplerInputError(f"{where}: scheduler {name!r} takes one of {', '.join(map(repr, kind))}, "
+                                         f"got {value!r}")
+            continue
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise KSamplerInputError(f"{where}: scheduler {name!r} takes True or False, got {value!r}")
+            continue
+        if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise KSamplerInputError(f"{where}: scheduler {name!r} takes an integer, got {type(value).__name__} "
+                                     f"{value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise KSamplerInputError(f"{where}: scheduler {name!r} takes a finite number, got {value!r}")
+        if not (low <= value if low_included else low < value) or value > high:
+            bound = ">=" if low_included else ">"
+            raise KSamplerInputError(f"{where}: scheduler {name!r} needs {key} {bound} {low:g} and <= {high:g}, "
+                                     f"got {value:g}")
+
+
+def check_model_sampling(model_sampling) -> None:
+    """A model sampling a scheduler can read (its sigma range), or an error naming it."""
+    if any(not hasattr(model_sampling, a) for a in ("sigma_min", "sigma_max")):
+        raise KSamplerInputError(f"model_sampling: expected a ModelSampling (e.g. models.EPS(), or a model's "
+                                 f".model_sampling), got {type(model_sampling).__name__}")
 
 
 def calculate_sigmas(model_sampling, name: str, steps: int, **options) -> Tensor:
@@ -173,6 +250,8 @@ def calculate_sigmas(model_sampling, name: str, steps: int, **options) -> Tensor
         raise TypeError(f"steps: expected an int, got {type(steps).__name__}")
     if steps < 1:
         raise ValueError(f"steps: must be >= 1, got {steps}")
+    check_model_sampling(model_sampling)
+    check_scheduler_options(name, options)
     sigmas = fn(model_sampling, steps, **options)
     return torch.as_tensor(sigmas, dtype=torch.float32).cpu()
 
