@@ -302,11 +302,12 @@ class Guidance:
         self.negative = check_conditioning(negative, "negative", allow_empty=math.isclose(float(cfg), 1.0)) \
             if negative is not None else []
         if self.positive and self.negative and self.positive[0][0].shape[-1] != self.negative[0][0].shape[-1]:
-            raise ValueError(f"negative: context width {self.negative[0][0].shape[-1]} differs from positive's "
-                             f"{self.positive[0][0].shape[-1]}; encode both prompts with the same text encoder")
+            raise KSamplerInputError(f"negative: context width {self.negative[0][0].shape[-1]} differs from "
+                                     f"positive's {self.positive[0][0].shape[-1]}; encode both prompts with the same "
+                                     "text encoder")
         if not self.negative and not math.isclose(float(cfg), 1.0):
-            raise ValueError("negative: empty conditioning with cfg != 1; pass a negative prompt (it may be empty "
-                             "text) or set cfg to 1")
+            raise KSamplerInputError("negative: empty conditioning with cfg != 1; pass a negative prompt (it may be "
+                                     "empty text) or set cfg to 1")
         self.cfg = float(cfg)
 
     def check_latent(self, latent_shape) -> None:

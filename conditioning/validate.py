@@ -146,8 +146,8 @@ def _check_area(area, where: str) -> None:
     for k, value in enumerate(values):
         what = "size" if k < half else "offset"
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise KSamplerInputError(f"{where}: every {what} must be a finite number, got {value!r} in {area!r}; "
-                                     f"expected {_AREA_FORMS}")
+            raise KSamplerInputError(f"{where}: every {what} must be a finite number (not a bool), got {value!r} in "
+                                     f"{area!r}; expected {_AREA_FORMS}")
         if not percentage and not float(value).is_integer():
             raise KSamplerInputError(f"{where}: sizes and offsets in latent pixels must be whole numbers, got "
                                      f"{value!r} in {area!r}; round them, or use the 'percentage' form")

@@ -143,6 +143,12 @@ def test_guidance_checks_cfg(cfg):
         Guidance(P, N, cfg)
 
 
+@pytest.mark.parametrize("negative", [[], conditioning(-1.0, dim=16)])
+def test_guidance_negative_errors_are_input_errors(negative):
+    with pytest.raises(KSamplerInputError, match="negative"):
+        Guidance(P, negative, 3.0)
+
+
 # -- sample(): types and values up front ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("over, name", [
