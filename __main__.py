@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import re
 import sys
 from typing import Optional
 
@@ -52,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg", type=float, default=5.0)
     g.add_argument("--seed", type=_seed, default=1, help="noise seed, 0..2^64-1 (default 1)")
     g.add_argument("--batch-size", type=_positive_int, default=4)
-    g.add_argument("--width", type=_positive_int, default=None, help="multiple of 16 (default 32)")
-    g.add_argument("--height", type=_positive_int, default=None, help="multiple of 16 (default 32)")
+    g.add_argument("--width", type=_positive_int, default=None, help="multiple of 16, at most 512 (default 32)")
+    g.add_argument("--height", type=_positive_int, default=None, help="multiple of 16, at most 512 (default 32)")
     g.add_argument("--model", choices=("eps", "flow"), default=None,
                    help="bundled checkpoint (default flow: it meets the adherence targets and keeps img2img "
                         "inputs far better)")
@@ -66,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "randomize draws from a generator seeded with --seed, so it is reproducible")
     g.add_argument("--out", default="out", help="output folder (default out/)")
     g.add_argument("--prefix", default="ksampler", help="file name prefix (default ksampler)")
-    g.add_argument("--scale", type=_positive_int, default=1, help="save PNGs enlarged this many times (nearest)")
+    g.add_argument("--scale", type=_positive_int, default=1,
+                   help="save PNGs enlarged this many times (nearest), at most 16")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     c = g.add_argument_group("controls (all off by default: the plain KSampler's images)")
     c.add_argument("--variation-seed", type=_seed, default=None,
@@ -104,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_generate(args) -> None:
-    from .bundled.nodes import SIZE_MULTIPLE
+    from .bundled.images import check_file_prefix, check_output_folder
+    from .bundled.nodes import MAX_SCALE, MAX_SIZE, SIZE_MULTIPLE
     from .validation import check_sampler_args
     check_sampler_args(steps=args.steps, cfg=args.cfg, sampler_name=args.sampler, scheduler=args.scheduler)
     if args.denoise is not None and not 0.0 <= args.denoise <= 1.0:
@@ -116,6 +120,17 @@ def _check_generate(args) -> None:
         value = getattr(args, name)
         if value is not None and value % SIZE_MULTIPLE:
             raise KSamplerInputError(f"--{name}: must be a multiple of {SIZE_MULTIPLE}, got {value}")
+        if value is not None and value > MAX_SIZE:   # Empty Latent Image (ksampler)'s maximum
+            raise KSamplerInputError(f"--{name}: at most {MAX_SIZE} (the bundled model is trained at 32), got {value}")
+    if args.scale > MAX_SCALE:   # Save Image (ksampler)'s maximum
+        raise KSamplerInputError(f"--scale: at most {MAX_SCALE}, got {args.scale}")
+    check_file_prefix("--prefix", args.prefix)
+    if os.path.basename(args.prefix) != args.prefix:
+        raise KSamplerInputError(f"--prefix: a file name prefix without folders, got {args.prefix!r}; give the "
+                                 "folder with --out")
+    if args.preview_steps is not None:
+        _check_preview_path(args.preview_steps)
+    check_output_folder("--out", args.out)
     if args.batch_size > 256:
         raise KSamplerInputError(f"--batch-size: at most 256, got {args.batch_size}")
     if not 0.0 <= args.variation_strength <= 1.0:
@@ -124,6 +139,23 @@ def _check_generate(args) -> None:
         raise KSamplerInputError("--variation-strength: needs --variation-seed")
     if args.calibrate is not None:
         _check_calibrate(args)
+
+
+def _check_preview_path(path: str) -> None:
+    from .bundled.images import check_output_folder
+    if not path or "\0" in path or os.path.splitext(path)[1].lower() != ".png":
+        raise KSamplerInputError(f"--preview-steps: expected the path of a .png file, got {path!r}")
+    if os.path.isdir(path):
+        raise KSamplerInputError(f"--preview-steps: {path!r} is a folder; give the path of a .png file")
+    check_output_folder("--preview-steps", os.path.dirname(os.path.abspath(path)))
+
+
+def _preview_path(path: str, run: int, runs: int) -> str:
+    """The contact sheet's path of one run: ``sheet.png``, or ``sheet_1.png``, ``sheet_2.png`` ... for several."""
+    if runs == 1:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}_{run + 1}{ext}"
 
 
 def _check_calibrate(args) -> None:
@@ -246,7 +278,10 @@ def generate(args) -> list:
     size = model.config.get("image_size", 32)
     denoise = args.denoise if args.denoise is not None else (0.6 if args.init_image else 1.0)
     if args.init_image:
-        image, _ = load_image(args.init_image)
+        try:
+            image, _ = load_image(args.init_image)
+        except (FileNotFoundError, ValueError) as e:
+            raise KSamplerInputError("--init-image: " + str(e).replace("image: ", "", 1)) from None
         width, height = args.width or size, args.height or size
         image = resize_image(image, width, height)
         samples = vae.encode(image).repeat(args.batch_size, 1, 1, 1)
@@ -271,15 +306,14 @@ def generate(args) -> list:
             fit_bar.close()
     for run in range(args.runs):
         progress = _Progress(args.steps, f"run {run + 1}/{args.runs} seed {seed}", not args.no_progress)
-        callback = progress
-        sheet = None
+        callback, sheet = progress, None
         if args.preview_steps:
-            sheet = _StepSheet(args.preview_steps if args.runs == 1 else
-                               args.preview_steps.replace(".png", "") + f"_{run + 1}.png", vae, model.latent_format)
+            sheet = _StepSheet(_preview_path(args.preview_steps, run, args.runs), vae, model.latent_format)
 
-            def callback(step, denoised, x, total, sheet=sheet):
+            def progress_and_sheet(step, denoised, x, total, sheet=sheet, progress=progress):
                 progress(step, denoised, x, total)
                 sheet(step, denoised, x, total)
+            callback = progress_and_sheet
         try:
             out = ksample(model, seed, args.steps, args.cfg, args.sampler, args.scheduler, positive, negative,
                           latent, denoise, callback=callback, reference_mode=default_reference_mode(),
@@ -312,11 +346,12 @@ def generate(args) -> list:
 
 def run(args) -> dict:
     """Run ``run``: execute a workflow file ``--runs`` times, applying the seed control between runs."""
-    import os
-
+    from .bundled.images import check_output_folder
     from .workflow import Executor, apply_seed_control, load_workflow, seed_inputs
     graph = load_workflow(args.workflow)
     executor = Executor()
+    executor.validate(graph)   # before anything reads the graph (seed_inputs)
+    check_output_folder("--out", os.path.abspath(args.out))
     context = {"KSAMPLER_BASE_DIR": os.path.dirname(os.path.abspath(args.workflow)),
                "KSAMPLER_OUTPUT_DIR": os.path.abspath(args.out)}
     rng = random.Random(json.dumps(seed_inputs(graph)))
@@ -333,15 +368,30 @@ def run(args) -> dict:
     return results
 
 
+# "name: ..." or "--flag: ...": the project's input errors name the input first; Python's own TypeErrors do not
+_NAMES_AN_INPUT = re.compile(r"^-{0,2}[\w\[\]'.]+: ")
+
+
+def _is_input_error(error: BaseException) -> bool:
+    """An error to report in one line: bad input or a file or model the user gave (a bug of ours keeps its
+    traceback)."""
+    from .bundled import BundledModelError
+    from .guard import ModelOutputError
+    if isinstance(error, (ValueError, OSError, BundledModelError, ModelOutputError)):
+        return True   # KSamplerInputError, WorkflowError, unreadable files, a model giving NaN ...
+    return isinstance(error, TypeError) and bool(_NAMES_AN_INPUT.match(str(error)))
+
+
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .bundled import BundledModelError
     try:
         if args.command == "generate":
             generate(args)
         else:
             run(args)
-    except (ValueError, FileNotFoundError, BundledModelError) as e:   # input errors: KSamplerInputError, ...
+    except Exception as e:
+        if not _is_input_error(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -89,6 +89,12 @@ def _image_size(samples: torch.Tensor, latent: Optional[dict]):
     return None
 
 
+def nearest_side(side: int, multiple: int) -> int:
+    """The multiple of ``multiple`` nearest to ``side`` (halves round up), at least ``multiple``."""
+    multiple = max(1, multiple)
+    return max(multiple, (side + multiple // 2) // multiple * multiple)
+
+
 def _layout(spec: ModelSpec) -> str:
     names = {1: "[batch, {c}, length] audio", 2: "[batch, {c}, height, width] image",
              3: "[batch, {c}, frames, height, width] video"}
@@ -105,8 +111,10 @@ def check_latent_fits(spec: ModelSpec, samples: torch.Tensor, latent: Optional[d
         ranks.add(4)  # ComfyUI gives an image latent a frames dim for video models
     fix = f"use {spec.empty_latent_node} or {spec.vae_hint}"
     size = _image_size(samples, latent)
+    pixel_multiple = spec.size_multiple * spec.downscale
     if size is not None and spec.latent_dims == 2:
-        width, height = (max(spec.size_multiple * spec.downscale, s) for s in size)
+        # a size the model takes: the given one when valid, else the nearest valid one
+        width, height = (nearest_side(s, pixel_multiple) for s in size)
         fix = f"use {spec.empty_latent_node} with width {width} and height {height}, or {spec.vae_hint}"
     what = describe_latent(samples, latent)
     if samples.ndim not in ranks:
@@ -120,9 +128,13 @@ def check_latent_fits(spec: ModelSpec, samples: torch.Tensor, latent: Optional[d
                                      f"latents: {fix}")
     m = spec.size_multiple
     if m > 1 and any(s % m for s in samples.shape[2:]):
-        sides = [max(m, round(s / m) * m) * spec.downscale for s in reversed(samples.shape[2:])]
+        if size is not None and spec.latent_dims == 2:
+            fix += f" of an image resized to {width}x{height} (the nearest valid size)"
+        else:
+            sides = [nearest_side(s, m) * spec.downscale for s in reversed(samples.shape[2:])]
+            fix += f" at {'x'.join(map(str, sides))} (the nearest valid size)"
         raise KSamplerInputError(f"{name}['samples']: is {what}; {spec.name} needs sides that are multiples of "
-                                 f"{m * spec.downscale} pixels: {fix} at {'x'.join(map(str, sides))}")
+                                 f"{pixel_multiple} pixels: {fix}")
 
 
 def check_conditioning_fits(spec: ModelSpec, cond, name: str, allow_empty: bool = False) -> list:

@@ -361,8 +361,14 @@ class KSamplerTwoModels:
         check_sampler_args(seed=noise_seed, steps=steps, sampler_name=sampler_name, scheduler=scheduler)
         check_float("cfg_high", cfg_high, 0.0, 100.0)
         check_float("cfg_low", cfg_low, 0.0, 100.0)
+        check_float("boundary", boundary, 0.0, 1.0)   # the input's declared range (ComfyUI refuses values outside)
+        if sampler_options is not None and not isinstance(sampler_options, dict):
+            raise KSamplerInputError(f"sampler_options: expected the output of a Sampler Options+ node, got "
+                                     f"{type(sampler_options).__name__}")
         switch = self._switch_step(model_high, model_low, steps, sampler_name, scheduler, boundary, switch_by,
                                    switch_at_step)
+        if switch < steps:
+            _check_low_conditioning(model_low, positive, negative, positive_low, negative_low)
         kw = {"sampler_options": dict(sampler_options) if sampler_options else None}
         latent = latent_image
         if switch > 0:
@@ -393,6 +399,46 @@ class KSamplerTwoModels:
             else model_high.model_sampling
         sigmas = ksampler_sigmas(raw, scheduler, steps, 1.0, sampler_traits(sampler_name).discard_penultimate_sigma)
         return twomodel.switch_step(ms_high, sigmas, boundary)
+
+
+def _check_low_conditioning(model_low, positive, negative, positive_low, negative_low) -> None:
+    """The low-noise expert's conditioning, checked under the names of the inputs it comes from.
+
+    The sampler checks the pair it is given as 'positive' and 'negative'; with positive_low or negative_low
+    connected, a mismatch must name that input instead.
+    """
+    if positive_low is None and negative_low is None:
+        return
+    from .graph_checks import check_conditioning_fits, headless_spec
+    if is_comfy_model(model_low):
+        from .comfy_checks import host_spec
+        spec = host_spec(model_low)
+    else:
+        spec = headless_spec(model_low)
+    pair = []
+    for name, given, default in (("positive_low", positive_low, positive), ("negative_low", negative_low, negative)):
+        if given is not None:
+            entries = check_conditioning_fits(spec, given, name, allow_empty=name == "negative_low")
+            pair.append((name, entries))
+        elif isinstance(default, (list, tuple)) and default:
+            # the high-noise stage (or the sampler) reports a malformed default under its own name
+            try:
+                pair.append((name.replace("_low", ""), check_conditioning_fits(spec, default, "default")))
+            except KSamplerInputError:
+                return
+    if len(pair) < 2 or not pair[0][1] or not pair[1][1]:
+        return
+    (pos_name, pos), (neg_name, neg) = pair
+    pos_width, neg_width = pos[0][0].shape[-1], neg[0][0].shape[-1]
+    if pos_width == neg_width:
+        return
+    if neg_name == "negative_low":
+        raise KSamplerInputError(f"negative_low: context width {neg_width} differs from {pos_name}'s {pos_width}; "
+                                 f"the low-noise expert takes {pos_name} and negative_low together: encode both "
+                                 "with the same text encoder")
+    raise KSamplerInputError(f"positive_low: context width {pos_width} differs from negative's {neg_width} (the "
+                             "low-noise expert takes negative while negative_low is not connected): encode both "
+                             "with the same text encoder, or connect a negative_low of positive_low's encoder")
 
 
 def _model_sampling(model):

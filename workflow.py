@@ -17,7 +17,7 @@ import random
 from typing import Any, Iterable, Optional
 
 __all__ = ["WorkflowError", "Executor", "load_workflow", "run_workflow", "next_seed", "SEED_CONTROLS",
-           "apply_seed_control"]
+           "apply_seed_control", "check_structure"]
 
 SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
 _SEED_SPACE = 1 << 64
@@ -45,15 +45,84 @@ def load_workflow(path: str) -> dict:
     if not os.path.isfile(path):
         raise WorkflowError(f"workflow: file {path!r} does not exist")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, encoding="utf-8-sig") as f:   # -sig: a byte-order mark (Windows editors) is skipped
+            data = json.load(f, object_pairs_hook=_object_keeping_duplicates)
     except json.JSONDecodeError as e:
         raise WorkflowError(f"workflow: {path!r} is not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise WorkflowError(f"workflow: {path!r} is not UTF-8 text ({e}); save it as UTF-8 JSON") from None
+    except RecursionError:
+        raise WorkflowError(f"workflow: {path!r} nests JSON arrays or objects too deeply to read; an API-format "
+                            "workflow nests a few levels (node id -> node -> inputs -> value)") from None
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and "class_type" not in data["prompt"]:
         data = data["prompt"]
     if isinstance(data, dict) and "nodes" in data and "links" in data:
         raise WorkflowError(f"workflow: {path!r} is in ComfyUI's UI format; export it with 'Save (API Format)'")
+    if not isinstance(data, dict):
+        raise WorkflowError(f"workflow: {path!r} holds {_json_kind(data)}; expected an object mapping node "
+                            "ids to nodes (ComfyUI's 'Save (API Format)')")
+    _refuse_duplicate_keys(data)
     return data
+
+
+class _DuplicateKeys(dict):
+    """A JSON object that named a key more than once (``duplicates``); the last value was kept by ``json``."""
+
+    duplicates: list
+
+
+def _object_keeping_duplicates(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) == len(pairs):
+        return out
+    seen, duplicates = set(), []
+    for key, _ in pairs:
+        if key in seen and key not in duplicates:
+            duplicates.append(key)
+        seen.add(key)
+    marked = _DuplicateKeys(out)
+    marked.duplicates = duplicates
+    return marked
+
+
+def _refuse_duplicate_keys(graph: dict) -> None:
+    """A key given twice in one JSON object silently keeps the last value: refuse it, naming where it is."""
+    if isinstance(graph, _DuplicateKeys):
+        raise WorkflowError(f"node {graph.duplicates[0]}: the workflow has two nodes with this id (JSON keeps only "
+                            "the last); give each node its own id")
+    for node_id, node in graph.items():
+        if not isinstance(node, dict):
+            continue
+        if isinstance(node, _DuplicateKeys):
+            raise WorkflowError(f"node {node_id}: the field {node.duplicates[0]!r} is given twice; keep one")
+        inputs = node.get("inputs")
+        if isinstance(inputs, _DuplicateKeys):
+            raise WorkflowError(f"node {node_id}: input {inputs.duplicates[0]!r} is given twice; keep one")
+        for name, value in (inputs.items() if isinstance(inputs, dict) else ()):
+            where = _first_duplicate(value)
+            if where is not None:
+                raise WorkflowError(f"node {node_id}: input {name!r} holds an object that gives the key "
+                                    f"{where!r} twice; keep one")
+
+
+def _first_duplicate(value):
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _DuplicateKeys):
+            return item.duplicates[0]
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _json_kind(value) -> str:
+    """'an array', 'a string', ...: what a JSON value is, with its article."""
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
 
 
 def _is_link(value) -> bool:
@@ -62,7 +131,8 @@ def _is_link(value) -> bool:
 
 
 def _sort_key(node_id: str):
-    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+    # isdecimal, not isdigit: '²' is a digit that int() refuses
+    return (0, int(node_id), "") if node_id.isdecimal() else (1, 0, node_id)
 
 
 def _input_specs(cls) -> tuple:
@@ -83,6 +153,28 @@ def _label(node_id: str, graph: dict) -> str:
     return f"node {node_id} ({graph[node_id].get('class_type', '?')})"
 
 
+def check_structure(graph: Any) -> None:
+    """The graph's shape (before anything reads it): an object of nodes, each with a class_type and inputs."""
+    if not isinstance(graph, dict) or not graph:
+        got = "an empty object" if isinstance(graph, dict) else _json_kind(graph)
+        raise WorkflowError(f"workflow: expected a non-empty JSON object mapping node ids to nodes, got {got}")
+    for node_id, node in graph.items():
+        if not isinstance(node_id, str):
+            raise WorkflowError(f"node {node_id!r}: node ids must be strings (JSON object keys), got "
+                                f"{type(node_id).__name__}")
+        if not isinstance(node, dict):
+            raise WorkflowError(f"node {node_id}: expected an object {{\"class_type\": ..., \"inputs\": {{...}}}}, "
+                                f"got {_json_kind(node)}")
+        if not isinstance(node.get("class_type"), str):
+            got = "it is missing" if "class_type" not in node else \
+                f"got {_json_kind(node['class_type'])} {node['class_type']!r:.60}"
+            raise WorkflowError(f"node {node_id}: 'class_type' must be a string naming a node type (e.g. "
+                                f"\"ksampler_KSampler\"); {got}")
+        if not isinstance(node.get("inputs", {}), dict):
+            raise WorkflowError(f"node {node_id}: 'inputs' must be an object mapping input names to values, got "
+                                f"{_json_kind(node['inputs'])}")
+
+
 class Executor:
     """Runs API-format graphs with this pack's nodes (or any ``{class_type: class}`` mapping); caches outputs."""
 
@@ -98,13 +190,8 @@ class Executor:
     # ---- validation --------------------------------------------------------------------
     def validate(self, graph: Any) -> None:
         """Raise ``WorkflowError`` for the first problem found in the graph (types, inputs, links)."""
-        if not isinstance(graph, dict) or not graph:
-            raise WorkflowError("workflow: expected a non-empty JSON object mapping node ids to nodes")
+        check_structure(graph)
         for node_id, node in graph.items():
-            if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
-                raise WorkflowError(f"node {node_id}: expected {{\"class_type\": ..., \"inputs\": {{...}}}}")
-            if not isinstance(node.get("inputs", {}), dict):
-                raise WorkflowError(f"node {node_id}: 'inputs' must be an object mapping input names to values")
             cls = self.node_classes.get(node["class_type"])
             if cls is None:
                 import difflib
@@ -282,9 +369,10 @@ def seed_inputs(graph: dict, node_classes: Optional[dict] = None) -> list:
     if node_classes is None:
         from .nodes import NODE_CLASS_MAPPINGS
         node_classes = NODE_CLASS_MAPPINGS
+    check_structure(graph)
     found = []
     for node_id in sorted(graph, key=_sort_key):
-        cls = node_classes.get(graph[node_id].get("class_type"))
+        cls = node_classes.get(graph[node_id]["class_type"])
         if cls is None:
             continue
         required, optional, _ = _input_specs(cls)

@@ -7,7 +7,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["load_image", "save_png", "resize_image", "image_grid", "next_free_path"]
+__all__ = ["load_image", "save_png", "resize_image", "image_grid", "next_free_path", "check_output_folder",
+           "check_file_prefix", "check_image_tensor"]
+
+# file systems allow 255 bytes per name; next_free_path adds '_00001_.png' (and longer counters past 99999)
+MAX_PREFIX_BYTES = 240
+MAX_NAME_BYTES = 255
 
 
 def _pil():
@@ -21,6 +26,8 @@ def _pil():
 def load_image(path: str) -> tuple:
     """(IMAGE [1, H, W, 3] in 0..1, MASK [1, H, W]) from an image file; the mask is 1 - alpha (zeros without alpha)."""
     Image, _ = _pil()
+    if os.path.isdir(path):
+        raise ValueError(f"image: {path!r} is a folder; give the path of a PNG or JPEG file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image: file {path!r} does not exist; give the path of a PNG or JPEG file")
     try:
@@ -37,9 +44,72 @@ def load_image(path: str) -> tuple:
     return image, mask
 
 
+def _input_error(message: str) -> ValueError:
+    from ..validation import KSamplerInputError
+    return KSamplerInputError(message)
+
+
+def check_output_folder(name: str, path: str) -> str:
+    """Create the folder ``path`` (and its parents) now, so one that cannot be made fails before any work."""
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise _input_error(f"{name}: expected a folder path, got {path!r}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _input_error(f"{name}: {path!r} is an existing file, not a folder; give a folder (a missing one is "
+                           "created)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise _input_error(f"{name}: cannot create the folder {path!r} ({e.strerror or e}); give a folder you can "
+                           "write to") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise _input_error(f"{name}: the folder {path!r} is not writable; give a folder you can write to")
+    return path
+
+
+def check_file_prefix(name: str, prefix: str) -> str:
+    """A file name prefix (it may hold subfolders): no NUL, and every part short enough for a file system."""
+    if not isinstance(prefix, str) or not prefix.strip():
+        raise _input_error(f"{name}: expected a non-empty string, got {prefix!r}")
+    if "\0" in prefix:
+        raise _input_error(f"{name}: {prefix!r} contains a NUL character, which no file name may hold; remove it")
+    *folders, base = prefix.replace(os.sep, "/").split("/")
+    if not base.strip():
+        raise _input_error(f"{name}: {prefix!r} ends with a folder separator; end it with a file name prefix")
+    if len(base.encode("utf-8")) > MAX_PREFIX_BYTES:
+        raise _input_error(f"{name}: the file name part is {len(base.encode('utf-8'))} bytes long; at most "
+                           f"{MAX_PREFIX_BYTES} (file systems allow {MAX_NAME_BYTES} per name and the counter "
+                           "'_00001_.png' is added): shorten it")
+    for folder in folders:
+        if len(folder.encode("utf-8")) > MAX_NAME_BYTES:
+            raise _input_error(f"{name}: the folder name {folder[:40]!r}... is {len(folder.encode('utf-8'))} bytes "
+                               f"long; at most {MAX_NAME_BYTES}: shorten it")
+    return prefix
+
+
+def check_image_tensor(images, name: str = "images") -> Tensor:
+    """IMAGE [B, H, W, 3 or 4]: a float tensor with pixels (H, W > 0) and no NaN or Inf."""
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[-1] not in (3, 4):
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise _input_error(f"{name}: expected an IMAGE tensor [B, H, W, 3], got {shape}")
+    if images.shape[1] == 0 or images.shape[2] == 0:
+        raise _input_error(f"{name}: the images are {images.shape[2]}x{images.shape[1]} pixels (empty); connect a "
+                           "node that outputs an image with pixels")
+    if not images.is_floating_point():
+        raise _input_error(f"{name}: expected a float IMAGE tensor (ComfyUI's images hold 0..1), got dtype "
+                           f"{images.dtype}")
+    if not bool(torch.isfinite(images).all()):
+        raise _input_error(f"{name}: contains NaN or Inf values, which a PNG cannot store; check the nodes before "
+                           "this one (a lower cfg or another sampler, if it came from a KSampler)")
+    return images
+
+
 def _to_uint8(image: Tensor) -> Tensor:
     if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"images: expected [H, W, 3] per image, got {tuple(image.shape)}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"images: the image is {image.shape[1]}x{image.shape[0]} pixels (empty); nothing to save")
+    if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+        raise ValueError("images: contains NaN or Inf values, which a PNG cannot store")
     return (image.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8)
 
 

@@ -136,6 +136,11 @@ class TextEncoderWrapper:
         return f"TextEncoderWrapper(vocabulary={len(self.tokenizer)} tokens, max_length={self.tokenizer.max_length})"
 
 
+def _check_finite(t: Tensor, name: str, fix: str) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or Inf values; {fix}")
+
+
 class PixelVAE:
     """The VAE-like object of a pixel-space model: IMAGE [B, H, W, 3] in 0..1 <-> latent [B, 3, H, W] in -1..1."""
 
@@ -143,14 +148,21 @@ class PixelVAE:
     downscale_ratio = 1
 
     def encode(self, images: Tensor) -> Tensor:
-        """Latent [B, 3, H, W] (the image in -1..1) for IMAGE [B, H, W, 3] (or 4 channels: alpha is dropped)."""
+        """Latent [B, 3, H, W] (the image in -1..1) for IMAGE [B, H, W, 3] (or 4 channels: alpha is dropped).
+
+        Values outside 0..1 are kept, as ComfyUI's VAE Encode keeps them; NaN or Inf is refused.
+        """
         if not isinstance(images, Tensor):
             raise TypeError(f"pixels: expected an IMAGE tensor [B, H, W, 3], got {type(images).__name__}")
         if images.ndim == 3:
             images = images.unsqueeze(0)
         if images.ndim != 4 or images.shape[-1] not in (3, 4):
-            raise ValueError(f"pixels: expected an IMAGE tensor [B, H, W, 3] in 0..1 (channels last), got shape "
-                             f"{tuple(images.shape)}")
+            raise ValueError(f"pixels: expected an IMAGE tensor [B, H, W, 3] (channels last, 4 with alpha), got "
+                             f"shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"pixels: expected a float IMAGE tensor (ComfyUI's images hold 0..1), got dtype "
+                            f"{images.dtype}")
+        _check_finite(images, "pixels", "fix or replace the node that made the image")
         return images[..., :3].float().permute(0, 3, 1, 2).mul(2).sub(1).contiguous()
 
     def decode(self, latent: Tensor) -> Tensor:
@@ -159,6 +171,10 @@ class PixelVAE:
             shape = tuple(latent.shape) if isinstance(latent, Tensor) else type(latent).__name__
             raise ValueError(f"samples: expected a latent [B, 3, H, W] from this model, got {shape}; decode "
                              "latents with the VAE of the model that produced them")
+        if not latent.is_floating_point():
+            raise TypeError(f"samples: expected a float latent, got dtype {latent.dtype}")
+        _check_finite(latent, "samples", "check the nodes before this one (a lower cfg or another sampler, if "
+                                         "it came from a KSampler)")
         return latent.float().add(1).div(2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
 
     def __repr__(self) -> str:

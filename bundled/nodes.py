@@ -28,6 +28,7 @@ CATEGORY = "ksampler/bundled"
 MODEL_KINDS = ["flow", "eps"]   # the first is the default (see DEFAULT_KIND in loader.py)
 SIZE_MULTIPLE = 16              # the bundled UNet's patch (4) times its two downsamplings
 MAX_SIZE = 512
+MAX_SCALE = 16                  # Save Image's scale (and the CLI's --scale)
 PREVIEW_SIDE = 256              # the short side of the previews the Save node shows inside ComfyUI
 
 
@@ -79,9 +80,10 @@ class TextEncode:
     def encode(self, text, clip):
         if not isinstance(text, str):
             raise _input_error(f"text: expected a string, got {type(text).__name__}")
-        if not hasattr(clip, "encode"):
+        from .loader import TextEncoderWrapper
+        if not isinstance(clip, TextEncoderWrapper):
             raise _input_error(f"clip: expected the CLIP output of the bundled checkpoint loader, got "
-                               f"{type(clip).__name__}")
+                               f"{type(clip).__name__}; connect the loader's CLIP output")
         return (clip.encode(text),)
 
 
@@ -180,6 +182,13 @@ class LoadImage:
             raise _input_error(str(e)) from None
 
 
+def _check_vae(vae) -> None:
+    from .loader import PixelVAE
+    if not isinstance(vae, PixelVAE):
+        raise _input_error(f"vae: expected the VAE output of the bundled checkpoint loader, got "
+                           f"{type(vae).__name__}; connect the loader's VAE output")
+
+
 @v1_node(NodeSpec(
     function="encode", category=CATEGORY, search_aliases=("vae encode", "encode image", "img2img", "bundled"),
     description="Encodes an image into a latent for image-to-image sampling (denoise < 1).",
@@ -190,17 +199,17 @@ class VAEEncode:
     """Encode an IMAGE into the bundled model's latent space."""
 
     def encode(self, pixels, vae):
-        if not hasattr(vae, "encode"):
-            raise _input_error(f"vae: expected the VAE output of the bundled checkpoint loader, got "
-                               f"{type(vae).__name__}")
+        _check_vae(vae)
         try:
             samples = vae.encode(pixels)
         except (TypeError, ValueError) as e:
             raise _input_error(str(e)) from None
         h, w = samples.shape[-2:]
         if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+            from ..graph_checks import nearest_side
             raise _input_error(f"pixels: the image is {w}x{h}; the bundled model needs sides that are multiples "
-                               f"of {SIZE_MULTIPLE} (resize it, e.g. to 32x32)")
+                               f"of {SIZE_MULTIPLE}: resize it to {nearest_side(w, SIZE_MULTIPLE)}x"
+                               f"{nearest_side(h, SIZE_MULTIPLE)} (the nearest valid size)")
         return ({"samples": samples, BUNDLED_LATENT_KEY: True},)
 
 
@@ -217,9 +226,7 @@ class VAEDecode:
         if not isinstance(samples, dict) or "samples" not in samples:
             raise _input_error(f"samples: expected a LATENT dict with a 'samples' tensor, got "
                                f"{type(samples).__name__}")
-        if not hasattr(vae, "decode"):
-            raise _input_error(f"vae: expected the VAE output of the bundled checkpoint loader, got "
-                               f"{type(vae).__name__}")
+        _check_vae(vae)
         try:
             return (vae.decode(samples["samples"]),)
         except (TypeError, ValueError) as e:
@@ -234,7 +241,7 @@ class VAEDecode:
             In("filename_prefix", "STRING", "The prefix for the file names; it may include a subfolder (e.g. "
                "'tests/img').", default="ksampler"),
             In("scale", "INT", "Enlarge the saved images this many times (nearest neighbour).", default=1, min=1,
-               max=16, optional=True)),
+               max=MAX_SCALE, optional=True)),
     hidden={"prompt": "PROMPT", "output_dir": "KSAMPLER_OUTPUT_DIR"}))
 class SaveImage:
     """Save images as PNG files (the graph is stored in the PNG's 'prompt' text chunk, as ComfyUI does)."""
@@ -244,20 +251,19 @@ class SaveImage:
         return float("nan")   # always save again when the graph is re-run
 
     def save_images(self, images, filename_prefix="ksampler", scale=1, prompt=None, output_dir=None):
-        import torch
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (3, 4):
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise _input_error(f"images: expected an IMAGE tensor [B, H, W, 3], got {shape}")
-        if not isinstance(filename_prefix, str) or not filename_prefix.strip():
-            raise _input_error(f"filename_prefix: expected a non-empty string, got {filename_prefix!r}")
-        if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= 16:
-            raise _input_error(f"scale: must be an integer between 1 and 16, got {scale!r}")
-        from .images import next_free_path, save_png
+        from .images import check_file_prefix, check_image_tensor, check_output_folder, next_free_path, save_png
+        check_image_tensor(images, "images")
+        check_file_prefix("filename_prefix", filename_prefix)
+        if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= MAX_SCALE:
+            raise _input_error(f"scale: must be an integer between 1 and {MAX_SCALE}, got {scale!r}")
         root = os.path.abspath(output_dir or _comfy_dir("output") or "output")
         folder = os.path.abspath(os.path.join(root, os.path.dirname(filename_prefix)))
         if os.path.commonpath([root, folder]) != root:
             raise _input_error(f"filename_prefix: {filename_prefix!r} points outside the output folder {root}; "
                                "use a relative prefix without '..'")
+        check_output_folder("output_dir", root)
+        if folder != root:
+            check_output_folder("filename_prefix", folder)
         text = {"prompt": json.dumps(prompt)} if prompt is not None else {}
         subfolder = os.path.relpath(folder, root) if folder != root else ""
         preview_root = _comfy_dir("temp") if output_dir is None else None
