@@ -247,23 +247,31 @@ class Executor:
         state: dict = {}   # 1 = on the current path, 2 = done
         result: list = []
 
-        def visit(node_id: str, path: list):
-            if state.get(node_id) == 2:
-                return
-            if state.get(node_id) == 1:
-                cycle = path[path.index(node_id):] + [node_id]
-                raise WorkflowError(f"workflow: cycle between nodes {' -> '.join(cycle)}; a node cannot depend "
-                                    "on its own output")
-            state[node_id] = 1
+        def upstream(node_id: str):
             inputs = graph[node_id].get("inputs", {})
-            for name in sorted(inputs):
-                if _is_link(inputs[name]):
-                    visit(inputs[name][0], path + [node_id])
-            state[node_id] = 2
-            result.append(node_id)
+            return iter([inputs[name][0] for name in sorted(inputs) if _is_link(inputs[name])])
 
+        # a depth-first walk with its own stack: a long chain of nodes must not hit Python's recursion limit
         for target in sorted(targets, key=_sort_key):
-            visit(target, [])
+            if state.get(target) == 2:
+                continue
+            state[target] = 1
+            path, pending = [target], [upstream(target)]
+            while pending:
+                source = next(pending[-1], None)
+                if source is None:
+                    done = path.pop()
+                    pending.pop()
+                    state[done] = 2
+                    result.append(done)
+                elif state.get(source) == 1:
+                    cycle = path[path.index(source):] + [source]
+                    raise WorkflowError(f"workflow: cycle between nodes {' -> '.join(cycle)}; a node cannot depend "
+                                        "on its own output")
+                elif state.get(source) != 2:
+                    state[source] = 1
+                    path.append(source)
+                    pending.append(upstream(source))
         return result
 
     def output_nodes(self, graph: dict) -> list:

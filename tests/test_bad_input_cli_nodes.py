@@ -316,3 +316,25 @@ def test_cli_keeps_the_traceback_of_our_own_bugs(monkeypatch, error):
     monkeypatch.setattr(cli, "generate", _raising(error))
     with pytest.raises(type(error)):
         cli.main(["generate", "--prompt", "x"])
+
+
+class _Pass:
+    RETURN_TYPES, FUNCTION, OUTPUT_NODE = ("INT",), "run", False
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"x": ("INT",)}}
+
+    def run(self, x):
+        return (x + 1,)
+
+
+class _Out(_Pass):
+    OUTPUT_NODE = True
+
+
+def test_a_long_chain_of_nodes_runs_without_a_recursion_error():
+    graph = {"0": {"class_type": "P", "inputs": {"x": 0}}}
+    graph.update({str(k): {"class_type": "P", "inputs": {"x": [str(k - 1), 0]}} for k in range(1, 3000)})
+    graph["3000"] = {"class_type": "O", "inputs": {"x": ["2999", 0]}}
+    assert Executor({"P": _Pass, "O": _Out}).run(graph)["3000"] == (3001,)
