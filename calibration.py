@@ -62,12 +62,13 @@ from torch import Tensor
 
 from .samplers._common import emit, get_model_sampling, renoise, resolve_noise_sampler, step_range
 from .samplers.traits import traits
-from .validation import KSamplerInputError, check_float, check_int
+from .validation import MAX_SEED, KSamplerInputError, check_float, check_int
 
 __all__ = ["Calibration", "calibrate", "candidate_fitting_noise", "fit_calibration", "DEFAULT_FIT",
            "sample_calibrated", "teacher_solve", "multistep_coefficients", "cached_calibration", "calibration_key",
            "fitting_noise", "clear_cache", "CALIBRATION_FORMAT", "CALIBRATION_FORMATS", "REFINE", "check_eta",
-           "fit_settings", "calibration_keys", "check_calibration_path", "model_fingerprint"]
+           "fit_settings", "calibration_keys", "check_calibration_path", "model_fingerprint", "check_fit_request",
+           "check_model_sampling", "model_sampling_record", "MAX_CALIBRATION_STEPS"]
 
 CALIBRATION_FORMAT = "ksampler.calibration/1"  # without a corrector (what every earlier version reads)
 # [with a corrector, with evaluation shifts (and a corrector or not)]
@@ -265,52 +266,105 @@ class Calibration:
     def sampler(self) -> Callable:
         """A k-diffusion-protocol sampler with this calibration's coefficients and eta bound (with eta > 0 it takes
         a ``noise_sampler``, else draws from ``extra_args["seed"]`` as ancestral samplers do)."""
+        self.validate()
         coefficients, corrector, shift, eta = self.coefficients, self.corrector, self.shift, self.eta
-        check_eta(eta)
 
         @traits(noise="ancestral" if eta > 0 else "none")
         def sample_with_calibration(model, x, sigmas, extra_args=None, callback=None, disable=None,
                                     noise_sampler=None):
             """Calibrated linear multistep exponential integrator (LD3, Tong et al. 2025; PAS, Wang et al. 2024)."""
+            check_model_sampling(self, getattr(model, "model_sampling", None))  # a bare callable: not checked
             return sample_calibrated(model, x, sigmas, extra_args, callback, disable, coefficients=coefficients,
                                      corrector=corrector, shift=shift, eta=eta, noise_sampler=noise_sampler)
         return sample_with_calibration
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, *, name: str = "path") -> None:
         """A small safetensors file (sigmas, coefficients, corrector, shift; the info as JSON metadata), in the
-        oldest format that holds it (without a corrector or shifts: the first, which every version reads)."""
+        oldest format that holds it (without a corrector or shifts: the first, which every version reads).
+        A file that cannot be written is a ValueError naming ``name`` (the input that gave the path)."""
         from safetensors.torch import save_file
         tensors = {"sigmas": self.sigmas, "coefficients": self.coefficients}
-        for name in ("corrector", "shift"):
-            if getattr(self, name) is not None:
-                tensors[name] = getattr(self, name)
+        for tensor_name in ("corrector", "shift"):
+            if getattr(self, tensor_name) is not None:
+                tensors[tensor_name] = getattr(self, tensor_name)
         version = 2 if self.shift is not None else int(self.corrector is not None)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
-                  metadata={"format": CALIBRATION_FORMATS[version], "info": json.dumps(self.info, sort_keys=True)})
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
+                      metadata={"format": CALIBRATION_FORMATS[version], "info": json.dumps(self.info, sort_keys=True)})
+        except Exception as exc:  # safetensors raises its own error type for I/O failures, torch a TypeError
+            raise KSamplerInputError(f"{name}: could not write {path!r} ({type(exc).__name__}: {exc}); check that "
+                                     "its folder exists, is writable and has space, or choose another path") from None
 
     @classmethod
-    def load(cls, path: str) -> "Calibration":
+    def load(cls, path: str, *, name: str = "path") -> "Calibration":
+        """The calibration in the file ``path``; a file that is missing, damaged, edited into something that is no
+        calibration, or not one this version reads is a ValueError naming ``name`` (the input that gave the path)
+        and the file."""
+        import os
         from safetensors import safe_open
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") not in CALIBRATION_FORMATS:
-                raise ValueError(f"path: {path!r} is not a ksampler calibration this version reads (format "
-                                 f"{meta.get('format')!r}, expected one of {', '.join(CALIBRATION_FORMATS)})")
-            sigmas, coefficients = f.get_tensor("sigmas"), f.get_tensor("coefficients")
-            corrector, shift = (f.get_tensor(name) if name in f.keys() else None for name in ("corrector", "shift"))
-        cal = cls(sigmas, coefficients, json.loads(meta.get("info", "{}")), corrector, shift)
-        cal.validate()
+        if isinstance(path, os.PathLike):
+            path = os.fspath(path)
+        if not isinstance(path, str):
+            raise KSamplerInputError(f"{name}: expected the path of a calibration file (str), got "
+                                     f"{type(path).__name__}")
+        if not os.path.isfile(path):
+            what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+            raise KSamplerInputError(f"{name}: {path!r} {what}; give the path of a calibration .safetensors file")
+        refit = "delete it to fit anew, or choose another file name"
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                stored = set(f.keys())
+                tensors = {k: f.get_tensor(k) for k in ("sigmas", "coefficients", "corrector", "shift") if k in stored}
+        except Exception as exc:  # safetensors raises its own error types for bad headers and short files
+            raise KSamplerInputError(f"{name}: {path!r} is not a readable safetensors file: it is damaged, truncated "
+                                     f"or of another kind ({type(exc).__name__}: {exc}); {refit}") from None
+        if meta.get("format") not in CALIBRATION_FORMATS:
+            raise KSamplerInputError(f"{name}: {path!r} is not a ksampler calibration this version reads (format "
+                                     f"{meta.get('format')!r}, expected one of {', '.join(CALIBRATION_FORMATS)})")
+        missing = [k for k in ("sigmas", "coefficients") if k not in tensors]
+        if missing:
+            raise KSamplerInputError(f"{name}: {path!r} holds no {' and no '.join(map(repr, missing))} tensor, so it "
+                                     f"is not a whole calibration; {refit}")
+        try:
+            info = json.loads(meta.get("info", "{}"))
+        except ValueError as exc:
+            raise KSamplerInputError(f"{name}: {path!r} has 'info' metadata that is not JSON ({exc}); {refit}") \
+                from None
+        cal = cls(tensors["sigmas"], tensors["coefficients"], info, tensors.get("corrector"), tensors.get("shift"))
+        try:
+            cal.validate()
+        except ValueError as exc:
+            raise KSamplerInputError(f"{name}: {path!r} does not hold a valid calibration ({exc}); {refit}") from None
         return cal
 
     def validate(self) -> None:
+        """A ValueError naming what is wrong where the tensors are not a calibration's (finite floating-point
+        values, sigmas strictly descending to 0, coefficient rows of the step count, each summing to one) or the
+        info's fields that sampling reads are not of their types or disagree with the tensors."""
+        for name in ("sigmas", "coefficients", "corrector", "shift"):
+            tensor = getattr(self, name)
+            if tensor is None and name in ("corrector", "shift"):
+                continue
+            if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+                raise ValueError(f"calibration: {name} must be a floating-point tensor, got "
+                                 f"{getattr(tensor, 'dtype', type(tensor).__name__)}")
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"calibration: {name} holds NaN or Inf")
         s = self.sigmas
         if s.ndim != 1 or len(s) < 2 or float(s[-1]) != 0 or bool((s[1:] >= s[:-1]).any()):
-            raise ValueError("calibration: sigmas must be a descending 1-D tensor ending in 0")
+            raise ValueError("calibration: sigmas must be a strictly descending 1-D tensor ending in 0, got "
+                             f"{s.reshape(-1)[:8].tolist()}{' ...' if s.numel() > 8 else ''}")
         for name, c in (("coefficients", self.coefficients), ("corrector", self.corrector)):
             if c is None and name == "corrector":
                 continue
-            if c.ndim != 2 or c.shape[0] != len(s) - 1 or not bool(torch.isfinite(c).all()):
-                raise ValueError(f"calibration: {name} must be finite, shaped [steps={len(s) - 1}, order]")
+            if c.ndim != 2 or c.shape[0] != len(s) - 1 or c.shape[1] < 1 or \
+                    (name == "coefficients" and c.shape[1] > 4):
+                raise ValueError(f"calibration: {name} must be shaped [steps={len(s) - 1}, order 1..4"
+                                 f"{' + 1' if name == 'corrector' else ''}], got {tuple(c.shape)}")
+            if bool(((c.double().sum(1) - 1).abs() > 1e-3).any()):  # consistency: a constant D is integrated exactly
+                raise ValueError(f"calibration: each row of {name} must sum to 1, got row sums "
+                                 f"{[round(v, 4) for v in c.double().sum(1).tolist()]}")
         if self.corrector is not None and self.corrector.shape[1] != self.coefficients.shape[1] + 1:
             raise ValueError(f"calibration: corrector must be shaped [steps, {self.coefficients.shape[1] + 1}] (one "
                              f"more column than the coefficients), got {tuple(self.corrector.shape)}")
@@ -318,6 +372,110 @@ class Calibration:
         if self.shift is not None and (self.shift.shape != (len(s) - 1,) or not bool(torch.isfinite(self.shift).all())):
             raise ValueError(f"calibration: shift must be finite, shaped [steps={len(s) - 1}], got "
                              f"{tuple(self.shift.shape)}")
+        if self.shift is not None:  # the fit calls the model within [teacher_sigma_min, sigma_max = sigmas[0]]
+            evaluated = s[:-1].double() * torch.exp(self.shift.double())
+            if bool((evaluated > float(s[0]) * (1 + 1e-3)).any()):
+                raise ValueError(f"calibration: shift calls the model above the first sigma {float(s[0]):.6g} (at "
+                                 f"{float(evaluated.max()):.6g}); a fit never does")
+        _check_info(self.info, len(s) - 1, self.coefficients.shape[1], float(s[0]))
+
+
+# the types of the info fields that loading, keying and sampling read (where present: older files lack some)
+_INFO_FIELDS = {"key": str, "file_key": str, "cfg": float, "steps": int, "order": int, "sigma_min": float,
+                "sigma_max": float, "fit_noises": int, "seed": int, "iterations": int, "teacher_steps": int,
+                "model_sampling": dict}
+
+
+def _check_info(info, steps: int, order: int, first_sigma: float) -> None:
+    """A ValueError where a calibration's info is not a dict, a field in ``_INFO_FIELDS`` is not of its type
+    (floats: finite numbers), or steps, order or sigma_max disagree with the tensors."""
+    if not isinstance(info, dict):
+        raise ValueError(f"calibration: info must be a dict (a JSON object in a file), got {type(info).__name__}")
+    for field_name, kind in _INFO_FIELDS.items():
+        if field_name not in info:
+            continue
+        value = info[field_name]
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, kind) and not isinstance(value, bool)
+        if not ok:
+            raise ValueError(f"calibration: info field {field_name!r} must be {_KIND_NAMES[kind]}, got {value!r}")
+    for field_name, expected in (("steps", steps), ("order", order)):
+        if field_name in info and info[field_name] != expected:
+            raise ValueError(f"calibration: info says {field_name} {info[field_name]}, but the tensors hold "
+                             f"{expected}")
+    if "sigma_max" in info and not math.isclose(info["sigma_max"], first_sigma, rel_tol=1e-3):  # float16 too
+        raise ValueError(f"calibration: info says sigma_max {info['sigma_max']:.6g}, but the sigmas start at "
+                         f"{first_sigma:.6g}")
+    if "model_sampling" in info:
+        _check_model_sampling_record(info["model_sampling"])
+
+
+_KIND_NAMES = {str: "a string", float: "a finite number", int: "an integer", dict: "a JSON object"}
+
+
+def model_sampling_record(model_sampling) -> dict:
+    """What a calibration notes of the model sampling it was fitted on (JSON): its class, prediction type, whether
+    it is a flow model, and its sigma range (where it has them)."""
+    record = {"type": type(model_sampling).__name__, "flow": bool(getattr(model_sampling, "is_flow", False))}
+    prediction = getattr(model_sampling, "prediction_type", None)
+    if isinstance(prediction, str):
+        record["prediction"] = prediction
+    for attribute in ("sigma_min", "sigma_max"):
+        try:
+            value = float(getattr(model_sampling, attribute))
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            continue
+        if math.isfinite(value) and value > 0:
+            record[attribute] = value
+    return record
+
+
+def _check_model_sampling_record(record: dict) -> None:
+    kinds = {"type": str, "flow": bool, "prediction": str, "sigma_min": float, "sigma_max": float}
+    for field_name, kind in kinds.items():
+        if field_name not in record:
+            continue
+        value = record[field_name]
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                and value > 0
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            raise ValueError(f"calibration: info field 'model_sampling' has {field_name} {value!r}, not "
+                             f"{'a positive finite number' if kind is float else kind.__name__}")
+    if "flow" not in record:
+        raise ValueError("calibration: info field 'model_sampling' has no 'flow' entry")
+
+
+def _describe_model_sampling(record: dict) -> str:
+    sigma_range = f", sigma {record['sigma_min']:.4g} to {record['sigma_max']:.4g}" \
+        if "sigma_min" in record and "sigma_max" in record else ""
+    kind = "flow" if record["flow"] else record.get("prediction", "?") + " prediction"
+    return f"{record.get('type', '?')} ({kind}{sigma_range})"
+
+
+def check_model_sampling(calibration: "Calibration", model_sampling) -> None:
+    """A KSamplerInputError naming ``calibration`` where the model sampling it was fitted on (noted in its info
+    since stop 40; older calibrations are not checked) differs from ``model_sampling``: flow or not, prediction
+    type, sigma range.  None: nothing to check against."""
+    fitted = calibration.info.get("model_sampling") if isinstance(calibration.info, dict) else None
+    if not isinstance(fitted, dict) or model_sampling is None:
+        return
+    now = model_sampling_record(model_sampling)
+    same = fitted.get("flow") == now["flow"]
+    if "prediction" in fitted and "prediction" in now:
+        same = same and fitted["prediction"] == now["prediction"]
+    for attribute in ("sigma_min", "sigma_max"):
+        if attribute in fitted and attribute in now:
+            same = same and math.isclose(fitted[attribute], now[attribute], rel_tol=1e-4)
+    if not same:
+        raise KSamplerInputError(f"calibration: fitted for a model with {_describe_model_sampling(fitted)} model "
+                                 f"sampling, but this model's is {_describe_model_sampling(now)}; refit the "
+                                 "calibration for this model (a Calibrated Scheduler on it), or sample the model it "
+                                 "was fitted for")
 
 
 def _model_differentiable(denoiser, x: Tensor, sigma: float) -> bool:
@@ -655,11 +813,21 @@ def _check_noise(name: str, noise) -> None:
         raise ValueError(f"{name}: contains NaN or Inf")
 
 
+# the most steps a calibration fits: the Calibrated Scheduler node's declared max (each step is a model call per
+# fitting noise per iteration, forward and backward)
+MAX_CALIBRATION_STEPS = 100
+
+
+def _check_callables(**given) -> None:
+    """A TypeError naming each given argument that is neither None nor callable."""
+    for name, value in given.items():
+        if value is not None and not callable(value):
+            raise TypeError(f"{name}: expected a function (or None), got {type(value).__name__} {value!r}")
+
+
 def _check_fit_args(noise, steps, order, refine_noise=None) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
-    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
-        raise ValueError(f"order: expected an int in 1..4, got {order!r}")
+    check_int("steps", steps, 1, MAX_CALIBRATION_STEPS)
+    check_int("order", order, 1, 4)
     _check_noise("noise", noise)
     if refine_noise is not None:
         _check_noise("refine_noise", refine_noise)
@@ -673,6 +841,10 @@ def _check_fit_args(noise, steps, order, refine_noise=None) -> None:
 
 def _fit_range(ms, sigma_min, sigma_max, teacher_sigma_min) -> tuple[float, float, float]:
     """(sigma_max, sigma_min, the teacher's sigma_min) of a fit, defaults from the model, checked."""
+    for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("teacher_sigma_min", teacher_sigma_min)):
+        if value is not None:  # a number, or a one-value tensor (the model sampling's own)
+            check_float(name, value.item() if isinstance(value, Tensor) and value.numel() == 1 else value, 0.0,
+                        math.inf)
     s_max = float(ms.sigma_max if sigma_max is None else sigma_max)
     s_min = float(ms.sigma_min if sigma_min is None else sigma_min)
     if not 0 < s_min < s_max:
@@ -750,6 +922,13 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
         sample would (ComfyUI's hook keyframes step on as the sigmas fall).
     """
     _check_fit_args(noise, steps, order, refine_noise)
+    check_int("iterations", iterations, 0, 100_000)
+    check_int("teacher_steps", teacher_steps, 10, 10_000)  # fewer than 10 is no fine solve
+    lr = check_float("lr", lr, 0.0, math.inf)
+    _check_callables(denoiser=denoiser, refine_denoiser=refine_denoiser, log=log, progress=progress,
+                     solve_start=solve_start)
+    if info is not None and not isinstance(info, dict):
+        raise TypeError(f"info: expected a dict (or None), got {type(info).__name__}")
     candidate_noise = list(candidate_noise)
     for i, extra in enumerate(candidate_noise):
         _check_noise(f"candidate_noise[{i}]", extra)
@@ -859,7 +1038,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                  "teacher_steps": teacher_steps, "teacher_sigma_min": t_min, "fit_noises": int(noise.shape[0]),
                  "gradient": mode, "model_calls": calls["forward"], "backward_passes": calls["backward_passes"],
                  "seconds": round(seconds, 3), "rms_start": won["start"], "rms_fitted": final,
-                 "sigma_min": s_min, "sigma_max": s_max})
+                 "sigma_min": s_min, "sigma_max": s_max, "model_sampling": model_sampling_record(ms)})
     if candidate_rms is not None:
         meta.update({"candidates": len(candidate_rms), "candidate_rms": candidate_rms,
                      "refine_candidates": bool(refine_candidates)})
@@ -1160,24 +1339,26 @@ def fitting_noise(seed: int, count: int, shape, dtype=torch.float32, stream: int
 
 def cached_calibration(key: str, fit: Callable[[], Calibration], path: Optional[str] = None,
                        log: Callable[[str], None] = default_log, settings: Optional[dict] = None,
-                       file_key: Optional[Callable[[], Optional[str]]] = None) -> Calibration:
+                       file_key: Optional[Callable[[], Optional[str]]] = None, steps: Optional[int] = None,
+                       cfg: Optional[float] = None) -> Calibration:
     """The calibration for ``key``: from memory, else from ``path`` (checked to be for the same inputs), else fitted
     (once, saying so) and stored in memory and at ``path``.  ``settings``: the fit's settings in the key, named
     in the error when the file's differ.  ``file_key``: the key by the model's content (``calibration_key(...,
     by_content=True)``), computed only with a ``path``, so that a file fitted in another process (after a restart)
-    loads for the same model and inputs."""
+    loads for the same model and inputs.  ``steps``, ``cfg``: what the call asks for, which a file's own tensors
+    and info must hold too (a file edited under its key is refused, not sampled at another step count)."""
     import os
     cal = _CACHE.get(key)
     if cal is not None:
         log(f"calibration: reusing the fitted schedule ({cal.steps} steps, key {key[:10]})")
         if path and os.path.exists(path):  # the file must still be this calibration's, as on a cache miss
-            _load_matching(path, (key, cal.info.get("key")), file_key, settings)
+            _load_matching(path, (key, cal.info.get("key")), file_key, settings, steps, cfg)
         elif path:  # fitted before a file was asked for: write it now
             _save(cal, path, file_key() if file_key is not None else None, log)
         return cal
     content_key = file_key() if (path and file_key is not None) else None  # the inputs as given, before a fit
     if path and os.path.exists(path):
-        cal = _load_matching(path, (key,), lambda: content_key, settings)
+        cal = _load_matching(path, (key,), lambda: content_key, settings, steps, cfg)
         log(f"calibration: loaded {path}")
         _CACHE[key] = cal
         return cal
@@ -1191,17 +1372,17 @@ def cached_calibration(key: str, fit: Callable[[], Calibration], path: Optional[
 
 
 def _load_matching(path: str, keys: tuple, file_key: Optional[Callable[[], Optional[str]]],
-                   settings: Optional[dict]) -> Calibration:
+                   settings: Optional[dict], steps: Optional[int] = None, cfg: Optional[float] = None) -> Calibration:
     """The calibration in ``path`` when it was fitted under one of ``keys`` (this process's key; on a cache hit
     also the cached calibration's own, which a file loaded from another process keeps), or for the content key
-    ``file_key()`` (computed only when those differ); else a ValueError naming calibration_file and the settings
-    that differ."""
-    cal = Calibration.load(path)
+    ``file_key()`` (computed only when those differ), and holds ``steps`` steps at ``cfg`` (where given); else a
+    ValueError naming calibration_file and the settings that differ."""
+    cal = Calibration.load(path, name="calibration_file")
     if cal.info.get("key") in [k for k in keys if k is not None]:
-        return cal
+        return _requested(cal, path, steps, cfg)
     content_key = file_key() if file_key is not None else None
     if content_key is not None and cal.info.get("file_key") == content_key:
-        return cal
+        return _requested(cal, path, steps, cfg)
     differ = [f"{name}={cal.info[name]!r} (this call: {value!r})" for name, value in (settings or {}).items()
               if name in cal.info and cal.info[name] != value]
     if differ:
@@ -1211,22 +1392,60 @@ def _load_matching(path: str, keys: tuple, file_key: Optional[Callable[[], Optio
                      "conditioning, steps, cfg or settings); delete it or choose another file name")
 
 
+def _requested(cal: Calibration, path: str, steps: Optional[int], cfg: Optional[float]) -> Calibration:
+    """``cal`` (loaded from ``path`` under this call's key) when it holds ``steps`` steps at ``cfg``, else a
+    ValueError naming calibration_file: the key matched, so the file was edited or damaged."""
+    fitted_cfg = cal.info.get("cfg")
+    if steps is not None and cal.steps != steps:
+        found = f"{cal.steps} steps"
+    elif cfg is not None and fitted_cfg is not None and not math.isclose(fitted_cfg, cfg, rel_tol=1e-6, abs_tol=1e-9):
+        found = f"cfg {fitted_cfg:g}"
+    else:
+        return cal
+    asked = " at ".join(part for part in (f"{steps} steps" if steps is not None else "",
+                                          f"cfg {cfg:g}" if cfg is not None else "") if part)
+    raise KSamplerInputError(f"calibration_file: {path!r} is keyed for this call ({asked}) but holds a calibration "
+                             f"for {found} (edited or damaged); delete it to fit anew")
+
+
 def _save(cal: Calibration, path: str, content_key: Optional[str], log: Callable[[str], None]) -> None:
     """Write ``cal`` to ``path`` with the key by the model's content (for other processes), if it has one."""
     if content_key is not None:
         cal.info["file_key"] = content_key
-    cal.save(path)
+    cal.save(path, name="calibration_file")
     log(f"calibration: saved {path}")
 
 
-def check_calibration_path(name: str, path: str) -> None:
-    """A calibration file to load or write: a .safetensors path in a folder that exists (``name``: the input)."""
+def check_calibration_path(name: str, path) -> str:
+    """A calibration file to load or write (``name``: the input): a .safetensors path (str or os.PathLike) in a
+    folder that exists, naming a file or nothing yet (then in a folder where one can be written).  Returns it as
+    a str."""
     import os
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str):
+        raise KSamplerInputError(f"{name}: expected a file path (str), got {type(path).__name__} {path!r}")
+    if "\x00" in path:
+        raise KSamplerInputError(f"{name}: {path!r} contains a NUL character, which no file name may hold; remove it")
     if not path.endswith(".safetensors"):
         raise KSamplerInputError(f"{name}: {path!r} must end in .safetensors")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise KSamplerInputError(f"{name}: folder {folder!r} does not exist; create it first")
+    if os.path.exists(path):
+        if not os.path.isfile(path):
+            what = "a folder" if os.path.isdir(path) else "not a regular file"
+            raise KSamplerInputError(f"{name}: {path!r} is {what}; give the path of a calibration file (or of one "
+                                     "to write)")
+    else:  # a fit would write it: find out now whether a file can be written there, not after the fit
+        import tempfile
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".ksampler-probe-", suffix=".safetensors"):
+                pass
+        except OSError as exc:
+            raise KSamplerInputError(f"{name}: cannot write a new file in {folder!r} ({exc.strerror or exc}); choose "
+                                     "a folder you can write to") from None
+    return path
 
 
 def clear_cache() -> None:
@@ -1235,18 +1454,22 @@ def clear_cache() -> None:
 
 def fit_settings(order: int, fit_noises: int, seed: int, iterations: int, teacher_steps: int,
                  refine_noises: int = 0, fit_candidates: int = 1) -> dict:
-    """The settings of a ``calibrate`` fit (ours or the host's), checked, as they go into the cache key."""
-    if isinstance(fit_noises, bool) or not isinstance(fit_noises, int) or fit_noises < 4:
-        raise ValueError(f"fit_noises: expected an int >= 4, got {fit_noises!r}")
-    if isinstance(refine_noises, bool) or not isinstance(refine_noises, int) or not (refine_noises == 0 or
-                                                                                     refine_noises >= 4):
-        raise ValueError(f"refine_noises: expected 0 (no refinement) or an int >= 4, got {refine_noises!r}")
-    if isinstance(fit_candidates, bool) or not isinstance(fit_candidates, int) or not 1 <= fit_candidates <= 4:
-        raise ValueError(f"fit_candidates: expected an int in 1..4, got {fit_candidates!r}")
+    """The settings of a ``calibrate`` fit (ours or the host's), checked, as they go into the cache key.  The
+    bounds are the Calibrated Scheduler node's, but order 4 (``fit_calibration``'s) and refining sets up to 4,096
+    noises (those of the studies in the README) for Python callers."""
+    check_int("order", order, 1, 4)
+    check_int("fit_noises", fit_noises, 4, 256)
+    check_int("seed", seed, 0, MAX_SEED)
+    check_int("iterations", iterations, 0, 5000)
+    check_int("teacher_steps", teacher_steps, 10, 1000)
+    check_int("refine_noises", refine_noises, 0, 4096)
+    if 0 < refine_noises < 4:
+        raise KSamplerInputError(f"refine_noises: expected 0 (no refinement) or at least 4, got {refine_noises!r}")
+    check_int("fit_candidates", fit_candidates, 1, 4)
     if fit_candidates > 1 and not refine_noises:
         raise ValueError(f"fit_candidates: {fit_candidates} fits are told apart on the refining noises; set "
                          "refine_noises (e.g. 8 times fit_noises) or fit_candidates to 1")
-    settings = {"order": order, "fit_noises": fit_noises, "seed": int(seed), "iterations": iterations,
+    settings = {"order": order, "fit_noises": fit_noises, "seed": seed, "iterations": iterations,
                 "teacher_steps": teacher_steps}
     if refine_noises:  # only then in the key, so that the files of unrefined calibrations keep theirs
         settings.update({"refine_noises": refine_noises, "refine": dict(REFINE)})
@@ -1285,6 +1508,8 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
     check_model(model)
     samples, _, _ = check_latent(latent, model.latent_format.latent_channels,
                                  dims=getattr(model.latent_format, "latent_dimensions", 2) + 2)
+    steps, cfg, path = check_fit_request(steps, cfg, path, log=log, progress=progress)
+    log = log or _silent
     settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises, fit_candidates)
     key, file_key = calibration_keys(model, positive, negative, samples.shape, steps, cfg, settings)
 
@@ -1304,14 +1529,33 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
                                candidate_noise=[n.to(device) for n in
                                                 candidate_fitting_noise(seed, settings, samples.shape[1:])],
                                log=log, info={"cfg": float(cfg), **settings}, progress=progress)
-    return cached_calibration(key, fit, path, log, settings, file_key)
+    return cached_calibration(key, fit, path, log, settings, file_key, steps, cfg)
 
 
-def run_sigmas(calibration: "Calibration", steps: int, cfg: float, denoise: float = 1.0) -> Tensor:
-    """The sigmas a KSampler run uses with ``calibration``, after checking that the run is the one it was fitted for."""
+def _silent(message: str) -> None:
+    """A log that says nothing (``log=None``)."""
+
+
+def check_fit_request(steps, cfg, path, **functions) -> tuple:
+    """(steps, cfg, path) of a ``calibrate`` call (ours or the host's), checked before any fit: steps and cfg within
+    the Calibrated Scheduler node's bounds, the file (if any) as ``check_calibration_path`` wants it under the
+    name ``path``, and ``functions`` (log, progress) callable or None."""
+    check_int("steps", steps, 1, MAX_CALIBRATION_STEPS)
+    cfg = check_float("cfg", cfg, 0.0, 100.0)  # the node's bounds, as validation.check_sampler_args
+    _check_callables(**functions)
+    return steps, cfg, None if path is None else check_calibration_path("path", path)
+
+
+def run_sigmas(calibration: "Calibration", steps: int, cfg: float, denoise: float = 1.0,
+               model_sampling=None) -> Tensor:
+    """The sigmas a KSampler run uses with ``calibration``, after checking that it is a whole calibration and that
+    the run is the one it was fitted for (and, given the run's ``model_sampling``, on that model sampling; the
+    calibration's sampler checks that too when it runs)."""
     if not isinstance(calibration, Calibration):
         raise ValueError(f"calibration: expected a Calibration (from the Calibrated Scheduler node or "
                          f"ksampler.calibration.calibrate), got {type(calibration).__name__}")
+    calibration.validate()
+    check_model_sampling(calibration, model_sampling)
     if int(steps) != calibration.steps:
         raise ValueError(f"steps: the calibration was fitted for {calibration.steps} steps, the run asks for {steps}; "
                          f"set steps to {calibration.steps} or fit a calibration for {steps}")

@@ -18,8 +18,8 @@ import comfy.sample
 import comfy.samplers
 import torch
 
-from .calibration import (Calibration, cached_calibration, calibration_keys, candidate_fitting_noise, default_log,
-                          fit_calibration, fit_settings, fitting_noise)
+from .calibration import (Calibration, cached_calibration, calibration_keys, candidate_fitting_noise,
+                          check_fit_request, default_log, fit_calibration, fit_settings, fitting_noise)
 from .comfy_adapter import guarded_host_denoiser, host_progress
 
 __all__ = ["CalibratedSampler", "calibrate_host", "ordinary_weights", "out_of_place_control", "without_step_caches"]
@@ -275,9 +275,11 @@ def calibrate_host(model, positive, negative, latent: dict, steps: int, cfg: flo
                    refine_noises: int = 0, fit_candidates: int = 1, path: str | None = None,
                    log=default_log) -> Calibration:
     """``calibration.calibrate`` for a ComfyUI MODEL (a ModelPatcher): fitted once per inputs, cached."""
+    steps, cfg, path = check_fit_request(steps, cfg, path, log=log)
+    log = log or (lambda message: None)
+    settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises, fit_candidates)
     model = without_step_caches(model, log)
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises, fit_candidates)
     key, file_key = calibration_keys(model, positive, negative, samples.shape, steps, cfg, settings)
 
     def fit() -> Calibration:
@@ -298,4 +300,4 @@ def calibrate_host(model, positive, negative, latent: dict, steps: int, cfg: flo
             sigmas = torch.tensor([float(ms.sigma_max), 0.0])
             guider.sample(noise, torch.zeros_like(noise), fitter, sigmas, seed=seed, disable_pbar=True)
         return fitter.result
-    return cached_calibration(key, fit, path, log, settings, file_key)
+    return cached_calibration(key, fit, path, log, settings, file_key, steps, cfg)
