@@ -386,9 +386,9 @@ _INFO_FIELDS = {"key": str, "file_key": str, "cfg": float, "steps": int, "order"
                 "model_sampling": dict}
 
 
-def _check_info(info, steps: int, order: int, first_sigma: float) -> None:
+def _check_info(info, steps: Optional[int], order: Optional[int], first_sigma: Optional[float]) -> None:
     """A ValueError where a calibration's info is not a dict, a field in ``_INFO_FIELDS`` is not of its type
-    (floats: finite numbers), or steps, order or sigma_max disagree with the tensors."""
+    (floats: finite numbers), or steps, order or sigma_max disagree with the tensors (where given)."""
     if not isinstance(info, dict):
         raise ValueError(f"calibration: info must be a dict (a JSON object in a file), got {type(info).__name__}")
     for field_name, kind in _INFO_FIELDS.items():
@@ -402,10 +402,11 @@ def _check_info(info, steps: int, order: int, first_sigma: float) -> None:
         if not ok:
             raise ValueError(f"calibration: info field {field_name!r} must be {_KIND_NAMES[kind]}, got {value!r}")
     for field_name, expected in (("steps", steps), ("order", order)):
-        if field_name in info and info[field_name] != expected:
+        if field_name in info and expected is not None and info[field_name] != expected:
             raise ValueError(f"calibration: info says {field_name} {info[field_name]}, but the tensors hold "
                              f"{expected}")
-    if "sigma_max" in info and not math.isclose(info["sigma_max"], first_sigma, rel_tol=1e-3):  # float16 too
+    if "sigma_max" in info and first_sigma is not None and \
+            not math.isclose(info["sigma_max"], first_sigma, rel_tol=1e-3):  # 1e-3: a float16 file too
         raise ValueError(f"calibration: info says sigma_max {info['sigma_max']:.6g}, but the sigmas start at "
                          f"{first_sigma:.6g}")
     if "model_sampling" in info:
@@ -929,6 +930,10 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                      solve_start=solve_start)
     if info is not None and not isinstance(info, dict):
         raise TypeError(f"info: expected a dict (or None), got {type(info).__name__}")
+    try:  # what the fit keeps of it must pass the calibration's checks: found now, not after the fit
+        _check_info(info or {}, None, None, None)
+    except ValueError as exc:
+        raise KSamplerInputError(f"info: {str(exc).replace('calibration: ', '', 1)}") from None
     candidate_noise = list(candidate_noise)
     for i, extra in enumerate(candidate_noise):
         _check_noise(f"candidate_noise[{i}]", extra)

@@ -93,7 +93,7 @@ def test_calibrate_with_log_none_is_silent(capsys):
     ("steps", 101), ("steps", 0), ("iterations", -1), ("iterations", 2.5), ("teacher_steps", 0),
     ("teacher_steps", 1), ("teacher_steps", "10"), ("lr", math.nan), ("lr", -1.0), ("lr", "0.1"),
     ("sigma_min", "x"), ("sigma_max", math.inf), ("teacher_sigma_min", math.nan), ("log", 5), ("progress", "x"),
-    ("solve_start", 1), ("info", []),
+    ("solve_start", 1), ("info", []), ("info", {"cfg": "x"}), ("info", {"key": 5}),
 ])
 def test_fit_calibration_refuses_a_bad_argument_naming_it(name, bad):
     ms = EPS()
