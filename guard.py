@@ -11,7 +11,7 @@ import math
 import torch
 
 __all__ = ["ModelOutputError", "NonFiniteOutputError", "StepGuard", "check_output_shape", "all_finite",
-           "nonfinite_error"]
+           "nonfinite_error", "with_sampler_options", "nonfinite_sample_error"]
 
 
 class ModelOutputError(RuntimeError):
@@ -46,6 +46,24 @@ def nonfinite_error(what: str, step: int, total: int, sigma: float, sampler: str
         f"sampler {sampler}; try: float32 or bfloat16 weights instead of float16 (fp16 overflow is the usual "
         "cause), removing the LoRA or model patch added last, a lower cfg, or another sampler; also check the "
         "conditioning and the latent")
+
+
+def _describe(options: dict) -> str:
+    return ", ".join(f"{key}={value!r}" if not callable(value) else key for key, value in options.items())
+
+
+def with_sampler_options(error: NonFiniteOutputError, options: dict) -> NonFiniteOutputError:
+    """``error`` (a NaN blamed on the model) for a run that had sampler options, which can cause it as well."""
+    return NonFiniteOutputError(f"{error}; this run also had sampler_options ({_describe(options)}), which can "
+                                "make a sampler diverge as well: run once without them (the sampler's defaults) "
+                                "to tell which")
+
+
+def nonfinite_sample_error(sampler: str, options: dict) -> NonFiniteOutputError:
+    """A sample that turned NaN or Inf in the sampler's own arithmetic, with sampler options given."""
+    return NonFiniteOutputError(f"sampler_options: sampler {sampler} returned a sample with NaN or Inf while every "
+                                f"model output was finite, with sampler_options ({_describe(options)}): use the "
+                                "sampler's default options or values nearer them")
 
 
 class StepGuard:

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence, Union
 from torch import Tensor
 
 from .conditioning import KSamplerInputError
+from .guard import NonFiniteOutputError, all_finite, nonfinite_sample_error, with_sampler_options
 from .samplers import get_sampler, get_traits, sampler_name, sampler_traits
 from .samplers.noise import BrownianPathNoiseSampler, BrownianTreeNoiseSampler, default_noise_sampler, item_seed
 from .samplers.options import resolve_sampler_options
@@ -99,6 +100,12 @@ def noise_sampler_for(kind: str, x: Tensor, sigmas: Tensor, seed: int, options: 
     return BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=tree_seed, cpu=on_cpu)
 
 
+def _checks_finite(denoiser) -> bool:
+    """Whether the run checks for NaN (a calibration fit does not: it handles diverging trials itself)."""
+    guard = getattr(denoiser, "guard", None)
+    return bool(getattr(denoiser, "check_finite", getattr(guard, "check_finite", True)))
+
+
 def run_sampler(sampler: Union[str, Callable], denoiser, x: Tensor, sigmas: Tensor, *, seed: int,
                 extra_args: dict, noise_options: NoiseOptions, batch_index: Optional[Sequence[int]] = None,
                 reference_mode: bool = False, options: Optional[dict] = None,
@@ -110,13 +117,16 @@ def run_sampler(sampler: Union[str, Callable], denoiser, x: Tensor, sigmas: Tens
         ``denoise_with_uncond`` for CFG++).
     reference_mode: run the samplers of ``samplers.reference.REFERENCE_VARIANTS`` as ComfyUI does.
     options: the sampler's own options (``samplers.options``, validated against what the sampler
-        takes); a ``noise_sampler`` given there is used as is.
+        takes); a ``noise_sampler`` given there is used as is.  With options given, a NaN the guard blames
+        on the model names them too, and a NaN the sampler's own arithmetic makes is an error naming them.
     preview: what ``on_step`` gets as ``denoised`` (PREVIEWS); "denoised" reads the denoiser's
         ``last_denoised``.
     """
     name, fn, tr = resolve_sampler(sampler)
     check_preview(preview)
+    options_given = options
     options, option_builder = resolve_sampler_options(name, options, fn) if name else (dict(options or {}), None)
+    given = {key: value for key, value in dict(options_given or {}).items() if key != "noise_sampler"}
     options = dict(options)
     evaluated = denoiser   # the denoiser that records ``last_denoised`` (before any geometry view)
     comfy_noise = "noise_sampler" not in options and noise_options.brownian == "tree"
@@ -136,6 +146,13 @@ def run_sampler(sampler: Union[str, Callable], denoiser, x: Tensor, sigmas: Tens
         if on_step is not None:
             on_step(info["i"], preview_of(preview, info, getattr(evaluated, "last_denoised", None)), info["x"], total)
 
-    samples = fn(denoiser, x, sigmas, extra_args=extra_args, callback=k_callback, disable=disable, **options)
+    try:
+        samples = fn(denoiser, x, sigmas, extra_args=extra_args, callback=k_callback, disable=disable, **options)
+    except NonFiniteOutputError as error:
+        if not given:
+            raise
+        raise with_sampler_options(error, given) from error
+    if given and _checks_finite(evaluated) and not all_finite(samples):
+        raise nonfinite_sample_error(name or "custom", given)
     final = tr.final_sigma if float(sigmas[-1]) == 0 else None
     return samples, final

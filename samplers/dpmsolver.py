@@ -14,6 +14,7 @@ from ..models.sampling import ve_ancestral_split
 from ._common import (ancestral_schedule, denoise_at, denoise_with_uncond, emit, get_model_sampling,
                       renoise, resolve_noise_sampler, sigma_batch, step_range)
 from .traits import traits
+from ..validation import KSamplerInputError
 
 
 class _DPMSolver:
@@ -133,13 +134,34 @@ class _PIDController:
         if not self.errs:
             self.errs = [inv_error, inv_error, inv_error]
         self.errs[0] = inv_error
-        factor = self.errs[0] ** self.b1 * self.errs[1] ** self.b2 * self.errs[2] ** self.b3
+        try:
+            factor = self.errs[0] ** self.b1 * self.errs[1] ** self.b2 * self.errs[2] ** self.b3
+        except (OverflowError, ZeroDivisionError):
+            factor = math.nan
+        if not math.isfinite(factor):   # large coefficients: the same product in logs (atan saturates anyway)
+            logs = sum(b * math.log(max(e, 1e-300)) for e, b in zip(self.errs, (self.b1, self.b2, self.b3)))
+            factor = math.exp(min(logs, 700.0))
         factor = 1 + math.atan(factor - 1)
         accept = factor >= self.accept_safety
         if accept:
             self.errs[2], self.errs[1] = self.errs[1], self.errs[0]
         self.h *= factor
         return accept
+
+
+# a default run takes tens of steps; a run that takes this many is not converging (and would not end)
+_MAX_ADAPTIVE_STEPS = 10000
+
+
+def _not_converging(steps: int, sigma: float, h: float, *settings) -> KSamplerInputError:
+    names = ("rtol", "atol", "pcoeff", "icoeff", "dcoeff", "accept_safety")
+    given = ", ".join(f"{name}={value:g}" for name, value in zip(names, settings))
+    what = "its step size fell below float32's resolution" if steps < _MAX_ADAPTIVE_STEPS else \
+        f"it took {steps} steps without reaching the end"
+    return KSamplerInputError(
+        f"sampler_options: dpm_adaptive's step-size control does not converge with {given}: {what} (at sigma "
+        f"{sigma:.4g}, step size {h:.3g}); use the defaults (rtol 0.05, atol 0.0078, pcoeff 0, icoeff 1, dcoeff 0, "
+        "accept_safety 0.81), loosen rtol / atol, or choose another sampler")
 
 
 @torch.no_grad()
@@ -169,6 +191,9 @@ def sample_dpm_adaptive(model, x, sigmas, extra_args=None, callback=None, disabl
     while bool(s < t_end - 1e-5) if forward else bool(s > t_end + 1e-5):
         t = torch.minimum(t_end, s + pid.h) if forward else torch.maximum(t_end, s + pid.h)
         t_, sigma_up = solver.ancestral(s, t, t_end, eta, forward)
+        if bool(t_ == s) or info["steps"] >= _MAX_ADAPTIVE_STEPS:
+            raise _not_converging(info["steps"], float(solver.sigma(s)), pid.h, rtol, atol, pcoeff, icoeff, dcoeff,
+                                  accept_safety)
         eps = solver.eps(x, s)
         denoised = x - solver.sigma(s) * eps
         cache = {}
