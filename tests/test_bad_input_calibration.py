@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pickle
 
 import pytest
 import torch
@@ -25,6 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = {"fit_noises": 4, "iterations": 2, "teacher_steps": 10}
 POS, NEG = conditioning(1.0), conditioning(-1.0)
+
+# what pickle.dumps({"sigmas": [1, 0]}) writes (protocol 4), written out: the project never imports pickle
+PICKLED = b"\x80\x04\x95\x15\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x06sigmas\x94]\x94(K\x01K\x00es."
 
 
 def _latent():
@@ -168,7 +170,7 @@ def _damaged(tmp_path, fitted) -> dict:
     good = tmp_path / "good.safetensors"
     fitted.save(str(good))
     data = good.read_bytes()
-    files = {"pickle": pickle.dumps({"sigmas": [1, 0]}), "empty": b"", "truncated": data[:50],
+    files = {"pickle": PICKLED, "empty": b"", "truncated": data[:50],
              "truncated tail": data[:-8]}
     paths = {}
     for name, content in files.items():
@@ -220,7 +222,7 @@ def test_calibrate_and_the_node_name_a_damaged_calibration_file(tmp_path, fitted
 def test_the_command_line_names_a_damaged_calibration_file(tmp_path, capsys):
     from ksampler.__main__ import main
     path = tmp_path / "cal.safetensors"
-    path.write_bytes(pickle.dumps({"a": 1}))
+    path.write_bytes(PICKLED)
     code = main(["generate", "--prompt", "red", "--steps", "1", "--batch-size", "1", "--out", str(tmp_path),
                  "--no-progress", "--calibrate", str(path), "--calibrate-iterations", "0"])
     err = capsys.readouterr().err
