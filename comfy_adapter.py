@@ -319,7 +319,8 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
     if calibration is not None:
         from .calibration import run_sigmas
         try:
-            sigmas = run_sigmas(calibration, steps, cfg, denoise)
+            sigmas = run_sigmas(calibration, steps, cfg, denoise,
+                                host_model_sampling(model.get_model_object("model_sampling")))
         except ValueError as exc:
             raise KSamplerInputError(str(exc)) from exc
     out = latent.copy()

@@ -346,7 +346,7 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
     if calibration is not None:
         from .calibration import run_sigmas
         try:
-            sigmas, sampler = run_sigmas(calibration, steps, cfg, denoise), calibration.sampler()
+            sigmas, sampler = run_sigmas(calibration, steps, cfg, denoise, ms), calibration.sampler()
         except ValueError as exc:
             raise KSamplerInputError(str(exc)) from exc
     out = dict(latent)
