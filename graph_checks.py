@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .conditioning.cfg import check_regions
 from .conditioning.validate import KSamplerInputError, check_conditioning
 from .validation import check_latent
 
@@ -171,6 +172,8 @@ def check_graph(spec: ModelSpec, positive, negative, latent, cfg: float, reads_u
     if not getattr(samples, "is_nested", False):
         check_latent_fits(spec, samples, latent)
     check_conditioning_fits(spec, positive, "positive")
+    if not getattr(samples, "is_nested", False):  # areas and masks against the latent (per stream: the host's)
+        check_regions(positive, "positive", samples.shape)
     optional = isinstance(cfg, (int, float)) and math.isclose(float(cfg), 1.0) and not reads_uncond
     if negative is None and optional:
         return samples, batch_index, mask
@@ -179,6 +182,8 @@ def check_graph(spec: ModelSpec, positive, negative, latent, cfg: float, reads_u
         raise KSamplerInputError(f"negative: the conditioning list is empty and {why}; connect a text-encode node "
                                  "(an empty prompt gives a valid negative), or use cfg 1 with a non-CFG++ sampler")
     check_conditioning_fits(spec, negative, "negative", allow_empty=optional)
+    if not getattr(samples, "is_nested", False):
+        check_regions(negative or [], "negative", samples.shape)
     return samples, batch_index, mask
 
 

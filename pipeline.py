@@ -330,7 +330,6 @@ def ksample(model, seed: int, steps: int, cfg: float, sampler_name: str, schedul
     samples, batch_index, noise_mask = check_graph(headless_spec(model), positive, negative, latent, cfg,
                                                    sampler_traits(sampler_name).cfg_pp)
     guidance = Guidance(positive, negative, cfg)
-    guidance.check_latent(samples.shape)  # areas and masks against the latent, before any work
     noise_options = _checked_noise_options(noise_options)
     samples = fix_empty_latent_channels(samples, model.latent_format.latent_channels)
 

@@ -67,6 +67,14 @@ GRAPH_CASES = [
     ("rank-5-into-image", SD, dict(lat=latent(1, 4, 2, 8, 8)), "latent_image['samples']", ["video", "image"]),
     ("bundled-zero-latent-into-sd", SD, dict(lat={"samples": torch.zeros(1, 3, 32, 32), BUNDLED_LATENT_KEY: True}),
      "latent_image['samples']", ["bundled model", "32x32", "Empty Latent Image"]),
+    # areas and masks against the latent: the same check in both paths, since ComfyUI's own hands torch an
+    # impossible crop there (an area starting outside the latent) or a mask batch it cannot repeat
+    ("area-outside", SD, dict(positive=cond(area=(8, 8, 100, 100))), "positive[0]['area']",
+     ["outside the latent", "offset 100"]),
+    ("percentage-area-outside-negative", SD, dict(negative=cond(area=("percentage", 0.5, 0.5, 1.5, 1.5))),
+     "negative[0]['area']", ["outside the latent"]),
+    ("mask-batch", SD, dict(positive=cond(mask=torch.ones(2, 8, 8)), lat=latent(3, 4, 8, 8)),
+     "positive[0]['mask']", ["2 masks", "batch of 3"]),
     ("size-multiple", ModelSpec("the bundled flow model", 3, context_dim=8, size_multiple=16, downscale=1,
                                 widen_empty_latent=False), dict(lat=latent(1, 3, 24, 24)),
      "latent_image['samples']", ["multiples of 16", "32x32"]),
@@ -92,6 +100,8 @@ def test_what_the_model_accepts_passes():
     check(SD3, positive=cond(pooled_output=torch.zeros(1, 6)), negative=cond(pooled_output=torch.zeros(1, 6)),
           lat=latent(1, 4, 8, 8, fill=0))
     check(VIDEO, lat=latent(1, 16, 3, 8, 8))
+    check(SD, positive=cond(area=(8, 8, 4, 4)))             # past the far edge: cut there, as in ComfyUI
+    check(SD, positive=cond(mask=torch.ones(2, 8, 8)), lat=latent(4, 4, 8, 8))  # masks repeat over the batch
     check(VIDEO, lat=latent(1, 16, 8, 8))                  # ComfyUI gives an image latent a frames dim
     check(SD, negative=[], cfg=1.0)                         # cfg 1: the negative is never evaluated
     check(SD, negative=None, cfg=1.0)
