@@ -318,6 +318,14 @@ def cases() -> list:
     add("latent float64", "sd15", "latent_image", _latent(lambda s: s.double()), dtype=True)
     add("positive/negative float16", "sd15", "positive", lambda e, a: [
         _cond(n, lambda t: t.half())(e, a) for n in ("positive", "negative")], dtype=True)
+    add("area past the latent (offset 100 of 8)", "sd15", "positive", _opts("positive", area=(8, 8, 100, 100)))
+    add("area of negative size", "sd15", "positive", _opts("positive", area=(-8, -8, 0, 0)))
+    add("percentage area starting past the latent", "sd15", "positive",
+        _opts("positive", area=("percentage", 0.5, 0.5, 1.5, 1.5)))
+    add("batch_index 2**40", "sd15", "latent_image", _latent(batch_index=[2 ** 40]))
+    add("2 conditioning masks for a latent batch of 3", "sd15", "positive", lambda e, a: [
+        _latent(lambda s: s.repeat(3, 1, 1, 1))(e, a), _opts("positive", mask=torch.ones(2, 8, 8))(e, a)])
+    add("positive values 1e30 (broken encoder)", "sd15", "positive", _cond("positive", lambda t: t * 1e30))
     # SD3 (flow) extras
     add("SD latent (4 channels, non-zero) into SD3", "sd3", "latent_image",
         _latent(lambda s: torch.randn(1, 4, 8, 8)))

@@ -311,6 +311,7 @@ def main() -> int:
     torch.set_num_threads(1)
     work = tempfile.mkdtemp(prefix="ksampler_calibration_check_")
     failures = 0
+    runs = {}
     for key in ("sd15_eps", "sd3_flow"):
         m = manifest["models"][key]
         model = nodes.CheckpointLoaderSimple().load_checkpoint(m["checkpoint"])[0]
@@ -425,8 +426,31 @@ def main() -> int:
                 f"LazyCache share the plain model's fit, and sample with it: {step_caches}"
               + ("" if key != "sd15_eps" else f"; hooks: {hooked[1]}; a ControlNet on a UNet with a middle block: "
                  f"{graded[1]}"))
+        runs[key] = (model, pos, neg, latent, cal, sigmas, sampler)
         failures += not (ok and same and cached and stochastic and refinement and reloaded and patched_apart
                          and controlled and progress_stop[0] and hooked[0] and step_caches and graded[0])
+    # a calibration refuses a model whose model sampling is not the one it was fitted on (SD1.5's on SD3 and the
+    # other way), in our KSampler and in SamplerCustom, before the first model call
+    refused = []
+    for fitted, target in (("sd15_eps", "sd3_flow"), ("sd3_flow", "sd15_eps")):
+        model, pos, neg, latent = runs[target][:4]
+        cal, sigmas, sampler = runs[fitted][4:]
+        counter = [0]
+        handle = model.model.diffusion_model.register_forward_pre_hook(
+            lambda *_: counter.__setitem__(0, counter[0] + 1))
+        for run in (lambda: classes["ksampler_KSampler"]().sample(model, 3, args.steps, 5.0, "euler", "karras", pos,
+                                                                  neg, latent, calibration=cal),
+                    lambda: custom.SamplerCustom().sample(model, True, 3, 5.0, pos, neg, sampler, sigmas, latent)):
+            try:
+                with torch.inference_mode():
+                    run()
+                refused.append(False)
+            except Exception as exc:  # noqa: BLE001  (the node's input error)
+                refused.append("calibration: fitted for a model with" in str(exc) and counter[0] == 0)
+        handle.remove()
+    print(f"a calibration used on the other model refused before a model call (KSampler, SamplerCustom; SD1.5's on "
+          f"SD3, SD3's on SD1.5): {refused}")
+    failures += not all(refused)
     print("PASS" if not failures else f"FAIL ({failures})")
     return 1 if failures else 0
 
