@@ -162,14 +162,12 @@ def _checked_inputs(model, model_sampling, noise, latent, noise_mask, sigmas) ->
 
 
 def _checked_noise_options(noise_options) -> NoiseOptions:
-    """``noise_options`` (None: the defaults) after checking its type and its flags."""
+    """``noise_options`` (None: the defaults) after checking its type (NoiseOptions checks its flags)."""
     if noise_options is None:
         return NoiseOptions()
     if not isinstance(noise_options, NoiseOptions):
         raise KSamplerInputError(f"noise_options: expected a NoiseOptions (e.g. NoiseOptions(batch_invariant=True)), "
                                  f"got {type(noise_options).__name__}")
-    for flag in ("batch_invariant", "device_invariant"):
-        check_bool(f"noise_options.{flag}", getattr(noise_options, flag))
     return noise_options
 
 

@@ -21,6 +21,7 @@ from .samplers.noise import BrownianPathNoiseSampler, BrownianTreeNoiseSampler, 
 from .samplers.options import resolve_sampler_options
 from .samplers.reference import VEGeometryView, select
 from .samplers.traits import SamplerTraits
+from .validation import check_bool
 
 __all__ = ["NoiseOptions", "resolve_sampler", "noise_sampler_for", "run_sampler", "StepCallback", "PREVIEWS",
            "check_preview", "preview_of"]
@@ -65,6 +66,8 @@ class NoiseOptions:
     brownian: str = "tree"
 
     def __post_init__(self):
+        for flag in ("batch_invariant", "device_invariant"):  # "no" would read as True
+            check_bool(flag, getattr(self, flag))
         if self.brownian not in ("tree", "fast"):
             raise KSamplerInputError(f"brownian: must be 'tree' or 'fast', got {self.brownian!r}")
 
