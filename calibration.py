@@ -68,7 +68,7 @@ __all__ = ["Calibration", "calibrate", "candidate_fitting_noise", "fit_calibrati
            "sample_calibrated", "teacher_solve", "multistep_coefficients", "cached_calibration", "calibration_key",
            "fitting_noise", "clear_cache", "CALIBRATION_FORMAT", "CALIBRATION_FORMATS", "REFINE", "check_eta",
            "fit_settings", "calibration_keys", "check_calibration_path", "model_fingerprint", "check_fit_request",
-           "check_model_sampling", "model_sampling_record", "MAX_CALIBRATION_STEPS"]
+           "check_model_sampling", "model_sampling_record", "MAX_CALIBRATION_STEPS", "check_fit_batches"]
 
 CALIBRATION_FORMAT = "ksampler.calibration/1"  # without a corrector (what every earlier version reads)
 # [with a corrector, with evaluation shifts (and a corrector or not)]
@@ -274,9 +274,22 @@ class Calibration:
                                     noise_sampler=None):
             """Calibrated linear multistep exponential integrator (LD3, Tong et al. 2025; PAS, Wang et al. 2024)."""
             check_model_sampling(self, getattr(model, "model_sampling", None))  # a bare callable: not checked
+            self.check_sigmas(sigmas)
             return sample_calibrated(model, x, sigmas, extra_args, callback, disable, coefficients=coefficients,
                                      corrector=corrector, shift=shift, eta=eta, noise_sampler=noise_sampler)
         return sample_with_calibration
+
+    def check_sigmas(self, sigmas) -> None:
+        """A KSamplerInputError naming ``sigmas`` unless they are this calibration's own sigmas or a tail of them
+        (a split's low part): its coefficients were fitted for those steps, and row i belongs to step i."""
+        own = self.sigmas.detach().cpu().double()
+        given = sigmas.detach().cpu().double().reshape(-1) if isinstance(sigmas, Tensor) else None
+        if given is None or not 2 <= len(given) <= len(own) or not bool(torch.isfinite(given).all()) or \
+                not torch.allclose(given, own[len(own) - len(given):], rtol=1e-5, atol=1e-8):
+            shown = given[:6].tolist() if given is not None else type(sigmas).__name__
+            raise KSamplerInputError(f"sigmas: a calibrated sampler runs the sigmas it was fitted for "
+                                     f"({[round(v, 4) for v in own.tolist()]}) or their tail, got {shown}; connect "
+                                     "the SIGMAS of the Calibrated Scheduler that made this SAMPLER")
 
     def save(self, path: str, *, name: str = "path") -> None:
         """A small safetensors file (sigmas, coefficients, corrector, shift; the info as JSON metadata), in the
@@ -1453,6 +1466,20 @@ def check_calibration_path(name: str, path) -> str:
     return path
 
 
+def check_fit_batches(positive, negative, latent_shape, fit_noises: int, refine_noises: int = 0) -> None:
+    """A fit samples ``fit_noises`` (and ``refine_noises``) noises of one latent at once, so the conditioning's
+    masks must repeat over those batches as over a latent batch (``check_regions``); the error says why."""
+    from .conditioning.cfg import check_regions
+    for batch in sorted({fit_noises, refine_noises} - {0}):
+        shape = (batch,) + tuple(latent_shape[1:])
+        try:
+            check_regions(positive, "positive", shape)
+            check_regions(negative or [], "negative", shape)
+        except KSamplerInputError as exc:
+            raise KSamplerInputError(f"{exc} (a calibration fits {batch} noises of the latent at once: fit_noises, "
+                                     "refine_noises)") from None
+
+
 def clear_cache() -> None:
     _CACHE.clear()
 
@@ -1516,6 +1543,9 @@ def calibrate(model, positive, negative, latent: dict, steps: int, cfg: float, *
     steps, cfg, path = check_fit_request(steps, cfg, path, log=log, progress=progress)
     log = log or _silent
     settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises, fit_candidates)
+    from .graph_checks import check_graph, headless_spec
+    check_graph(headless_spec(model), positive, negative, latent, cfg)  # what our KSampler checks, before the fit
+    check_fit_batches(positive, negative, samples.shape, fit_noises, refine_noises)
     key, file_key = calibration_keys(model, positive, negative, samples.shape, steps, cfg, settings)
 
     def fit() -> Calibration:

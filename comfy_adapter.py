@@ -168,6 +168,9 @@ class RegistrySampler(comfy.samplers.Sampler):
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
+        if not bool(torch.isfinite(sigmas).all()):  # a Brownian tree over NaN times never returns
+            raise KSamplerInputError(f"sigmas: hold NaN or Inf ({[round(float(v), 4) for v in sigmas[:8]]}); "
+                                     "connect the SIGMAS of a scheduler node")
         extra_args["denoise_mask"] = denoise_mask
         model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
         model_k.latent_image = latent_image

@@ -19,8 +19,10 @@ import comfy.samplers
 import torch
 
 from .calibration import (Calibration, cached_calibration, calibration_keys, candidate_fitting_noise,
-                          check_fit_request, default_log, fit_calibration, fit_settings, fitting_noise)
+                          check_fit_batches, check_fit_request, default_log, fit_calibration, fit_settings,
+                          fitting_noise)
 from .comfy_adapter import guarded_host_denoiser, host_progress
+from .comfy_checks import check_host_graph
 
 __all__ = ["CalibratedSampler", "calibrate_host", "ordinary_weights", "out_of_place_control", "without_step_caches"]
 
@@ -278,6 +280,8 @@ def calibrate_host(model, positive, negative, latent: dict, steps: int, cfg: flo
     steps, cfg, path = check_fit_request(steps, cfg, path, log=log)
     log = log or (lambda message: None)
     settings = fit_settings(order, fit_noises, seed, iterations, teacher_steps, refine_noises, fit_candidates)
+    check_host_graph(model, positive, negative, latent, cfg, False)  # what our KSampler checks, before the fit
+    check_fit_batches(positive, negative, latent["samples"].shape, fit_noises, refine_noises)
     model = without_step_caches(model, log)
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     key, file_key = calibration_keys(model, positive, negative, samples.shape, steps, cfg, settings)

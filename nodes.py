@@ -12,6 +12,7 @@ end, as optional inputs.
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 
 from .conditioning.schedule import RAMPS, SIGMA_UNBOUNDED, GuidanceSchedule
@@ -368,7 +369,7 @@ class KSamplerTwoModels:
         switch = self._switch_step(model_high, model_low, steps, sampler_name, scheduler, boundary, switch_by,
                                    switch_at_step)
         if switch < steps:
-            _check_low_conditioning(model_low, positive, negative, positive_low, negative_low)
+            _check_low_conditioning(model_low, positive, negative, positive_low, negative_low, cfg_low)
         kw = {"sampler_options": dict(sampler_options) if sampler_options else None}
         latent = latent_image
         if switch > 0:
@@ -401,7 +402,7 @@ class KSamplerTwoModels:
         return twomodel.switch_step(ms_high, sigmas, boundary)
 
 
-def _check_low_conditioning(model_low, positive, negative, positive_low, negative_low) -> None:
+def _check_low_conditioning(model_low, positive, negative, positive_low, negative_low, cfg_low: float) -> None:
     """The low-noise expert's conditioning, checked under the names of the inputs it comes from.
 
     The sampler checks the pair it is given as 'positive' and 'negative'; with positive_low or negative_low
@@ -418,7 +419,10 @@ def _check_low_conditioning(model_low, positive, negative, positive_low, negativ
     pair = []
     for name, given, default in (("positive_low", positive_low, positive), ("negative_low", negative_low, negative)):
         if given is not None:
-            entries = check_conditioning_fits(spec, given, name, allow_empty=name == "negative_low")
+            # an empty negative_low only at cfg_low 1, where it is never evaluated (else the low stage would fail
+            # after the high one has run)
+            entries = check_conditioning_fits(spec, given, name,
+                                              allow_empty=name == "negative_low" and math.isclose(cfg_low, 1.0))
             pair.append((name, entries))
         elif isinstance(default, (list, tuple)) and default:
             # the high-noise stage (or the sampler) reports a malformed default under its own name

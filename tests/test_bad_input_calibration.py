@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -361,3 +362,36 @@ def test_fitting_on_a_flow_model_records_it(tmp_path):
     with pytest.raises(KSamplerInputError, match="^calibration: .*Flow.*EPS"):
         KSampler().sample(analytic_model(), 1, 2, 3.0, "euler", "karras", POS, NEG, _latent(), calibration=cal)
     assert Flow(shift=3.0).is_flow
+
+
+# ---- the graph, checked before a fit as our KSampler checks it; the sampler runs only its own sigmas -------------
+@pytest.mark.parametrize("positive, name", [
+    (conditioning(float("nan")), "positive[0]"),                                  # a broken encoder
+    (conditioning(1.0, area=(8, 8, 100, 100)), "positive[0]['area']"),            # an area outside the latent
+    ([], "positive"),
+])
+def test_calibrate_checks_the_graph_before_fitting(positive, name):
+    said = []
+    with pytest.raises(KSamplerInputError, match=rf"^{re.escape(name)}"):
+        calibrate(analytic_model(), positive, NEG, _latent(), 3, 3.0, log=said.append, **SMALL)
+    assert not any("fitting" in message for message in said), said
+
+
+def test_calibrate_says_masks_must_repeat_over_the_fitting_batch():
+    positive = conditioning(1.0, mask=torch.ones(3, 8, 8))   # three masks: a latent batch of 1 takes the first
+    with pytest.raises(KSamplerInputError, match=r"positive\[0\]\['mask'\].*fits 4 noises"):
+        calibrate(analytic_model(), positive, NEG, _latent(), 3, 3.0, log=_quiet, **SMALL)
+
+
+def test_a_calibrated_sampler_runs_its_own_sigmas_or_their_tail(fitted):
+    x = torch.randn(1, 4, 8, 8)
+    sampler = fitted.sampler()
+
+    def guided(x, sigma, **kwargs):  # the data's mean: a finite denoiser (the sigmas are checked before any call)
+        return x * 0
+    for other in (fitted.sigmas * 2, fitted.sigmas.flip(0), fitted.sigmas[:-1], fitted.sigmas[:1],
+                  torch.tensor([1.0, 0.5, 0.2, 0.0]), torch.tensor([float("nan"), 1.0, 0.0, 0.0])):
+        with pytest.raises(KSamplerInputError, match="^sigmas: a calibrated sampler runs the sigmas"):
+            sampler(guided, x * other[0], other)
+    tail = fitted.sigmas[1:]  # a split's low part runs the last rows
+    assert torch.isfinite(sampler(guided, x * tail[0], tail)).all()

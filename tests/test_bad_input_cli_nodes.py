@@ -48,6 +48,7 @@ def two_models(**kw):
      "^negative_low: context width 8 differs from positive_low's 16"),
     (dict(positive_low="x"), "^positive_low: expected CONDITIONING"),
     (dict(negative_low=[[torch.full((1, 4, 8), float("nan")), {}]]), r"^negative_low\[0\]"),
+    (dict(negative_low=[]), "^negative_low: "),   # at cfg_low 2: refused before the high stage runs
 ])
 def test_two_models_bad_input_names_the_input(kw, match):
     with pytest.raises(KSamplerInputError, match=match):

@@ -11,6 +11,7 @@ import torch
 
 from comfy_standins import StandInInterrupt, StandInModelPatcher, install
 from ksampler.calibration import clear_cache
+from ksampler.conditioning import KSamplerInputError
 from ksampler.samplers import SAMPLERS
 from ksampler.schedulers import SCHEDULERS, sampling_sigmas
 
@@ -671,3 +672,14 @@ def test_weights_loaded_in_inference_mode_are_copied_for_the_fits_gradient(host,
         with comfy_calibration.ordinary_weights([network], messages.append):
             assert all(a is b for a, b in zip(list(network.parameters()) + list(network.buffers()), originals))
     assert len(clones) == 2 and messages and "out of memory" in messages[0]
+
+
+def test_interop_sampler_refuses_non_finite_sigmas_naming_them(host):
+    """SamplerCustom hands our SAMPLER whatever SIGMAS are linked: NaN ones would hang a Brownian tree."""
+    modules, adapter = host
+    (sampler,) = adapter.SamplerSelect().get_sampler("dpmpp_2m_sde")
+    patcher = StandInModelPatcher(modules)
+    for bad in (torch.tensor([14.6, float("nan"), 0.0]), torch.tensor([float("inf"), 1.0, 0.0])):
+        with pytest.raises(KSamplerInputError, match="^sigmas: hold NaN or Inf"):
+            modules["comfy.samplers"].sample(patcher, torch.randn(1, 4, 8, 8), _cond(1.0), _cond(-1.0), 3.0, "cpu",
+                                             sampler, bad, latent_image=torch.zeros(1, 4, 8, 8), seed=3)
