@@ -505,21 +505,27 @@ def _model_differentiable(denoiser, x: Tensor, sigma: float) -> bool:
         raise
 
 
-def _differentiable(loss_fn) -> bool:
-    """Whether a loss built through the model carries a gradient (False under no_grad, with inference tensors, or
-    where the model's forward changes in place a tensor the backward needs, as ComfyUI's ControlNet path does)."""
+def _gradient_blocker(loss_fn) -> Optional[str]:
+    """None where a loss built through the model carries a gradient, else why not: no_grad or inference tensors, or
+    a backward pass that torch refuses.  A refused backward means an op in the model with no derivative (a custom op
+    with no autograd formula, as comfy_kitchen's rotary embedding in ComfyUI's Flux and Wan), a forward that changes
+    in place a tensor the backward needs (ComfyUI's control sums in a UNet without a middle block), or a backward
+    past the memory.  The forward ran, so its values are sound and a fit without the gradient (SPSA) can use them."""
     try:
         with torch.enable_grad():
             loss = loss_fn()
-            if not loss.requires_grad:
-                return False
-            loss.backward()
-        return True
     except RuntimeError as exc:
-        if any(reason in str(exc).lower() for reason in ("inference", "does not require grad",
-                                                         "modified by an inplace operation")):
-            return False
+        if any(reason in str(exc).lower() for reason in ("inference", "does not require grad")):
+            return "no_grad or inference tensors"
         raise
+    if not loss.requires_grad:
+        return "no_grad or inference tensors"
+    try:
+        loss.backward()
+    except RuntimeError as exc:  # NotImplementedError and torch.OutOfMemoryError among them
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        return f"its backward pass fails: {type(exc).__name__}: {first_line[:300]}"
+    return None
 
 
 class _Adam:
@@ -808,15 +814,20 @@ def _gradient_mode(gradient: str, student: _Student, u: Tensor, form: tuple, del
                    say) -> str:
     if gradient not in ("auto", "autograd", "spsa"):
         raise ValueError(f"gradient: must be 'auto', 'autograd' or 'spsa', got {gradient!r}")
-    if gradient != "auto":
+    if gradient == "spsa":
         return gradient
     student.begin_solve()
-    if _model_differentiable(student.denoiser, student.x0, 4 * s_min) and \
-            _differentiable(lambda: student.loss(u, form, delta, fit_idx)):
+    if _model_differentiable(student.denoiser, student.x0, 4 * s_min):
+        blocker = _gradient_blocker(lambda: student.loss(u, form, delta, fit_idx))
+    else:
+        blocker = "no_grad or inference tensors"
+    if blocker is None:
         return "autograd"
-    say("calibration: the model gives no gradient here (no_grad, inference tensors, or an in-place change that the "
-        "backward needs, as ComfyUI's control sums make in a UNet without a middle block); fitting with SPSA (two "
-        "evaluations per iteration) instead of autograd")
+    if gradient == "autograd":
+        raise KSamplerInputError(f"gradient: 'autograd' needs a gradient through the model, and this model gives none "
+                                 f"({blocker}); use gradient='auto' or 'spsa'")
+    say(f"calibration: the model gives no gradient here ({blocker}); fitting with SPSA (two evaluations per "
+        "iteration) instead of autograd")
     return "spsa"
 
 

@@ -748,7 +748,40 @@ def test_a_model_without_gradient_is_fitted_by_spsa_and_says_so():
         return inner(x, sigma) + one - 1
     messages.clear()
     cal = fit_calibration(in_place_model, ms, noise, 4, iterations=4, teacher_steps=40, log=messages.append)
-    assert cal.info["gradient"] == "spsa" and any("in-place" in m and "SPSA" in m for m in messages)
+    assert cal.info["gradient"] == "spsa" and any("inplace operation" in m and "SPSA" in m for m in messages)
+
+
+@torch.library.custom_op("ksampler_tests::rotate_pairs", mutates_args=())
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """A custom op with no autograd formula, as comfy_kitchen's rotary embedding in ComfyUI's Flux and Wan."""
+    return x.flip(-1).clone()
+
+
+@_rotate_pairs.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_a_model_whose_backward_torch_refuses_is_fitted_by_spsa_and_says_why():
+    ms = EPS()
+    inner = Mixture2D(ms)
+
+    def custom_op_model(x, sigma, **kw):  # the forward runs; torch refuses only the backward through the op
+        return _rotate_pairs(_rotate_pairs(inner(x, sigma)))
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = noise.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):  # what the stand-in stands for
+        custom_op_model(x, torch.ones(32, dtype=torch.float64)).sum().backward()
+    messages = []
+    cal = fit_calibration(custom_op_model, ms, noise, 4, iterations=30, teacher_steps=40, log=messages.append)
+    assert cal.info["gradient"] == "spsa" and cal.info["backward_passes"] == 0
+    assert any("no autograd formula" in m and "SPSA" in m for m in messages)
+    assert cal.info["rms_fitted"] <= cal.info["rms_start"] * 1.05
+    plain = fit_calibration(inner, ms, noise, 4, iterations=30, teacher_steps=40, gradient="spsa")
+    assert torch.equal(cal.sigmas, plain.sigmas)  # the same fit as SPSA asked for: the op changes no value
+    # asked for autograd by name, the same model gets an input error saying what to pass instead
+    with pytest.raises(KSamplerInputError, match="gradient: 'autograd'.*no autograd formula.*'auto' or 'spsa'"):
+        fit_calibration(custom_op_model, ms, noise, 4, iterations=2, teacher_steps=40, gradient="autograd")
 
 
 def test_refining_on_more_noise_is_never_worse_there_and_counts_its_calls():
