@@ -5,13 +5,15 @@ and the conditioning go through ComfyUI's own code.  ComfyUI loads checkpoints i
 give no gradient: while the fit runs they are swapped for ordinary copies (``ordinary_weights``), and on a UNet
 with a middle block a ControlNet's too, its residuals then added out of place (``out_of_place_control``).  Where
 that is not possible, or where hooks on the conditioning change the weights between model calls (``_HostHooks``),
-the fit says so and uses SPSA (``calibration.fit_calibration``).
+the fit says so and uses SPSA (``calibration.fit_calibration``).  comfy_kitchen's rotary embedding ops have no
+gradient; while the fit runs the same rotation written in torch stands in for them (``differentiable_rotary``).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import sys
+import types
 
 import comfy.model_management
 import comfy.sample
@@ -24,7 +26,8 @@ from .calibration import (Calibration, cached_calibration, calibration_keys, can
 from .comfy_adapter import guarded_host_denoiser, host_progress
 from .comfy_checks import check_host_graph
 
-__all__ = ["CalibratedSampler", "calibrate_host", "ordinary_weights", "out_of_place_control", "without_step_caches"]
+__all__ = ["CalibratedSampler", "calibrate_host", "differentiable_rotary", "ordinary_weights", "out_of_place_control",
+           "rotate_pairs", "without_step_caches"]
 
 
 class CalibratedSampler(comfy.samplers.Sampler):
@@ -192,6 +195,55 @@ def out_of_place_control(network):
         unet.apply_control = original
 
 
+def rotate_pairs(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (Su et al. 2021, RoFormer) on interleaved pairs: channels (2k, 2k+1) of ``x``
+    turned by the 2x2 matrix ``freqs_cis[..., k, :, :]``, in the matrices' dtype, returned in x's."""
+    pairs = x.to(freqs_cis.dtype).unflatten(-1, (-1, 1, 2))
+    return (freqs_cis * pairs).sum(-1).reshape(x.shape).to(x.dtype)
+
+
+def _rotate_query_key(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple:
+    return rotate_pairs(xq, freqs_cis), rotate_pairs(xk, freqs_cis)
+
+
+# comfy_kitchen's rotary embedding ops (custom ops with no autograd formula) and what stands in for them in a fit
+_ROTARY_STAND_INS = {"apply_rope1": rotate_pairs, "apply_rope": _rotate_query_key}
+
+
+@contextlib.contextmanager
+def differentiable_rotary(log=default_log):
+    """ComfyUI's Flux, Wan and other DiTs run their rotary embedding through comfy_kitchen's custom ops, through
+    which torch refuses a backward pass.  While the fit runs, every loaded module holding one of these ops (as the
+    models import them, by name) holds instead the same rotation written in torch (``rotate_pairs``), so that a
+    gradient goes through; the ops are put back after.  Yields whether any was swapped."""
+    kitchen = sys.modules.get("comfy_kitchen")
+    ops = {name: getattr(kitchen, name, None) for name in _ROTARY_STAND_INS} if kitchen is not None else {}
+    swapped = []
+    for module in list(sys.modules.values()):
+        if not isinstance(module, types.ModuleType) or module.__name__.split(".")[0] == "comfy_kitchen":
+            continue
+        held = module.__dict__
+        for name, op in ops.items():
+            if op is not None and held.get(name) is op:
+                swapped.append((module, name, op))
+    said = []
+
+    def stand_in(name: str):
+        def rotate(*args):
+            if not said:  # said once, where the model runs one (an SD1.5 UNet, say, runs none)
+                said.append(log("calibration: the model's rotary embedding runs comfy_kitchen's ops, which have no "
+                                "gradient; the fit runs the same rotation in torch"))
+            return _ROTARY_STAND_INS[name](*args)
+        return rotate
+    for module, name, _ in swapped:
+        setattr(module, name, stand_in(name))
+    try:
+        yield bool(swapped)
+    finally:
+        for module, name, op in swapped:
+            setattr(module, name, op)
+
+
 def _keyframed(hook) -> bool:
     """Whether a hook's strength changes during a sample (keyframes of more than one strength)."""
     keyframes = getattr(getattr(hook, "hook_keyframe", None), "keyframes", None) or ()
@@ -267,6 +319,7 @@ class _FittingSampler(comfy.samplers.Sampler):
                 summed = bool(controls) and for_the_gradient.enter_context(out_of_place_control(model_wrap.inner_model))
                 for_the_gradient.enter_context(ordinary_weights([model_wrap.inner_model] + (controls if summed else []),
                                                                 log))
+                for_the_gradient.enter_context(differentiable_rotary(log))
             self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, progress=host_progress(),
                                           **options)
         return latent_image

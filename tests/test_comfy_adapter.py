@@ -3,6 +3,7 @@
 There is no ComfyUI in CI; the real host is checked by ../shared/comfyui/parity.py and e2e.sh (README,
 "Verifying against ComfyUI").
 """
+import contextlib
 import sys
 import types
 
@@ -614,6 +615,125 @@ def test_a_controls_residuals_are_added_out_of_place_while_a_fit_runs(host, comf
         assert not swapped and unet_module.apply_control is host_apply_control
     with comfy_calibration.out_of_place_control(types.SimpleNamespace()) as swapped:  # a DiT: no UNet blocks
         assert not swapped
+
+
+def _rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
+    """[..., n, 2, 2] rotations by ``angles`` [..., n], the layout of ComfyUI's freqs_cis."""
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+
+
+@torch.library.custom_op("ksampler_tests::kitchen_rope1", mutates_args=())
+def _kitchen_rope1(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Stands in for comfy_kitchen's apply_rope1: a custom op with no autograd formula (a rotation by complex
+    product, as RoFormer writes it)."""
+    turned = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous()) * \
+        torch.complex(freqs_cis[..., 0, 0], freqs_cis[..., 1, 0])
+    return torch.view_as_real(turned).flatten(-2).to(x.dtype)
+
+
+@_kitchen_rope1.register_fake
+def _(x, freqs_cis):
+    return torch.empty_like(x)
+
+
+def _kitchen_modules(monkeypatch) -> tuple:
+    """Stand-ins for comfy_kitchen, ComfyUI's comfy.ldm.flux.math that binds its rotary ops, and a model module
+    that imports one by name, put in sys.modules."""
+    def kitchen_rope(xq, xk, freqs_cis):
+        return _kitchen_rope1(xq, freqs_cis), _kitchen_rope1(xk, freqs_cis)
+    kitchen = types.ModuleType("comfy_kitchen")
+    kitchen.apply_rope1, kitchen.apply_rope = _kitchen_rope1, kitchen_rope
+    flux_math = types.ModuleType("comfy.ldm.flux.math")  # as ComfyUI binds them
+    flux_math.apply_rope1, flux_math.apply_rope = kitchen.apply_rope1, kitchen.apply_rope
+    dit = types.ModuleType("comfy.ldm.wan.model")  # as a model imports it: from comfy.ldm.flux.math import ...
+    dit.apply_rope1 = flux_math.apply_rope1
+    for module in (kitchen, flux_math, dit):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    return kitchen, flux_math, dit
+
+
+def test_rotary_embedding_ops_without_a_gradient_are_swapped_while_a_fit_runs(host, comfy_calibration,
+                                                                            monkeypatch):
+    """ComfyUI's Flux and Wan import comfy_kitchen's rotary embedding ops by name; torch refuses a backward through
+    them, so a fit fell back to SPSA.  While the fit runs, every loaded module holding one holds the same rotation
+    in torch (the same values, and a gradient); comfy_kitchen itself is left alone, and the ops are put back after,
+    also when the fit fails.  Without comfy_kitchen nothing is swapped."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, generator=gen)
+    freqs = _rotation_matrices(torch.rand(2, 1, 5, 4, generator=gen) * 6.3)
+    by_complex = _kitchen_rope1(x, freqs)
+    assert torch.allclose(comfy_calibration.rotate_pairs(x, freqs), by_complex, atol=1e-6)
+    assert comfy_calibration.rotate_pairs(x.double(), freqs).dtype == torch.float64
+    assert torch.allclose(comfy_calibration.rotate_pairs(x, freqs).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+
+    kitchen, flux_math, dit = _kitchen_modules(monkeypatch)
+    kitchen_rope = kitchen.apply_rope
+    other = types.ModuleType("comfy.ldm.other")
+    other.apply_rope1 = len  # a name alike, not the op: left alone
+    monkeypatch.setitem(sys.modules, other.__name__, other)
+    probe = x.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        dit.apply_rope1(probe, freqs).sum().backward()
+    messages = []
+    with comfy_calibration.differentiable_rotary(messages.append) as swapped:
+        assert swapped and dit.apply_rope1 is not _kitchen_rope1 and flux_math.apply_rope1 is not _kitchen_rope1
+        assert kitchen.apply_rope1 is _kitchen_rope1 and other.apply_rope1 is len
+        assert not messages  # said where the model runs one, once
+        out = dit.apply_rope1(probe, freqs)
+        assert len(messages) == 1 and "comfy_kitchen" in messages[0] and "rotary" in messages[0]
+        (out * by_complex).sum().backward()
+        q, k = flux_math.apply_rope(x, 2 * x, freqs)
+        assert torch.allclose(q, by_complex, atol=1e-6) and torch.allclose(k, 2 * by_complex, atol=1e-5)
+        assert len(messages) == 1
+    assert torch.allclose(out.detach(), by_complex, atol=1e-6)
+    # the gradient of sum(R x . R x0) in x is R^T R x0 = x0 (a rotation is orthogonal)
+    assert torch.allclose(probe.grad, x, atol=1e-5)
+    assert dit.apply_rope1 is _kitchen_rope1 and flux_math.apply_rope is kitchen_rope
+    with pytest.raises(ZeroDivisionError):
+        with comfy_calibration.differentiable_rotary(messages.append):
+            1 / 0
+    assert dit.apply_rope1 is _kitchen_rope1
+    monkeypatch.delitem(sys.modules, "comfy_kitchen")
+    with comfy_calibration.differentiable_rotary(messages.append) as swapped:
+        assert not swapped and dit.apply_rope1 is _kitchen_rope1
+
+
+def test_a_host_model_with_a_rotary_op_without_a_gradient_is_fitted_by_autograd(host, comfy_calibration,
+                                                                             monkeypatch):
+    """A fit through a host model whose forward runs a rotary embedding op with no autograd formula (as
+    ComfyUI's Wan and Flux with comfy_kitchen): autograd through the torch rotation that stands in while the fit
+    runs, said so, the op put back after; the fit is the one the same model without the op gets.  Any other op
+    torch cannot differentiate (here: the rotation left unswapped) makes the fit go on by SPSA, saying why."""
+    modules, _ = host
+    _, _, dit = _kitchen_modules(monkeypatch)
+    turn = _rotation_matrices(torch.linspace(0.3, 2.9, 4).expand(1, 1, 1, 4))  # 4 pairs of the 8 columns
+    back = turn.transpose(-1, -2)
+
+    def through_the_op(apply_model, args):  # turned there and back: the same values, through the op twice
+        out = apply_model(args["input"], args["timestep"], **args["c"])
+        return dit.apply_rope1(dit.apply_rope1(out, turn), back)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    opts = dict(fit_noises=4, iterations=4, teacher_steps=10)
+
+    def fit(with_op: bool, messages: list):
+        clear_cache()
+        patcher = StandInModelPatcher(modules, "flow")
+        if with_op:
+            patcher.model_options["model_function_wrapper"] = through_the_op
+        return comfy_calibration.calibrate_host(patcher, _cond(1.0), _cond(-1.0), latent, 3, 3.0,
+                                                log=messages.append, **opts)
+    messages = []
+    cal = fit(True, messages)
+    assert cal.info["gradient"] == "autograd" and any("comfy_kitchen" in m for m in messages)
+    assert dit.apply_rope1 is _kitchen_rope1
+    plain = fit(False, [])
+    assert plain.info["gradient"] == "autograd" and torch.allclose(cal.sigmas, plain.sigmas, atol=1e-5)
+    monkeypatch.setattr(comfy_calibration, "differentiable_rotary", lambda log: contextlib.nullcontext(False))
+    messages.clear()
+    spsa = fit(True, messages)
+    assert spsa.info["gradient"] == "spsa" and spsa.info["backward_passes"] == 0
+    assert any("no autograd formula" in m and "SPSA" in m for m in messages)
 
 
 def test_the_networks_of_the_controls_on_the_conditioning_are_found(host, comfy_calibration):

@@ -14,8 +14,10 @@ file must load after a restart and be refused for another hint; ComfyUI's progre
 one by one, and a stop request (interrupt_current_processing) must end the fit at the next one; with hooks on the
 conditioning (SD1.5: keyframed and not), the fit must follow them (``_hooks_check``); EasyCache and LazyCache on the
 model must share the plain model's fit (``_step_cache_check``); a ControlNet on a UNet with a middle block must be
-fitted by autograd (``_controlnet_gradient_check``). ComfyUI is imported as a library (../shared/comfyui
-harness); nothing of it is copied here.
+fitted by autograd (``_controlnet_gradient_check``); a tiny Wan 2.1, whose rotary embedding torch cannot
+differentiate where comfy_kitchen runs it, must be fitted by autograd through our torch rotation (by SPSA, saying
+why, with that turned off), and sample alike in both nodes (``_rope_model_check``). ComfyUI is imported as a
+library (../shared/comfyui harness); nothing of it is copied here.
 """
 from __future__ import annotations
 
@@ -281,6 +283,75 @@ def _progress_and_stop_check(classes, model, pos, neg, latent, args) -> tuple:
     return ok, f"{seen[:2]}...{seen[-1:]} ({len(seen)} updates)"
 
 
+def _rope_model_check(classes, custom, args) -> tuple:
+    """A tiny random-weight Wan 2.1 (video), whose rotary embedding runs comfy_kitchen's custom op where ComfyUI has
+    it, which torch cannot differentiate: our torch rotation must give the op's values, the fit must go by autograd
+    through it and say so, and the op must be back after; with the swap turned off, the fit must go on by SPSA and
+    say why.  SamplerCustom with the fitted SAMPLER and SIGMAS must equal our KSampler with the calibration."""
+    import torch
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from comfy_extra_parity import tiny_wan
+    import comfy.ldm.flux.math as flux_math
+    model = tiny_wan()
+    pos = [[torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(1)), {}]]
+    neg = [[torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(2)), {}]]
+    latent = {"samples": torch.zeros(1, 16, 3, 8, 8)}
+    kitchen_op = flux_math.apply_rope1
+    kitchen = "comfy_kitchen" in getattr(kitchen_op, "__module__", "")
+    comfy_calibration = importlib.import_module("ksampler_pack.comfy_calibration")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 24, 2, 128, generator=gen)
+    freqs = flux_math.rope(torch.arange(24.0).reshape(1, 24), 128, 10000).unsqueeze(2)
+    same_values = torch.allclose(comfy_calibration.rotate_pairs(x, freqs), kitchen_op(x, freqs), atol=1e-5)
+
+    def fit(swap: bool) -> tuple:
+        sys.modules["ksampler_pack.calibration"].clear_cache()
+        said_out = io.StringIO()  # the fit says what it does on stdout
+        with contextlib.ExitStack() as stack:
+            if not swap:
+                stack.enter_context(_patched(comfy_calibration, "differentiable_rotary",
+                                             lambda log: contextlib.nullcontext(False)))
+            stack.enter_context(torch.inference_mode())
+            stack.enter_context(contextlib.redirect_stdout(said_out))
+            t = time.time()
+            sigmas, sampler, cal = classes["ksampler_CalibratedScheduler"]().calibrate(
+                model, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
+                teacher_steps=args.teacher_steps)
+            fit_s = time.time() - t
+            out = _first(custom.SamplerCustom().sample(model, True, 3, 5.0, pos, neg, sampler, sigmas, latent))
+            ours = classes["ksampler_KSampler"]().sample(model, 3, args.steps, 5.0, "euler", "karras", pos, neg,
+                                                         latent, calibration=cal)[0]
+        ok = (bool(torch.isfinite(out["samples"]).all()) and torch.allclose(ours["samples"], out["samples"], atol=1e-5)
+              and bool((sigmas[1:] < sigmas[:-1]).all()) and math.isfinite(cal.info["rms_fitted"]))
+        return ok, cal, fit_s, said_out.getvalue().splitlines()
+    ok, cal, fit_s, said = fit(True)
+    if not kitchen:  # nothing to swap: autograd through the host's torch rotation
+        ok &= cal.info["gradient"] == "autograd"
+        return ok, (f"wan21 (rotary embedding by torch, no comfy_kitchen): fit {fit_s:.1f}s by autograd, RMS to the "
+                    f"teacher {cal.info['rms_start']:.4g} -> {cal.info['rms_fitted']:.4g}; KSampler(calibration) == "
+                    f"SamplerCustom, finite: {ok}")
+    swapped = cal.info["gradient"] == "autograd" and any("comfy_kitchen" in m for m in said) \
+        and flux_math.apply_rope1 is kitchen_op and sys.modules["comfy.ldm.wan.model"].apply_rope1 is kitchen_op
+    spsa_ok, spsa, spsa_s, spsa_said = fit(False)
+    fallback = spsa.info["gradient"] == "spsa" and any("no autograd formula" in m and "SPSA" in m for m in spsa_said)
+    return ok and swapped and same_values and spsa_ok and fallback, (
+        f"wan21 (rotary embedding by comfy_kitchen): our torch rotation gives the op's values: {same_values}; fit "
+        f"{fit_s:.1f}s by autograd through it, said so, the op back after: {swapped}; RMS to the teacher "
+        f"{cal.info['rms_start']:.4g} -> {cal.info['rms_fitted']:.4g}; KSampler(calibration) == SamplerCustom, "
+        f"finite: {ok}; without the swap, by SPSA ({spsa_s:.1f}s, RMS -> {spsa.info['rms_fitted']:.4g}) and said "
+        f"why: {fallback}, KSampler == SamplerCustom: {spsa_ok}")
+
+
+@contextlib.contextmanager
+def _patched(owner, name, value):
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--comfyui-dir", default=None)
@@ -451,6 +522,9 @@ def main() -> int:
     print(f"a calibration used on the other model refused before a model call (KSampler, SamplerCustom; SD1.5's on "
           f"SD3, SD3's on SD1.5): {refused}")
     failures += not all(refused)
+    wan_ok, wan_line = _rope_model_check(classes, custom, args)
+    print(wan_line)
+    failures += not wan_ok
     print("PASS" if not failures else f"FAIL ({failures})")
     return 1 if failures else 0
 
