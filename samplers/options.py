@@ -342,12 +342,13 @@ def _parse_value(text: str):
 def parse_options(text, into: Optional[dict] = None) -> dict:
     """``"eta=0.5, s_noise=1.1"`` (or a list of ``name=value`` strings) -> {"eta": 0.5, "s_noise": 1.1}.
 
-    A value no sampler accepts for its option (``eta=nan``, ``restart_k=100000000``) is an error here already;
-    the KSampler checks the options against the sampler it runs.
+    A value no sampler accepts for its option (``eta=nan``, ``restart_k=100000000``), or an option given twice in
+    the text, is an error here already; the KSampler checks the options against the sampler it runs.
     """
     items = text if isinstance(text, (list, tuple)) else [p for p in str(text).replace("\n", ",").split(",")]
-    out = dict(into or {})
+    out = dict(into or {})  # the options of this text override those of ``into``
     takers = _option_takers()
+    given: dict[str, str] = {}
     for item in items:
         if not isinstance(item, str):
             raise KSamplerInputError(f"sampler_options: expected name=value text (e.g. eta=0.5), got "
@@ -361,6 +362,10 @@ def parse_options(text, into: Optional[dict] = None) -> dict:
         if key not in takers:
             raise KSamplerInputError(f"sampler_options: no sampler takes {key!r}; known options: "
                                      f"{', '.join(sorted(takers))}")
+        if key in given:
+            raise KSamplerInputError(f"sampler_options: {key} is given twice ({given[key]} and {value.strip()}); "
+                                     "keep one")
+        given[key] = value.strip()
         out[key] = _accepted_somewhere(key, _parse_value(value), takers[key])
     return out
 

@@ -184,6 +184,19 @@ def test_an_option_the_sampler_ignores_is_an_error_naming_both():
         parse_options("etaa=1")
 
 
+def test_an_option_given_twice_is_an_error_and_the_text_overrides_its_base():
+    """A repeated option (a pasted line, say) is an error naming both values, where the last one used to win
+    silently; extending a base (the node's base input) is what overrides, by design."""
+    with pytest.raises(KSamplerInputError, match=r"^sampler_options: eta is given twice \(0\.5 and 1\.0\); keep one"):
+        parse_options("eta=0.5, s_noise=1.0\neta=1.0")
+    with pytest.raises(KSamplerInputError, match="s_noise is given twice"):
+        parse_options(["s_noise=1", " s_noise = 1"])
+    assert parse_options("eta=1.0", {"eta": 0.5, "s_noise": 1.1}) == {"eta": 1.0, "s_noise": 1.1}
+    base = {"eta": 0.5}
+    parse_options("eta=0.2", base)
+    assert base == {"eta": 0.5}  # the base is not changed
+
+
 @pytest.mark.parametrize("name, options", [("er_sde", {"solver_type": "ODE", "max_stage": 2}),
                                            ("er_sde", {"solver_type": "Reverse-time SDE", "eta": 0.5}),
                                            ("sa_solver", {"eta": 0.3, "sde_start_percent": 0.1}),
