@@ -5,11 +5,12 @@ Outputs SIGMAS and SAMPLER for SamplerCustom, and a KSAMPLER_CALIBRATION for our
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 
-from .calibration import REFINE, check_calibration_path
-from .node_schema import In, NodeSpec, Out, v1_node
+from .calibration import REFINE, check_calibration_path, default_log
+from .node_schema import In, NodeSpec, Out, host_folder, v1_node
 from .validation import MAX_SEED, KSamplerInputError, check_float, check_int
 
 __all__ = ["CalibratedScheduler", "CALIBRATION_NODES"]
@@ -38,7 +39,8 @@ __all__ = ["CalibratedScheduler", "CALIBRATION_NODES"]
         In("teacher_steps", "INT", "Steps of the fine reference solve the fit matches.", default=100, min=10,
            max=1000, optional=True),
         In("calibration_file", "STRING", "Optional .safetensors path: loaded when it holds this calibration, else "
-           "written after fitting.", default="", optional=True),
+           "written after fitting. Inside ComfyUI it is relative to ComfyUI's output folder and stays in it; "
+           "headless (python -m ksampler run) it is a path as given.", default="", optional=True),
         In("eta", "FLOAT", "0 follows the ODE the fit matched (closest to a fine solve). Above 0 each step re-noises "
            "as an ancestral sampler does (1: fully, as euler_ancestral), from the sampling seed; no refit.",
            default=0.0, min=0.0, max=1.0, step=0.05, optional=True),
@@ -77,7 +79,7 @@ class CalibratedScheduler:
             raise KSamplerInputError("calibration_file: expected a path string (or empty)")
         path = calibration_file.strip() or None
         if path is not None:
-            check_calibration_path("calibration_file", path)
+            path = check_calibration_path("calibration_file", _in_output_folder(path))
         in_host = "comfy.samplers" in sys.modules
         options = {"order": order, "fit_noises": fit_noises, "seed": fit_seed, "iterations": iterations,
                    "teacher_steps": teacher_steps, "refine_noises": refine_noises,
@@ -100,6 +102,33 @@ class CalibratedScheduler:
             from .comfy_calibration import CalibratedSampler
             sampler = CalibratedSampler(cal)
         return cal.sigmas.clone(), sampler, cal
+
+
+def _in_output_folder(path: str, log=default_log) -> str:
+    """Inside the ComfyUI server a calibration file lives in ComfyUI's output folder, as the files its own nodes
+    write do: a relative path is taken there (its subfolders made as needed), and a path outside it is refused.
+    Headless the path is as given."""
+    root = host_folder("output")
+    if root is None:
+        return path
+    root = os.path.abspath(root)
+    resolved = os.path.abspath(os.path.join(root, path))
+    try:
+        inside = os.path.commonpath([root, resolved]) == root
+    except ValueError:  # another drive
+        inside = False
+    if not inside:
+        raise KSamplerInputError(f"calibration_file: {path!r} is outside ComfyUI's output folder {root}; inside "
+                                 "ComfyUI calibration files are read and written there: give a path relative to it")
+    try:  # a subfolder, as ComfyUI's Save Image makes one
+        os.makedirs(os.path.dirname(resolved), exist_ok=True)
+    except OSError as exc:
+        raise KSamplerInputError(f"calibration_file: cannot make the folder {os.path.dirname(resolved)!r} "
+                                 f"({exc.strerror or exc}); choose another path") from None
+    if not os.path.isabs(path) and not os.path.exists(resolved) and os.path.isfile(path):
+        log(f"calibration_file: {path!r} is read from ComfyUI's output folder ({resolved}), not from the folder "
+            "the server was started in as before; move the file there to reuse it instead of fitting again")
+    return resolved
 
 
 def _with_eta(cal, eta: float):

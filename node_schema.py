@@ -18,10 +18,17 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
-__all__ = ["In", "Out", "NodeSpec", "v1_node", "v3_node", "host_io", "SCHEMA_ENV"]
+__all__ = ["In", "Out", "NodeSpec", "v1_node", "v3_node", "host_io", "host_folder", "SCHEMA_ENV"]
 
 SCHEMA_ENV = "KSAMPLER_NODE_SCHEMA"   # "v1" registers the classic nodes even on a host with the V3 schema
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+
+def host_folder(kind: str) -> Optional[str]:
+    """ComfyUI's "input", "output" or "temp" folder when running inside the ComfyUI server, else None."""
+    folder_paths = sys.modules.get("folder_paths")
+    getter = getattr(folder_paths, f"get_{kind}_directory", None) if folder_paths is not None else None
+    return getter() if getter else None
 
 
 @dataclass(frozen=True)

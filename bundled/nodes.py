@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-from ..node_schema import In, NodeSpec, Out, v1_node
+from ..node_schema import In, NodeSpec, Out, host_folder, v1_node
 
 __all__ = ["CheckpointLoader", "TextEncode", "EmptyLatentImage", "LoadImage", "VAEEncode",
            "VAEDecode", "SaveImage"]
@@ -35,15 +34,6 @@ PREVIEW_SIDE = 256              # the short side of the previews the Save node s
 def _input_error(message: str):
     from ..validation import KSamplerInputError
     return KSamplerInputError(message)
-
-
-def _comfy_dir(kind: str):
-    """ComfyUI's input or output folder when running inside ComfyUI, else None."""
-    folder_paths = sys.modules.get("folder_paths")
-    if folder_paths is None:
-        return None
-    getter = getattr(folder_paths, f"get_{kind}_directory", None)
-    return getter() if getter else None
 
 
 @v1_node(NodeSpec(
@@ -124,7 +114,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 
 def input_images() -> list | None:
     """The image files of ComfyUI's input folder (subfolders as 'sub/name.png'), or None outside ComfyUI."""
-    root = _comfy_dir("input")
+    root = host_folder("input")
     if root is None:
         return None
     found = []
@@ -137,7 +127,7 @@ def input_images() -> list | None:
 
 def _resolve(path: str, base_dir, kind: str) -> str:
     """An input file's path: inside the ComfyUI server it must stay in ComfyUI's input folder."""
-    served_root = _comfy_dir(kind) if base_dir is None else None
+    served_root = host_folder(kind) if base_dir is None else None
     if served_root:
         root = os.path.abspath(served_root)
         resolved = os.path.abspath(os.path.join(root, path))
@@ -256,7 +246,7 @@ class SaveImage:
         check_file_prefix("filename_prefix", filename_prefix)
         if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= MAX_SCALE:
             raise _input_error(f"scale: must be an integer between 1 and {MAX_SCALE}, got {scale!r}")
-        root = os.path.abspath(output_dir or _comfy_dir("output") or "output")
+        root = os.path.abspath(output_dir or host_folder("output") or "output")
         folder = os.path.abspath(os.path.join(root, os.path.dirname(filename_prefix)))
         if os.path.commonpath([root, folder]) != root:
             raise _input_error(f"filename_prefix: {filename_prefix!r} points outside the output folder {root}; "
@@ -266,7 +256,7 @@ class SaveImage:
             check_output_folder("filename_prefix", folder)
         text = {"prompt": json.dumps(prompt)} if prompt is not None else {}
         subfolder = os.path.relpath(folder, root) if folder != root else ""
-        preview_root = _comfy_dir("temp") if output_dir is None else None
+        preview_root = host_folder("temp") if output_dir is None else None
         ui = []
         for image in images:
             path = next_free_path(folder, os.path.basename(filename_prefix))

@@ -991,3 +991,52 @@ def test_without_fitting_the_last_step_it_takes_the_newest_estimate_alone():
     assert cal.coefficients[1:-1].sub(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)).abs().max() > 0.05
     free = fit_calibration(model, ms, noise, 4, **opts)
     assert free.info["fit_last_step"] is True and free.coefficients[-1].tolist() != [1.0, 0.0, 0.0]
+
+
+def test_inside_comfyui_a_calibration_file_lives_in_its_output_folder(tmp_path, monkeypatch, capsys):
+    """Inside the ComfyUI server (folder_paths present) calibration_file is relative to ComfyUI's output folder
+    (subfolders made as its Save Image makes them), as the server's working folder is not the user's to know; a
+    path outside it is refused before the fit, and a file left in the working folder by older versions is named
+    with where to move it.  Headless the path is as given."""
+    import os
+    import sys
+    import types
+    output, started_in = tmp_path / "output", tmp_path / "server"
+    output.mkdir(), started_in.mkdir()
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.get_output_directory = lambda: str(output)
+    monkeypatch.setitem(sys.modules, "folder_paths", folder_paths)
+    monkeypatch.chdir(started_in)
+    model, pos, neg = analytic_model(), conditioning(1.0), conditioning(-1.0)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    opts = {"fit_noises": 4, "iterations": 2, "teacher_steps": 10}
+    clear_cache()
+    fitted = CalibratedScheduler().calibrate(model, pos, neg, latent, 3, 3.0, calibration_file="cal/a.safetensors",
+                                             **opts)[2]
+    assert (output / "cal" / "a.safetensors").is_file() and not (started_in / "cal").exists()
+    clear_cache()
+    loaded = CalibratedScheduler().calibrate(model, pos, neg, latent, 3, 3.0, calibration_file="cal/a.safetensors",
+                                             **opts)[2]
+    assert loaded is not fitted and torch.equal(loaded.sigmas, fitted.sigmas)
+    said = capsys.readouterr().out
+    assert f"calibration: loaded {output / 'cal' / 'a.safetensors'}" in said and said.count("fitting once") == 1
+    inside = str(output / "cal" / "a.safetensors")  # an absolute path inside the folder is the same file
+    assert torch.equal(CalibratedScheduler().calibrate(model, pos, neg, latent, 3, 3.0, calibration_file=inside,
+                                                       **opts)[0], fitted.sigmas)
+    for outside in ("../a.safetensors", str(started_in / "a.safetensors"), "cal/../../a.safetensors"):
+        with pytest.raises(KSamplerInputError, match="^calibration_file: .*outside ComfyUI's output folder"):
+            CalibratedScheduler().calibrate(model, pos, neg, latent, 3, 3.0, calibration_file=outside, **opts)
+    assert not (tmp_path / "a.safetensors").exists() and not (started_in / "a.safetensors").exists()
+    (output / "taken.safetensors").write_bytes(b"")  # a file where a folder would have to be
+    with pytest.raises(KSamplerInputError, match="^calibration_file: cannot make the folder .*taken.safetensors"):
+        CalibratedScheduler().calibrate(model, pos, neg, latent, 3, 3.0,
+                                        calibration_file="taken.safetensors/a.safetensors", **opts)
+    fitted.save(str(started_in / "old.safetensors"))  # where an older version wrote it
+    capsys.readouterr()
+    CalibratedScheduler().calibrate(model, pos, neg, latent, 3, 3.0, calibration_file="old.safetensors", **opts)
+    said = capsys.readouterr().out
+    assert "'old.safetensors' is read from ComfyUI's output folder" in said and "move the file there" in said
+    monkeypatch.delitem(sys.modules, "folder_paths")  # headless: as given, relative to the working folder
+    clear_cache()
+    CalibratedScheduler().calibrate(model, pos, neg, latent, 3, 3.0, calibration_file="b.safetensors", **opts)
+    assert os.path.isfile(started_in / "b.safetensors") and not (output / "b.safetensors").exists()

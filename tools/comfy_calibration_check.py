@@ -9,8 +9,9 @@ node call must reuse the fit without a model call; at eta 0.5 (the same fit, re-
 and our KSampler must again agree; a fit refined on 8 more noises (``refine_noises``) must run; a calibration file
 written by one load of the checkpoint must load, without fitting, for a fresh load with an empty cache (as after a
 restart); FreeU (RescaleCFG on SD3), a model sampling override (ModelSamplingDiscrete, ModelSamplingSD3) and LoRA-
-style weight patches must each get a fit of their own; with a ControlNet in the conditioning (SD1.5), a calibration
-file must load after a restart and be refused for another hint; ComfyUI's progress hook must see a fit's iterations
+style weight patches must each get a fit of their own; a calibration_file outside ComfyUI's output folder must be
+refused; with a ControlNet in the conditioning (SD1.5), a calibration file must load after a restart and be refused
+for another hint; ComfyUI's progress hook must see a fit's iterations
 one by one, and a stop request (interrupt_current_processing) must end the fit at the next one; with hooks on the
 conditioning (SD1.5: keyframed and not), the fit must follow them (``_hooks_check``); EasyCache and LazyCache on the
 model must share the plain model's fit (``_step_cache_check``); a ControlNet on a UNet with a middle block must be
@@ -28,6 +29,7 @@ import importlib.util
 import io
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -303,6 +305,17 @@ def _rope_model_check(classes, custom, args) -> tuple:
     x = torch.randn(1, 24, 2, 128, generator=gen)
     freqs = flux_math.rope(torch.arange(24.0).reshape(1, 24), 128, 10000).unsqueeze(2)
     same_values = torch.allclose(comfy_calibration.rotate_pairs(x, freqs), kitchen_op(x, freqs), atol=1e-5)
+    # Flux's attention (q and k turned together by flux.math's apply_rope): the same values, and a gradient
+    q, k, v = (torch.randn(1, 2, 24, 128, generator=gen) for _ in range(3))
+    pe = flux_math.rope(torch.arange(24.0).reshape(1, 24), 128, 10000).unsqueeze(1)
+    with torch.no_grad():
+        by_kitchen = flux_math.attention(q, k, v, pe)
+    with comfy_calibration.differentiable_rotary(lambda message: None):
+        probe = q.clone().requires_grad_(True)
+        by_torch = flux_math.attention(probe, k, v, pe)
+        by_torch.sum().backward()
+    same_values &= (torch.allclose(by_torch.detach(), by_kitchen, atol=1e-5) and probe.grad is not None
+                    and bool(torch.isfinite(probe.grad).all()) and flux_math.apply_rope1 is kitchen_op)
 
     def fit(swap: bool) -> tuple:
         sys.modules["ksampler_pack.calibration"].clear_cache()
@@ -335,7 +348,8 @@ def _rope_model_check(classes, custom, args) -> tuple:
     spsa_ok, spsa, spsa_s, spsa_said = fit(False)
     fallback = spsa.info["gradient"] == "spsa" and any("no autograd formula" in m and "SPSA" in m for m in spsa_said)
     return ok and swapped and same_values and spsa_ok and fallback, (
-        f"wan21 (rotary embedding by comfy_kitchen): our torch rotation gives the op's values: {same_values}; fit "
+        f"wan21 (rotary embedding by comfy_kitchen): our torch rotation gives the op's values (Wan's apply_rope1, and "
+        f"Flux's attention, with a gradient): {same_values}; fit "
         f"{fit_s:.1f}s by autograd through it, said so, the op back after: {swapped}; RMS to the teacher "
         f"{cal.info['rms_start']:.4g} -> {cal.info['rms_fitted']:.4g}; KSampler(calibration) == SamplerCustom, "
         f"finite: {ok}; without the swap, by SPSA ({spsa_s:.1f}s, RMS -> {spsa.info['rms_fitted']:.4g}) and said "
@@ -380,7 +394,10 @@ def main() -> int:
     # nodes run these same classes' methods
     classes = sys.modules["ksampler_pack.nodes"].NODE_CLASS_MAPPINGS
     torch.set_num_threads(1)
-    work = tempfile.mkdtemp(prefix="ksampler_calibration_check_")
+    import folder_paths
+    # inside ComfyUI a calibration file lives in its output folder (and a path outside it is refused)
+    os.makedirs(folder_paths.get_output_directory(), exist_ok=True)
+    work = tempfile.mkdtemp(prefix="ksampler_calibration_check_", dir=folder_paths.get_output_directory())
     failures = 0
     runs = {}
     for key in ("sd15_eps", "sd3_flow"):
@@ -522,6 +539,17 @@ def main() -> int:
     print(f"a calibration used on the other model refused before a model call (KSampler, SamplerCustom; SD1.5's on "
           f"SD3, SD3's on SD1.5): {refused}")
     failures += not all(refused)
+    outside = os.path.join(tempfile.gettempdir(), "ksampler_outside.safetensors")
+    model, pos, neg, latent = runs["sd15_eps"][:4]
+    try:
+        classes["ksampler_CalibratedScheduler"]().calibrate(model, pos, neg, latent, args.steps, 5.0,
+                                                            calibration_file=outside)
+        kept_in = False
+    except Exception as exc:  # noqa: BLE001  (the node's input error)
+        kept_in = "outside ComfyUI's output folder" in str(exc) and not os.path.exists(outside)
+    print(f"a calibration_file outside ComfyUI's output folder refused: {kept_in}")
+    failures += not kept_in
+    shutil.rmtree(work, ignore_errors=True)
     wan_ok, wan_line = _rope_model_check(classes, custom, args)
     print(wan_line)
     failures += not wan_ok
