@@ -25,6 +25,19 @@ CONTEXT_WIDTH = {
     "OpenAISignatureMMDITWrapper": lambda base, net: net.context_embedder.in_features,  # SD3
     "WanModel": lambda base, net: net.text_embedding[0].in_features,                   # Wan 2.1 / 2.2
 }
+
+
+def _mmdit_max_side(base, net):
+    """SD3's MMDiT crops a stored position embedding of pos_embed_max_size patches a side to the latent, rounding
+    a side h to (h + 1) // patch patches; so the longest side it takes is this (None: no stored embedding)."""
+    if getattr(net, "pos_embed", None) is None:
+        return None
+    patch = net.x_embedder.patch_size[0]
+    return patch * net.pos_embed_max_size + patch - 2
+
+
+# network class name -> the longest latent side it takes (checked in the real ComfyUI by tools/comfy_bad_inputs.py)
+MAX_SIDE = {"OpenAISignatureMMDITWrapper": _mmdit_max_side}
 # model classes whose pooled_output is their 'y' input as it is (its width is the model's adm_channels)
 POOLED_IS_Y = ("SD3",)
 # (latent channels, spatial dims) -> the node that makes an empty latent for such a model
@@ -71,7 +84,10 @@ def host_spec(model) -> ModelSpec:
     context_dim = _read(reader, base, net) if reader else None
     label = model_label(model)
     pooled_dim = _read(lambda: base.adm_channels) if type(base).__name__ in POOLED_IS_Y else None
+    side_reader = MAX_SIDE.get(type(net).__name__)
+    max_side = _read(side_reader, base, net) if side_reader else None
     return ModelSpec(f"this {label} model", channels, dims, context_dim=context_dim, pooled_dim=pooled_dim,
+                     max_side=max_side,
                      empty_latent_node=EMPTY_LATENT_NODES.get((channels, dims), f"the empty latent node for {label}"),
                      encoder_hint=f"the CLIP (text encoder) that belongs to this {label} checkpoint",
                      vae_hint="VAE Encode with this checkpoint's VAE")

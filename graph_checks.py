@@ -45,6 +45,7 @@ class ModelSpec:
     pooled_dim: Optional[int] = None       # width of the pooled_output it needs (its ``y`` input)
     widen_empty_latent: bool = True        # an all-zero latent of another channel count is widened (ComfyUI)
     size_multiple: int = 1                 # latent sides must be multiples of this
+    max_side: Optional[int] = None         # latent sides may be at most this (SD3: its position embedding's size)
     downscale: int = 8                     # image pixels per latent pixel
     empty_latent_node: str = "the empty latent node for this model"
     encoder_hint: str = "the CLIP (text encoder) of the same checkpoint"
@@ -136,6 +137,12 @@ def check_latent_fits(spec: ModelSpec, samples: torch.Tensor, latent: Optional[d
             fix += f" at {'x'.join(map(str, sides))} (the nearest valid size)"
         raise KSamplerInputError(f"{name}['samples']: is {what}; {spec.name} needs sides that are multiples of "
                                  f"{pixel_multiple} pixels: {fix}")
+    if spec.max_side is not None and samples.ndim >= 4 and max(samples.shape[-2:]) > spec.max_side:
+        most = spec.max_side * spec.downscale
+        raise KSamplerInputError(f"{name}['samples']: is {what}; {spec.name} takes at most {most} pixels "
+                                 f"({spec.max_side} latent pixels) a side, the size of its position embedding: use "
+                                 f"{spec.empty_latent_node} with width and height of at most {most}, or "
+                                 f"{spec.vae_hint} of an image no larger")
 
 
 def check_conditioning_fits(spec: ModelSpec, cond, name: str, allow_empty: bool = False) -> list:

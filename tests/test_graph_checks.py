@@ -4,6 +4,7 @@ Inside ComfyUI these checks run on the real host (tools/comfy_bad_inputs.py, REA
 host is the stand-in of tests/comfy_standins.py, and headless runs use the bundled model.
 """
 import copy
+import types
 
 import pytest
 import torch
@@ -213,6 +214,29 @@ def test_host_spec_reads_the_model(host):
     sd3 = host_spec(StandInModelPatcher(modules, "flow", family="SD3"))
     assert (sd3.latent_channels, sd3.context_dim, sd3.pooled_dim) == (16, 8, 6)
     assert sd3.name == "this SD3 model" and sd3.empty_latent_node == "EmptySD3LatentImage"
+
+
+def test_host_sd3_takes_latents_no_larger_than_its_position_embedding(host):
+    """SD3's MMDiT crops a stored position embedding (pos_embed_max_size patches a side) to the latent; a latent
+    past it failed on an assert deep inside the network (the built-in KSampler too).  Here it is an input error
+    before the first model call, naming the largest size; a network without a stored embedding has no limit."""
+    modules, adapter = host
+    patcher = StandInModelPatcher(modules, "flow", family="SD3")
+    net = patcher.model.diffusion_model
+    net.pos_embed, net.pos_embed_max_size = torch.zeros(1, 16, 2), 4  # 4 patches a side
+    net.x_embedder = types.SimpleNamespace(patch_size=(2, 2))
+    from ksampler.comfy_checks import host_spec
+    assert host_spec(patcher).max_side == 8  # (h + 1) // 2 <= 4
+    pooled, negative = cond(pooled_output=torch.zeros(1, 6)), cond(-1.0, pooled_output=torch.zeros(1, 6))
+    out = _host_run(adapter, patcher, pooled, negative, latent(1, 16, 8, 6), steps=2)
+    assert out["samples"].shape == (1, 16, 8, 6)
+    modules["comfy.samplers"].STANDIN_CALLS.clear()
+    with pytest.raises(KSamplerInputError, match=r"^latent_image\['samples'\]: is a 16-channel 10x8 latent.*this SD3 "
+                       r"model takes at most 64 pixels \(8 latent pixels\) a side.*EmptySD3LatentImage"):
+        _host_run(adapter, patcher, pooled, negative, latent(1, 16, 8, 10))
+    assert modules["comfy.samplers"].STANDIN_CALLS.get("model", 0) == 0
+    net.pos_embed = None  # sin-cos embeddings made for any size
+    assert host_spec(patcher).max_side is None
 
 
 @pytest.mark.parametrize("overrides,name", [

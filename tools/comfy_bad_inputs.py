@@ -334,6 +334,8 @@ def cases() -> list:
     add("pooled_output NaN", "sd3", "positive", _opts("positive", pooled_output=lambda p: _nan_at(p)))
     add("pooled_output not a tensor", "sd3", "positive", _opts("positive", pooled_output=[0.0] * 2048))
     add("negative pooled_output missing", "sd3", "negative", _opts("negative", pooled_output=None))
+    add("latent past SD3's position embedding (40x40 of 32)", "sd3", "latent_image",
+        _latent(lambda s: torch.zeros(1, 16, 40, 40)))
     add("broken LoRA (NaN weights)", "sd3", "model", _broken_lora, output=True)
     add("network returns None", "sd3", "model", _network_returns("none"), output=True)
     add("pooled_output float64", "sd3", "positive", _opts("positive", pooled_output=lambda p: p.double()),
