@@ -16,6 +16,8 @@ new optional inputs at the end, KSampler+ (Two Models) and Sampler Options+; the
 * the fit logged as "by autograd", not SPSA (the checkpoint's weights, loaded in inference mode, copied for it);
 * the Calibrated Scheduler+ with keyframed hooks on both prompts (ComfyUI's hook nodes), fitted by SPSA saying why,
   and on a model with EasyCache or LazyCache, fitted without it saying so;
+* a calibration_file written under the server's output folder, and one outside it refused naming the input;
+* Sampler Options+ with an option given twice, which must fail naming both values;
 * a long calibration fit interrupted (POST /interrupt) 5 s into its run: it ends within seconds as
   execution_interrupted, and the next prompt runs as before (the progress bar: comfy_calibration_check.py).
 Exit status 0 when every expectation holds.
@@ -243,6 +245,24 @@ def main(argv=None) -> int:
         message = str((res.get("error") or {}).get("exception_message", ""))
         expect("Calibrated Scheduler+ with fit_candidates 2 and no refinement: clear error naming both",
                not res["ok"] and "fit_candidates" in message and "refine_noises" in message, message[:160])
+        saved = calibration_graph(models["sd3_flow"], 0)
+        saved["5"]["inputs"]["calibration_file"] = "ksampler_check/flow.safetensors"
+        res = e2e.run_graph(server.base, saved, 300)
+        written = os.path.join(work, "output", "ksampler_check", "flow.safetensors")
+        expect("Calibrated Scheduler+ with calibration_file 'ksampler_check/flow.safetensors': written under the "
+               "server's output folder (the subfolder made)", res["ok"] and os.path.isfile(written),
+               res.get("error", "") or written)
+        saved["5"]["inputs"]["calibration_file"] = "../outside.safetensors"
+        res = e2e.run_graph(server.base, saved, 300)
+        message = str((res.get("error") or {}).get("exception_message", ""))
+        expect("calibration_file outside the output folder: clear error naming calibration_file, nothing written",
+               not res["ok"] and message.startswith("calibration_file:") and "output folder" in message
+               and not os.path.exists(os.path.join(work, "outside.safetensors")), message[:160])
+        res = e2e.run_graph(server.base, advanced_graph(models["sd15_eps"], "eta=0.6, s_noise=1.01\neta=0.7",
+                                                        "euler_ancestral"), 300)
+        message = str((res.get("error") or {}).get("exception_message", ""))
+        expect("Sampler Options+ with eta given twice: clear error naming both values",
+               not res["ok"] and "eta is given twice (0.6 and 0.7)" in message, message[:160])
         for key, sampler, options in (("sd15_eps", "euler_ancestral", "eta=0.6, s_noise=1.01"),
                                       ("sd3_flow", "dpmpp_2m_sde", "eta=0.5\nsolver_type=heun")):
             res = e2e.run_graph(server.base, advanced_graph(models[key], options, sampler), 300)
