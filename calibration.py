@@ -492,39 +492,54 @@ def check_model_sampling(calibration: "Calibration", model_sampling) -> None:
                                  "was fitted for")
 
 
-def _model_differentiable(denoiser, x: Tensor, sigma: float) -> bool:
-    """Whether the model's output carries a gradient to its input (no: under no_grad or with inference tensors)."""
+def _call_blocker(denoiser, x: Tensor, sigma: float) -> Optional[str]:
+    """None where one model call's output carries a gradient to its input, else why not (no_grad, inference
+    tensors, or no memory for what a backward pass needs)."""
     try:
         with torch.enable_grad():
             probe = x.detach().clone().requires_grad_(True)
             out = denoiser(probe, probe.new_full((probe.shape[0],), sigma))
-            return bool(out.requires_grad)
+            return None if out.requires_grad else "no_grad or inference tensors"
     except RuntimeError as exc:
         if "inference" in str(exc).lower():
-            return False
+            return "no_grad or inference tensors"
+        if _out_of_memory(exc):
+            return f"no memory for what a backward pass through one call keeps: {_first_line(exc)}"
         raise
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed (CUDA's OutOfMemoryError, or the CPU allocator's)."""
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+
+
 def _gradient_blocker(loss_fn) -> Optional[str]:
-    """None where a loss built through the model carries a gradient, else why not: no_grad or inference tensors, or
-    a backward pass that torch refuses.  A refused backward means an op in the model with no derivative (a custom op
-    with no autograd formula, as comfy_kitchen's rotary embedding in ComfyUI's Flux and Wan), a forward that changes
-    in place a tensor the backward needs (ComfyUI's control sums in a UNet without a middle block), or a backward
-    past the memory.  The forward ran, so its values are sound and a fit without the gradient (SPSA) can use them."""
+    """None where a loss built through the model carries a gradient, else why not: no_grad or inference tensors,
+    no memory to keep what a backward pass needs, or a backward pass that torch refuses.  A refused backward means
+    an op in the model with no derivative (a custom op with no autograd formula, as comfy_kitchen's rotary embedding
+    in ComfyUI's Flux and Wan), a forward that changes in place a tensor the backward needs (ComfyUI's control sums
+    in a UNet without a middle block), or a backward past the memory.  A fit without the gradient (SPSA) runs the
+    model without keeping anything for a backward pass, so it can go on."""
     try:
         with torch.enable_grad():
             loss = loss_fn()
     except RuntimeError as exc:
         if any(reason in str(exc).lower() for reason in ("inference", "does not require grad")):
             return "no_grad or inference tensors"
+        if _out_of_memory(exc):
+            return f"no memory for what a backward pass through its calls keeps: {_first_line(exc)}"
         raise
     if not loss.requires_grad:
         return "no_grad or inference tensors"
     try:
         loss.backward()
     except RuntimeError as exc:  # NotImplementedError and torch.OutOfMemoryError among them
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        return f"its backward pass fails: {type(exc).__name__}: {first_line[:300]}"
+        return f"its backward pass fails: {_first_line(exc)}"
     return None
 
 
@@ -744,8 +759,25 @@ def _penalised(loss: Tensor, delta: Optional[dict], penalty: float) -> Tensor:
     return loss * (1 + penalty * torch.cat(rows).pow(2).mean())
 
 
+class _Gradient:
+    """How the fit gets its gradient: "autograd" (through the model) or "spsa".  Autograd gives way to SPSA for
+    the rest of the fit where a pass through the model runs out of memory for it (a larger refining batch, say)."""
+
+    def __init__(self, name: str, say: Callable[[str], None]):
+        self.name, self.say, self.ran_out = name, say, False
+
+    def __str__(self) -> str:
+        return self.name
+
+    def ran_out_of_memory(self, exc: BaseException, batch: int) -> None:
+        self.say(f"calibration: no memory for a backward pass through the model on {batch} noises "
+                 f"({_first_line(exc)}); going on by SPSA (two evaluations per iteration, nothing kept for a "
+                 "backward pass)")
+        self.name, self.ran_out = "spsa", True
+
+
 def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, iterations: int, lr: float,
-              mode: str, fit_idx, sel_idx, calls: dict, steps: int, penalty: float = 0.0,
+              mode: "_Gradient", fit_idx, sel_idx, calls: dict, steps: int, penalty: float = 0.0,
               tick: Optional[Callable[[], None]] = None) -> tuple:
     """Adam on (u, delta) with the gradient from the items ``fit_idx`` (of the loss ``_penalised`` by ``penalty``);
     returns (loss, u, delta) of the iterate with the lowest plain loss on the items ``sel_idx``, checked every 10
@@ -764,12 +796,18 @@ def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, 
             tick()
         for p in params:
             p.grad = None
-        if mode == "autograd":
-            with torch.enable_grad():
-                loss = _penalised(student.loss(u, form, delta, fit_idx), delta, penalty)
-                if not torch.isfinite(loss):
-                    break
-                loss.backward()
+        if mode.name == "autograd":
+            try:
+                with torch.enable_grad():
+                    loss = _penalised(student.loss(u, form, delta, fit_idx), delta, penalty)
+                    if not torch.isfinite(loss):
+                        break
+                    loss.backward()
+            except RuntimeError as exc:
+                if not _out_of_memory(exc):
+                    raise
+                mode.ran_out_of_memory(exc, student.x0.shape[0])
+                continue
             calls["backward_passes"] += steps
         elif not _spsa_gradient(params, lambda: _penalised(student.loss(u, form, delta, fit_idx), delta, penalty),
                                 it, gen):
@@ -783,7 +821,7 @@ def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, 
     return best
 
 
-def _race(student: _Student, runs: list, race: int, iterations: int, lr: float, mode: str, items: tuple,
+def _race(student: _Student, runs: list, race: int, iterations: int, lr: float, mode: "_Gradient", items: tuple,
           calls: dict, steps: int, say, penalty: float = 0.0, tick: Optional[Callable[[], None]] = None) -> dict:
     """Fit each run (a form's start) for ``race`` iterations, then the best on the items ``items[1]`` for the rest
     (all ``iterations`` for a single run); returns that run with its result under "best"."""
@@ -817,10 +855,8 @@ def _gradient_mode(gradient: str, student: _Student, u: Tensor, form: tuple, del
     if gradient == "spsa":
         return gradient
     student.begin_solve()
-    if _model_differentiable(student.denoiser, student.x0, 4 * s_min):
-        blocker = _gradient_blocker(lambda: student.loss(u, form, delta, fit_idx))
-    else:
-        blocker = "no_grad or inference tensors"
+    blocker = _call_blocker(student.denoiser, student.x0, 4 * s_min) or \
+        _gradient_blocker(lambda: student.loss(u, form, delta, fit_idx))
     if blocker is None:
         return "autograd"
     if gradient == "autograd":
@@ -1015,8 +1051,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
         runs = [_run(start, steps, order, order > 1 and fit_coefficients, shift, fit_last_step)
                 for start in _starts(student, ms, steps, hi, lo, fit_idx, corrector)]
         if mode is None:
-            mode = _gradient_mode(gradient, student, runs[0]["u"], runs[0]["form"], runs[0]["delta"], fit_idx,
-                                  s_min, say)
+            mode = _Gradient(_gradient_mode(gradient, student, runs[0]["u"], runs[0]["form"], runs[0]["delta"],
+                                            fit_idx, s_min, say), say)
         race = iterations // 3 if len(runs) > 1 else 0
         if plan["total"] is None:  # the later fits are planned alike (their forms' count may differ by one)
             per_fit = len(runs) * (race or iterations) + (iterations - race if race else 0)
@@ -1065,7 +1101,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                  "iterations": iterations, "lr": lr, "selection": selection,
                  "coefficient_penalty": coefficient_penalty, "fit_last_step": bool(fit_last_step),
                  "teacher_steps": teacher_steps, "teacher_sigma_min": t_min, "fit_noises": int(noise.shape[0]),
-                 "gradient": mode, "model_calls": calls["forward"], "backward_passes": calls["backward_passes"],
+                 "gradient": "autograd, then spsa" if mode.ran_out else mode.name,
+                 "model_calls": calls["forward"], "backward_passes": calls["backward_passes"],
                  "seconds": round(seconds, 3), "rms_start": won["start"], "rms_fitted": final,
                  "sigma_min": s_min, "sigma_max": s_max, "model_sampling": model_sampling_record(ms)})
     if candidate_rms is not None:

@@ -784,6 +784,42 @@ def test_a_model_whose_backward_torch_refuses_is_fitted_by_spsa_and_says_why():
         fit_calibration(custom_op_model, ms, noise, 4, iterations=2, teacher_steps=40, gradient="autograd")
 
 
+def _short_of_memory(inner, most_items: int):
+    """``inner`` as a model on a device short of memory: a call that keeps what a backward pass needs (grad on,
+    an input that requires it) on more than ``most_items`` items fails as CUDA's allocator fails."""
+    def model(x, sigma, **kw):
+        if torch.is_grad_enabled() and (x.requires_grad or sigma.requires_grad) and x.shape[0] > most_items:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return inner(x, sigma)
+    return model
+
+
+def test_no_memory_for_a_gradient_makes_the_fit_go_on_by_spsa_and_say_so():
+    """A real model at a real size may have no room for what a backward pass through its calls keeps: the fit then
+    goes by SPSA (nothing kept), saying why, where it crashed in the gradient probe; and where only the larger
+    refining batch runs out, the fit gets so far by autograd and goes on by SPSA there."""
+    ms = EPS()
+    inner = Mixture2D(ms)
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    opts = {"iterations": 12, "teacher_steps": 40}
+    messages = []
+    cal = fit_calibration(_short_of_memory(inner, 0), ms, noise, 4, log=messages.append, **opts)
+    assert cal.info["gradient"] == "spsa" and cal.info["backward_passes"] == 0
+    assert any("no memory for what a backward pass" in m and "out of memory" in m and "SPSA" in m for m in messages)
+    assert torch.equal(cal.sigmas, fit_calibration(inner, ms, noise, 4, gradient="spsa", **opts).sigmas)
+    refine = torch.randn(64, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    messages.clear()
+    model = _short_of_memory(inner, 16)
+    cal = fit_calibration(model, ms, noise, 4, refine_noise=refine, log=messages.append, **opts)
+    plain = fit_calibration(inner, ms, noise, 4, **opts)  # the same fit by autograd until the refinement
+    assert cal.info["gradient"] == "autograd, then spsa"
+    assert cal.info["backward_passes"] == plain.info["backward_passes"]
+    assert any("no memory for a backward pass through the model on 64 noises" in m and "SPSA" in m for m in messages)
+    assert math.isfinite(cal.info["rms_refined"]) and cal.info["rms_refined"] <= cal.info["rms_fitted"] * 1.5
+    with pytest.raises(KSamplerInputError, match="gradient: 'autograd'.*no memory"):
+        fit_calibration(_short_of_memory(inner, 0), ms, noise, 4, gradient="autograd", **opts)
+
+
 def test_refining_on_more_noise_is_never_worse_there_and_counts_its_calls():
     ms = EPS()
     model = Mixture2D(ms)
