@@ -504,8 +504,14 @@ def _call_blocker(denoiser, x: Tensor, sigma: float) -> Optional[str]:
         if "inference" in str(exc).lower():
             return "no_grad or inference tensors"
         if _out_of_memory(exc):
-            return f"no memory for what a backward pass through one call keeps: {_first_line(exc)}"
+            return f"{_NO_MEMORY} one call keeps: {_first_line(exc)}"
         raise
+
+
+# how the fit may get its gradient: "auto" (autograd when the model gives one, recomputing each call in the
+# backward pass where keeping them all runs out of memory, else SPSA), or one of the ways by name
+GRADIENTS = ("auto", "autograd", "recompute", "spsa")
+_NO_MEMORY = "no memory for what a backward pass through"
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -532,7 +538,7 @@ def _gradient_blocker(loss_fn) -> Optional[str]:
         if any(reason in str(exc).lower() for reason in ("inference", "does not require grad")):
             return "no_grad or inference tensors"
         if _out_of_memory(exc):
-            return f"no memory for what a backward pass through its calls keeps: {_first_line(exc)}"
+            return f"{_NO_MEMORY} its calls keeps: {_first_line(exc)}"
         raise
     if not loss.requires_grad:
         return "no_grad or inference tensors"
@@ -628,6 +634,35 @@ REFINE = {"iterations": 150, "lr": 0.01}
 CORRECTOR_STEP = 0.2  # the corrector's rows move at a fifth of the predictor's rate (tuning split: steadier fits)
 
 
+class _Recomputed(torch.autograd.Function):
+    """One model call that keeps nothing for the backward pass but its inputs, and runs again there (gradient
+    checkpointing, Chen et al. 2016): a fit through it keeps one call's activations at a time, not every step's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sigma: Tensor, call: Callable) -> Tensor:
+        ctx.call = call
+        ctx.save_for_backward(x, sigma)
+        with torch.no_grad():
+            return call(x, sigma)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, sigma = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:2]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(need) for t, need in zip((x, sigma), needs)]
+            out = ctx.call(*inputs)
+            wanted = [t for t in inputs if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True) if wanted else ())
+        return (*(next(grads) if need else None for need in needs), None)
+
+
+def _recomputing(denoiser: Denoiser) -> Denoiser:
+    def call(x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
+        return _Recomputed.apply(x, sigma, lambda x_, sigma_: denoiser(x_, sigma_, **kwargs))
+    return call
+
+
 class _Student:
     """The calibrated sampler as a function of its parameters, run on the fitting batch against the teacher."""
 
@@ -637,6 +672,7 @@ class _Student:
         self.solve_start = solve_start
         self.log_hi, self.log_lo, self.order = math.log(hi), math.log(lo), order
         self.log_eval_range = (math.log(t_min), math.log(s_max))  # where the model may be called
+        self.recompute = False  # each model call run again in the backward pass (_Recomputed)
 
     def begin_solve(self) -> None:
         """Before each pass through the model: the host resets what its model keeps from call to call."""
@@ -679,7 +715,8 @@ class _Student:
         """RMS gap to the teacher's final samples over the items ``idx``."""
         sig, c, cc, shift = self.parameters(u, form, delta)
         self.begin_solve()
-        return _rms_gap(_solve(self.denoiser, self.x0, sig, c, self.ms, {}, corrector=cc, shift=shift)[idx],
+        denoiser = _recomputing(self.denoiser) if self.recompute and torch.is_grad_enabled() else self.denoiser
+        return _rms_gap(_solve(denoiser, self.x0, sig, c, self.ms, {}, corrector=cc, shift=shift)[idx],
                         self.teacher[idx])
 
 
@@ -760,20 +797,26 @@ def _penalised(loss: Tensor, delta: Optional[dict], penalty: float) -> Tensor:
 
 
 class _Gradient:
-    """How the fit gets its gradient: "autograd" (through the model) or "spsa".  Autograd gives way to SPSA for
-    the rest of the fit where a pass through the model runs out of memory for it (a larger refining batch, say)."""
+    """How the fit gets its gradient: "autograd" (through the model; ``recompute``: each model call run again in
+    the backward pass instead of kept) or "spsa".  Where a pass through the model runs out of memory for the
+    gradient mid-fit (a larger refining batch, say), autograd recomputes from then on, and where that runs out too,
+    SPSA takes over for the rest of the fit."""
 
-    def __init__(self, name: str, say: Callable[[str], None]):
-        self.name, self.say, self.ran_out = name, say, False
+    def __init__(self, name: str, recompute: bool, say: Callable[[str], None]):
+        self.name, self.recompute, self.say, self.ran_out = name, recompute, say, False
 
     def __str__(self) -> str:
-        return self.name
+        return self.name + (" (each model call run again in the backward pass)" if self.recompute else "")
 
     def ran_out_of_memory(self, exc: BaseException, batch: int) -> None:
-        self.say(f"calibration: no memory for a backward pass through the model on {batch} noises "
-                 f"({_first_line(exc)}); going on by SPSA (two evaluations per iteration, nothing kept for a "
+        what = f"no memory for a backward pass through the model on {batch} noises ({_first_line(exc)})"
+        if not self.recompute:
+            self.say(f"calibration: {what}; running each model call again in the backward pass from now on")
+            self.recompute = True
+            return
+        self.say(f"calibration: {what}; going on by SPSA (two evaluations per iteration, nothing kept for a "
                  "backward pass)")
-        self.name, self.ran_out = "spsa", True
+        self.name, self.recompute, self.ran_out = "spsa", False, True
 
 
 def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, iterations: int, lr: float,
@@ -788,6 +831,7 @@ def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, 
         return loss, u.detach().clone(), None if delta is None else {k: d.detach().clone() for k, d in delta.items()}
 
     opt = _Adam(params, lr, max(iterations, 1))
+    student.recompute = mode.recompute
     with torch.no_grad():
         best = snapshot(float(student.loss(u, form, delta, sel_idx)))
     gen = torch.Generator().manual_seed(0)
@@ -807,6 +851,7 @@ def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, 
                 if not _out_of_memory(exc):
                     raise
                 mode.ran_out_of_memory(exc, student.x0.shape[0])
+                student.recompute = mode.recompute
                 continue
             calls["backward_passes"] += steps
         elif not _spsa_gradient(params, lambda: _penalised(student.loss(u, form, delta, fit_idx), delta, penalty),
@@ -849,22 +894,30 @@ def _resumed(best: tuple) -> tuple:
 
 
 def _gradient_mode(gradient: str, student: _Student, u: Tensor, form: tuple, delta, fit_idx, s_min: float,
-                   say) -> str:
-    if gradient not in ("auto", "autograd", "spsa"):
-        raise ValueError(f"gradient: must be 'auto', 'autograd' or 'spsa', got {gradient!r}")
+                   say) -> tuple[str, bool]:
+    """(the way the fit gets its gradient, whether each model call is run again in the backward pass)."""
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient: must be one of {', '.join(map(repr, GRADIENTS))}, got {gradient!r}")
     if gradient == "spsa":
-        return gradient
+        return gradient, False
     student.begin_solve()
-    blocker = _call_blocker(student.denoiser, student.x0, 4 * s_min) or \
-        _gradient_blocker(lambda: student.loss(u, form, delta, fit_idx))
+    student.recompute = gradient == "recompute"
+    blocker = _call_blocker(student.denoiser, student.x0, 4 * s_min)
+    if blocker is None:  # one call gives a gradient: does a solve's worth of calls?
+        blocker = _gradient_blocker(lambda: student.loss(u, form, delta, fit_idx))
+        if blocker is not None and blocker.startswith(_NO_MEMORY) and not student.recompute:
+            say(f"calibration: {blocker}; running each model call again in the backward pass instead of keeping "
+                "it")
+            student.recompute = True
+            blocker = _gradient_blocker(lambda: student.loss(u, form, delta, fit_idx))
     if blocker is None:
-        return "autograd"
-    if gradient == "autograd":
-        raise KSamplerInputError(f"gradient: 'autograd' needs a gradient through the model, and this model gives none "
-                                 f"({blocker}); use gradient='auto' or 'spsa'")
+        return "autograd", student.recompute
+    if gradient != "auto":
+        raise KSamplerInputError(f"gradient: {gradient!r} needs a gradient through the model, and this model gives "
+                                 f"none ({blocker}); use gradient='auto' or 'spsa'")
     say(f"calibration: the model gives no gradient here ({blocker}); fitting with SPSA (two evaluations per "
         "iteration) instead of autograd")
-    return "spsa"
+    return "spsa", False
 
 
 def _check_noise(name: str, noise) -> None:
@@ -957,8 +1010,10 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     teacher_sigma_min: where the teacher's fine solve stops and denoises (default sigma_min); lower it for a model
         that is valid below its sigma_min (an analytic one), so that the fit also learns the last stretch to 0.
     max_denoise: the start is scaled like ComfyUI's txt2img (sqrt(1 + sigma^2) for eps models); False: sigma.
-    gradient: "autograd" (through the model), "spsa" (derivative-free: two evaluations per iteration, for a model
-        that gives no gradient) or "auto" (autograd when the model gives one, else SPSA, and it says so).
+    gradient: "autograd" (through the model), "recompute" (autograd keeping one model call's activations at a
+        time: each call runs again in the backward pass, one more model call per step), "spsa" (derivative-free:
+        two evaluations per iteration, for a model that gives no gradient) or "auto" (autograd when the model gives
+        one, recomputing where keeping every call runs out of memory, else SPSA; it says which).
     refine_noise: more fitting noise [B', ...] (B' several times B; never the evaluation noise): the fit then
         continues on it (``REFINE``: its own teacher solve, then ``REFINE["iterations"]`` iterations at a smaller
         step size), keeping the iterate best on it, the unrefined one included.
@@ -1051,8 +1106,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
         runs = [_run(start, steps, order, order > 1 and fit_coefficients, shift, fit_last_step)
                 for start in _starts(student, ms, steps, hi, lo, fit_idx, corrector)]
         if mode is None:
-            mode = _Gradient(_gradient_mode(gradient, student, runs[0]["u"], runs[0]["form"], runs[0]["delta"],
-                                            fit_idx, s_min, say), say)
+            mode = _Gradient(*_gradient_mode(gradient, student, runs[0]["u"], runs[0]["form"], runs[0]["delta"],
+                                             fit_idx, s_min, say), say)
         race = iterations // 3 if len(runs) > 1 else 0
         if plan["total"] is None:  # the later fits are planned alike (their forms' count may differ by one)
             per_fit = len(runs) * (race or iterations) + (iterations - race if race else 0)
@@ -1101,7 +1156,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                  "iterations": iterations, "lr": lr, "selection": selection,
                  "coefficient_penalty": coefficient_penalty, "fit_last_step": bool(fit_last_step),
                  "teacher_steps": teacher_steps, "teacher_sigma_min": t_min, "fit_noises": int(noise.shape[0]),
-                 "gradient": "autograd, then spsa" if mode.ran_out else mode.name,
+                 "gradient": "autograd, then spsa" if mode.ran_out else mode.name, "recompute": mode.recompute,
                  "model_calls": calls["forward"], "backward_passes": calls["backward_passes"],
                  "seconds": round(seconds, 3), "rms_start": won["start"], "rms_fitted": final,
                  "sigma_min": s_min, "sigma_max": s_max, "model_sampling": model_sampling_record(ms)})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -784,40 +785,90 @@ def test_a_model_whose_backward_torch_refuses_is_fitted_by_spsa_and_says_why():
         fit_calibration(custom_op_model, ms, noise, 4, iterations=2, teacher_steps=40, gradient="autograd")
 
 
-def _short_of_memory(inner, most_items: int):
-    """``inner`` as a model on a device short of memory: a call that keeps what a backward pass needs (grad on,
-    an input that requires it) on more than ``most_items`` items fails as CUDA's allocator fails."""
-    def model(x, sigma, **kw):
-        if torch.is_grad_enabled() and (x.requires_grad or sigma.requires_grad) and x.shape[0] > most_items:
+class _Device:
+    """``inner`` as a model on a device with room for the activations of ``room`` items: a call with grad on (an
+    input requiring it) keeps its batch's worth until its output is freed (by the backward pass, or the pass
+    failing), and past the room it fails as CUDA's allocator fails."""
+
+    def __init__(self, inner, room: int):
+        self.inner, self.room, self.kept, self.most = inner, room, 0, 0
+
+    def __call__(self, x, sigma, **kw):
+        if not (torch.is_grad_enabled() and (x.requires_grad or sigma.requires_grad)):
+            return self.inner(x, sigma)
+        if self.kept + x.shape[0] > self.room:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return inner(x, sigma)
-    return model
+        out = self.inner(x, sigma)
+        self.kept += x.shape[0]
+        self.most = max(self.most, self.kept)
+        weakref.finalize(out, self._free, x.shape[0])
+        return out
+
+    def _free(self, items: int) -> None:
+        self.kept -= items
 
 
-def test_no_memory_for_a_gradient_makes_the_fit_go_on_by_spsa_and_say_so():
-    """A real model at a real size may have no room for what a backward pass through its calls keeps: the fit then
-    goes by SPSA (nothing kept), saying why, where it crashed in the gradient probe; and where only the larger
-    refining batch runs out, the fit gets so far by autograd and goes on by SPSA there."""
+def test_a_fit_short_of_memory_recomputes_each_call_in_the_backward_pass_then_goes_by_spsa():
+    """A real model at a real size may have no room for the activations of every model call of a solve, which a
+    backward pass through it needs.  The fit then runs each call again in the backward pass (keeping one call's
+    at a time), and where even one call's do not fit, goes by SPSA (nothing kept); it says which, where it raised
+    the out-of-memory error before.  Where only the larger refining batch runs out, the fit gets that far as it
+    was and goes down the same ladder there."""
     ms = EPS()
     inner = Mixture2D(ms)
     noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     opts = {"iterations": 12, "teacher_steps": 40}
+    plain = fit_calibration(inner, ms, noise, 4, **opts)
+    assert plain.info["gradient"] == "autograd" and not plain.info["recompute"]
+    device = _Device(inner, room=32)  # two calls' worth of 16 noises: a 4-step solve keeps four
     messages = []
-    cal = fit_calibration(_short_of_memory(inner, 0), ms, noise, 4, log=messages.append, **opts)
+    cal = fit_calibration(device, ms, noise, 4, log=messages.append, **opts)
+    assert cal.info["gradient"] == "autograd" and cal.info["recompute"] and device.most <= 32
+    assert any("no memory for what a backward pass through its calls keeps" in m and "again in the backward" in m
+               for m in messages)
+    assert torch.allclose(cal.sigmas, plain.sigmas, rtol=1e-9, atol=0)  # the same gradient, by recomputing
+    messages.clear()
+    cal = fit_calibration(_Device(inner, room=8), ms, noise, 4, log=messages.append, **opts)  # not even one call
     assert cal.info["gradient"] == "spsa" and cal.info["backward_passes"] == 0
-    assert any("no memory for what a backward pass" in m and "out of memory" in m and "SPSA" in m for m in messages)
+    assert any("no memory for what a backward pass through one call keeps" in m and "SPSA" in m for m in messages)
     assert torch.equal(cal.sigmas, fit_calibration(inner, ms, noise, 4, gradient="spsa", **opts).sigmas)
     refine = torch.randn(64, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    # room for a plain solve on the 16 fitting noises, and for one call on the 64 refining noises: recomputing there
     messages.clear()
-    model = _short_of_memory(inner, 16)
-    cal = fit_calibration(model, ms, noise, 4, refine_noise=refine, log=messages.append, **opts)
-    plain = fit_calibration(inner, ms, noise, 4, **opts)  # the same fit by autograd until the refinement
-    assert cal.info["gradient"] == "autograd, then spsa"
-    assert cal.info["backward_passes"] == plain.info["backward_passes"]
-    assert any("no memory for a backward pass through the model on 64 noises" in m and "SPSA" in m for m in messages)
-    assert math.isfinite(cal.info["rms_refined"]) and cal.info["rms_refined"] <= cal.info["rms_fitted"] * 1.5
-    with pytest.raises(KSamplerInputError, match="gradient: 'autograd'.*no memory"):
-        fit_calibration(_short_of_memory(inner, 0), ms, noise, 4, gradient="autograd", **opts)
+    cal = fit_calibration(_Device(inner, 64), ms, noise, 4, refine_noise=refine, log=messages.append, **opts)
+    assert cal.info["gradient"] == "autograd" and cal.info["recompute"] and math.isfinite(cal.info["rms_refined"])
+    assert any("on 64 noises" in m and "again in the backward pass from now on" in m for m in messages)
+    assert not any("SPSA" in m for m in messages)
+    # room for three calls: recomputing from the start, then by SPSA on the refining noises
+    messages.clear()
+    cal = fit_calibration(_Device(inner, 48), ms, noise, 4, refine_noise=refine, log=messages.append, **opts)
+    assert cal.info["gradient"] == "autograd, then spsa" and math.isfinite(cal.info["rms_refined"])
+    assert any("again in the backward pass instead of keeping it" in m for m in messages)
+    assert any("on 64 noises" in m and "going on by SPSA" in m for m in messages)
+    # asked for autograd by name: recomputing is autograd too; no room even for one call is an input error
+    assert fit_calibration(_Device(inner, 32), ms, noise, 4, gradient="autograd", **opts).info["recompute"]
+    with pytest.raises(KSamplerInputError, match="gradient: 'autograd'.*no memory.*'auto' or 'spsa'"):
+        fit_calibration(_Device(inner, 8), ms, noise, 4, gradient="autograd", **opts)
+
+
+def test_recomputing_each_call_in_the_backward_pass_is_the_same_fit_at_one_more_call_per_step():
+    """gradient='recompute' asks for it by name: the fit of plain autograd (the same gradient), each of its
+    backward passes running the model once more per step (and the gradient probe's once), counted as model
+    calls."""
+    ms = EPS()
+    model = Mixture2D(ms)
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    opts = {"iterations": 9, "teacher_steps": 40}
+    plain = fit_calibration(model, ms, noise, 3, **opts)
+    recomputed = fit_calibration(model, ms, noise, 3, gradient="recompute", **opts)
+    assert recomputed.info["gradient"] == "autograd" and recomputed.info["recompute"]
+    assert torch.allclose(recomputed.sigmas, plain.sigmas, rtol=1e-9, atol=0)
+    assert torch.allclose(recomputed.coefficients, plain.coefficients, rtol=1e-9, atol=1e-12)
+    extra = recomputed.info["model_calls"] - plain.info["model_calls"]
+    assert recomputed.info["backward_passes"] == plain.info["backward_passes"] and extra == plain.info[
+        "backward_passes"] + 3
+    with pytest.raises(ValueError, match="gradient: must be one of 'auto', 'autograd', 'recompute', 'spsa'"):
+        fit_calibration(model, ms, noise, 3, gradient="checkpoint", **opts)
 
 
 def test_refining_on_more_noise_is_never_worse_there_and_counts_its_calls():
