@@ -634,27 +634,44 @@ REFINE = {"iterations": 150, "lr": 0.01}
 CORRECTOR_STEP = 0.2  # the corrector's rows move at a fifth of the predictor's rate (tuning split: steadier fits)
 
 
+class RecomputedCallDiffers(RuntimeError):
+    """A model call run again in the backward pass gave other values than in the forward pass (a model that keeps
+    state from call to call, such as ComfyUI's hook keyframes): a gradient through it would be silently wrong."""
+
+
 class _Recomputed(torch.autograd.Function):
-    """One model call that keeps nothing for the backward pass but its inputs, and runs again there (gradient
-    checkpointing, Chen et al. 2016): a fit through it keeps one call's activations at a time, not every step's."""
+    """One model call that keeps nothing for the backward pass but its inputs and output, and runs again there
+    (gradient checkpointing, Chen et al. 2016): a fit through it keeps one call's activations at a time, not every
+    step's.  The call must give the same values again (``RecomputedCallDiffers`` where it does not)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, sigma: Tensor, call: Callable) -> Tensor:
         ctx.call = call
-        ctx.save_for_backward(x, sigma)
         with torch.no_grad():
-            return call(x, sigma)
+            out = call(x, sigma)
+        ctx.save_for_backward(x, sigma, out)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, sigma = ctx.saved_tensors
+        x, sigma, first = ctx.saved_tensors
+        first = first.detach()
         needs = ctx.needs_input_grad[:2]
         with torch.enable_grad():
             inputs = [t.detach().requires_grad_(need) for t, need in zip((x, sigma), needs)]
             out = ctx.call(*inputs)
+            gap = float((out.detach() - first).abs().max()) if out.shape == first.shape else math.inf
+            if not gap <= RECOMPUTE_TOLERANCE * float(first.float().square().mean().sqrt()) + 1e-12:
+                raise RecomputedCallDiffers(f"the model gave other values when a call ran again (largest difference "
+                                            f"{gap:.3g}): it keeps state from call to call")
             wanted = [t for t in inputs if t.requires_grad]
             grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True) if wanted else ())
         return (*(next(grads) if need else None for need in needs), None)
+
+
+# the largest difference, relative to the output's RMS, between a call and the same call run again (a GPU kernel
+# may differ in its last bits; a model that keeps state from call to call differs far more)
+RECOMPUTE_TOLERANCE = 1e-3
 
 
 def _recomputing(denoiser: Denoiser) -> Denoiser:
@@ -818,6 +835,10 @@ class _Gradient:
                  "backward pass)")
         self.name, self.recompute, self.ran_out = "spsa", False, True
 
+    def cannot_recompute(self, exc: BaseException) -> None:
+        self.say(f"calibration: {exc}; going on by SPSA (two evaluations per iteration)")
+        self.name, self.recompute, self.ran_out = "spsa", False, True
+
 
 def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, iterations: int, lr: float,
               mode: "_Gradient", fit_idx, sel_idx, calls: dict, steps: int, penalty: float = 0.0,
@@ -848,9 +869,12 @@ def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, 
                         break
                     loss.backward()
             except RuntimeError as exc:
-                if not _out_of_memory(exc):
+                if isinstance(exc, RecomputedCallDiffers):
+                    mode.cannot_recompute(exc)
+                elif _out_of_memory(exc):
+                    mode.ran_out_of_memory(exc, student.x0.shape[0])
+                else:
                     raise
-                mode.ran_out_of_memory(exc, student.x0.shape[0])
                 student.recompute = mode.recompute
                 continue
             calls["backward_passes"] += steps

@@ -871,6 +871,35 @@ def test_recomputing_each_call_in_the_backward_pass_is_the_same_fit_at_one_more_
         fit_calibration(model, ms, noise, 3, gradient="checkpoint", **opts)
 
 
+def test_a_model_that_keeps_state_from_call_to_call_is_not_fitted_by_recomputing():
+    """Recomputing runs each call again in the backward pass, in another order; a model whose output depends on
+    the calls before (as ComfyUI's hook keyframes step on as the sigmas fall) would then give a gradient through
+    other values, silently wrong.  The recomputed call is compared with the first: where they differ, a fit short
+    of memory goes by SPSA saying why, and gradient='recompute' by name is an input error."""
+    ms = EPS()
+    inner = Mixture2D(ms)
+    calls = [0]
+
+    def stateful(x, sigma, **kw):
+        calls[0] += 1
+        return inner(x, sigma) * (1 + 0.01 * (calls[0] % 2))
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    opts = {"iterations": 6, "teacher_steps": 40}
+    with pytest.raises(KSamplerInputError, match="gradient: 'recompute'.*other values when a call ran again"):
+        fit_calibration(stateful, ms, noise, 4, gradient="recompute", **opts)
+    messages = []
+    cal = fit_calibration(_Device(stateful, room=32), ms, noise, 4, log=messages.append, **opts)
+    assert cal.info["gradient"] == "spsa" and any("keeps state from call to call" in m and "SPSA" in m
+                                                  for m in messages)
+    # the same call again within the tolerance (a GPU kernel's last bits) is not a difference
+    jitter = [0]
+
+    def last_bits(x, sigma, **kw):
+        jitter[0] += 1
+        return inner(x, sigma) * (1 + 1e-9 * (jitter[0] % 2))
+    assert fit_calibration(last_bits, ms, noise, 4, gradient="recompute", **opts).info["recompute"]
+
+
 def test_refining_on_more_noise_is_never_worse_there_and_counts_its_calls():
     ms = EPS()
     model = Mixture2D(ms)

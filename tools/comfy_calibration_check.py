@@ -10,9 +10,10 @@ and our KSampler must again agree; a fit refined on 8 more noises (``refine_nois
 written by one load of the checkpoint must load, without fitting, for a fresh load with an empty cache (as after a
 restart); FreeU (RescaleCFG on SD3), a model sampling override (ModelSamplingDiscrete, ModelSamplingSD3) and LoRA-
 style weight patches must each get a fit of their own; a calibration_file outside ComfyUI's output folder must be
-refused; with a ControlNet in the conditioning (SD1.5), a calibration file must load after a restart and be refused
-for another hint; ComfyUI's progress hook must see a fit's iterations
-one by one, and a stop request (interrupt_current_processing) must end the fit at the next one; with hooks on the
+refused; a fit recomputing each model call in its backward pass (as one short of memory does) must be the same
+fit, its extra model calls counted; with a ControlNet in the conditioning (SD1.5), a calibration file must load
+after a restart and be refused for another hint; ComfyUI's progress hook must see a fit's iterations one by one,
+and a stop request (interrupt_current_processing) must end the fit at the next one; with hooks on the
 conditioning (SD1.5: keyframed and not), the fit must follow them (``_hooks_check``); EasyCache and LazyCache on the
 model must share the plain model's fit (``_step_cache_check``); a ControlNet on a UNet with a middle block must be
 fitted by autograd (``_controlnet_gradient_check``); a tiny Wan 2.1, whose rotary embedding torch cannot
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import importlib.util
 import io
@@ -539,6 +541,22 @@ def main() -> int:
     print(f"a calibration used on the other model refused before a model call (KSampler, SamplerCustom; SD1.5's on "
           f"SD3, SD3's on SD1.5): {refused}")
     failures += not all(refused)
+    # each model call run again in the backward pass (as a fit short of memory does): the same fit, its extra
+    # model calls counted (one per step of each backward pass, and of the gradient probe's)
+    model, pos, neg, latent, cal = runs["sd15_eps"][:5]
+    comfy_calibration = importlib.import_module("ksampler_pack.comfy_calibration")
+    sys.modules["ksampler_pack.calibration"].clear_cache()
+    with torch.inference_mode(), _patched(comfy_calibration, "fit_calibration",
+                                          functools.partial(comfy_calibration.fit_calibration, gradient="recompute")):
+        recomputed = classes["ksampler_CalibratedScheduler"]().calibrate(
+            model, pos, neg, latent, args.steps, 5.0, fit_noises=4, iterations=args.iterations,
+            teacher_steps=args.teacher_steps)[2]
+    same_fit = (recomputed.info["recompute"] and torch.allclose(recomputed.sigmas, cal.sigmas, rtol=1e-5)
+                and recomputed.info["model_calls"]
+                == cal.info["model_calls"] + cal.info["backward_passes"] + args.steps)
+    print(f"sd15_eps recomputing each model call in the backward pass: the same fit, {recomputed.info['model_calls']} "
+          f"model calls against {cal.info['model_calls']} (+ one per step of each backward pass): {same_fit}")
+    failures += not same_fit
     outside = os.path.join(tempfile.gettempdir(), "ksampler_outside.safetensors")
     model, pos, neg, latent = runs["sd15_eps"][:4]
     try:
