@@ -229,11 +229,11 @@ def differentiable_rotary(log=default_log):
     said = []
 
     def stand_in(name: str):
-        def rotate(*args):
+        def rotate(*args, **kwargs):
             if not said:  # said once, where the model runs one (an SD1.5 UNet, say, runs none)
                 said.append(log("calibration: the model's rotary embedding runs comfy_kitchen's ops, which have no "
                                 "gradient; the fit runs the same rotation in torch"))
-            return _ROTARY_STAND_INS[name](*args)
+            return _ROTARY_STAND_INS[name](*args, **kwargs)
         return rotate
     for module, name, _ in swapped:
         setattr(module, name, stand_in(name))
