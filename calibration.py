@@ -842,10 +842,11 @@ class _Gradient:
 
 def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, iterations: int, lr: float,
               mode: "_Gradient", fit_idx, sel_idx, calls: dict, steps: int, penalty: float = 0.0,
-              tick: Optional[Callable[[], None]] = None) -> tuple:
+              tick: Optional[Callable[[], None]] = None, record: Optional[dict] = None) -> tuple:
     """Adam on (u, delta) with the gradient from the items ``fit_idx`` (of the loss ``_penalised`` by ``penalty``);
     returns (loss, u, delta) of the iterate with the lowest plain loss on the items ``sel_idx``, checked every 10
-    iterations (the start included).  ``tick()`` is called before each iteration."""
+    iterations (the start included; its loss goes to ``record["start_selected"]``).  ``tick()`` is called before
+    each iteration."""
     params = [u] + list((delta or {}).values())
 
     def snapshot(loss: float) -> tuple:
@@ -855,6 +856,8 @@ def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, 
     student.recompute = mode.recompute
     with torch.no_grad():
         best = snapshot(float(student.loss(u, form, delta, sel_idx)))
+    if record is not None:
+        record["start_selected"] = best[0]
     gen = torch.Generator().manual_seed(0)
     for it in range(iterations):
         if tick is not None:
@@ -898,9 +901,9 @@ def _race(student: _Student, runs: list, race: int, iterations: int, lr: float, 
     for run in runs:
         say(f"calibration: fitting {steps} steps (order {student.order}) from {run['name']} by {mode}"
             + (f" ({race} iterations, then the better of the two forms goes on)" if race else "")
-            + f"; start RMS to the teacher {run['start']:.4g}")
+            + f"; start RMS to the teacher on the gradient's noises {run['start']:.4g}")
         run["best"] = _optimise(student, run["u"], run["delta"], run["form"], race or iterations, lr, mode, fit_idx,
-                                sel_idx, calls, steps, penalty, tick)
+                                sel_idx, calls, steps, penalty, tick, record=run)
     won = min(runs, key=lambda r: r["best"][0])
     if race:
         say(f"calibration: {won['name']} leads (RMS {won['best'][0]:.4g} against "
@@ -1182,7 +1185,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                  "teacher_steps": teacher_steps, "teacher_sigma_min": t_min, "fit_noises": int(noise.shape[0]),
                  "gradient": "autograd, then spsa" if mode.ran_out else mode.name, "recompute": mode.recompute,
                  "model_calls": calls["forward"], "backward_passes": calls["backward_passes"],
-                 "seconds": round(seconds, 3), "rms_start": won["start"], "rms_fitted": final,
+                 "seconds": round(seconds, 3), "rms_start": won["start_selected"], "rms_fitted": final,
                  "sigma_min": s_min, "sigma_max": s_max, "model_sampling": model_sampling_record(ms)})
     if candidate_rms is not None:
         meta.update({"candidates": len(candidate_rms), "candidate_rms": candidate_rms,
@@ -1191,7 +1194,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
         meta.update({"refine_noises": int(refine_noise.shape[0]), "refine_iterations": refine_iterations,
                      "refine_lr": REFINE["lr"], "rms_refined": refined[0]})
     say(f"calibration: done in {seconds:.1f}s, {calls['forward']} model calls + {calls['backward_passes']} "
-        f"backward passes; RMS to the teacher {won['start']:.4g} -> {final:.4g}"
+        f"backward passes; RMS to the teacher {won['start_selected']:.4g} -> {final:.4g}"
         + ("" if refined is None else f" (on the {refine_noise.shape[0]} refining noises: {refined[0]:.4g})"))
     cal = Calibration(_descending_float32(sig), c.detach().to(torch.float64), meta,
                       None if cc is None else cc.detach().to(torch.float64), shifts)

@@ -54,6 +54,8 @@ def test_fitting_beats_its_start_on_unseen_noise(ms, corrector):
     assert cal.info["race"] == (20 if corrector else 0)  # with a corrector: a third of the iterations race the forms
     assert corrector or cal.corrector is None
     assert cal.info["gradient"] == "autograd" and cal.info["model_calls"] == model.calls > 0  # the cost is exact
+    # the RMS before and after the fit are on the same noises (those that pick the iterate kept), so never worse
+    assert cal.info["rms_fitted"] <= cal.info["rms_start"]
 
     noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     x0 = ms.noise_scaling(torch.tensor(float(ms.sigma_max)), noise, torch.zeros_like(noise), True)
@@ -739,7 +741,7 @@ def test_a_model_without_gradient_is_fitted_by_spsa_and_says_so():
     cal = fit_calibration(no_grad_model, ms, noise, 4, iterations=30, teacher_steps=40, log=messages.append)
     assert cal.info["gradient"] == "spsa" and any("SPSA" in m for m in messages)
     assert cal.info["backward_passes"] == 0
-    assert cal.info["rms_fitted"] <= cal.info["rms_start"] * 1.05
+    assert cal.info["rms_fitted"] <= cal.info["rms_start"]  # both on the selection noises: never worse
     # a forward that changes in place a tensor its backward needs (ComfyUI's ControlNet path adds its residuals
     # so) gives no usable gradient either: SPSA, said so, not a crash in the backward pass
 
@@ -777,7 +779,7 @@ def test_a_model_whose_backward_torch_refuses_is_fitted_by_spsa_and_says_why():
     cal = fit_calibration(custom_op_model, ms, noise, 4, iterations=30, teacher_steps=40, log=messages.append)
     assert cal.info["gradient"] == "spsa" and cal.info["backward_passes"] == 0
     assert any("no autograd formula" in m and "SPSA" in m for m in messages)
-    assert cal.info["rms_fitted"] <= cal.info["rms_start"] * 1.05
+    assert cal.info["rms_fitted"] <= cal.info["rms_start"]  # both on the selection noises: never worse
     plain = fit_calibration(inner, ms, noise, 4, iterations=30, teacher_steps=40, gradient="spsa")
     assert torch.equal(cal.sigmas, plain.sigmas)  # the same fit as SPSA asked for: the op changes no value
     # asked for autograd by name, the same model gets an input error saying what to pass instead

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import importlib.util
 import json
 import os
 import resource
@@ -40,19 +39,14 @@ def fit_once(way: str, model_key: str, steps: int, side: int) -> dict:
     nodes = harness_env.bootstrap_comfy(harness_env.env_path("COMFYUI_DIR", None),
                                         harness_env.env_path("COMFY_MODELS"))
     import torch
-    spec = importlib.util.spec_from_file_location("ksampler_pack", os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["ksampler_pack"] = pack
-    spec.loader.exec_module(pack)
-    classes = sys.modules["ksampler_pack.nodes"].NODE_CLASS_MAPPINGS
+    from comfy_extra_parity import load_pack, tiny_wan
+    classes = load_pack()
     comfy_calibration = importlib.import_module("ksampler_pack.comfy_calibration")
     if way == "recompute":
         comfy_calibration.fit_calibration = functools.partial(comfy_calibration.fit_calibration,
                                                               gradient="recompute")
     torch.set_num_threads(1)
     if model_key == "wan21":
-        from comfy_extra_parity import tiny_wan
         model = tiny_wan()
         pos = [[torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(1)), {}]]
         neg = [[torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(2)), {}]]
