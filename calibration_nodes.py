@@ -120,6 +120,8 @@ def _in_output_folder(path: str, log=default_log) -> str:
     if not inside:
         raise KSamplerInputError(f"calibration_file: {path!r} is outside ComfyUI's output folder {root}; inside "
                                  "ComfyUI calibration files are read and written there: give a path relative to it")
+    if "\x00" in path or not path.endswith(".safetensors"):
+        return resolved  # check_calibration_path says what is wrong with it, before any folder is made
     try:  # a subfolder, as ComfyUI's Save Image makes one
         os.makedirs(os.path.dirname(resolved), exist_ok=True)
     except OSError as exc:

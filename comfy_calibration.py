@@ -231,8 +231,9 @@ def differentiable_rotary(log=default_log):
     def stand_in(name: str):
         def rotate(*args, **kwargs):
             if not said:  # said once, where the model runs one (an SD1.5 UNet, say, runs none)
-                said.append(log("calibration: the model's rotary embedding runs comfy_kitchen's ops, which have no "
-                                "gradient; the fit runs the same rotation in torch"))
+                log("calibration: the model's rotary embedding runs comfy_kitchen's ops, which have no gradient; the "
+                    "fit runs the same rotation in torch")
+                said.append(name)
             return _ROTARY_STAND_INS[name](*args, **kwargs)
         return rotate
     for module, name, _ in swapped:

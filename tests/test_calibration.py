@@ -1145,6 +1145,10 @@ def test_inside_comfyui_a_calibration_file_lives_in_its_output_folder(tmp_path, 
         with pytest.raises(KSamplerInputError, match="^calibration_file: .*outside ComfyUI's output folder"):
             CalibratedScheduler().calibrate(model, pos, neg, latent, 3, 3.0, calibration_file=outside, **opts)
     assert not (tmp_path / "a.safetensors").exists() and not (started_in / "a.safetensors").exists()
+    for bad, why in (("sub\x00/a.safetensors", "NUL"), ("new/a.txt", "must end in .safetensors")):
+        with pytest.raises(KSamplerInputError, match=f"^calibration_file: .*{why}"):
+            CalibratedScheduler().calibrate(model, pos, neg, latent, 3, 3.0, calibration_file=bad, **opts)
+    assert not (output / "new").exists()  # no folder made for a path refused
     (output / "taken.safetensors").write_bytes(b"")  # a file where a folder would have to be
     with pytest.raises(KSamplerInputError, match="^calibration_file: cannot make the folder .*taken.safetensors"):
         CalibratedScheduler().calibrate(model, pos, neg, latent, 3, 3.0,
