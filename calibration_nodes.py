@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 
 from .calibration import REFINE, check_calibration_path, default_log
+from .graph_checks import MODEL_TYPES
 from .node_schema import In, NodeSpec, Out, host_folder, v1_node
 from .validation import MAX_SEED, KSamplerInputError, check_float, check_int
 
@@ -22,7 +23,7 @@ __all__ = ["CalibratedScheduler", "CALIBRATION_NODES"]
     description="Fits the sigmas and a multistep sampler to this model and conditioning once (cached; it says "
                 "when it fits) for SamplerCustom or the ksampler KSampler's calibration input.",
     inputs=(
-        In("model", "MODEL", "The model to calibrate to."),
+        In("model", MODEL_TYPES, "The model to calibrate to (a ComfyUI model or the bundled one)."),
         In("positive", "CONDITIONING", "The positive conditioning the sampler will use."),
         In("negative", "CONDITIONING", "The negative conditioning the sampler will use."),
         In("latent_image", "LATENT", "The (empty) latent to sample: only its shape is used."),
@@ -39,8 +40,9 @@ __all__ = ["CalibratedScheduler", "CALIBRATION_NODES"]
         In("teacher_steps", "INT", "Steps of the fine reference solve the fit matches.", default=100, min=10,
            max=1000, optional=True),
         In("calibration_file", "STRING", "Optional .safetensors path: loaded when it holds this calibration, else "
-           "written after fitting. Inside ComfyUI it is relative to ComfyUI's output folder and stays in it; "
-           "headless (python -m ksampler run) it is a path as given.", default="", optional=True),
+           "written after fitting. Inside ComfyUI it is relative to ComfyUI's output folder and stays in it; in a "
+           "workflow run headless (python -m ksampler run) it is relative to the workflow file's folder.", default="",
+           optional=True),
         In("eta", "FLOAT", "0 follows the ODE the fit matched (closest to a fine solve). Above 0 each step re-noises "
            "as an ancestral sampler does (1: fully, as euler_ancestral), from the sampling seed; no refit.",
            default=0.0, min=0.0, max=1.0, step=0.05, optional=True),
@@ -52,6 +54,7 @@ __all__ = ["CalibratedScheduler", "CALIBRATION_NODES"]
         In("fit_candidates", "INT", "1: one fit. Else (with refine_noises) this many fits, each from fitting noises "
            "of its own and each refined, keeping the one best on the refining noises; costs that many fits.",
            default=1, min=1, max=4, optional=True)),
+    hidden={"base_dir": "KSAMPLER_BASE_DIR"},
     outputs=(Out("SIGMAS", "The fitted sigmas, descending, ending in 0.", "sigmas"),
              Out("SAMPLER", "The fitted multistep sampler, with its corrector if the fit chose one and the "
                  "fitted sigmas of its first and last model calls, run at eta (for SamplerCustom).", "sampler"),
@@ -62,7 +65,7 @@ class CalibratedScheduler:
 
     def calibrate(self, model, positive, negative, latent_image, steps, cfg, order=3, fit_noises=8, fit_seed=0,
                   iterations=100, teacher_steps=100, calibration_file="", eta=0.0, refine_noises=0,
-                  fit_candidates=1):
+                  fit_candidates=1, base_dir=None):
         from .calibration import check_eta
         from .nodes import is_comfy_model
 
@@ -79,7 +82,7 @@ class CalibratedScheduler:
             raise KSamplerInputError("calibration_file: expected a path string (or empty)")
         path = calibration_file.strip() or None
         if path is not None:
-            path = check_calibration_path("calibration_file", _in_output_folder(path))
+            path = check_calibration_path("calibration_file", _in_output_folder(path, base_dir))
         in_host = "comfy.samplers" in sys.modules
         options = {"order": order, "fit_noises": fit_noises, "seed": fit_seed, "iterations": iterations,
                    "teacher_steps": teacher_steps, "refine_noises": refine_noises,
@@ -104,13 +107,14 @@ class CalibratedScheduler:
         return cal.sigmas.clone(), sampler, cal
 
 
-def _in_output_folder(path: str, log=default_log) -> str:
+def _in_output_folder(path: str, base_dir=None, log=default_log) -> str:
     """Inside the ComfyUI server a calibration file lives in ComfyUI's output folder, as the files its own nodes
     write do: a relative path is taken there (its subfolders made as needed), and a path outside it is refused.
-    Headless the path is as given."""
+    In a workflow run headless a relative path is taken in the workflow file's folder (``base_dir``, as the
+    bundled Load Image takes its path); called from Python it is as given."""
     root = host_folder("output")
     if root is None:
-        return path
+        return os.path.join(base_dir, path) if base_dir and not os.path.isabs(path) else path
     root = os.path.abspath(root)
     resolved = os.path.abspath(os.path.join(root, path))
     try:

@@ -18,11 +18,15 @@ from .conditioning.validate import KSamplerInputError, check_conditioning
 from .validation import check_latent
 
 __all__ = ["ModelSpec", "check_graph", "check_latent_fits", "check_conditioning_fits", "headless_spec",
-           "describe_latent", "BUNDLED_MODEL_TYPE", "BUNDLED_CLIP_TYPE", "BUNDLED_VAE_TYPE", "BUNDLED_LATENT_KEY"]
+           "describe_latent", "BUNDLED_MODEL_TYPE", "MODEL_TYPES", "BUNDLED_CLIP_TYPE", "BUNDLED_VAE_TYPE",
+           "BUNDLED_LATENT_KEY"]
 
 # The bundled loader's outputs are other objects than ComfyUI's MODEL / CLIP / VAE, so they get types of their
 # own: the editor then refuses to link them into ComfyUI's nodes (our KSampler takes both kinds of MODEL).
 BUNDLED_MODEL_TYPE = "KSAMPLER_BUNDLED_MODEL"
+# a node input taking ComfyUI's MODEL or the bundled one (a comma-separated list: the editor and the server accept
+# either)
+MODEL_TYPES = f"MODEL,{BUNDLED_MODEL_TYPE}"
 BUNDLED_CLIP_TYPE = "KSAMPLER_BUNDLED_CLIP"
 BUNDLED_VAE_TYPE = "KSAMPLER_BUNDLED_VAE"
 # set on the bundled nodes' latents: they are pixels in [-1, 1], not a VAE latent, even when all zero

@@ -17,7 +17,7 @@ import sys
 
 from .conditioning.schedule import RAMPS, SIGMA_UNBOUNDED, GuidanceSchedule
 from .node_schema import In, NodeSpec, Out, v1_node, v3_node
-from .graph_checks import BUNDLED_MODEL_TYPE
+from .graph_checks import MODEL_TYPES
 from .samplers import COMFY_SAMPLER_NAMES, SAMPLERS
 from .samplers.reference import default_reference_mode, reference_mode_from_input
 from .sampling_pass import PREVIEWS, check_preview
@@ -31,8 +31,6 @@ __all__ = ["KSampler", "KSamplerAdvanced", "KSamplerTwoModels", "SamplerOptions"
            "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "is_comfy_model", "v3_nodes"]
 
 CATEGORY = "sampling"
-# ComfyUI's MODEL or the bundled one (a comma-separated list: the editor and the server accept either)
-MODEL_TYPES = f"MODEL,{BUNDLED_MODEL_TYPE}"
 
 
 def _extras_note(names, comfy_names, what: str) -> str:

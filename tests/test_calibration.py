@@ -1162,3 +1162,39 @@ def test_inside_comfyui_a_calibration_file_lives_in_its_output_folder(tmp_path, 
     clear_cache()
     CalibratedScheduler().calibrate(model, pos, neg, latent, 3, 3.0, calibration_file="b.safetensors", **opts)
     assert os.path.isfile(started_in / "b.safetensors") and not (output / "b.safetensors").exists()
+
+
+def test_in_a_headless_workflow_a_calibration_file_is_relative_to_the_workflow(tmp_path, monkeypatch):
+    """``python -m ksampler run wf.json`` takes a relative calibration_file in the workflow file's folder, as the
+    bundled Load Image takes its path, wherever it is run from; an absolute path is as given."""
+    import json
+    import os
+    from ksampler.workflow import run_workflow
+    folder, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    folder.mkdir(), elsewhere.mkdir()
+    graph = {
+        "1": {"class_type": "ksampler_CheckpointLoader", "inputs": {"ckpt_name": "flow"}},
+        "2": {"class_type": "ksampler_TextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}},
+        "3": {"class_type": "ksampler_TextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "ksampler_EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}},
+        "5": {"class_type": "ksampler_CalibratedScheduler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "steps": 2,
+            "cfg": 3.0, "fit_noises": 4, "iterations": 1, "teacher_steps": 10,
+            "calibration_file": "cals/fit.safetensors"}},
+        "6": {"class_type": "ksampler_KSampler", "inputs": {
+            "model": ["1", 0], "seed": 1, "steps": 2, "cfg": 3.0, "sampler_name": "euler", "scheduler": "karras",
+            "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0,
+            "calibration": ["5", 2]}},
+        "7": {"class_type": "ksampler_VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "ksampler_SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "t"}}}
+    (folder / "cals").mkdir()
+    (folder / "wf.json").write_text(json.dumps(graph))
+    monkeypatch.chdir(elsewhere)
+    clear_cache()
+    run_workflow(str(folder / "wf.json"), output_dir=str(tmp_path / "out"))
+    assert (folder / "cals" / "fit.safetensors").is_file() and not (elsewhere / "cals").exists()
+    graph["5"]["inputs"]["calibration_file"] = str(tmp_path / "absolute.safetensors")
+    (folder / "wf.json").write_text(json.dumps(graph))
+    clear_cache()
+    run_workflow(str(folder / "wf.json"), output_dir=str(tmp_path / "out"))
+    assert os.path.isfile(tmp_path / "absolute.safetensors")
