@@ -16,6 +16,7 @@ new optional inputs at the end, KSampler+ (Two Models) and Sampler Options+; the
 * the fit logged as "by autograd", not SPSA (the checkpoint's weights, loaded in inference mode, copied for it);
 * the Calibrated Scheduler+ with keyframed hooks on both prompts (ComfyUI's hook nodes), fitted by SPSA saying why,
   and on a model with EasyCache or LazyCache, fitted without it saying so;
+* the Calibrated Scheduler+ on the bundled model into our KSampler's calibration input;
 * a calibration_file written under the server's output folder, and one outside it refused naming the input;
 * Sampler Options+ with an option given twice, which must fail naming both values;
 * a long calibration fit interrupted (POST /interrupt) 5 s into its run: it ends within seconds as
@@ -87,6 +88,25 @@ def calibration_graph(m, refine_noises: int, fit_candidates=None):
     g["6"] = {"class_type": "SamplerCustom", "inputs": {
         "model": ["1", 0], "add_noise": True, "noise_seed": 5, "cfg": 4.0, "positive": ["2", 0],
         "negative": ["3", 0], "sampler": ["5", 1], "sigmas": ["5", 0], "latent_image": ["4", 0]}}
+    g["9"] = {"class_type": "HarnessLatentStats", "inputs": {"samples": ["6", 0]}}
+    return g
+
+
+def bundled_calibration_graph():
+    """The bundled model fitted by the Calibrated Scheduler+ (its calibration_file in a subfolder of the output
+    folder) and sampled by our KSampler with the calibration."""
+    g = {"1": {"class_type": "ksampler_CheckpointLoader", "inputs": {"ckpt_name": "flow"}},
+         "2": {"class_type": "ksampler_TextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}},
+         "3": {"class_type": "ksampler_TextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+         "4": {"class_type": "ksampler_EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 1}}}
+    g["5"] = {"class_type": "ksampler_CalibratedScheduler", "inputs": {
+        "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "steps": 3,
+        "cfg": 4.0, "fit_noises": 4, "iterations": 2, "teacher_steps": 10,
+        "calibration_file": "ksampler_check/bundled.safetensors"}}
+    g["6"] = {"class_type": "ksampler_KSampler", "inputs": {
+        "model": ["1", 0], "seed": 3, "steps": 3, "cfg": 4.0, "sampler_name": "euler", "scheduler": "karras",
+        "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0,
+        "calibration": ["5", 2]}}
     g["9"] = {"class_type": "HarnessLatentStats", "inputs": {"samples": ["6", 0]}}
     return g
 
@@ -251,6 +271,11 @@ def main(argv=None) -> int:
         written = os.path.join(work, "output", "ksampler_check", "flow.safetensors")
         expect("Calibrated Scheduler+ with calibration_file 'ksampler_check/flow.safetensors': written under the "
                "server's output folder (the subfolder made)", res["ok"] and os.path.isfile(written),
+               res.get("error", "") or written)
+        res = e2e.run_graph(server.base, bundled_calibration_graph(), 300)
+        written = os.path.join(work, "output", "ksampler_check", "bundled.safetensors")
+        expect("Calibrated Scheduler+ on the bundled model (its own MODEL type), into our KSampler's calibration "
+               "input, its file under the output folder", res["ok"] and os.path.isfile(written),
                res.get("error", "") or written)
         saved["5"]["inputs"]["calibration_file"] = "../outside.safetensors"
         res = e2e.run_graph(server.base, saved, 300)
