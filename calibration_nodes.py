@@ -82,7 +82,7 @@ class CalibratedScheduler:
             raise KSamplerInputError("calibration_file: expected a path string (or empty)")
         path = calibration_file.strip() or None
         if path is not None:
-            path = check_calibration_path("calibration_file", _in_output_folder(path, base_dir))
+            path = check_calibration_path("calibration_file", _resolve_calibration_file(path, base_dir))
         in_host = "comfy.samplers" in sys.modules
         options = {"order": order, "fit_noises": fit_noises, "seed": fit_seed, "iterations": iterations,
                    "teacher_steps": teacher_steps, "refine_noises": refine_noises,
@@ -107,7 +107,7 @@ class CalibratedScheduler:
         return cal.sigmas.clone(), sampler, cal
 
 
-def _in_output_folder(path: str, base_dir=None, log=default_log) -> str:
+def _resolve_calibration_file(path: str, base_dir=None, log=default_log) -> str:
     """Inside the ComfyUI server a calibration file lives in ComfyUI's output folder, as the files its own nodes
     write do: a relative path is taken there (its subfolders made as needed), and a path outside it is refused.
     In a workflow run headless a relative path is taken in the workflow file's folder (``base_dir``, as the
