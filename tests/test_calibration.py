@@ -792,13 +792,15 @@ class _Device:
     input requiring it) keeps its batch's worth until its output is freed (by the backward pass, or the pass
     failing), and past the room it fails as CUDA's allocator fails."""
 
-    def __init__(self, inner, room: int):
-        self.inner, self.room, self.kept, self.most = inner, room, 0, 0
+    def __init__(self, inner, room: int, cpu_allocator: bool = False):
+        self.inner, self.room, self.kept, self.most, self.cpu_allocator = inner, room, 0, 0, cpu_allocator
 
     def __call__(self, x, sigma, **kw):
         if not (torch.is_grad_enabled() and (x.requires_grad or sigma.requires_grad)):
             return self.inner(x, sigma)
         if self.kept + x.shape[0] > self.room:
+            if self.cpu_allocator:  # the CPU allocator's own failure (a RuntimeError of another wording)
+                torch.empty(2 ** 62, dtype=torch.uint8)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         out = self.inner(x, sigma)
         self.kept += x.shape[0]
@@ -834,6 +836,9 @@ def test_a_fit_short_of_memory_recomputes_each_call_in_the_backward_pass_then_go
     assert cal.info["gradient"] == "spsa" and cal.info["backward_passes"] == 0
     assert any("no memory for what a backward pass through one call keeps" in m and "SPSA" in m for m in messages)
     assert torch.equal(cal.sigmas, fit_calibration(inner, ms, noise, 4, gradient="spsa", **opts).sigmas)
+    messages.clear()
+    cal = fit_calibration(_Device(inner, room=32, cpu_allocator=True), ms, noise, 4, log=messages.append, **opts)
+    assert cal.info["recompute"] and any("can't allocate memory" in m for m in messages)
     refine = torch.randn(64, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     # room for a plain solve on the 16 fitting noises, and for one call on the 64 refining noises: recomputing there
     messages.clear()
