@@ -819,8 +819,17 @@ class _Gradient:
     gradient mid-fit (a larger refining batch, say), autograd recomputes from then on, and where that runs out too,
     SPSA takes over for the rest of the fit."""
 
-    def __init__(self, name: str, recompute: bool, say: Callable[[str], None]):
-        self.name, self.recompute, self.say, self.ran_out = name, recompute, say, False
+    def __init__(self, name: str, recompute: bool, say: Callable[[str], None],
+                 on_spsa: Optional[Callable[[], None]] = None):
+        self.name, self.recompute, self.say, self.ran_out, self.on_spsa = name, recompute, say, False, on_spsa
+        if name == "spsa":
+            self._to_spsa()
+
+    def _to_spsa(self) -> None:
+        self.name, self.recompute = "spsa", False
+        if self.on_spsa is not None:
+            self.on_spsa()
+            self.on_spsa = None
 
     def __str__(self) -> str:
         return self.name + (" (each model call run again in the backward pass)" if self.recompute else "")
@@ -833,11 +842,13 @@ class _Gradient:
             return
         self.say(f"calibration: {what}; going on by SPSA (two evaluations per iteration, nothing kept for a "
                  "backward pass)")
-        self.name, self.recompute, self.ran_out = "spsa", False, True
+        self.ran_out = True
+        self._to_spsa()
 
     def cannot_recompute(self, exc: BaseException) -> None:
         self.say(f"calibration: {exc}; going on by SPSA (two evaluations per iteration)")
-        self.name, self.recompute, self.ran_out = "spsa", False, True
+        self.ran_out = True
+        self._to_spsa()
 
 
 def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, iterations: int, lr: float,
@@ -1019,7 +1030,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                     candidate_denoisers: Optional[Sequence[Denoiser]] = None, refine_candidates: bool = False,
                     log: Optional[Callable[[str], None]] = None, info: Optional[dict] = None,
                     progress: Optional[Callable[[int, int], None]] = None,
-                    solve_start: Optional[Callable[[], None]] = None) -> Calibration:
+                    solve_start: Optional[Callable[[], None]] = None,
+                    on_spsa: Optional[Callable[[], None]] = None) -> Calibration:
     """Fit a step schedule (and multistep coefficients) to ``denoiser`` on ``noise`` (see the module docstring).
 
     denoiser: ``denoiser(x, sigma) -> denoised`` in the model's frame, guidance included (a CFG-guided
@@ -1063,6 +1075,8 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     solve_start: called before each solve from the start noise through the model (the teacher's, and each run of
         the fitted sampler): for a model that keeps state from call to call within a sample, to reset it as a new
         sample would (ComfyUI's hook keyframes step on as the sigmas fall).
+    on_spsa: called once where the fit turns to SPSA (from the start or mid-fit): to free what was set up for a
+        gradient (ComfyUI: the copies of the model's weights).
     """
     _check_fit_args(noise, steps, order, refine_noise)
     check_int("iterations", iterations, 0, 100_000)
@@ -1134,7 +1148,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                 for start in _starts(student, ms, steps, hi, lo, fit_idx, corrector)]
         if mode is None:
             mode = _Gradient(*_gradient_mode(gradient, student, runs[0]["u"], runs[0]["form"], runs[0]["delta"],
-                                             fit_idx, s_min, say), say)
+                                             fit_idx, s_min, say), say, on_spsa)
         race = iterations // 3 if len(runs) > 1 else 0
         if plan["total"] is None:  # the later fits are planned alike (their forms' count may differ by one)
             per_fit = len(runs) * (race or iterations) + (iterations - race if race else 0)

@@ -321,8 +321,9 @@ class _FittingSampler(comfy.samplers.Sampler):
                 for_the_gradient.enter_context(ordinary_weights([model_wrap.inner_model] + (controls if summed else []),
                                                                 log))
                 for_the_gradient.enter_context(differentiable_rotary(log))
+            # a fit that turns to SPSA needs none of that: the originals back, the copies freed
             self.result = fit_calibration(denoiser, host.model_sampling, noise, self.steps, progress=host_progress(),
-                                          **options)
+                                          on_spsa=for_the_gradient.close, **options)
         return latent_image
 
 

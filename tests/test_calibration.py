@@ -858,6 +858,21 @@ def test_a_fit_short_of_memory_recomputes_each_call_in_the_backward_pass_then_go
         fit_calibration(_Device(inner, 8), ms, noise, 4, gradient="autograd", **opts)
 
 
+def test_on_spsa_is_called_once_where_the_fit_turns_to_spsa():
+    """``on_spsa`` frees what was set up for a gradient (ComfyUI: the weight copies): called once where the fit
+    turns to SPSA, from the start or mid-fit, and never for a fit by autograd."""
+    ms = EPS()
+    inner = Mixture2D(ms)
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    refine = torch.randn(64, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    opts = {"iterations": 6, "teacher_steps": 40}
+    for model, extra, expected in ((inner, {}, 0), (_Device(inner, 8), {}, 1),
+                                   (_Device(inner, 48), {"refine_noise": refine}, 1), (inner, {"gradient": "spsa"}, 1)):
+        called = []
+        cal = fit_calibration(model, ms, noise, 4, on_spsa=lambda: called.append(1), **extra, **opts)
+        assert len(called) == expected and (cal.info["gradient"] == "autograd") == (expected == 0)
+
+
 def test_recomputing_each_call_in_the_backward_pass_is_the_same_fit_at_one_more_call_per_step():
     """gradient='recompute' asks for it by name: the fit of plain autograd (the same gradient), each of its
     backward passes running the model once more per step (and the gradient probe's once), counted as model

@@ -736,6 +736,36 @@ def test_a_host_model_with_a_rotary_op_without_a_gradient_is_fitted_by_autograd(
     assert any("no autograd formula" in m and "SPSA" in m for m in messages)
 
 
+def test_a_host_fit_that_turns_to_spsa_puts_the_originals_back_before_going_on(host, comfy_calibration,
+                                                                              monkeypatch):
+    """What a fit in the host sets up for a gradient (the weight copies, the rotary stand-ins) is undone as soon
+    as the fit turns to SPSA, which needs none of it, not when the fit ends: on a tight GPU the copies take room."""
+    modules, _ = host
+    events = []
+
+    @contextlib.contextmanager
+    def recorded_weights(modules_, log):
+        events.append("copies made")
+        try:
+            yield
+        finally:
+            events.append("originals back")
+    monkeypatch.setattr(comfy_calibration, "ordinary_weights", recorded_weights)
+
+    def without_gradient(apply_model, args):  # a model whose output carries no gradient
+        events.append("call")
+        return apply_model(args["input"], args["timestep"], **args["c"]).detach()
+    patcher = StandInModelPatcher(modules, "flow")
+    patcher.model_options["model_function_wrapper"] = without_gradient
+    messages = []
+    cal = comfy_calibration.calibrate_host(patcher, _cond(1.0), _cond(-1.0), {"samples": torch.zeros(1, 4, 8, 8)},
+                                           3, 3.0, fit_noises=4, iterations=4, teacher_steps=10,
+                                           log=messages.append)
+    assert cal.info["gradient"] == "spsa" and events.count("originals back") == 1
+    back = events.index("originals back")
+    assert events.index("copies made") < back and events[back + 1:].count("call") > 10  # the SPSA fit after
+
+
 def test_the_networks_of_the_controls_on_the_conditioning_are_found(host, comfy_calibration):
     """A ControlNet's network and those of the controls chained before it (ControlNetApply on top of another)
     are the weights copied for the fit's gradient, each once."""
