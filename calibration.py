@@ -689,7 +689,6 @@ class _Student:
         self.solve_start = solve_start
         self.log_hi, self.log_lo, self.order = math.log(hi), math.log(lo), order
         self.log_eval_range = (math.log(t_min), math.log(s_max))  # where the model may be called
-        self.recompute = False  # each model call run again in the backward pass (_Recomputed)
 
     def begin_solve(self) -> None:
         """Before each pass through the model: the host resets what its model keeps from call to call."""
@@ -728,11 +727,12 @@ class _Student:
         bounded = torch.minimum(torch.maximum(placed, lo - log_sig), hi - log_sig)
         return placed + (bounded - placed).detach()
 
-    def loss(self, u: Tensor, form: tuple, delta: Optional[dict], idx) -> Tensor:
-        """RMS gap to the teacher's final samples over the items ``idx``."""
+    def loss(self, u: Tensor, form: tuple, delta: Optional[dict], idx, recompute: bool = False) -> Tensor:
+        """RMS gap to the teacher's final samples over the items ``idx`` (``recompute``: each model call run again
+        in the backward pass instead of kept, ``_Recomputed``)."""
         sig, c, cc, shift = self.parameters(u, form, delta)
         self.begin_solve()
-        denoiser = _recomputing(self.denoiser) if self.recompute and torch.is_grad_enabled() else self.denoiser
+        denoiser = _recomputing(self.denoiser) if recompute else self.denoiser
         return _rms_gap(_solve(denoiser, self.x0, sig, c, self.ms, {}, corrector=cc, shift=shift)[idx],
                         self.teacher[idx])
 
@@ -864,7 +864,6 @@ def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, 
         return loss, u.detach().clone(), None if delta is None else {k: d.detach().clone() for k, d in delta.items()}
 
     opt = _Adam(params, lr, max(iterations, 1))
-    student.recompute = mode.recompute
     with torch.no_grad():
         best = snapshot(float(student.loss(u, form, delta, sel_idx)))
     if record is not None:
@@ -878,7 +877,7 @@ def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, 
         if mode.name == "autograd":
             try:
                 with torch.enable_grad():
-                    loss = _penalised(student.loss(u, form, delta, fit_idx), delta, penalty)
+                    loss = _penalised(student.loss(u, form, delta, fit_idx, mode.recompute), delta, penalty)
                     if not torch.isfinite(loss):
                         break
                     loss.backward()
@@ -889,7 +888,6 @@ def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, 
                     mode.ran_out_of_memory(exc, student.x0.shape[0])
                 else:
                     raise
-                student.recompute = mode.recompute
                 continue
             calls["backward_passes"] += steps
         elif not _spsa_gradient(params, lambda: _penalised(student.loss(u, form, delta, fit_idx), delta, penalty),
@@ -939,17 +937,17 @@ def _gradient_mode(gradient: str, student: _Student, u: Tensor, form: tuple, del
     if gradient == "spsa":
         return gradient, False
     student.begin_solve()
-    student.recompute = gradient == "recompute"
+    recompute = gradient == "recompute"
     blocker = _call_blocker(student.denoiser, student.x0, 4 * s_min)
     if blocker is None:  # one call gives a gradient: does a solve's worth of calls?
-        blocker = _gradient_blocker(lambda: student.loss(u, form, delta, fit_idx))
-        if blocker is not None and blocker.startswith(_NO_MEMORY) and not student.recompute:
+        blocker = _gradient_blocker(lambda: student.loss(u, form, delta, fit_idx, recompute))
+        if blocker is not None and blocker.startswith(_NO_MEMORY) and not recompute:
             say(f"calibration: {blocker}; running each model call again in the backward pass instead of keeping "
                 "it")
-            student.recompute = True
-            blocker = _gradient_blocker(lambda: student.loss(u, form, delta, fit_idx))
+            recompute = True
+            blocker = _gradient_blocker(lambda: student.loss(u, form, delta, fit_idx, recompute))
     if blocker is None:
-        return "autograd", student.recompute
+        return "autograd", recompute
     if gradient != "auto":
         raise KSamplerInputError(f"gradient: {gradient!r} needs a gradient through the model, and this model gives "
                                  f"none ({blocker}); use gradient='auto' or 'spsa'")
