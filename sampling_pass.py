@@ -127,10 +127,9 @@ def run_sampler(sampler: Union[str, Callable], denoiser, x: Tensor, sigmas: Tens
     """
     name, fn, tr = resolve_sampler(sampler)
     check_preview(preview)
-    options_given = options
-    options, option_builder = resolve_sampler_options(name, options, fn) if name else (dict(options or {}), None)
-    given = {key: value for key, value in dict(options_given or {}).items() if key != "noise_sampler"}
-    options = dict(options)
+    resolved, option_builder = resolve_sampler_options(name, options, fn) if name else (dict(options or {}), None)
+    given = {key: value for key, value in dict(options or {}).items() if key != "noise_sampler"}  # as passed
+    options = dict(resolved)
     evaluated = denoiser   # the denoiser that records ``last_denoised`` (before any geometry view)
     comfy_noise = "noise_sampler" not in options and noise_options.brownian == "tree"
     fn, ve_geometry = select(name, fn, reference_mode, comfy_noise)

@@ -132,6 +132,12 @@ def _is_raw(key: str, default) -> bool:
     return key in _RAW_ONLY or callable(default)
 
 
+def _choices(sampler: str, key: str) -> Optional[tuple]:
+    """The values text option ``key`` of ``sampler`` may take (None: any)."""
+    choices = _CHOICES.get(key, {})
+    return choices.get(sampler, choices.get(None))
+
+
 def option_range(sampler: str, key: str) -> Optional[tuple]:
     """(low, high) allowed for numeric option ``key`` of ``sampler`` (None: the table has no entry)."""
     ranges = _RANGES.get(key)
@@ -169,8 +175,7 @@ def _requirement(sampler: str, key: str, default) -> str:
     if isinstance(default, bool):
         return "true or false"
     if isinstance(default, str):
-        choices = _CHOICES.get(key, {})
-        return f"one of {', '.join(choices.get(sampler, choices.get(None)) or ())}"
+        return f"one of {', '.join(_choices(sampler, key) or ())}"
     # a sampler registered at run time may take a number the table does not know: finite and >= 0 then
     low, high = option_range(sampler, key) or (0, math.inf)
     return f"{'an integer' if isinstance(default, int) else 'a number'} from {low:g} to {high:g}"
@@ -189,8 +194,7 @@ def _accepts(sampler: str, key: str, value, default) -> bool:
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, str):
-        choices = _CHOICES.get(key, {})
-        allowed = choices.get(sampler, choices.get(None))
+        allowed = _choices(sampler, key)
         return isinstance(value, str) and (not allowed or value in allowed)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
