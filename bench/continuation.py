@@ -43,7 +43,7 @@ from _common import RESULTS, environment, int_list, locked_json, table  # noqa: 
 import flips  # noqa: E402  (the tuning cases, the default's fit and the flip count)
 import heldout  # noqa: E402
 
-from ksampler import calibration  # noqa: E402
+from ksampler.calibration import fit as fitting, solver  # noqa: E402
 
 PROBES = 4
 PROBE_SEED = 12_345
@@ -57,7 +57,7 @@ VARIANTS = {  # name: (weight, which candidates use the loss)
 RULE = {"geomean_at_most": 0.95, "cases_better_at_least": 6, "flips_at_most": "the default's"}
 
 
-class ContinuationStudent(calibration._Student):
+class ContinuationStudent(fitting._Student):
     """The calibrated sampler on its fitting batch, with the continuation term in its loss."""
 
     def __init__(self, *args, weight: float, **kwargs):
@@ -65,7 +65,7 @@ class ContinuationStudent(calibration._Student):
         self.weight = weight
         ms, steps = self.ms, heldout.CALIBRATION["teacher_steps"]
         t_min = math.exp(self.log_eval_range[0])
-        hi, lo = calibration._ve_bounds(ms, self.s_max, t_min)
+        hi, lo = solver.ve_bounds(ms, self.s_max, t_min)
         states = []
 
         def recording(x, sigma, **extra):  # the teacher calls the model once per step, at that step's state
@@ -73,7 +73,7 @@ class ContinuationStudent(calibration._Student):
             return self.denoiser(x, sigma, **extra)
         with torch.enable_grad():  # the teacher's own solve (past its no_grad), this time with its graph
             start = self.x0.detach().clone().requires_grad_(True)
-            end = calibration.teacher_solve.__wrapped__(recording, ms, start, self.s_max, t_min, steps)
+            end = solver.teacher_solve.__wrapped__(recording, ms, start, self.s_max, t_min, steps)
             gen = torch.Generator().manual_seed(PROBE_SEED)
             probes = []
             for p in range(PROBES):
@@ -91,14 +91,14 @@ class ContinuationStudent(calibration._Student):
         sig, c, cc, shift = self.parameters(u, form, delta)
         self.begin_solve()
         states = []
-        out = calibration._solve(self.denoiser, self.x0, sig, c, self.ms, {}, corrector=cc, shift=shift,
+        out = solver.solve(self.denoiser, self.x0, sig, c, self.ms, {}, corrector=cc, shift=shift,
                                  callback=lambda d: states.append(d["x"]))
         batch, size = out.shape[0], out[0].numel()
         final = (out - self.teacher)[idx].reshape(-1, size).pow(2).mean()
         log_hi, log_lo, steps = self.teacher_grid
         terms = []
         for k in range(1, len(states)):  # the start is the teacher's
-            t = (log_hi - torch.log(calibration._ve_sigma(self.ms, sig[k]))) / (log_hi - log_lo) * (steps - 1)
+            t = (log_hi - torch.log(solver.ve_sigma(self.ms, sig[k]))) / (log_hi - log_lo) * (steps - 1)
             j = min(max(math.floor(float(t.detach())), 0), steps - 2)
             w = (t - j).clamp(0, 1).to(out.dtype)
             teacher_k = (1 - w) * self.teacher_states[j] + w * self.teacher_states[j + 1]
@@ -114,7 +114,7 @@ def students(weight: float, candidates: tuple, refine_noises: int):
     """``fit_calibration``'s students while inside: the fitting sets of ``candidates`` (1: the first fitting set,
     2: the second) with the continuation loss, the refining set plain.  fit_calibration builds them in the order
     first fitting set, refining set, second fitting set; the refining set's size checks that order."""
-    plain, built = calibration._Student, []
+    plain, built = fitting._Student, []
 
     def build(*args, **kwargs):
         built.append(len(built) + 1)
@@ -124,11 +124,11 @@ def students(weight: float, candidates: tuple, refine_noises: int):
         if (order is None) != (student.x0.shape[0] == refine_noises):
             raise RuntimeError("continuation: fit_calibration no longer builds its students in the order assumed")
         return student
-    calibration._Student = build
+    fitting._Student = build
     try:
         yield
     finally:
-        calibration._Student = plain
+        fitting._Student = plain
 
 
 def locked_results(results_file: str = RESULTS_FILE, baseline: str = f"{BASELINE_FILE}: {BASELINE}"):

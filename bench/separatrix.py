@@ -65,7 +65,7 @@ import flips  # noqa: E402
 import heldout  # noqa: E402
 from gmm import MixtureDenoiser  # noqa: E402
 
-from ksampler import calibration  # noqa: E402
+from ksampler.calibration import fit as fitting, solver  # noqa: E402
 
 CIRCLES, ANGLES, BISECTIONS = 64, 64, 30
 CIRCLE_SEED = 90_000  # + the fitting seed: apart from every fitting and evaluation stream of flips.py and heldout.py
@@ -90,7 +90,7 @@ class Crossings:
 
         def teacher_end(lab, a_, b_, theta):
             model = heldout.Counting(MixtureDenoiser(gmm, lab, cfg=prob.cfg, model_sampling=ms))
-            end = calibration.teacher_solve(model, ms, self.start(a_, b_, theta), s_max, t_min, teacher_steps)
+            end = solver.teacher_solve(model, ms, self.start(a_, b_, theta), s_max, t_min, teacher_steps)
             self.calls += model.calls
             return end
 
@@ -121,11 +121,11 @@ class Crossings:
                                      False)
 
 
-class SeparatrixStudent(calibration._Student):
+class SeparatrixStudent(fitting._Student):
     """The refining batch's student, with the expected flips of its crossings in its loss."""
 
     @classmethod
-    def around(cls, student: calibration._Student, crossings: Crossings) -> "SeparatrixStudent":
+    def around(cls, student: fitting._Student, crossings: Crossings) -> "SeparatrixStudent":
         """``student`` (its batch, teacher and ranges) with the flip term over ``crossings``."""
         made = cls.__new__(cls)
         made.__dict__.update(student.__dict__, crossings=crossings, root=None)
@@ -133,7 +133,7 @@ class SeparatrixStudent(calibration._Student):
 
     def g(self, theta, sig, c, cc, shift) -> torch.Tensor:
         cr = self.crossings
-        end = calibration._solve(cr.model, cr.start(cr.a, cr.b, theta), sig, c, self.ms, {}, corrector=cc,
+        end = solver.solve(cr.model, cr.start(cr.a, cr.b, theta), sig, c, self.ms, {}, corrector=cc,
                                  shift=shift)
         return ((end - cr.e_b).pow(2).sum(-1) - (end - cr.e_a).pow(2).sum(-1)) / (cr.e_a - cr.e_b).pow(2).sum(-1)
 
@@ -177,13 +177,13 @@ class SeparatrixStudent(calibration._Student):
     def loss(self, u, form, delta, idx):
         params = self.parameters(u, form, delta)
         self.begin_solve()
-        out = calibration._solve(self.denoiser, self.x0, *params[:2], self.ms, {}, corrector=params[2],
+        out = solver.solve(self.denoiser, self.x0, *params[:2], self.ms, {}, corrector=params[2],
                                  shift=params[3])
         final = (out - self.teacher)[idx].reshape(-1, out[0].numel()).pow(2).mean()
         return (final + self.flip_term(params)).sqrt()
 
 
-def _crossings_for(prob: heldout.Problem, seed: int, student: calibration._Student, extra: dict) -> Crossings:
+def _crossings_for(prob: heldout.Problem, seed: int, student: fitting._Student, extra: dict) -> Crossings:
     crossings = Crossings(prob, seed, student.ms, student.s_max, math.exp(student.log_eval_range[0]),
                           heldout.CALIBRATION["teacher_steps"])
     extra.update({"crossings": crossings.count, "circle_teacher_calls": crossings.calls, "_crossings": crossings})
@@ -204,7 +204,7 @@ def _counted(extra: dict):
 def in_refinement(prob: heldout.Problem, seed: int, refine_noises: int, extra: dict):
     """``fit_calibration``'s students while inside: its refining set's (the second it builds) with the flip term,
     the fitting sets' plain.  The refining set's size checks that order; ``extra`` gets the term's costs."""
-    plain, built = calibration._Student, []
+    plain, built = fitting._Student, []
 
     def build(*args, **kwargs):
         built.append(len(built) + 1)
@@ -214,12 +214,12 @@ def in_refinement(prob: heldout.Problem, seed: int, refine_noises: int, extra: d
         if built[-1] != 2:
             return student
         return SeparatrixStudent.around(student, _crossings_for(prob, seed, student, extra))
-    calibration._Student = build
+    fitting._Student = build
     try:
         with _counted(extra):
             yield
     finally:
-        calibration._Student = plain
+        fitting._Student = plain
 
 
 def line_search(student: SeparatrixStudent, best: tuple, form: tuple, calls: dict, steps: int) -> tuple:
@@ -266,7 +266,7 @@ def after_refinement(prob: heldout.Problem, seed: int, refine_noises: int, extra
     """``fit_calibration``'s refinements while inside: each goes on from its result on the refining set with the flip
     term, keeping the iterate best on that loss (its start included, so never worse on it than the plain
     refinement): by Adam (``POLISH``) or, with ``search``, by ``line_search``."""
-    plain, state = calibration._optimise, {}
+    plain, state = fitting._optimise, {}
 
     def optimise(student, u, delta, form, iterations, lr, mode, fit_idx, sel_idx, calls, steps, penalty=0.0,
                  tick=None):
@@ -280,14 +280,14 @@ def after_refinement(prob: heldout.Problem, seed: int, refine_noises: int, extra
         polishing = SeparatrixStudent.around(student, state["crossings"])
         if search:
             return line_search(polishing, best, form, calls, steps)
-        return plain(polishing, *calibration._resumed(best), form, POLISH["iterations"], POLISH["lr"], mode,
+        return plain(polishing, *fitting._resumed(best), form, POLISH["iterations"], POLISH["lr"], mode,
                      fit_idx, sel_idx, calls, steps, penalty)
-    calibration._optimise = optimise
+    fitting._optimise = optimise
     try:
         with _counted(extra):
             yield
     finally:
-        calibration._optimise = plain
+        fitting._optimise = plain
 
 
 VARIANTS = {"refinement": in_refinement, "polish": after_refinement,

@@ -1102,7 +1102,7 @@ def test_held_aside_selection_keeps_the_iterate_best_on_the_quarter_the_gradient
 
 
 def test_the_coefficient_penalty_keeps_the_weights_near_adams():
-    from ksampler.calibration import _ve_sigma
+    from ksampler.calibration.solver import ve_sigma
     ms = EPS()
     model = Mixture2D(ms)
     noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -1110,7 +1110,7 @@ def test_the_coefficient_penalty_keeps_the_weights_near_adams():
 
     def drift(cal):  # how far the fitted weights are from the Adams weights of the fitted schedule
         base = int(cal.info["init"].split("+ab")[1][0])
-        adams = multistep_coefficients(_ve_sigma(ms, cal.sigmas.double()), base, cal.coefficients.shape[1])
+        adams = multistep_coefficients(ve_sigma(ms, cal.sigmas.double()), base, cal.coefficients.shape[1])
         return float((cal.coefficients - adams).abs().max())
     free = fit_calibration(model, ms, noise, 4, **opts)
     shrunk = fit_calibration(model, ms, noise, 4, coefficient_penalty=1e4, **opts)
