@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_generate(args) -> None:
     from .bundled.images import check_file_prefix, check_output_folder
     from .bundled.nodes import MAX_SCALE, MAX_SIZE, SIZE_MULTIPLE
-    from .validation import check_sampler_args
+    from .sampling_pass import check_sampler_args
     check_sampler_args(steps=args.steps, cfg=args.cfg, sampler_name=args.sampler, scheduler=args.scheduler)
     if args.denoise is not None and not 0.0 <= args.denoise <= 1.0:
         raise KSamplerInputError(f"--denoise: must be between 0 and 1, got {args.denoise}")

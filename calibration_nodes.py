@@ -89,7 +89,8 @@ class CalibratedScheduler:
                    "fit_candidates": fit_candidates, "path": path}
         try:
             if is_comfy_model(model):
-                from .comfy_calibration import CalibratedSampler, calibrate_host
+                from .comfy_adapter import CalibratedSampler
+                from .comfy_calibration import calibrate_host
                 cal = _with_eta(calibrate_host(model, positive, negative, latent_image, steps, float(cfg),
                                                **options), eta)
                 return cal.sigmas.clone(), CalibratedSampler(cal), cal
@@ -102,7 +103,7 @@ class CalibratedScheduler:
             raise KSamplerInputError(str(exc)) from exc
         sampler = cal.sampler()
         if in_host:
-            from .comfy_calibration import CalibratedSampler
+            from .comfy_adapter import CalibratedSampler
             sampler = CalibratedSampler(cal)
         return cal.sigmas.clone(), sampler, cal
 

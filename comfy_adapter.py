@@ -18,6 +18,8 @@ sampling protocol:
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 import comfy.model_management
@@ -31,19 +33,19 @@ from .conditioning.schedule import CfgOfSigma, GuidanceSchedule
 from .models.sampling import Flow, ModelSampling
 from .samplers import SAMPLERS, sampler_traits
 from .samplers.options import resolve_sampler_options
-from .node_schema import In, NodeSpec, Out, v1_node
-from .nodes import (FLOW_GEOMETRY_CHOICES, NOISE_OPTION_INPUTS, sampler_choices, sampler_name_tooltip,
-                    scheduler_choices, scheduler_tooltip)
 from .samplers.noise import check_variation, initial_noise, initial_noise_streams, variation_noise
 from .samplers.reference import default_reference_mode, reference_mode_from_input
 from .sampling_pass import NoiseOptions, check_preview, run_sampler
 from .schedulers import SCHEDULERS, ksampler_sigmas, sampling_sigmas
 from .comfy_checks import HostOutputGuard, check_host_graph, model_label
 from .guard import StepGuard
-from .validation import MAX_STEPS, KSamplerInputError
+from .validation import KSamplerInputError
 
-__all__ = ["RegistrySampler", "host_model_sampling", "common_ksampler", "SamplerSelect", "Scheduler", "core_callback",
-           "host_progress"]
+if TYPE_CHECKING:
+    from .calibration import Calibration
+
+__all__ = ["RegistrySampler", "CalibratedSampler", "host_model_sampling", "common_ksampler", "registry_sampler",
+           "registry_sigmas", "core_callback", "host_progress"]
 
 
 class _HostDelegate:
@@ -202,6 +204,35 @@ class RegistrySampler(comfy.samplers.Sampler):
         return host_ms.inverse_noise_scaling(last, samples)
 
 
+class CalibratedSampler(comfy.samplers.Sampler):
+    """A ComfyUI SAMPLER running a calibration's multistep solver (for SamplerCustom with the calibration's SIGMAS)."""
+
+    def __init__(self, calibration: Calibration):
+        self.calibration = calibration
+        self.batch_index = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        extra_args["denoise_mask"] = denoise_mask
+        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        model_k.latent_image, model_k.noise = latent_image, noise
+        host_ms = model_wrap.inner_model.model_sampling
+        x = host_ms.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
+        total = len(sigmas) - 1
+        denoiser, output_guard = guarded_host_denoiser(model_wrap, model_k, extra_args, noise.shape[1], total,
+                                                       "calibrated")
+
+        def on_step(info):
+            denoiser.guard.step = info["i"] + 1
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if callback is not None:
+                callback(info["i"], info["denoised"], info["x"], total)
+        with output_guard:
+            samples = self.calibration.sampler()(denoiser, x, sigmas, extra_args=extra_args, callback=on_step,
+                                                 disable=disable_pbar)
+        return host_ms.inverse_noise_scaling(sigmas[-1], samples)
+
+
 # ------------------------------------------------------------------------------------------------
 # names the host knows and we do not (a newer ComfyUI's, or another pack's): listed after ours and run by
 # the host's own implementation, never by a stand-in of ours
@@ -333,7 +364,6 @@ def common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, 
 
     callback = latent_preview.prepare_callback(model, steps)
     if calibration is not None:
-        from .comfy_calibration import CalibratedSampler
         sampler = CalibratedSampler(calibration)
     elif host_sampler:  # the host's own implementation: our noise options do not apply to it
         sampler = comfy.samplers.sampler_object(sampler_name)
@@ -368,7 +398,7 @@ def core_callback(steps: int):
 
 
 # ------------------------------------------------------------------------------------------------
-# interop nodes: our registries as ComfyUI SAMPLER and SIGMAS (ids and names: nodes.NODE_TABLE)
+# our registries as ComfyUI SAMPLER and SIGMAS (for the interop nodes, interop_nodes.py)
 # ------------------------------------------------------------------------------------------------
 def host_names_tooltip(text: str, host_names: list[str]) -> str:
     """A combo's tooltip, naming the entries that run ComfyUI's own implementation."""
@@ -378,57 +408,29 @@ def host_names_tooltip(text: str, host_names: list[str]) -> str:
             f"not have them; ksampler's noise options do not apply): {', '.join(host_names)}.")
 
 
-@v1_node(NodeSpec(
-    function="get_sampler", category="sampling/custom_sampling/samplers",
-    search_aliases=("sampler", "sampler select", "custom sampler", "ksampler"),
-    description="A sampler from the ksampler registry, for SamplerCustom and SamplerCustomAdvanced.",
-    inputs=(In("sampler_name", "COMBO", sampler_name_tooltip, choices=sampler_choices),
-            *NOISE_OPTION_INPUTS),
-    outputs=(Out("SAMPLER", "The sampler, for the sampler input of SamplerCustom or SamplerCustomAdvanced."),)))
-class SamplerSelect:
-    """A ComfyUI SAMPLER from any entry of our sampler registry (for SamplerCustom / SamplerCustomAdvanced)."""
-
-    def get_sampler(self, sampler_name, batch_invariant_noise=False, cpu_noise=False, brownian_noise="tree",
-                    flow_geometry="default"):
-        if sampler_name not in SAMPLERS:
-            if sampler_name in host_only_samplers():
-                return (comfy.samplers.sampler_object(sampler_name),)
-            raise KSamplerInputError(f"sampler_name: unknown sampler {sampler_name!r}; choose one of: "
-                                     f"{', '.join(list(SAMPLERS) + host_only_samplers())}")
-        if flow_geometry not in FLOW_GEOMETRY_CHOICES:
-            raise KSamplerInputError(f"flow_geometry: must be one of {', '.join(FLOW_GEOMETRY_CHOICES)}, got "
-                                     f"{flow_geometry!r}")
-        options = NoiseOptions(bool(batch_invariant_noise), bool(cpu_noise), brownian_noise)
-        mode = reference_mode_from_input(flow_geometry)
-        return (RegistrySampler(sampler_name, options, default_reference_mode() if mode is None else mode),)
+def registry_sampler(sampler_name: str, noise_options: NoiseOptions, flow_geometry: str = "default"):
+    """The ComfyUI SAMPLER of ``sampler_name``: ours with these noise options and flow geometry, or for a name only
+    the host has, the host's own object (our noise options do not apply to it)."""
+    if sampler_name not in SAMPLERS:
+        if sampler_name in host_only_samplers():
+            return comfy.samplers.sampler_object(sampler_name)
+        raise KSamplerInputError(f"sampler_name: unknown sampler {sampler_name!r}; choose one of: "
+                                 f"{', '.join(list(SAMPLERS) + host_only_samplers())}")
+    mode = reference_mode_from_input(flow_geometry)
+    return RegistrySampler(sampler_name, noise_options, default_reference_mode() if mode is None else mode)
 
 
-@v1_node(NodeSpec(
-    function="get_sigmas", category="sampling/custom_sampling/schedulers",
-    search_aliases=("scheduler", "sigmas", "noise schedule", "custom sampler", "ksampler"),
-    description="Sigmas from the ksampler scheduler registry, over the model's own noise schedule.",
-    inputs=(In("model", "MODEL", "The model whose noise schedule the sigmas follow."),
-            In("scheduler", "COMBO", scheduler_tooltip, choices=scheduler_choices),
-            In("steps", "INT", "Number of steps.", default=20, min=1, max=MAX_STEPS),
-            In("denoise", "FLOAT", "Fraction of the schedule to run (img2img below 1).", default=1.0, min=0.0,
-               max=1.0, step=0.01),
-            In("karras_rho", "FLOAT", "rho of the karras scheduler; other schedulers ignore it.", default=7.0,
-               min=0.5, max=30.0, step=0.1, optional=True)),
-    outputs=(Out("SIGMAS", "The noise levels of the schedule, descending and ending in 0, for the sigmas input of "
-                           "SamplerCustom or SamplerCustomAdvanced."),)))
-class Scheduler:
-    """ComfyUI SIGMAS from any entry of our scheduler registry, over the model's own model sampling."""
-
-    def get_sigmas(self, model, scheduler, steps, denoise, karras_rho=7.0):
-        from .validation import check_float, check_sampler_args
-        check_sampler_args(steps=steps, denoise=denoise)
-        _, host_scheduler = resolve_names("euler", scheduler)
-        check_float("karras_rho", karras_rho, 0.5, 30.0)
-        if not hasattr(model, "get_model_object"):
-            raise KSamplerInputError(f"model: expected a ComfyUI MODEL, got {type(model).__name__}; the bundled "
-                                     "model's sigmas come with KSampler (ksampler), which takes it directly")
-        ms = model.get_model_object("model_sampling")
-        if host_scheduler:
-            return (sampling_sigmas(ms, scheduler, steps, denoise, schedule=host_schedule(scheduler)),)
-        options = {"rho": float(karras_rho)} if scheduler == "karras" else {}
-        return (sampling_sigmas(ms, scheduler, steps, denoise, **options),)
+def registry_sigmas(model, scheduler: str, steps: int, denoise: float, karras_rho: float = 7.0):
+    """The SIGMAS of ``scheduler`` (ours, or the host's own for a name only it has) over a ComfyUI model's own
+    model sampling."""
+    from .validation import check_float
+    _, host_scheduler = resolve_names("euler", scheduler)
+    check_float("karras_rho", karras_rho, 0.5, 30.0)
+    if not hasattr(model, "get_model_object"):
+        raise KSamplerInputError(f"model: expected a ComfyUI MODEL, got {type(model).__name__}; the bundled "
+                                 "model's sigmas come with KSampler (ksampler), which takes it directly")
+    ms = model.get_model_object("model_sampling")
+    if host_scheduler:
+        return sampling_sigmas(ms, scheduler, steps, denoise, schedule=host_schedule(scheduler))
+    options = {"rho": float(karras_rho)} if scheduler == "karras" else {}
+    return sampling_sigmas(ms, scheduler, steps, denoise, **options)

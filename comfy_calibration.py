@@ -26,37 +26,8 @@ from .calibration import (Calibration, cached_calibration, calibration_keys, can
 from .comfy_adapter import guarded_host_denoiser, host_progress
 from .comfy_checks import check_host_graph
 
-__all__ = ["CalibratedSampler", "calibrate_host", "differentiable_rotary", "ordinary_weights", "out_of_place_control",
+__all__ = ["calibrate_host", "differentiable_rotary", "ordinary_weights", "out_of_place_control",
            "rotate_pairs", "without_step_caches"]
-
-
-class CalibratedSampler(comfy.samplers.Sampler):
-    """A ComfyUI SAMPLER running a calibration's multistep solver (for SamplerCustom with the calibration's SIGMAS)."""
-
-    def __init__(self, calibration: Calibration):
-        self.calibration = calibration
-        self.batch_index = None
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
-        extra_args["denoise_mask"] = denoise_mask
-        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
-        model_k.latent_image, model_k.noise = latent_image, noise
-        host_ms = model_wrap.inner_model.model_sampling
-        x = host_ms.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
-        total = len(sigmas) - 1
-        denoiser, output_guard = guarded_host_denoiser(model_wrap, model_k, extra_args, noise.shape[1], total,
-                                                       "calibrated")
-
-        def on_step(info):
-            denoiser.guard.step = info["i"] + 1
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            if callback is not None:
-                callback(info["i"], info["denoised"], info["x"], total)
-        with output_guard:
-            samples = self.calibration.sampler()(denoiser, x, sigmas, extra_args=extra_args, callback=on_step,
-                                                 disable=disable_pbar)
-        return host_ms.inverse_noise_scaling(sigmas[-1], samples)
 
 
 @contextlib.contextmanager

@@ -19,11 +19,11 @@ from .conditioning.schedule import RAMPS, SIGMA_UNBOUNDED, GuidanceSchedule
 from .node_schema import In, NodeSpec, Out, v1_node, v3_node
 from .graph_checks import MODEL_TYPES
 from .samplers import COMFY_SAMPLER_NAMES, SAMPLERS
-from .samplers.reference import default_reference_mode, reference_mode_from_input
-from .sampling_pass import PREVIEWS, check_preview
+from .samplers.reference import FLOW_GEOMETRY_CHOICES, default_reference_mode, reference_mode_from_input
+from .sampling_pass import PREVIEWS, check_preview, check_sampler_args
 from .schedulers import COMFY_SCHEDULER_NAMES, SCHEDULERS
 from .twomodel import SWITCH_MODES, WAN22_BOUNDARY
-from .validation import MAX_SEED, MAX_STEPS, KSamplerInputError, check_sampler_args
+from .validation import MAX_SEED, MAX_STEPS, KSamplerInputError
 
 SAMPLER_OPTIONS_TYPE = "KSAMPLER_OPTIONS"
 
@@ -42,7 +42,6 @@ SAMPLER_NAME_TOOLTIP = ("The algorithm used when sampling, this can affect the q
                         "generated output." + _extras_note(SAMPLERS, COMFY_SAMPLER_NAMES, "samplers"))
 SCHEDULER_TOOLTIP = ("The scheduler controls how noise is gradually removed to form the image."
                      + _extras_note(SCHEDULERS, COMFY_SCHEDULER_NAMES, "schedulers"))
-FLOW_GEOMETRY_CHOICES = ["default", "exact", "comfyui"]
 
 TOOLTIPS = {
     "model": "The model used for denoising the input latent.",
@@ -96,7 +95,8 @@ NOISE_OPTION_INPUTS = (
     In("batch_invariant_noise", "BOOLEAN", TOOLTIPS["batch_invariant_noise"], default=False, optional=True),
     In("cpu_noise", "BOOLEAN", TOOLTIPS["cpu_noise"], default=False, optional=True),
     In("brownian_noise", "COMBO", TOOLTIPS["brownian_noise"], choices=["tree", "fast"], optional=True),
-    In("flow_geometry", "COMBO", TOOLTIPS["flow_geometry"], choices=FLOW_GEOMETRY_CHOICES, optional=True),
+    In("flow_geometry", "COMBO", TOOLTIPS["flow_geometry"], choices=list(FLOW_GEOMETRY_CHOICES),
+       optional=True),
 )
 
 
@@ -468,8 +468,8 @@ NODE_TABLE = {
     "ksampler_VAEDecode": ("bundled.nodes", "VAEDecode", "Bundled VAE Decode"),
     "ksampler_SaveImage": ("bundled.nodes", "SaveImage", "Bundled Save Image"),
     "ksampler_CalibratedScheduler": ("calibration_nodes", "CalibratedScheduler", "Calibrated Scheduler+"),
-    "ksampler_SamplerSelect": ("comfy_adapter", "SamplerSelect", "KSamplerSelect+"),
-    "ksampler_Scheduler": ("comfy_adapter", "Scheduler", "Scheduler+"),
+    "ksampler_SamplerSelect": ("interop_nodes", "SamplerSelect", "KSamplerSelect+"),
+    "ksampler_Scheduler": ("interop_nodes", "Scheduler", "Scheduler+"),
 }
 
 
@@ -481,7 +481,7 @@ def _node_class(module: str, name: str):
 
 # id -> (class, display name) for the nodes available here
 NODES = {node_id: (_node_class(module, cls), display) for node_id, (module, cls, display) in NODE_TABLE.items()
-         if module != "comfy_adapter" or "comfy.samplers" in sys.modules}
+         if module != "interop_nodes" or "comfy.samplers" in sys.modules}
 
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}

@@ -20,11 +20,11 @@ from .conditioning import Guidance, GuidanceSchedule, KSamplerInputError
 from .graph_checks import check_graph, headless_spec
 from .guard import all_finite, check_output_shape, nonfinite_error
 from .validation import (LATENT_LAYOUTS, MAX_SEED, MAX_STEPS, MAX_MAGNITUDE, check_batch_index, check_bool,
-                         check_int, check_model, check_noise_mask, check_sampler_args, check_tensor)
+                         check_int, check_model, check_noise_mask, check_tensor)
 from .models.sampling import ModelSampling
 from .samplers import sampler_traits
 from .samplers.noise import check_variation, initial_noise, variation_noise
-from .sampling_pass import NoiseOptions, StepCallback, resolve_sampler, run_sampler
+from .sampling_pass import NoiseOptions, StepCallback, check_sampler_args, resolve_sampler, run_sampler
 from .schedulers import ksampler_sigmas
 
 __all__ = ["NoiseOptions", "sample", "ksample", "prepare_mask", "max_denoise", "StepCallback", "fix_empty_latent_channels"]

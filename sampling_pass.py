@@ -16,15 +16,31 @@ from torch import Tensor
 
 from .conditioning import KSamplerInputError
 from .guard import NonFiniteOutputError, all_finite, nonfinite_sample_error, with_sampler_options
-from .samplers import get_sampler, get_traits, sampler_name, sampler_traits
+from .samplers import SAMPLERS, get_sampler, get_traits, sampler_name, sampler_traits
 from .samplers.noise import BrownianPathNoiseSampler, BrownianTreeNoiseSampler, default_noise_sampler, item_seed
 from .samplers.options import resolve_sampler_options
 from .samplers.reference import VEGeometryView, select
 from .samplers.traits import SamplerTraits
-from .validation import check_bool
+from .schedulers import SCHEDULERS
+from .validation import MAX_SEED, MAX_STEPS, check_bool, check_float, check_int, lookup_entry
 
 __all__ = ["NoiseOptions", "resolve_sampler", "noise_sampler_for", "run_sampler", "StepCallback", "PREVIEWS",
-           "check_preview", "preview_of"]
+           "check_preview", "preview_of", "check_sampler_args"]
+
+def check_sampler_args(**given) -> None:
+    """Check the sampler inputs that are given (seed, steps, cfg, sampler_name, scheduler, denoise)."""
+    if "seed" in given:
+        check_int("seed", given["seed"], 0, MAX_SEED)
+    if "steps" in given:
+        check_int("steps", given["steps"], 1, MAX_STEPS)
+    if "cfg" in given:
+        check_float("cfg", given["cfg"], 0.0, 100.0)
+    if "denoise" in given:
+        check_float("denoise", given["denoise"], 0.0, 1.0)
+    for key, registry, kind in (("sampler_name", SAMPLERS, "sampler"), ("scheduler", SCHEDULERS, "scheduler")):
+        if key in given:
+            lookup_entry(registry, given[key], key, kind)
+
 
 # on_step(step, denoised, x, total_steps), ComfyUI's callback signature
 StepCallback = Callable[[int, Tensor, Tensor, int], None]

@@ -8,7 +8,7 @@ import torch
 
 from .conditioning.validate import KSamplerInputError, check_mask_values
 
-__all__ = ["KSamplerInputError", "check_latent", "check_noise_mask", "check_model", "check_sampler_args",
+__all__ = ["KSamplerInputError", "check_latent", "check_noise_mask", "check_model",
            "check_batch_index", "check_bool", "check_tensor", "check_magnitude", "LATENT_LAYOUTS", "MAX_SEED",
            "MAX_STEPS", "MAX_BATCH_INDEX", "MAX_MAGNITUDE"]
 
@@ -47,23 +47,6 @@ def check_float(name: str, value, lo: float, hi: float) -> float:
     if not lo <= value <= hi:
         raise KSamplerInputError(f"{name}: must be between {lo} and {hi}, got {value}")
     return float(value)
-
-
-def check_sampler_args(**given) -> None:
-    """Check the sampler inputs that are given (seed, steps, cfg, sampler_name, scheduler, denoise)."""
-    from .samplers import SAMPLERS
-    from .schedulers import SCHEDULERS
-    if "seed" in given:
-        check_int("seed", given["seed"], 0, MAX_SEED)
-    if "steps" in given:
-        check_int("steps", given["steps"], 1, MAX_STEPS)
-    if "cfg" in given:
-        check_float("cfg", given["cfg"], 0.0, 100.0)
-    if "denoise" in given:
-        check_float("denoise", given["denoise"], 0.0, 1.0)
-    for key, registry, kind in (("sampler_name", SAMPLERS, "sampler"), ("scheduler", SCHEDULERS, "scheduler")):
-        if key in given:
-            lookup_entry(registry, given[key], key, kind)
 
 
 def lookup_entry(registry: Mapping, name, key: str, kind: str):

@@ -130,7 +130,7 @@ def check_fit_request(steps, cfg, path, **functions) -> tuple:
     the Calibrated Scheduler node's bounds, the file (if any) as ``check_calibration_path`` wants it under the
     name ``path``, and ``functions`` (log, progress) callable or None."""
     check_int("steps", steps, 1, MAX_CALIBRATION_STEPS)
-    cfg = check_float("cfg", cfg, 0.0, 100.0)  # the node's bounds, as validation.check_sampler_args
+    cfg = check_float("cfg", cfg, 0.0, 100.0)  # the node's bounds, as sampling_pass.check_sampler_args
     check_callables(**functions)
     return steps, cfg, None if path is None else check_calibration_path("path", path)
 

@@ -27,9 +27,10 @@ from . import cfgpp, multistep, sde
 from .traits import get_traits
 
 __all__ = ["ReferenceVariant", "REFERENCE_VARIANTS", "select", "VEGeometryView", "REFERENCE_MODE_ENV",
-           "default_reference_mode", "reference_mode_from_input", "lms_coefficients_quadpack", "comfy_msde_update"]
+           "FLOW_GEOMETRY_CHOICES", "default_reference_mode", "reference_mode_from_input", "lms_coefficients_quadpack", "comfy_msde_update"]
 
 REFERENCE_MODE_ENV = "KSAMPLER_FLOW_GEOMETRY"   # 'exact' (default) or 'comfyui' (reference mode)
+FLOW_GEOMETRY_CHOICES = ("default", "exact", "comfyui")  # the nodes' input flow_geometry
 
 
 def default_reference_mode() -> bool:
@@ -42,7 +43,12 @@ def default_reference_mode() -> bool:
 
 
 def reference_mode_from_input(flow_geometry: str) -> Optional[bool]:
-    """The node input ``flow_geometry`` ('default', 'exact', 'comfyui') as reference mode (None: the default)."""
+    """The node input ``flow_geometry`` ('default', 'exact', 'comfyui') as reference mode (None: the default); any
+    other value is an error naming the input."""
+    if not isinstance(flow_geometry, str) or flow_geometry not in FLOW_GEOMETRY_CHOICES:
+        from ..validation import KSamplerInputError
+        raise KSamplerInputError(f"flow_geometry: must be one of {', '.join(FLOW_GEOMETRY_CHOICES)}, got "
+                                 f"{flow_geometry!r}")
     return None if flow_geometry == "default" else flow_geometry == "comfyui"
 
 

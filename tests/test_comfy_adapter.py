@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from comfy_standins import StandInInterrupt, StandInModelPatcher, install
+from ksampler import interop_nodes as interop
 from ksampler.calibration import clear_cache
 from ksampler.conditioning import KSamplerInputError
 from ksampler.samplers import SAMPLERS
@@ -146,21 +147,21 @@ def test_audio_latent_through_the_host(host):
 
 def test_interop_nodes(host):
     modules, adapter = host
-    (sampler,) = adapter.SamplerSelect().get_sampler("dpmpp_2m_sde", batch_invariant_noise=True)
+    (sampler,) = interop.SamplerSelect().get_sampler("dpmpp_2m_sde", batch_invariant_noise=True)
     assert isinstance(sampler, modules["comfy.samplers"].Sampler) and sampler.name == "dpmpp_2m_sde"
     assert sampler.noise_options.batch_invariant
     patcher = StandInModelPatcher(modules)
-    (sigmas,) = adapter.Scheduler().get_sigmas(patcher, "karras", 10, 1.0)
+    (sigmas,) = interop.Scheduler().get_sigmas(patcher, "karras", 10, 1.0)
     assert torch.equal(sigmas, sampling_sigmas(patcher.model_sampling_object, "karras", 10))
-    (sigmas5,) = adapter.Scheduler().get_sigmas(patcher, "karras", 10, 1.0, karras_rho=5.0)
+    (sigmas5,) = interop.Scheduler().get_sigmas(patcher, "karras", 10, 1.0, karras_rho=5.0)
     assert not torch.allclose(sigmas, sigmas5)
-    spec = adapter.SamplerSelect.INPUT_TYPES()["required"]["sampler_name"][0]
+    spec = interop.SamplerSelect.INPUT_TYPES()["required"]["sampler_name"][0]
     assert spec == list(SAMPLERS)
-    assert adapter.Scheduler.INPUT_TYPES()["required"]["scheduler"][0] == list(SCHEDULERS)
+    assert interop.Scheduler.INPUT_TYPES()["required"]["scheduler"][0] == list(SCHEDULERS)
     from ksampler.nodes import NODE_TABLE
-    interop = {k: row for k, row in NODE_TABLE.items() if row[0] == "comfy_adapter"}
-    assert set(interop) == {"ksampler_SamplerSelect", "ksampler_Scheduler"}
-    assert all(getattr(adapter, row[1]) for row in interop.values())
+    rows = {k: row for k, row in NODE_TABLE.items() if row[0] == "interop_nodes"}
+    assert set(rows) == {"ksampler_SamplerSelect", "ksampler_Scheduler"}
+    assert all(getattr(interop, row[1]) for row in rows.values())
     # a SAMPLER from the interop node runs through the host's sample() like SamplerCustom does
     out = modules["comfy.samplers"].sample(patcher, torch.randn(1, 4, 8, 8), _cond(1.0), _cond(-1.0), 3.0, "cpu",
                                            sampler, sigmas, latent_image=torch.zeros(1, 4, 8, 8), seed=3)
@@ -210,8 +211,8 @@ def test_host_only_names_are_listed_after_ours_and_labelled(host, monkeypatch):
         assert "ComfyUI's own implementation" in spec["tooltip"] and "standin_euler" in spec["tooltip"]
         names, spec = required["scheduler"]
         assert names == list(SCHEDULERS) + ["standin_uniform"] and "standin_uniform" in spec["tooltip"]
-    assert adapter.SamplerSelect.INPUT_TYPES()["required"]["sampler_name"][0][-1] == "standin_euler"
-    assert adapter.Scheduler.INPUT_TYPES()["required"]["scheduler"][0][-1] == "standin_uniform"
+    assert interop.SamplerSelect.INPUT_TYPES()["required"]["sampler_name"][0][-1] == "standin_euler"
+    assert interop.Scheduler.INPUT_TYPES()["required"]["scheduler"][0][-1] == "standin_uniform"
 
 
 def test_without_host_extras_the_lists_and_tooltips_are_ours(host):
@@ -252,14 +253,14 @@ def test_host_only_scheduler_follows_the_denoise_rule(host, monkeypatch):
                             {"samples": torch.randn(1, 4, 8, 8)}, denoise=0.5)
     # 12-step schedule (6 / 0.5), plus one for dpm_2's discarded penultimate sigma
     assert modules["comfy.samplers"].STANDIN_CALLS["host_schedules"] == [("standin_uniform", 13)]
-    (sigmas,) = adapter.Scheduler().get_sigmas(patcher, "standin_uniform", 4, 1.0)
+    (sigmas,) = interop.Scheduler().get_sigmas(patcher, "standin_uniform", 4, 1.0)
     assert len(sigmas) == 5 and float(sigmas[-1]) == 0.0
 
 
 def test_host_only_sampler_from_the_interop_node_is_the_hosts_object(host, monkeypatch):
     modules, adapter = host
     _add_host_names(modules, monkeypatch)
-    (sampler,) = adapter.SamplerSelect().get_sampler("standin_euler")
+    (sampler,) = interop.SamplerSelect().get_sampler("standin_euler")
     assert type(sampler).__name__ == "KSAMPLER" and sampler.name == "standin_euler"
 
 
@@ -436,7 +437,7 @@ def test_calibration_fits_and_samples_through_the_host(host, comfy_calibration):
         comfy_calibration.calibrate_host(patcher, _cond(1.0), _cond(-1.0), latent, 3, 3.0, fit_noises=4,
                                          fit_candidates=2)
     out = modules["comfy.samplers"].sample(patcher, torch.randn(1, 4, 8, 8), _cond(1.0), _cond(-1.0), 3.0, "cpu",
-                                           comfy_calibration.CalibratedSampler(cal), cal.sigmas,
+                                           adapter.CalibratedSampler(cal), cal.sigmas,
                                            latent_image=torch.zeros(1, 4, 8, 8), seed=3)
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
 
@@ -827,7 +828,7 @@ def test_weights_loaded_in_inference_mode_are_copied_for_the_fits_gradient(host,
 def test_interop_sampler_refuses_non_finite_sigmas_naming_them(host):
     """SamplerCustom hands our SAMPLER whatever SIGMAS are linked: NaN ones would hang a Brownian tree."""
     modules, adapter = host
-    (sampler,) = adapter.SamplerSelect().get_sampler("dpmpp_2m_sde")
+    (sampler,) = interop.SamplerSelect().get_sampler("dpmpp_2m_sde")
     patcher = StandInModelPatcher(modules)
     for bad in (torch.tensor([14.6, float("nan"), 0.0]), torch.tensor([float("inf"), 1.0, 0.0])):
         with pytest.raises(KSamplerInputError, match="^sigmas: hold NaN or Inf"):

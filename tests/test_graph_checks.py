@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from comfy_standins import StandInModelPatcher, install
+from ksampler import interop_nodes as interop
 from ksampler.conditioning import KSamplerInputError
 from ksampler.graph_checks import BUNDLED_LATENT_KEY, ModelSpec, check_graph, describe_latent
 from ksampler.guard import ModelOutputError, NonFiniteOutputError
@@ -408,4 +409,4 @@ def test_host_negative_may_be_missing_at_cfg_1(host):
 def test_host_scheduler_node_names_a_model_that_is_not_comfyuis(host, bundled):
     modules, adapter = host
     with pytest.raises(KSamplerInputError, match="^model: expected a ComfyUI MODEL, got DiffusionModel"):
-        adapter.Scheduler().get_sigmas(bundled[0], "karras", 4, 1.0)
+        interop.Scheduler().get_sigmas(bundled[0], "karras", 4, 1.0)
