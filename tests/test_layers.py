@@ -2,6 +2,7 @@
 down to the core, with no module importing, however indirectly, one that imports it; and every package folder
 ships."""
 import ast
+import os
 from pathlib import Path
 
 try:
@@ -20,12 +21,14 @@ NODE_LAYER = {"", "nodes", "interop_nodes", "calibration_nodes", "comfy_adapter"
 def _modules() -> dict[str, Path]:
     """Dotted module name (relative to the pack, "" for its __init__) -> file."""
     found = {}
-    for path in ROOT.rglob("*.py"):
-        parts = path.relative_to(ROOT).parts
-        if parts[0] in OUTSIDE or any(p.startswith(".") or p.endswith(".egg-info") for p in parts):
-            continue
-        names = list(parts[:-1]) + ([] if path.stem == "__init__" else [path.stem])
-        found[".".join(names)] = path
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [d for d in subfolders if not (Path(folder) == ROOT and d in OUTSIDE)
+                         and not d.startswith(".") and not d.endswith(".egg-info") and d != "__pycache__"]
+        for file in files:
+            if file.endswith(".py"):
+                path = Path(folder, file)
+                parts = path.relative_to(ROOT).parts
+                found[".".join(list(parts[:-1]) + ([] if path.stem == "__init__" else [path.stem]))] = path
     return found
 
 
@@ -45,7 +48,8 @@ def _imports(name: str, path: Path, modules: dict) -> set[str]:
     return {m for m in out if m in modules and m != name}
 
 
-GRAPH = {name: _imports(name, path, _modules()) for name, path in _modules().items()}
+MODULES = _modules()
+GRAPH = {name: _imports(name, path, MODULES) for name, path in MODULES.items()}
 
 
 def _layer(name: str) -> str:
@@ -82,5 +86,5 @@ def test_no_module_imports_one_that_imports_it():
 def test_every_package_folder_ships():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {"ksampler" + "".join("." + p for p in path.relative_to(ROOT).parent.parts)
-               for name, path in _modules().items() if path.stem == "__init__"}
+               for path in MODULES.values() if path.stem == "__init__"}
     assert folders - listed == set()
