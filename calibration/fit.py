@@ -150,7 +150,7 @@ class _Student:
 
     def loss(self, u: Tensor, form: tuple, delta: Optional[dict], idx, recompute: bool = False) -> Tensor:
         """RMS gap to the teacher's final samples over the items ``idx`` (``recompute``: each model call run again
-        in the backward pass instead of kept, ``_Recomputed``)."""
+        in the backward pass instead of kept, ``gradient._Recomputed``)."""
         sig, c, cc, shift = self.parameters(u, form, delta)
         self.begin_solve()
         denoiser = recomputing(self.denoiser) if recompute else self.denoiser
@@ -365,7 +365,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                     progress: Optional[Callable[[int, int], None]] = None,
                     solve_start: Optional[Callable[[], None]] = None,
                     on_spsa: Optional[Callable[[], None]] = None) -> Calibration:
-    """Fit a step schedule (and multistep coefficients) to ``denoiser`` on ``noise`` (see the module docstring).
+    """Fit a step schedule (and multistep coefficients) to ``denoiser`` on ``noise`` (see ``ksampler.calibration``).
 
     denoiser: ``denoiser(x, sigma) -> denoised`` in the model's frame, guidance included (a CFG-guided
         denoiser fits to guided sampling); it must be differentiable in x for the coefficient fit.

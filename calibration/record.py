@@ -24,7 +24,7 @@ class Calibration:
     """Fitted sigmas (model frame, descending, ending in 0), multistep coefficients [steps, order] and, where the
     fit has them, corrector coefficients [steps, order + 1] (row i weighs [D_{i+1}, D_i, ...]) and evaluation
     shifts [steps] (step i calls the model at sigma_i * exp(shift[i])).  ``eta`` is how the sampler runs, not part
-    of the fit (nor of the file): 0 follows the ODE the fit matched; above 0 each step re-noises (``solve``)."""
+    of the fit (nor of the file): 0 follows the ODE the fit matched; above 0 each step re-noises (``solver.solve``)."""
 
     sigmas: Tensor
     coefficients: Tensor
