@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 
@@ -186,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--venv", default=os.environ.get("COMFY_VENV", "/tmp/comfy/venv"))
     ap.add_argument("--port", type=int, default=8193)
     a = ap.parse_args(argv)
+    # a stop request (timeout, kill) still stops the server and unlinks the pack: SystemExit runs the finally
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.path.insert(0, HARNESS)
     import e2e
     import harness_env
