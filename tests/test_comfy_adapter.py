@@ -834,3 +834,13 @@ def test_interop_sampler_refuses_non_finite_sigmas_naming_them(host):
         with pytest.raises(KSamplerInputError, match="^sigmas: hold NaN or Inf"):
             modules["comfy.samplers"].sample(patcher, torch.randn(1, 4, 8, 8), _cond(1.0), _cond(-1.0), 3.0, "cpu",
                                              sampler, bad, latent_image=torch.zeros(1, 4, 8, 8), seed=3)
+
+
+def test_interop_sampler_refuses_an_unknown_flow_geometry_naming_it(host):
+    """Checked for our samplers only: a name only the host has runs the host's own object, without our options."""
+    modules, adapter = host
+    for bad in ("Exact", "", None, 1):
+        with pytest.raises(KSamplerInputError, match="^flow_geometry: must be one of default, exact, comfyui"):
+            interop.SamplerSelect().get_sampler("euler", flow_geometry=bad)
+    (sampler,) = interop.SamplerSelect().get_sampler("euler", flow_geometry="comfyui")
+    assert sampler.reference_mode is True

@@ -17,6 +17,7 @@ from ksampler.samplers import SAMPLERS, sampler_traits
 from ksampler.samplers import reference
 from ksampler.samplers.multistep import deis_coefficients, lms_coefficients
 from ksampler.samplers.reference import REFERENCE_VARIANTS, lms_coefficients_quadpack, select
+from ksampler.validation import KSamplerInputError
 from ksampler.schedulers import calculate_sigmas
 
 ROUNDING = {"lms", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde",
@@ -93,6 +94,9 @@ def test_the_environment_variable_and_node_input_keep_their_values(monkeypatch):
     with pytest.raises(ValueError, match="KSAMPLER_FLOW_GEOMETRY"):
         reference.default_reference_mode()
     assert [reference.reference_mode_from_input(v) for v in ("default", "exact", "comfyui")] == [None, False, True]
+    for bad in ("ComfyUI", "", None, True):  # never silently 'exact'
+        with pytest.raises(KSamplerInputError, match="^flow_geometry: must be one of default, exact, comfyui"):
+            reference.reference_mode_from_input(bad)
 
 
 def test_lms_quadpack_weights_match_the_exact_ones():
