@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import replace
+from typing import Optional
 
 from .calibration import REFINE, check_calibration_path, default_log
 from .graph_checks import MODEL_TYPES
@@ -67,7 +68,6 @@ class CalibratedScheduler:
                   iterations=100, teacher_steps=100, calibration_file="", eta=0.0, refine_noises=0,
                   fit_candidates=1, base_dir=None):
         from .calibration import check_eta
-        from .nodes import is_comfy_model
 
         check_int("steps", steps, 1, 100)
         check_int("order", order, 1, 3)
@@ -81,38 +81,51 @@ class CalibratedScheduler:
         if not isinstance(calibration_file, str):
             raise KSamplerInputError("calibration_file: expected a path string (or empty)")
         path = calibration_file.strip() or None
-        if path is not None:
-            path = check_calibration_path("calibration_file", _resolve_calibration_file(path, base_dir))
-        in_host = "comfy.samplers" in sys.modules
-        options = {"order": order, "fit_noises": fit_noises, "seed": fit_seed, "iterations": iterations,
-                   "teacher_steps": teacher_steps, "refine_noises": refine_noises,
-                   "fit_candidates": fit_candidates, "path": path}
+        made: list = []  # the folders made for calibration_file: removed again, where still empty, if this fails
         try:
-            if is_comfy_model(model):
-                from .comfy_adapter import CalibratedSampler
-                from .comfy_calibration import calibrate_host
-                cal = _with_eta(calibrate_host(model, positive, negative, latent_image, steps, float(cfg),
-                                               **options), eta)
-                return cal.sigmas.clone(), CalibratedSampler(cal), cal
-            from .calibration import calibrate
-            if in_host:  # one of our models inside ComfyUI: the node's progress bar and the stop request
-                from .comfy_adapter import host_progress
-                options["progress"] = host_progress()
-            cal = _with_eta(calibrate(model, positive, negative, latent_image, steps, float(cfg), **options), eta)
-        except ValueError as exc:
-            raise KSamplerInputError(str(exc)) from exc
-        sampler = cal.sampler()
-        if in_host:
+            if path is not None:
+                path = check_calibration_path("calibration_file", _resolve_calibration_file(path, base_dir, made))
+            options = {"order": order, "fit_noises": fit_noises, "seed": fit_seed, "iterations": iterations,
+                       "teacher_steps": teacher_steps, "refine_noises": refine_noises,
+                       "fit_candidates": fit_candidates, "path": path}
+            return _fit(model, positive, negative, latent_image, steps, float(cfg), float(eta), options)
+        except BaseException:
+            _remove_empty(made)
+            raise
+
+
+def _fit(model, positive, negative, latent_image, steps: int, cfg: float, eta: float, options: dict) -> tuple:
+    """The node's outputs: the calibration fitted (or loaded) on a ComfyUI model through the host's own sampling
+    code, or on ours, with its sampler at ``eta``."""
+    from .nodes import is_comfy_model
+    in_host = "comfy.samplers" in sys.modules
+    try:
+        if is_comfy_model(model):
             from .comfy_adapter import CalibratedSampler
-            sampler = CalibratedSampler(cal)
-        return cal.sigmas.clone(), sampler, cal
+            from .comfy_calibration import calibrate_host
+            cal = _with_eta(calibrate_host(model, positive, negative, latent_image, steps, cfg, **options), eta)
+            return cal.sigmas.clone(), CalibratedSampler(cal), cal
+        from .calibration import calibrate
+        if in_host:  # one of our models inside ComfyUI: the node's progress bar and the stop request
+            from .comfy_adapter import host_progress
+            options["progress"] = host_progress()
+        cal = _with_eta(calibrate(model, positive, negative, latent_image, steps, cfg, **options), eta)
+    except ValueError as exc:
+        raise KSamplerInputError(str(exc)) from exc
+    sampler = cal.sampler()
+    if in_host:
+        from .comfy_adapter import CalibratedSampler
+        sampler = CalibratedSampler(cal)
+    return cal.sigmas.clone(), sampler, cal
 
 
-def _resolve_calibration_file(path: str, base_dir=None, log=default_log) -> str:
+def _resolve_calibration_file(path: str, base_dir=None, made: Optional[list] = None,
+                              log=default_log) -> str:
     """Inside the ComfyUI server a calibration file lives in ComfyUI's output folder, as the files its own nodes
     write do: a relative path is taken there (its subfolders made as needed), and a path outside it is refused.
     In a workflow run headless a relative path is taken in the workflow file's folder (``base_dir``, as the
-    bundled Load Image takes its path); called from Python it is as given."""
+    bundled Load Image takes its path); called from Python it is as given.  ``made`` gets the folders made,
+    deepest first."""
     root = host_folder("output")
     if root is None:
         return os.path.join(base_dir, path) if base_dir and not os.path.isabs(path) else path
@@ -127,15 +140,30 @@ def _resolve_calibration_file(path: str, base_dir=None, log=default_log) -> str:
                                  "ComfyUI calibration files are read and written there: give a path relative to it")
     if "\x00" in path or not path.endswith(".safetensors"):
         return resolved  # check_calibration_path says what is wrong with it, before any folder is made
+    missing, folder = [], os.path.dirname(resolved)
+    while not os.path.exists(folder) and folder != os.path.dirname(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
     try:  # a subfolder, as ComfyUI's Save Image makes one
         os.makedirs(os.path.dirname(resolved), exist_ok=True)
     except OSError as exc:
         raise KSamplerInputError(f"calibration_file: cannot make the folder {os.path.dirname(resolved)!r} "
                                  f"({exc.strerror or exc}); choose another path") from None
+    if made is not None:
+        made.extend(missing)
     if not os.path.isabs(path) and not os.path.exists(resolved) and os.path.isfile(path):
         log(f"calibration_file: {path!r} is read from ComfyUI's output folder ({resolved}), not from the folder "
             "the server was started in as before; move the file there to reuse it instead of fitting again")
     return resolved
+
+
+def _remove_empty(folders: list) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: a node that fails leaves no folder it made."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 def _with_eta(cal, eta: float):

@@ -1173,6 +1173,15 @@ def test_inside_comfyui_a_calibration_file_lives_in_its_output_folder(tmp_path, 
     with pytest.raises(KSamplerInputError, match="^calibration_file: cannot make the folder .*taken.safetensors"):
         CalibratedScheduler().calibrate(model, pos, neg, latent, 3, 3.0,
                                         calibration_file="taken.safetensors/a.safetensors", **opts)
+    with pytest.raises(KSamplerInputError, match="^positive"):  # a graph refused after the folders were made
+        CalibratedScheduler().calibrate(model, [], neg, latent, 3, 3.0, calibration_file="new/deeper/a.safetensors",
+                                        **opts)
+    assert not (output / "new").exists()  # the node that failed left none of the folders it made
+    (output / "kept").mkdir()
+    with pytest.raises(KSamplerInputError, match="^positive"):
+        CalibratedScheduler().calibrate(model, [], neg, latent, 3, 3.0, calibration_file="kept/new/a.safetensors",
+                                        **opts)
+    assert (output / "kept").is_dir() and not (output / "kept" / "new").exists()  # one it did not make stays
     fitted.save(str(started_in / "old.safetensors"))  # where an older version wrote it
     capsys.readouterr()
     CalibratedScheduler().calibrate(model, pos, neg, latent, 3, 3.0, calibration_file="old.safetensors", **opts)
