@@ -39,7 +39,7 @@ from .sampling_pass import NoiseOptions, check_preview, run_sampler
 from .schedulers import SCHEDULERS, ksampler_sigmas, sampling_sigmas
 from .comfy_checks import HostOutputGuard, check_host_graph, model_label
 from .guard import StepGuard
-from .validation import KSamplerInputError
+from .validation import KSamplerInputError, check_float
 
 if TYPE_CHECKING:
     from .calibration import Calibration
@@ -423,7 +423,6 @@ def registry_sampler(sampler_name: str, noise_options: NoiseOptions, flow_geomet
 def registry_sigmas(model, scheduler: str, steps: int, denoise: float, karras_rho: float = 7.0):
     """The SIGMAS of ``scheduler`` (ours, or the host's own for a name only it has) over a ComfyUI model's own
     model sampling."""
-    from .validation import check_float
     _, host_scheduler = resolve_names("euler", scheduler)
     check_float("karras_rho", karras_rho, 0.5, 30.0)
     if not hasattr(model, "get_model_object"):

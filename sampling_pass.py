@@ -27,6 +27,7 @@ from .validation import MAX_SEED, MAX_STEPS, check_bool, check_float, check_int,
 __all__ = ["NoiseOptions", "resolve_sampler", "noise_sampler_for", "run_sampler", "StepCallback", "PREVIEWS",
            "check_preview", "preview_of", "check_sampler_args"]
 
+
 def check_sampler_args(**given) -> None:
     """Check the sampler inputs that are given (seed, steps, cfg, sampler_name, scheduler, denoise)."""
     if "seed" in given:
