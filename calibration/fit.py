@@ -10,10 +10,9 @@ import torch
 from torch import Tensor
 
 from ..validation import KSamplerInputError, check_float, check_int
-from .gradient import (Denoiser, Gradient, RecomputedCallDiffers, gradient_mode, out_of_memory, recomputing,
-                       spsa_gradient)
+from .gradient import Gradient, RecomputedCallDiffers, gradient_mode, out_of_memory, recomputing, spsa_gradient
 from .record import Calibration, check_info, model_sampling_record
-from .solver import model_sigma, multistep_coefficients, solve, teacher_solve, ve_bounds
+from .solver import Denoiser, model_sigma, multistep_coefficients, solve, teacher_solve, ve_bounds
 
 
 class _Adam:

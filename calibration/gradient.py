@@ -10,8 +10,7 @@ import torch
 from torch import Tensor
 
 from ..validation import KSamplerInputError
-
-Denoiser = Callable[..., Tensor]
+from .solver import Denoiser
 
 
 def _call_blocker(denoiser, x: Tensor, sigma: float) -> Optional[str]:
