@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Optional
 
 from ..validation import KSamplerInputError
@@ -24,7 +25,6 @@ def cached_calibration(key: str, fit: Callable[[], Calibration], path: Optional[
     by_content=True)``), computed only with a ``path``, so that a file fitted in another process (after a restart)
     loads for the same model and inputs.  ``steps``, ``cfg``: what the call asks for, which a file's own tensors
     and info must hold too (a file edited under its key is refused, not sampled at another step count)."""
-    import os
     cal = _CACHE.get(key)
     if cal is not None:
         log(f"calibration: reusing the fitted schedule ({cal.steps} steps, key {key[:10]})")
@@ -97,7 +97,6 @@ def check_calibration_path(name: str, path) -> str:
     """A calibration file to load or write (``name``: the input): a .safetensors path (str or os.PathLike) in a
     folder that exists, naming a file or nothing yet (then in a folder where one can be written).  Returns it as
     a str."""
-    import os
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
     if not isinstance(path, str):

@@ -2,7 +2,10 @@
 the conditioning by content, and what a ComfyUI model patcher adds to its network."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import types
 from typing import Callable, Optional
 
 import torch
@@ -26,7 +29,6 @@ def model_token(model) -> str:
     patches = getattr(model, "patches", None) if hasattr(model, "get_model_object") else None
     if not patches:
         return token
-    import hashlib
     h = hashlib.sha1()
     _digest_walk(h, patches, _fingerprint_leaf)
     return f"{token}/{h.hexdigest()}"
@@ -55,7 +57,6 @@ def conditioning_digest(conditioning, in_process: bool = False) -> str:
     process: tensors by their values, numbers and strings by repr, other objects (a ControlNet, say) as
     ``_content_walk`` feeds them.  ``in_process``: a model patcher in it (GLIGEN's) also counts by its
     ``model_token``, which tells models apart in this process only."""
-    import hashlib
     h = hashlib.sha1()
 
     def leaf(h, v, walk):
@@ -78,7 +79,6 @@ def calibration_key(model, positive, negative, latent_shape, steps: int, cfg: fl
     another process, for calibration files; None for a model without weights).  The conditioning counts by
     content either way: an object's address names it only while it lives, and the next one (a ControlNet copied
     for another hint image) may get the same address; a model patcher in it also by its ``model_token``."""
-    import hashlib
     model_id = model_fingerprint(model) if by_content else model_token(model)
     if model_id is None:
         return None
@@ -134,7 +134,6 @@ def model_fingerprint(model) -> Optional[str]:
     tensor's values), its model sampling, and for a ComfyUI ModelPatcher its patches (LoRAs and the like), with the
     original value of any weight the host has patched in place.  None for a model without weights (state_dict) or
     with weights it cannot read as values: its files then load in the process that wrote them only."""
-    import hashlib
     patcher = hasattr(model, "get_model_object")
     target = getattr(model, "model", model) if patcher else model
     if not callable(getattr(target, "state_dict", None)):
@@ -196,8 +195,6 @@ def _content_walk(h, value, in_process: bool = False) -> None:
     parameter, and tensors over 2**24 values: a sample; one whose values cannot be read, by its identity in this
     process).  A model patcher met inside counts by its class only (``in_process``: and its ``model_token``), and
     the walk stops at a depth and a size."""
-    import functools
-    import types
     seen: dict = {}  # id -> the object, kept alive: a freed temporary's id may be reused by the next one
     budget = [_STATE_NODES]
 
@@ -267,7 +264,6 @@ def patcher_state_digest(model) -> Optional[str]:
     content (``_content_walk``): the same for a clone (ComfyUI deep-copies model_options) and in another process.
     None where there is nothing (a plain checkpoint; empty dicts and lists count as nothing), so that such a
     model's keys are the ones they always were."""
-    import hashlib
     state = {name: getattr(model, name) for name in PATCHER_STATE if getattr(model, name, None) is not None}
     if _empty(state):
         return None

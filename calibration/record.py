@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -87,7 +88,6 @@ class Calibration:
         """The calibration in the file ``path``; a file that is missing, damaged, edited into something that is no
         calibration, or not one this version reads is a ValueError naming ``name`` (the input that gave the path)
         and the file."""
-        import os
         from safetensors import safe_open
         if isinstance(path, os.PathLike):
             path = os.fspath(path)
