@@ -144,13 +144,13 @@ def _resolve_calibration_file(path: str, base_dir=None, made: Optional[list] = N
     while not os.path.exists(folder) and folder != os.path.dirname(folder):
         missing.append(folder)
         folder = os.path.dirname(folder)
+    if made is not None:  # noted first: a makedirs that fails halfway leaves its upper folders too
+        made.extend(missing)
     try:  # a subfolder, as ComfyUI's Save Image makes one
         os.makedirs(os.path.dirname(resolved), exist_ok=True)
     except OSError as exc:
         raise KSamplerInputError(f"calibration_file: cannot make the folder {os.path.dirname(resolved)!r} "
                                  f"({exc.strerror or exc}); choose another path") from None
-    if made is not None:
-        made.extend(missing)
     if not os.path.isabs(path) and not os.path.exists(resolved) and os.path.isfile(path):
         log(f"calibration_file: {path!r} is read from ComfyUI's output folder ({resolved}), not from the folder "
             "the server was started in as before; move the file there to reuse it instead of fitting again")
@@ -160,6 +160,8 @@ def _resolve_calibration_file(path: str, base_dir=None, made: Optional[list] = N
 def _remove_empty(folders: list) -> None:
     """Remove ``folders`` (deepest first) while they are empty: a node that fails leaves no folder it made."""
     for folder in folders:
+        if not os.path.isdir(folder):  # never made (a makedirs that failed below it)
+            continue
         try:
             os.rmdir(folder)
         except OSError:
