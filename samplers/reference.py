@@ -27,7 +27,8 @@ from . import cfgpp, multistep, sde
 from .traits import get_traits
 
 __all__ = ["ReferenceVariant", "REFERENCE_VARIANTS", "select", "VEGeometryView", "REFERENCE_MODE_ENV",
-           "FLOW_GEOMETRY_CHOICES", "default_reference_mode", "reference_mode_from_input", "lms_coefficients_quadpack", "comfy_msde_update"]
+           "FLOW_GEOMETRY_CHOICES", "default_reference_mode", "reference_mode_from_input", "lms_coefficients_quadpack",
+           "comfy_msde_update"]
 
 REFERENCE_MODE_ENV = "KSAMPLER_FLOW_GEOMETRY"   # 'exact' (default) or 'comfyui' (reference mode)
 FLOW_GEOMETRY_CHOICES = ("default", "exact", "comfyui")  # the nodes' input flow_geometry
