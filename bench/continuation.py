@@ -92,7 +92,7 @@ class ContinuationStudent(fitting._Student):
         self.begin_solve()
         states = []
         out = solver.solve(self.denoiser, self.x0, sig, c, self.ms, {}, corrector=cc, shift=shift,
-                                 callback=lambda d: states.append(d["x"]))
+                           callback=lambda d: states.append(d["x"]))
         batch, size = out.shape[0], out[0].numel()
         final = (out - self.teacher)[idx].reshape(-1, size).pow(2).mean()
         log_hi, log_lo, steps = self.teacher_grid

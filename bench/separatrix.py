@@ -134,7 +134,7 @@ class SeparatrixStudent(fitting._Student):
     def g(self, theta, sig, c, cc, shift) -> torch.Tensor:
         cr = self.crossings
         end = solver.solve(cr.model, cr.start(cr.a, cr.b, theta), sig, c, self.ms, {}, corrector=cc,
-                                 shift=shift)
+                           shift=shift)
         return ((end - cr.e_b).pow(2).sum(-1) - (end - cr.e_a).pow(2).sum(-1)) / (cr.e_a - cr.e_b).pow(2).sum(-1)
 
     def bisect(self, params) -> torch.Tensor:
@@ -178,7 +178,7 @@ class SeparatrixStudent(fitting._Student):
         params = self.parameters(u, form, delta)
         self.begin_solve()
         out = solver.solve(self.denoiser, self.x0, *params[:2], self.ms, {}, corrector=params[2],
-                                 shift=params[3])
+                           shift=params[3])
         final = (out - self.teacher)[idx].reshape(-1, out[0].numel()).pow(2).mean()
         return (final + self.flip_term(params)).sqrt()
 

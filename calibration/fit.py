@@ -252,7 +252,7 @@ def _optimise(student: _Student, u: Tensor, delta: Optional[dict], form: tuple, 
                 continue
             calls["backward_passes"] += steps
         elif not spsa_gradient(params, lambda: _penalised(student.loss(u, form, delta, fit_idx), delta, penalty),
-                                it, gen):
+                               it, gen):
             continue  # a perturbation left the stable region: skip this iteration
         opt.step()
         if it % 10 == 9 or it == iterations - 1:
@@ -415,7 +415,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
     check_int("teacher_steps", teacher_steps, 10, 10_000)  # fewer than 10 is no fine solve
     lr = check_float("lr", lr, 0.0, math.inf)
     check_callables(denoiser=denoiser, refine_denoiser=refine_denoiser, log=log, progress=progress,
-                     solve_start=solve_start)
+                    solve_start=solve_start)
     if info is not None and not isinstance(info, dict):
         raise TypeError(f"info: expected a dict (or None), got {type(info).__name__}")
     try:  # what the fit keeps of it must pass the calibration's checks: found now, not after the fit
@@ -480,7 +480,7 @@ def fit_calibration(denoiser: Denoiser, model_sampling, noise: Tensor, steps: in
                 for start in _starts(student, ms, steps, hi, lo, fit_idx, corrector)]
         if mode is None:
             mode = Gradient(*gradient_mode(gradient, student, runs[0]["u"], runs[0]["form"], runs[0]["delta"],
-                                             fit_idx, s_min, say), say, on_spsa)
+                                           fit_idx, s_min, say), say, on_spsa)
         race = iterations // 3 if len(runs) > 1 else 0
         if plan["total"] is None:  # the later fits are planned alike (their forms' count may differ by one)
             per_fit = len(runs) * (race or iterations) + (iterations - race if race else 0)

@@ -176,7 +176,7 @@ class Gradient:
 
 
 def gradient_mode(gradient: str, student, u: Tensor, form: tuple, delta, fit_idx, s_min: float,
-                   say) -> tuple[str, bool]:
+                  say) -> tuple[str, bool]:
     """(the way the fit gets its gradient, whether each model call is run again in the backward pass)."""
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient: must be one of {', '.join(map(repr, GRADIENTS))}, got {gradient!r}")

@@ -89,8 +89,8 @@ def _row(coefficients: Optional[Tensor], i: int, available: int) -> list:
 
 
 def solve(model, x: Tensor, sigmas: Tensor, coefficients: Optional[Tensor], ms, extra_args: dict,
-           callback=None, disable=True, corrector: Optional[Tensor] = None, shift: Optional[Tensor] = None,
-           eta: float = 0.0, noise_sampler=None) -> Tensor:
+          callback=None, disable=True, corrector: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+          eta: float = 0.0, noise_sampler=None) -> Tensor:
     """The calibrated multistep loop (differentiable in x, sigmas and coefficients).  With ``corrector``, each
     model call also corrects the step that led to it (row i - 1 weighs [D_i, D_{i-1}, ...]), at no extra call.
     With ``shift``, step i calls the model at sigma_i * exp(shift[i]) (its state stays at sigma_i).  With
@@ -160,7 +160,7 @@ def sample_calibrated(model, x, sigmas, extra_args=None, callback=None, disable=
     else:
         draw = None
     return solve(model, x, sigmas.detach().cpu().to(torch.float64), rows[0], ms, extra_args, callback, disable,
-                  corrector=rows[1], shift=rows[2], eta=float(eta), noise_sampler=draw)
+                 corrector=rows[1], shift=rows[2], eta=float(eta), noise_sampler=draw)
 
 
 def check_eta(eta) -> float:
