@@ -145,7 +145,8 @@ class Gradient:
 
     def __init__(self, name: str, recompute: bool, say: Callable[[str], None],
                  on_spsa: Optional[Callable[[], None]] = None):
-        self.name, self.recompute, self.say, self.ran_out, self.on_spsa = name, recompute, say, False, on_spsa
+        self.name, self.recompute, self.say, self.on_spsa = name, recompute, say, on_spsa
+        self.first = name  # the way the fit started
         if name == "spsa":
             self._to_spsa()
 
@@ -154,6 +155,11 @@ class Gradient:
         if self.on_spsa is not None:
             self.on_spsa()
             self.on_spsa = None
+
+    @property
+    def ran_out(self) -> bool:
+        """Whether the fit started with autograd and went on by SPSA."""
+        return self.first != self.name
 
     def __str__(self) -> str:
         return self.name + (" (each model call run again in the backward pass)" if self.recompute else "")
@@ -166,12 +172,10 @@ class Gradient:
             return
         self.say(f"calibration: {what}; going on by SPSA (two evaluations per iteration, nothing kept for a "
                  "backward pass)")
-        self.ran_out = True
         self._to_spsa()
 
     def cannot_recompute(self, exc: BaseException) -> None:
         self.say(f"calibration: {exc}; going on by SPSA (two evaluations per iteration)")
-        self.ran_out = True
         self._to_spsa()
 
 
