@@ -83,7 +83,7 @@ def comfy_rows(setup: hb.Setup, comfy: hb.Comfy, chosen: list[tuple], seeds: lis
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calls", type=int, default=10, help="model calls per image (default 10)")
+    ap.add_argument("--calls", type=int, default=10, help="the most model calls per image (default 10)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--scorer", default=os.path.join(HERE, "results", "shape_scorer.safetensors"))
     args = ap.parse_args()
