@@ -12,6 +12,7 @@ from typing import Optional
 
 from .calibration import REFINE, check_calibration_path, default_log
 from .graph_checks import MODEL_TYPES
+from .node_inputs import is_comfy_model
 from .node_schema import In, NodeSpec, Out, host_folder, v1_node
 from .validation import MAX_SEED, KSamplerInputError, check_float, check_int
 
@@ -97,7 +98,6 @@ class CalibratedScheduler:
 def _fit(model, positive, negative, latent_image, steps: int, cfg: float, eta: float, options: dict) -> tuple:
     """The node's outputs: the calibration fitted (or loaded) on a ComfyUI model through the host's own sampling
     code, or on ours, with its sampler at ``eta``."""
-    from .nodes import is_comfy_model
     in_host = "comfy.samplers" in sys.modules
     try:
         if is_comfy_model(model):

@@ -5,8 +5,9 @@ adapter's (``comfy_adapter.registry_sampler`` and ``registry_sigmas``).
 """
 from __future__ import annotations
 
+from .node_inputs import (NOISE_OPTION_INPUTS, sampler_choices, sampler_name_tooltip, scheduler_choices,
+                          scheduler_tooltip)
 from .node_schema import In, NodeSpec, Out, v1_node
-from .nodes import NOISE_OPTION_INPUTS, sampler_choices, sampler_name_tooltip, scheduler_choices, scheduler_tooltip
 from .sampling_pass import NoiseOptions, check_sampler_args
 from .validation import MAX_STEPS
 

@@ -1,6 +1,6 @@
-"""The layout is the architecture: the pack's imports (those inside functions too) run one way, from the node layer
-down to the core, with no module importing, however indirectly, one that imports it; and every package folder
-ships."""
+"""The layout is the architecture: the pack's imports (those inside functions too, and the node modules that
+``nodes.NODE_TABLE`` loads by name) run one way, from the node layer down to the core, with no module importing,
+however indirectly, one that imports it; and every package folder ships."""
 import ast
 import os
 from pathlib import Path
@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OUTSIDE = {"tests", "bench", "tools", "build", "docs", "workflows", "example_workflows", ".venv", ".ci"}
 # the entry point (the pack's __init__: its node mappings), the node layer and the ComfyUI glue; everything else
 # is the core, which never imports them
-NODE_LAYER = {"", "nodes", "interop_nodes", "calibration_nodes", "comfy_adapter", "comfy_calibration", "comfy_checks",
-              "workflow", "__main__", "bundled"}
+NODE_LAYER = {"", "nodes", "node_inputs", "interop_nodes", "calibration_nodes", "comfy_adapter", "comfy_calibration",
+              "comfy_checks", "workflow", "__main__", "bundled"}
 
 
 def _modules() -> dict[str, Path]:
@@ -48,8 +48,22 @@ def _imports(name: str, path: Path, modules: dict) -> set[str]:
     return {m for m in out if m in modules and m != name}
 
 
+def _table_modules(path: Path) -> set[str]:
+    """The modules that ``NODE_TABLE`` (id -> (module, class, display name)) in ``path`` names: ``nodes`` loads
+    them with importlib, which no import statement shows."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NODE_TABLE" for t in node.targets):
+            return {module for module, _, _ in ast.literal_eval(node.value).values()}
+    raise AssertionError(f"no NODE_TABLE in {path}")
+
+
 MODULES = _modules()
 GRAPH = {name: _imports(name, path, MODULES) for name, path in MODULES.items()}
+GRAPH["nodes"] |= _table_modules(MODULES["nodes"]) - {"nodes"}
+
+
+def test_the_node_table_names_modules_of_the_pack():
+    assert _table_modules(MODULES["nodes"]) <= set(MODULES)
 
 
 def _layer(name: str) -> str:
