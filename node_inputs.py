@@ -1,7 +1,7 @@
 """What the node modules share about their inputs: the tooltips, the sampler and scheduler choices (ours, and inside
 ComfyUI the host's own names after them), the optional noise inputs, and how a ComfyUI MODEL is told apart.  It
-sits below ``nodes``, ``interop_nodes`` and ``calibration_nodes``, which ``nodes.NODE_TABLE`` loads, so that none of
-them imports another."""
+sits below ``nodes``, ``interop_nodes`` and ``calibration_nodes``: ``nodes`` loads the other two through
+``NODE_TABLE``, so they take what they share with it from here, not from ``nodes``."""
 from __future__ import annotations
 
 import sys
