@@ -31,22 +31,12 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _common import environment, table, write_json  # noqa: E402
+from heldout import Counting  # noqa: E402
 import heldout_bundled as hb  # noqa: E402
 import adherence  # noqa: E402
 
 MODEL = "flow"
 TUNE_PROMPTS, HELD_OUT_PROMPTS = 48, 16
-
-
-class _ZeroCounting:
-    """A denoiser that predicts zero and counts its calls."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, x, sigma, **kwargs):
-        self.calls += 1
-        return torch.zeros_like(x)
 
 
 def configs(comfy: hb.Comfy, calls: int) -> list[tuple[str, str, int, int]]:
@@ -57,7 +47,7 @@ def configs(comfy: hb.Comfy, calls: int) -> list[tuple[str, str, int, int]]:
     for sampler in hb.comfy_samplers(comfy, "all"):
         for scheduler in comfy.schedulers:
             for steps in range(calls, 0, -1):
-                model = _ZeroCounting()
+                model = Counting(lambda x, sigma: torch.zeros_like(x))  # the count does not depend on the model
                 sigmas = comfy.sigmas(scheduler, steps, sampler)
                 try:
                     comfy.run(sampler, model, x * float(sigmas[0]), sigmas, seed=0)
